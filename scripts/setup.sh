@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One-command set-up: Debian packages (when run as root), .venv in the repo root, CPU torch, Tessera.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+# Debian packages: real photos for training/evaluation data (tuxpaint stamps, MATE backgrounds).
+if [ "${TESSERA_SKIP_APT:-0}" != "1" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+  need=""
+  for p in tuxpaint-stamps-default mate-backgrounds; do
+    dpkg -s "$p" >/dev/null 2>&1 || need="$need $p"
+  done
+  if [ -n "$need" ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need) >/dev/null \
+      || echo "warning: could not install Debian packages:$need (only the training data needs them)" >&2
+  fi
+fi
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+# CPU build of torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -c "import torch, tessera; print('tessera', tessera.__version__, 'torch', torch.__version__)"

@@ -1,0 +1,134 @@
+"""`tessera` command: thin argument parsing over the library (no model logic here)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+
+def _fail(msg: str) -> None:
+    raise click.ClickException(msg)
+
+
+@click.group()
+@click.version_option(package_name="tessera")
+def main() -> None:
+    """Tessera: curate data, train a tokenizer and generators, reconstruct, generate."""
+
+
+# ---- data -------------------------------------------------------------------------------------------
+@main.group()
+def data() -> None:
+    """Data curation."""
+
+
+@data.command("prepare")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder")
+@click.option("--size", default=128, show_default=True, help="output side in pixels")
+@click.option("--format", "image_format", default="png", type=click.Choice(["png", "jpg"]), show_default=True)
+@click.option("--val-fraction", default=0.05, show_default=True)
+@click.option("--workers", default=2, show_default=True)
+@click.option("--min-size", default=64, show_default=True, help="minimum shorter side")
+@click.option("--phash-distance", default=6, show_default=True, help="near-duplicate Hamming threshold")
+@click.option("--max-pixels", default=64_000_000, show_default=True, help="decompression-bomb cap")
+@click.option("--scorer", "scorers", multiple=True, help="plug-in scorer 'module:factory' (repeatable)")
+def data_prepare(sources, out, size, image_format, val_fraction, workers, min_size, phash_distance, max_pixels,
+                 scorers) -> None:
+    """Decode, filter, deduplicate and shard SOURCES (folders, .tar shards, .parquet files) into OUT."""
+    from tessera.data.filters import FilterConfig
+    from tessera.data.prepare import PrepareConfig, prepare
+    from tessera.data.sources import SourceError
+
+    try:
+        cfg = PrepareConfig(size=size, image_format=image_format, val_fraction=val_fraction, workers=workers,
+                            max_pixels=max_pixels, scorers=tuple(scorers),
+                            filters=FilterConfig(min_size=min_size, phash_distance=phash_distance))
+        report = prepare(list(sources), out, cfg)
+    except (SourceError, ValueError) as e:
+        _fail(str(e))
+    click.echo(json.dumps({k: report[k] for k in ("kept", "kept_by_split", "rejected", "rejected_by_reason",
+                                                  "images_per_second")}, indent=2))
+
+
+# ---- training -----------------------------------------------------------------------------------------
+@main.group()
+def train() -> None:
+    """Train a model (every trainer takes the same options)."""
+
+
+def _train_options(f):
+    f = click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False))(f)
+    f = click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False))(f)
+    f = click.option("--preset", default=None, help="model preset name")(f)
+    f = click.option("--max-steps", type=int, default=None)(f)
+    f = click.option("--resume/--no-resume", default=False, help="continue from OUT/state.pt")(f)
+    f = click.option("--set", "overrides", multiple=True,
+                     help="config override KEY=JSON, e.g. train.lr=1e-4 or task.loss.disc_start=0")(f)
+    return f
+
+
+@train.command("tokenizer")
+@_train_options
+def train_tokenizer(data_dir, run_dir, preset, max_steps, resume, overrides) -> None:
+    """Train the VQ tokenizer on a prepared folder."""
+    from tessera.train.runs import run_tokenizer_training
+
+    try:
+        logs = run_tokenizer_training(data_dir, run_dir, preset or "vq-f8", max_steps, resume, list(overrides))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        _fail(str(e))
+    click.echo(json.dumps(logs))
+
+
+@main.command("export")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False))
+def export(run_dir, out) -> None:
+    """Export a run's EMA weights as a model folder (config.json + model.safetensors + meta.json)."""
+    from tessera.train.runs import export_run
+
+    try:
+        path = export_run(run_dir, out)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        _fail(str(e))
+    click.echo(str(path))
+
+
+# ---- tokenizer tools -------------------------------------------------------------------------------------
+@main.command("reconstruct")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(), help="output file (one input) or folder")
+@click.option("--model", default="vq-f8", show_default=True, help="model folder or bundled preset")
+def reconstruct(inputs, out, model) -> None:
+    """Round-trip images through the tokenizer at their own size; prints PSNR and SSIM."""
+    from tessera.tokenizer.tools import reconstruct_files
+
+    try:
+        rows = reconstruct_files(list(inputs), out, model)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(str(e))
+    for r in rows:
+        click.echo(f"{r['input']} -> {r['output']}  {r['width']}x{r['height']}  {r['tokens']} tokens  "
+                   f"PSNR {r['psnr']:.2f} dB  SSIM {r['ssim']:.4f}")
+
+
+@main.command("tokenize")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--model", default="vq-f8", show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+def tokenize(data_dir, model, batch_size) -> None:
+    """Cache every kept image's token grid beside the shards (DATA/tokens/<model-sha>/)."""
+    from tessera.tokenizer.tools import tokenize_dataset
+
+    try:
+        out = tokenize_dataset(data_dir, model, batch_size)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(str(e))
+    click.echo(str(out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""SQLite catalog of a prepared dataset: one row per input item, kept or rejected, with reasons."""
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    id        TEXT PRIMARY KEY,   -- output key (kept) or 'rej-<chunk>-<n>' (rejected)
+    source    TEXT NOT NULL,
+    sha256    TEXT,
+    phash     TEXT,               -- 16 hex digits
+    width     INTEGER,
+    height    INTEGER,
+    caption   TEXT,
+    verdicts  TEXT,               -- JSON: filter name -> value / verdict
+    status    TEXT NOT NULL,      -- 'kept' | 'rejected'
+    reason    TEXT,               -- rejection reason code
+    split     TEXT,               -- 'train' | 'val' (kept only)
+    shard     TEXT,
+    chunk     INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS images_sha ON images(sha256);
+CREATE TABLE IF NOT EXISTS chunks (chunk INTEGER PRIMARY KEY, shard TEXT, n_items INTEGER);
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT);
+"""
+
+
+class Catalog:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.db = sqlite3.connect(self.path)
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def settings(self) -> dict[str, str]:
+        return dict(self.db.execute("SELECT key, value FROM settings"))
+
+    def set_settings(self, values: dict[str, str]) -> None:
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO settings VALUES (?, ?)", values.items())
+
+    def done_chunks(self) -> set[int]:
+        return {r[0] for r in self.db.execute("SELECT chunk FROM chunks")}
+
+    def kept_hashes(self) -> tuple[set[str], list[int]]:
+        rows = self.db.execute("SELECT sha256, phash FROM images WHERE status='kept'").fetchall()
+        return {r[0] for r in rows}, [int(r[1], 16) for r in rows]
+
+    def seen_sha256(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT sha256 FROM images WHERE sha256 IS NOT NULL")}
+
+    def commit_chunk(self, chunk: int, shard: str | None, rows: list[dict]) -> None:
+        """Record a finished chunk and all its rows in one transaction (resume unit)."""
+        with self.db:
+            self.db.execute("DELETE FROM images WHERE chunk=?", (chunk,))
+            self.db.executemany(
+                "INSERT INTO images VALUES (:id,:source,:sha256,:phash,:width,:height,:caption,"
+                ":verdicts,:status,:reason,:split,:shard,:chunk)",
+                [{**r, "verdicts": json.dumps(r.get("verdicts", {})), "chunk": chunk, "shard": shard} for r in rows])
+            self.db.execute("INSERT OR REPLACE INTO chunks VALUES (?, ?, ?)", (chunk, shard, len(rows)))
+
+    def counts(self) -> dict:
+        kept = self.db.execute("SELECT split, COUNT(*) FROM images WHERE status='kept' GROUP BY split").fetchall()
+        rej = self.db.execute("SELECT reason, COUNT(*) FROM images WHERE status='rejected' "
+                              "GROUP BY reason ORDER BY reason").fetchall()
+        return {"kept": sum(n for _, n in kept), "kept_by_split": dict(kept),
+                "rejected": sum(n for _, n in rej), "rejected_by_reason": dict(rej)}
+
+    def rows(self, status: str | None = None) -> list[dict]:
+        cur = self.db.execute("SELECT * FROM images" + (" WHERE status=?" if status else "") + " ORDER BY id",
+                              (status,) if status else ())
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r)) for r in cur.fetchall()]

@@ -1,0 +1,63 @@
+"""Read prepared shards back as training samples (normalization to [-1, 1] happens here)."""
+from __future__ import annotations
+
+import io
+import sqlite3
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_tensor(im: Image.Image) -> torch.Tensor:
+    """PIL RGB -> float [3,H,W] in [-1, 1]."""
+    a = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy())
+    return a.permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    """float [3,H,W] in [-1, 1] -> PIL RGB."""
+    a = x.detach().float().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(a, "RGB")
+
+
+class ShardImages(torch.utils.data.Dataset):
+    """Kept images of one split of a prepared folder, in catalog key order. Items: (image, caption, key)."""
+
+    def __init__(self, root: str | Path, split: str | None = "train"):
+        self.root = Path(root)
+        cat = self.root / "catalog.sqlite"
+        if not cat.is_file():
+            raise FileNotFoundError(f"{root}: no catalog.sqlite; run `tessera data prepare` first")
+        db = sqlite3.connect(cat)
+        q = "SELECT id, shard, caption FROM images WHERE status='kept'" + (" AND split=?" if split else "")
+        rows = db.execute(q + " ORDER BY id", (split,) if split else ()).fetchall()
+        db.close()
+        self.keys = [r[0] for r in rows]
+        self.captions = [r[2] or "" for r in rows]
+        self._where: list[tuple[str, int, int]] = []
+        index = {}
+        for shard in sorted({r[1] for r in rows}):
+            with tarfile.open(self.root / "shards" / shard) as tf:
+                for m in tf:
+                    stem, ext = m.name.split(".", 1)
+                    if ext in ("png", "jpg"):
+                        index[stem] = (shard, m.offset_data, m.size)
+        missing = [k for k in self.keys if k not in index]
+        if missing:
+            raise FileNotFoundError(f"{root}: {len(missing)} catalog keys missing from shards, e.g. {missing[:3]}")
+        self._where = [index[k] for k in self.keys]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def image(self, i: int) -> Image.Image:
+        shard, off, size = self._where[i]
+        with open(self.root / "shards" / shard, "rb") as f:
+            f.seek(off)
+            return Image.open(io.BytesIO(f.read(size))).convert("RGB")
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, str]:
+        return to_tensor(self.image(i)), self.captions[i], self.keys[i]

@@ -1,0 +1,223 @@
+"""`tessera data prepare SRC... --out DIR`: decode safely, filter, deduplicate, standardize, shard.
+
+Output in DIR:
+    shards/shard-CCCCC.tar  WebDataset shards, img2dataset keys: KEY.png|jpg, KEY.txt, KEY.json
+    catalog.sqlite          every input item: kept or rejected (+reason), hashes, sizes, split
+    report.json             kept / rejected counts by reason, settings, throughput
+
+Work is split into fixed chunks of the (sorted) input list. A chunk's shard is written atomically and
+then committed to the catalog in one transaction; a rerun skips committed chunks, so nothing is redone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import tarfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from tessera.checkpoint import atomic_write_bytes
+from tessera.config import Config
+from tessera.data.catalog import Catalog
+from tessera.data.decode import DEFAULT_MAX_PIXELS, Rejected, decode_image, resize_center_crop
+from tessera.data.filters import (FilterConfig, Scorer, hamming, image_stats, load_scorer, phash, quality_reason,
+                                  score_reason)
+from tessera.data.sources import Item, list_source, read_item
+
+
+@dataclasses.dataclass
+class PrepareConfig(Config):
+    size: int = 128                 # output side (shorter side resized, then center crop)
+    image_format: str = "png"       # "png" (lossless) | "jpg"
+    jpeg_quality: int = 95
+    val_fraction: float = 0.05      # by sha256, so an image's split never changes
+    chunk_size: int = 256
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    workers: int = 2
+    scorers: tuple[str, ...] = ()   # 'module:factory' specs of Scorer plug-ins
+    filters: FilterConfig = dataclasses.field(default_factory=FilterConfig)
+
+    def __post_init__(self):
+        if self.image_format not in ("png", "jpg"):
+            raise ValueError(f"image_format must be 'png' or 'jpg', got {self.image_format!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.size < 8:
+            raise ValueError(f"size must be >= 8, got {self.size}")
+
+
+def split_of(sha256: str, val_fraction: float) -> str:
+    return "val" if int(sha256[:8], 16) / 2**32 < val_fraction else "train"
+
+
+# ---- worker side: one item -> a result dict (never raises) ---------------------------------------
+_SCORERS: list[Scorer] = []
+
+
+def _init_worker(scorer_specs: tuple[str, ...]) -> None:
+    global _SCORERS
+    _SCORERS = [load_scorer(s) for s in scorer_specs]
+
+
+def _encode(im, cfg: PrepareConfig) -> bytes:
+    buf = io.BytesIO()
+    if cfg.image_format == "png":
+        im.save(buf, format="PNG", compress_level=6)
+    else:
+        im.save(buf, format="JPEG", quality=cfg.jpeg_quality)
+    return buf.getvalue()
+
+
+def process_item(item: Item, cfg: PrepareConfig) -> dict:
+    row = {"source": item.source, "caption": item.caption, "meta": item.meta, "sha256": None, "phash": None,
+           "width": None, "height": None, "verdicts": {}, "status": "rejected", "reason": None, "data": None}
+    try:
+        data = read_item(item)
+    except Exception as e:  # unreadable file / member: recorded, never fatal
+        row["reason"] = "unreadable"
+        row["verdicts"]["error"] = f"{type(e).__name__}: {e}"
+        return row
+    row["sha256"] = hashlib.sha256(data).hexdigest()
+    try:
+        im = decode_image(data, cfg.max_pixels)
+    except Rejected as r:
+        row["reason"], row["verdicts"]["error"] = r.reason, r.detail
+        return row
+    row["width"], row["height"] = im.size
+    stats = image_stats(im)
+    row["verdicts"].update(stats)
+    reason = quality_reason(im, cfg.filters, stats)
+    if reason is None and _SCORERS:
+        scores = {s.name: float(s.score(im, item.caption)) for s in _SCORERS}
+        row["verdicts"].update(scores)
+        reason = score_reason(scores, _SCORERS)
+    if reason:
+        row["reason"] = reason
+        return row
+    out = resize_center_crop(im, cfg.size)
+    row["phash"] = f"{phash(out):016x}"
+    row["data"] = _encode(out, cfg)
+    row["status"] = "kept"
+    return row
+
+
+def process_chunk(args: tuple[int, list[Item], PrepareConfig]) -> tuple[int, list[dict]]:
+    chunk, items, cfg = args
+    return chunk, [process_item(it, cfg) for it in items]
+
+
+# ---- main side: dedup, shard, catalog --------------------------------------------------------------
+class _Dedup:
+    def __init__(self, cfg: FilterConfig, sha: set[str], phashes: list[int]):
+        self.cfg, self.sha = cfg, sha
+        self.ph = np.array(phashes, dtype=np.uint64)
+
+    def reason(self, row: dict) -> str | None:
+        if not self.cfg.dedup:
+            return None
+        if row["sha256"] in self.sha:
+            return "duplicate"
+        h = int(row["phash"], 16)
+        if self.ph.size and int(hamming(self.ph, h).min()) <= self.cfg.phash_distance:
+            return "near_duplicate"
+        return None
+
+    def add(self, row: dict) -> None:
+        self.sha.add(row["sha256"])
+        self.ph = np.append(self.ph, np.uint64(int(row["phash"], 16)))
+
+
+def _write_shard(path: Path, members: list[tuple[str, bytes]]) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tf.addfile(info, io.BytesIO(data))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _finish_chunk(chunk: int, rows: list[dict], dedup: _Dedup, cfg: PrepareConfig, out: Path, cat: Catalog) -> None:
+    members, records, n_kept = [], [], 0
+    for i, row in enumerate(rows):
+        if row["status"] == "kept":
+            reason = dedup.reason(row)
+            if reason:
+                row.update(status="rejected", reason=reason, data=None)
+        if row["status"] == "kept":
+            dedup.add(row)
+            key = f"{chunk:05d}{n_kept:04d}"
+            n_kept += 1
+            row["id"], row["split"] = key, split_of(row["sha256"], cfg.val_fraction)
+            meta = {"key": key, "source": row["source"], "sha256": row["sha256"], "split": row["split"],
+                    "original_width": row["width"], "original_height": row["height"]}
+            if row["meta"]:
+                meta["source_meta"] = row["meta"]
+            members += [(f"{key}.{cfg.image_format}", row["data"]), (f"{key}.txt", row["caption"].encode()),
+                        (f"{key}.json", json.dumps(meta).encode())]
+        else:
+            row["id"], row["split"] = f"rej-{chunk:05d}-{i:04d}", None
+        records.append({k: row[k] for k in ("id", "source", "sha256", "phash", "width", "height", "caption",
+                                            "verdicts", "status", "reason", "split")})
+    shard = f"shard-{chunk:05d}.tar" if members else None
+    if shard:
+        _write_shard(out / "shards" / shard, members)
+    cat.commit_chunk(chunk, shard, records)
+
+
+def _check_settings(cat: Catalog, cfg: PrepareConfig, sources: list[str]) -> None:
+    want = {"config": cfg.to_json(), "sources": json.dumps(sources)}
+    have = cat.settings()
+    if have and have != want:
+        raise ValueError(f"{cat.path} was prepared with other settings or sources; use a new --out folder "
+                         f"(had {have.get('sources')}, now {want['sources']})")
+    cat.set_settings(want)
+
+
+def prepare(sources: list[str | Path], out: str | Path, cfg: PrepareConfig | None = None,
+            progress: bool = True, on_chunk: Callable[[int], None] | None = None) -> dict:
+    """Run (or resume) the pipeline; returns the report dict (also written to OUT/report.json)."""
+    from tqdm import tqdm
+
+    cfg = cfg or PrepareConfig()
+    out = Path(out)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    items = [it for src in sources for it in list_source(src)]
+    cat = Catalog(out / "catalog.sqlite")
+    try:
+        _check_settings(cat, cfg, [str(s) for s in sources])
+        done = cat.done_chunks()
+        chunks = [(c, items[i:i + cfg.chunk_size], cfg) for c, i in enumerate(range(0, len(items), cfg.chunk_size))]
+        todo = [c for c in chunks if c[0] not in done]
+        dedup = _Dedup(cfg.filters, *cat.kept_hashes())
+        bar = tqdm(total=len(items), initial=len(items) - sum(len(c[1]) for c in todo), unit="img",
+                   disable=not progress, desc="prepare")
+        t0, n_new = time.time(), 0
+        pool = mp.get_context("fork").Pool(cfg.workers, _init_worker, (cfg.scorers,)) if cfg.workers > 1 else None
+        _init_worker(cfg.scorers)
+        try:
+            results = pool.imap(process_chunk, todo) if pool else map(process_chunk, todo)
+            for chunk, rows in results:
+                _finish_chunk(chunk, rows, dedup, cfg, out, cat)
+                n_new += len(rows)
+                bar.update(len(rows))
+                if on_chunk:
+                    on_chunk(chunk)
+        finally:
+            if pool:
+                pool.terminate()
+            bar.close()
+        elapsed = time.time() - t0
+        report = {**cat.counts(), "inputs": len(items), "processed_this_run": n_new,
+                  "images_per_second": round(n_new / elapsed, 2) if n_new else None,
+                  "config": cfg.to_dict(), "sources": [str(s) for s in sources]}
+    finally:
+        cat.close()
+    atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    return report

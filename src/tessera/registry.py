@@ -1,0 +1,76 @@
+"""Named presets and model kinds.
+
+A *kind* names a model class and its config class ("vq" -> VQModel, VQConfig). A *preset* is a named
+config of a kind ("vq-f8"). Bundled default models live in `tessera/weights/<preset>/` as export
+folders; `tessera.load("vq-f8")` loads that folder, and fails loudly if it is missing.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.resources
+from pathlib import Path
+from typing import Any
+
+# kind -> ("module:Class", "module:ConfigClass")
+KINDS: dict[str, tuple[str, str]] = {
+    "vq": ("tessera.tokenizer.vq:VQModel", "tessera.tokenizer.vq:VQConfig"),
+}
+
+# preset -> (kind, config overrides)
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    # 128 px -> 16x16 tokens, 8192 codes of dim 8 (seed 000 "Image tokenizer"); the bundled default
+    "vq-f8": ("vq", dict(base_channels=32, channel_mult=(1, 2, 4, 8), codebook_size=8192)),
+    # 256 px -> 16x16 tokens
+    "vq-f16": ("vq", dict(resolution=256, base_channels=32, channel_mult=(1, 2, 2, 4, 8), codebook_size=8192)),
+    # for tests: tiny and fast
+    "vq-tiny": ("vq", dict(resolution=32, base_channels=8, channel_mult=(1, 2, 2), z_channels=16,
+                           attn_heads=1, codebook_size=64, codebook_dim=4)),
+}
+
+
+def _import(ref: str) -> Any:
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def model_class(kind: str) -> tuple[type, type]:
+    if kind not in KINDS:
+        raise KeyError(f"unknown model kind {kind!r}; known: {sorted(KINDS)}")
+    cls_ref, cfg_ref = KINDS[kind]
+    return _import(cls_ref), _import(cfg_ref)
+
+
+def preset_config(name: str, **overrides: Any):
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    kind, kw = PRESETS[name]
+    _, cfg_cls = model_class(kind)
+    return kind, cfg_cls.from_dict({**kw, **overrides})
+
+
+def build(name: str, **overrides: Any):
+    """A freshly initialised model of a preset (random weights)."""
+    kind, cfg = preset_config(name, **overrides)
+    cls, _ = model_class(kind)
+    return cls(cfg)
+
+
+def bundled_dir(name: str) -> Path:
+    return Path(str(importlib.resources.files("tessera") / "weights" / name))
+
+
+def load(path_or_preset: str | Path):
+    """Load an export folder, or the bundled weights of a named preset."""
+    from tessera.checkpoint import CheckpointError, load_model
+
+    p = Path(path_or_preset)
+    if p.is_dir():
+        return load_model(p)
+    name = str(path_or_preset)
+    if name in PRESETS:
+        folder = bundled_dir(name)
+        if not folder.is_dir():
+            raise CheckpointError(f"preset {name!r} has no bundled weights at {folder}; "
+                                  f"train one (`tessera train`) and pass its exported folder")
+        return load_model(folder)
+    raise CheckpointError(f"{path_or_preset!r} is neither a model folder nor a preset ({sorted(PRESETS)})")

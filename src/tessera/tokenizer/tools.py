@@ -1,0 +1,100 @@
+"""Tokenizer utilities behind the CLI: reconstruct image files, cache token grids of a dataset."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tessera.data.dataset import ShardImages, to_pil, to_tensor
+from tessera.data.decode import Rejected, decode_image
+from tessera.eval.metrics import psnr, ssim
+
+
+def load_tokenizer(model: str):
+    import tessera
+
+    m = tessera.load(model)
+    if not hasattr(m, "encode") or not hasattr(m, "decode_tokens"):
+        raise ValueError(f"{model} is not an image tokenizer (kind {getattr(m, 'meta', {}).get('kind')})")
+    return m
+
+
+def crop_to_multiple(im: Image.Image, factor: int) -> Image.Image:
+    w, h = im.size
+    nw, nh = w - w % factor, h - h % factor
+    if nw == 0 or nh == 0:
+        raise ValueError(f"image {w}x{h} is smaller than the tokenizer factor {factor}")
+    left, top = (w - nw) // 2, (h - nh) // 2
+    return im.crop((left, top, left + nw, top + nh))
+
+
+@torch.no_grad()
+def roundtrip(model, x: torch.Tensor, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        tokens = model.encode(x)
+        rec = model.decode_tokens(tokens).float().clamp(-1, 1)
+    return tokens, rec
+
+
+def reconstruct_files(inputs: list[str], out: str, model: str = "vq-f8") -> list[dict]:
+    m = load_tokenizer(model)
+    out_path = Path(out)
+    single = len(inputs) == 1 and out_path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")
+    if not single:
+        out_path.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for inp in inputs:
+        try:
+            im = decode_image(Path(inp).read_bytes())
+        except Rejected as r:
+            raise ValueError(f"{inp}: cannot be used ({r})") from None
+        im = crop_to_multiple(im, m.factor)
+        x = to_tensor(im)[None]
+        tokens, rec = roundtrip(m, x)
+        dest = out_path if single else out_path / (Path(inp).stem + ".png")
+        to_pil(rec[0]).save(dest)
+        rows.append({"input": inp, "output": str(dest), "width": im.size[0], "height": im.size[1],
+                     "tokens": int(tokens.numel()), "psnr": float(psnr(rec, x)[0]), "ssim": float(ssim(rec, x)[0])})
+    return rows
+
+
+@torch.no_grad()
+def tokenize_dataset(data_dir: str, model: str = "vq-f8", batch_size: int = 32, progress: bool = True) -> Path:
+    """Write DATA/tokens/<name>/tokens.npy (memmap [N,h,w] int16/int32) + index.json (keys in row order).
+
+    Resumable: rows are written in order and `done` in progress.json marks how many are final.
+    """
+    from tqdm import tqdm
+
+    m = load_tokenizer(model)
+    ds = ShardImages(data_dir, split=None)
+    if len(ds) == 0:
+        raise ValueError(f"{data_dir}: no kept images to tokenize")
+    sha = getattr(m, "meta", {}).get("sha256", "random")[:12]
+    out = Path(data_dir) / "tokens" / f"{Path(model).name}-{sha}"
+    out.mkdir(parents=True, exist_ok=True)
+    x0 = ds[0][0]
+    h, w = x0.shape[1] // m.factor, x0.shape[2] // m.factor
+    dtype = np.int16 if m.config.codebook_size <= 32767 else np.int32
+    path = out / "tokens.npy"
+    mode = "r+" if path.exists() else "w+"
+    arr = np.lib.format.open_memmap(path, mode=mode, dtype=dtype, shape=(len(ds), h, w))
+    progress_file = out / "progress.json"
+    done = json.loads(progress_file.read_text())["done"] if progress_file.exists() else 0
+    (out / "index.json").write_text(json.dumps({"keys": ds.keys, "model": str(model), "model_sha256": sha,
+                                                "grid": [h, w], "codebook_size": m.config.codebook_size}))
+    bar = tqdm(total=len(ds), initial=done, disable=not progress, desc="tokenize", unit="img")
+    for start in range(done, len(ds), batch_size):
+        idx = range(start, min(start + batch_size, len(ds)))
+        x = torch.stack([ds[i][0] for i in idx])
+        if x.shape[-2:] != x0.shape[-2:]:
+            raise ValueError(f"{data_dir}: images differ in size; tokenize needs one resolution")
+        arr[start:start + len(idx)] = m.encode(x).numpy().astype(dtype)
+        arr.flush()
+        progress_file.write_text(json.dumps({"done": start + len(idx)}))
+        bar.update(len(idx))
+    bar.close()
+    return out

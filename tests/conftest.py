@@ -1,0 +1,39 @@
+import io
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def photo_like(seed: int, size=(96, 80), mode="RGB") -> Image.Image:
+    """A textured, non-constant synthetic image, distinct per seed (smooth gradients + blobs + noise)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    img = np.zeros((h, w, 3))
+    for c in range(3):
+        fx, fy, ph = rng.uniform(0.02, 0.2, 2).tolist() + [rng.uniform(0, 6.28)]
+        img[..., c] = 127 + 90 * np.sin(xx * fx + ph) * np.cos(yy * fy - ph)
+    for _ in range(6):
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(5, 20)
+        mask = (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
+        img[mask] = rng.uniform(0, 255, 3)
+    img += rng.normal(0, 6, img.shape)
+    im = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+    return im.convert(mode) if mode != "RGB" else im
+
+
+def png_bytes(im: Image.Image, fmt="PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def seeded():
+    torch.manual_seed(0)
+    return torch.Generator().manual_seed(0)
