@@ -112,11 +112,14 @@ class TokenizerTask:
             losses["disc"] = d_loss
             logs["d"] = float(d_loss)
         self.usage.add(tokens)
-        if self.cfg.dead_code_restart and self.usage.full() and step % self.cfg.usage_window == 0:
-            logs["restarted"] = float(self._restart_dead(x))
         logs.update(self.usage.stats())
         logs["loss"] = float(loss.detach())
         return losses, logs
+
+    def after_step(self, x: torch.Tensor, step: int) -> dict[str, float]:
+        if self.cfg.dead_code_restart and self.usage.full() and (step + 1) % self.cfg.usage_window == 0:
+            return {"restarted": float(self._restart_dead(x))}
+        return {}
 
     @torch.no_grad()
     def _restart_dead(self, x: torch.Tensor) -> int:

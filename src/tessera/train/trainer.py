@@ -8,6 +8,7 @@ A *task* (one file per model kind in this package) supplies the model, the data 
     task.losses(batch, step)       ({"name": loss}, {"scalar": float}) for one batch
     task.dataset / task.val_batch  map-style dataset of (index, aug_seed) -> sample; fixed val batch
     task.validate(model, out_dir, step) -> {"metric": float}   (optional)
+    task.after_step(batch, step) -> {"scalar": float}          (optional, after the optimizer steps)
 """
 from __future__ import annotations
 
@@ -203,6 +204,8 @@ class Trainer:
                 logs[f"grad_norm_{name}"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
             opt.step()
             self.scheds[name].step()
+        if hasattr(self.task, "after_step"):  # parameter surgery that must not precede backward()
+            logs.update(self.task.after_step(batch, self.step))
         self.ema.update(self.model, self.step)
         logs["lr"] = self.scheds[next(iter(self.scheds))].get_last_lr()[0]
         return logs

@@ -1,0 +1,189 @@
+import io
+import json
+import sqlite3
+import struct
+import tarfile
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import photo_like, png_bytes
+from tessera.data.dataset import ShardImages
+from tessera.data.decode import Rejected, decode_image
+from tessera.data.filters import hamming, phash
+from tessera.data.prepare import PrepareConfig, prepare
+
+
+def huge_png_header(w=100_000, h=100_000) -> bytes:
+    """A valid-looking PNG whose IHDR declares w x h pixels (a decompression bomb)."""
+    raw = png_bytes(Image.new("RGB", (8, 8)))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return raw[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + raw[33:]
+
+
+def build_messy_folder(root):
+    """Returns (folder, expected kept source names, expected reasons by file name)."""
+    root.mkdir()
+    kept, reasons = set(), {}
+    for i in range(5):
+        name = f"photo{i}.png"
+        photo_like(100 + i, (120, 96)).save(root / name)
+        (root / f"photo{i}.txt").write_text(f"caption {i}")
+        kept.add(name)
+    # valid, unusual modes
+    rgba = photo_like(200, (100, 100)).convert("RGBA")
+    a = np.asarray(rgba).copy()
+    a[:30, :, 3] = 0
+    Image.fromarray(a, "RGBA").save(root / "rgba.png")
+    photo_like(201, (100, 90)).convert("CMYK").save(root / "cmyk.jpg", quality=95)
+    g16 = (np.asarray(photo_like(202, (90, 100)).convert("L"), dtype=np.uint16) * 257)
+    Image.fromarray(g16.astype(np.uint16)).save(root / "gray16.png")
+    photo_like(203, (100, 100)).convert("P").save(root / "palette.png")
+    photo_like(204, (100, 100)).convert("LA").save(root / "la.png")
+    kept |= {"rgba.png", "cmyk.jpg", "gray16.png", "palette.png", "la.png"}
+    # duplicates
+    (root / "zz_copy_of_photo0.png").write_bytes((root / "photo0.png").read_bytes())
+    reasons["zz_copy_of_photo0.png"] = "duplicate"
+    photo_like(101, (120, 96)).save(root / "photo1_reencoded.jpg", quality=90)
+    reasons["photo1_reencoded.jpg"] = "near_duplicate"
+    # broken inputs
+    (root / "zero.png").write_bytes(b"")
+    reasons["zero.png"] = "empty_file"
+    (root / "notes.jpg").write_text("this is a text file, not a JPEG")
+    reasons["notes.jpg"] = "not_an_image"
+    full = png_bytes(photo_like(300, (120, 120)))
+    (root / "truncated.png").write_bytes(full[: len(full) // 2])
+    reasons["truncated.png"] = "truncated"
+    jpg = png_bytes(photo_like(301, (120, 120)), "JPEG")
+    (root / "corrupt.jpg").write_bytes(jpg[:200] + bytes(range(256)) * 4 + jpg[1300:])
+    reasons["corrupt.jpg"] = {"corrupt", "truncated", "not_an_image"}
+    (root / "bomb.png").write_bytes(huge_png_header())
+    reasons["bomb.png"] = "too_many_pixels"
+    photo_like(302, (40, 40)).save(root / "tiny.png")
+    reasons["tiny.png"] = "too_small"
+    photo_like(303, (400, 100)).save(root / "banner.png")
+    reasons["banner.png"] = "extreme_aspect"
+    Image.new("RGB", (100, 100), (120, 130, 140)).save(root / "flat.png")
+    reasons["flat.png"] = "low_information"
+    return root, kept, reasons
+
+
+def test_prepare_messy_folder(tmp_path):
+    src, kept, reasons = build_messy_folder(tmp_path / "src")
+    report = prepare([src], tmp_path / "out", PrepareConfig(size=64, workers=2, chunk_size=4), progress=False)
+    db = sqlite3.connect(tmp_path / "out" / "catalog.sqlite")
+    rows = {r[0].split("/")[-1]: (r[1], r[2]) for r in db.execute("SELECT source, status, reason FROM images")}
+    assert {n for n, (s, _) in rows.items() if s == "kept"} == kept
+    for name, want in reasons.items():
+        status, reason = rows[name]
+        assert status == "rejected"
+        assert reason in (want if isinstance(want, set) else {want}), (name, reason)
+    assert report["kept"] == len(kept) and report["rejected"] == len(reasons)
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["rejected_by_reason"]["duplicate"] == 1
+    ds = ShardImages(tmp_path / "out", split=None)
+    assert len(ds) == len(kept)
+    x, caption, key = ds[0]
+    assert x.shape == (3, 64, 64) and -1 <= float(x.min()) and float(x.max()) <= 1
+    caps = {c for c in ds.captions if c}
+    assert caps == {f"caption {i}" for i in range(5)}
+    # the RGBA image was composited on white: its transparent top rows are white
+    rgba_key = db.execute("SELECT id FROM images WHERE source LIKE '%rgba.png'").fetchone()[0]
+    top = np.asarray(ds.image(ds.keys.index(rgba_key)))[:5]
+    assert top.min() >= 250
+
+
+def test_shards_are_img2dataset_layout(tmp_path):
+    src, kept, _ = build_messy_folder(tmp_path / "src")
+    prepare([src], tmp_path / "out", PrepareConfig(size=64, workers=1), progress=False)
+    shards = sorted((tmp_path / "out" / "shards").glob("*.tar"))
+    names = [n for s in shards for n in tarfile.open(s).getnames()]
+    keys = {n.split(".")[0] for n in names}
+    assert len(keys) == len(kept)
+    for k in keys:
+        assert {f"{k}.png", f"{k}.txt", f"{k}.json"} <= set(names)
+    wds = pytest.importorskip("webdataset")
+    samples = list(wds.WebDataset([str(s) for s in shards], shardshuffle=False))
+    assert len(samples) == len(kept) and all("png" in s and "json" in s for s in samples)
+
+
+def test_resume_after_interruption_redoes_nothing(tmp_path):
+    src, kept, _ = build_messy_folder(tmp_path / "src")
+    cfg = PrepareConfig(size=64, workers=1, chunk_size=5)
+
+    def boom(chunk):
+        if chunk == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare([src], tmp_path / "out", cfg, progress=False, on_chunk=boom)
+    first = sorted((tmp_path / "out" / "shards").glob("*.tar"))
+    mtimes = {p.name: p.stat().st_mtime_ns for p in first}
+    report = prepare([src], tmp_path / "out", cfg, progress=False)
+    assert report["processed_this_run"] == report["inputs"] - 10  # chunks 0 and 1 were committed
+    assert all(p.stat().st_mtime_ns == mtimes[p.name] for p in first)
+    fresh = prepare([src], tmp_path / "fresh", cfg, progress=False)
+    assert {k: fresh[k] for k in ("kept", "rejected_by_reason")} == {k: report[k] for k in ("kept", "rejected_by_reason")}
+    again = prepare([src], tmp_path / "out", cfg, progress=False)
+    assert again["processed_this_run"] == 0
+
+
+def test_changed_settings_refuse_to_mix(tmp_path):
+    src, _, _ = build_messy_folder(tmp_path / "src")
+    prepare([src], tmp_path / "out", PrepareConfig(size=64, workers=1), progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        prepare([src], tmp_path / "out", PrepareConfig(size=32, workers=1), progress=False)
+
+
+def test_tar_and_parquet_sources(tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(tmp_path / "shard.tar", "w") as tf:
+        for i in range(3):
+            for ext, data in (("jpg", png_bytes(photo_like(400 + i), "JPEG", quality=95)),
+                              ("txt", f"tar caption {i}".encode()), ("json", json.dumps({"i": i}).encode())):
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    del buf
+    table = pa.table({"image": [{"bytes": png_bytes(photo_like(500 + i)), "path": f"{i}.png"} for i in range(2)]
+                      + [{"bytes": b"garbage", "path": "x.png"}],
+                      "caption": ["pq 0", "pq 1", "pq 2"]})
+    pq.write_table(table, tmp_path / "data.parquet")
+    report = prepare([tmp_path / "shard.tar", tmp_path / "data.parquet"], tmp_path / "out",
+                     PrepareConfig(size=64, workers=1), progress=False)
+    assert report["kept"] == 5 and report["rejected_by_reason"] == {"not_an_image": 1}
+    ds = ShardImages(tmp_path / "out", split=None)
+    assert sorted(ds.captions) == ["pq 0", "pq 1", "tar caption 0", "tar caption 1", "tar caption 2"]
+
+
+def test_decode_exif_orientation_and_modes():
+    im = photo_like(7, (80, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", exif=exif.tobytes())
+    assert decode_image(buf.getvalue()).size == (40, 80)
+    for mode in ("L", "1", "I", "F", "LA", "P", "CMYK"):
+        out = decode_image(png_bytes(im.convert(mode), "TIFF"))
+        assert out.mode == "RGB" and out.size == (80, 40)
+    with pytest.raises(Rejected) as e:
+        decode_image(png_bytes(im), max_pixels=100)
+    assert e.value.reason == "too_many_pixels"
+
+
+def test_phash_near_vs_far():
+    a, b = photo_like(1, (128, 128)), photo_like(2, (128, 128))
+    a_jpeg = Image.open(io.BytesIO(png_bytes(a, "JPEG", quality=60)))
+    assert hamming(phash(a), phash(a_jpeg)) <= 4
+    assert hamming(phash(a), phash(b)) > 12
+
+
+def test_bad_source_is_a_clear_error(tmp_path):
+    from tessera.data.sources import SourceError
+
+    with pytest.raises(SourceError, match="no such file"):
+        prepare([tmp_path / "nope"], tmp_path / "out", progress=False)
