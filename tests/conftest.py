@@ -37,3 +37,22 @@ def png_bytes(im: Image.Image, fmt="PNG", **kw) -> bytes:
 def seeded():
     torch.manual_seed(0)
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A prepared folder of 24 synthetic 32x32 images (train + val splits)."""
+    from tessera.data.prepare import PrepareConfig, prepare
+
+    root = tmp_path_factory.mktemp("tiny_src")
+    for i in range(24):
+        photo_like(1000 + i, (64, 64)).save(root / f"img{i:02d}.png")
+        (root / f"img{i:02d}.txt").write_text(f"a synthetic picture number {i}")
+    out = tmp_path_factory.mktemp("tiny_data")
+    from tessera.data.filters import FilterConfig
+
+    report = prepare([root], out, PrepareConfig(size=32, workers=1, val_fraction=0.25,
+                                                filters=FilterConfig(min_size=32, phash_distance=2)),
+                     progress=False)
+    assert report["kept_by_split"].get("val", 0) >= 2, report
+    return out

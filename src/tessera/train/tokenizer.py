@@ -110,7 +110,7 @@ class TokenizerTask:
         if self.loss.gan_active(step):
             d_loss = self.loss.discriminator_loss(x, xrec)
             losses["disc"] = d_loss
-            logs["d"] = float(d_loss)
+            logs["d"] = float(d_loss.detach())
         self.usage.add(tokens)
         logs.update(self.usage.stats())
         logs["loss"] = float(loss.detach())

@@ -186,6 +186,9 @@ class Trainer:
                                    self.step, self.rank, self.world)
         loader = torch.utils.data.DataLoader(self.task.dataset, batch_sampler=sampler,
                                              num_workers=self.cfg.num_workers,
+                                             # own generator: creating the iterator must not draw from
+                                             # the global RNG, or a resumed run would diverge
+                                             generator=torch.Generator().manual_seed(self.cfg.seed + self.step),
                                              persistent_workers=self.cfg.num_workers > 0)
         return iter(loader)
 
