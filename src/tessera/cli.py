@@ -130,5 +130,29 @@ def tokenize(data_dir, model, batch_size) -> None:
     click.echo(str(out))
 
 
+@main.group("eval")
+def eval_() -> None:
+    """Evaluation."""
+
+
+@eval_.command("reconstruction")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--model", default="vq-f8", show_default=True)
+@click.option("--split", default="val", type=click.Choice(["val", "train", "all"]), show_default=True)
+@click.option("--bf16/--fp32", default=False, show_default=True)
+@click.option("--limit", type=int, default=None, help="evaluate only the first N images")
+def eval_reconstruction(data_dir, model, split, bf16, limit) -> None:
+    """PSNR / SSIM / codebook usage of a tokenizer on a prepared split (held-out: val)."""
+    from tessera.eval.reconstruction import evaluate_reconstruction
+    from tessera.tokenizer.tools import load_tokenizer
+
+    try:
+        m = load_tokenizer(model)
+        out = evaluate_reconstruction(m, data_dir, None if split == "all" else split, bf16=bf16, limit=limit)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(str(e))
+    click.echo(json.dumps({"model": model, **out}, indent=2))
+
+
 if __name__ == "__main__":
     sys.exit(main())

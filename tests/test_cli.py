@@ -1,0 +1,95 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import photo_like
+from tessera.checkpoint import export_model
+from tessera.cli import main
+from tessera.registry import build
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("model") / "vq-tiny"
+    export_model(build("vq-tiny"), "vq", out)
+    return out
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_reconstruct_crops_to_factor_and_reports(tmp_path, tiny_model):
+    photo_like(5, (70, 45)).save(tmp_path / "in.png")
+    r = run("reconstruct", tmp_path / "in.png", "-o", tmp_path / "out.png", "--model", tiny_model)
+    assert r.exit_code == 0, r.output
+    assert Image.open(tmp_path / "out.png").size == (68, 44)  # cropped to a multiple of factor 4
+    assert "PSNR" in r.output and "SSIM" in r.output and "187 tokens" in r.output
+
+
+def test_reconstruct_bad_inputs_are_clear_errors(tmp_path, tiny_model):
+    (tmp_path / "fake.png").write_text("not an image")
+    r = run("reconstruct", tmp_path / "fake.png", "-o", tmp_path / "o.png", "--model", tiny_model)
+    assert r.exit_code != 0 and "not_an_image" in r.output
+    photo_like(5, (20, 20)).save(tmp_path / "ok.png")
+    r = run("reconstruct", tmp_path / "ok.png", "-o", tmp_path / "o.png", "--model", tmp_path / "nomodel")
+    assert r.exit_code != 0 and "neither a model folder nor a preset" in r.output
+
+
+def test_tokenize_writes_and_resumes(tiny_dataset, tiny_model):
+    r = run("tokenize", "--data", tiny_dataset, "--model", tiny_model, "--batch-size", "5")
+    assert r.exit_code == 0, r.output
+    out = tiny_dataset / "tokens" / r.stdout.strip().split("/")[-1]
+    arr = np.load(out / "tokens.npy")
+    index = json.loads((out / "index.json").read_text())
+    assert arr.shape == (len(index["keys"]), 8, 8) and arr.max() < 64
+    from tessera import load
+    from tessera.data.dataset import ShardImages
+
+    ds = ShardImages(tiny_dataset, split=None)
+    m = load(tiny_model)
+    i = index["keys"].index(ds.keys[3])
+    assert np.array_equal(arr[i], m.encode(ds[3][0][None])[0].numpy())
+    mtime = (out / "tokens.npy").stat().st_mtime_ns
+    r = run("tokenize", "--data", tiny_dataset, "--model", tiny_model)
+    assert r.exit_code == 0 and (out / "tokens.npy").stat().st_mtime_ns == mtime  # nothing redone
+
+
+def test_data_prepare_cli_and_eval(tmp_path, tiny_model):
+    for i in range(6):
+        photo_like(50 + i, (80, 80)).save(tmp_path / f"{i}.png")
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    r = run("data", "prepare", tmp_path, "--out", tmp_path / "out", "--size", "32", "--val-fraction", "0.5",
+            "--workers", "1")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["kept"] == 6 and rep["rejected"] == 1
+    r = run("eval", "reconstruction", "--data", tmp_path / "out", "--model", tiny_model, "--split", "all")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["images"] == 6 and 0 < res["psnr"] < 60 and 0 < res["codebook_usage"] <= 1
+    r = run("data", "prepare", tmp_path / "missing", "--out", tmp_path / "o2")
+    assert r.exit_code != 0 and "no such file" in r.output
+
+
+def test_train_cli_refuses_to_overwrite_a_run(tiny_dataset, tmp_path):
+    args = ["train", "tokenizer", "--data", tiny_dataset, "--out", tmp_path / "run", "--preset", "vq-tiny",
+            "--max-steps", "2", "--set", "task.crop=16", "--set", "task.loss.perceptual_backbone=\"none\"",
+            "--set", "train.batch_size=2", "--set", "train.val_every=0", "--set", "task.val_images=2"]
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    r = run(*args)
+    assert r.exit_code != 0 and "--resume" in r.output
+    r = run(*args[:-8], "--max-steps", "3", "--resume")
+    assert r.exit_code == 0, r.output
+    r = run("export", tmp_path / "run", "-o", tmp_path / "model")
+    assert r.exit_code == 0
+    meta = json.loads((tmp_path / "model" / "meta.json").read_text())
+    assert meta["trained_steps"] == 3 and meta["kind"] == "vq"
+    r = run("train", "tokenizer", "--data", tiny_dataset, "--out", tmp_path / "r2", "--set", "train.nope=1")
+    assert r.exit_code != 0 and "nope" in r.output
