@@ -93,18 +93,14 @@ class TokenizerTask:
             mods["disc"] = self.loss.discriminator
         return mods
 
-    def ddp_modules(self) -> dict[str, nn.Module]:
-        return {k: v for k, v in self.trainable_modules().items() if k != "usage"}
-
     def optim_groups(self) -> dict[str, list]:
         groups = {"model": list(self.model.parameters())}
         if self.loss.discriminator is not None:
             groups["disc"] = list(self.loss.discriminator.parameters())
         return groups
 
-    def losses(self, x: torch.Tensor, step: int, ddp: dict | None = None):
-        model = ddp["model"] if ddp else self.model
-        xrec, qloss, tokens = model(x)
+    def losses(self, x: torch.Tensor, step: int):
+        xrec, qloss, tokens = self.model(x)
         loss, logs = self.loss.generator_loss(x, xrec, qloss, step, self.model.last_layer())
         losses = {"model": loss}
         if self.loss.gan_active(step):

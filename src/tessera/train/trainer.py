@@ -1,11 +1,13 @@
 """One training loop for every model kind: bf16 autocast, AdamW + warmup/cosine, grad clipping, EMA,
-atomic checkpoints with exact resume, validation, scalar logs, progress bar, DDP under torchrun.
+atomic checkpoints with exact resume, validation, scalar logs, progress bar; data parallel under
+torchrun (gloo): each rank takes its own slice of every global batch and gradients are all-reduced.
 
 A *task* (one file per model kind in this package) supplies the model, the data and the losses:
 
     task.model                     nn.Module that is EMA-averaged and exported
     task.optim_groups()            {"name": [params]} -> one AdamW per name, stepped in that order
     task.losses(batch, step)       ({"name": loss}, {"scalar": float}) for one batch
+    task.trainable_modules()       {"name": module} saved in the training state
     task.dataset / task.val_batch  map-style dataset of (index, aug_seed) -> sample; fixed val batch
     task.validate(model, out_dir, step) -> {"metric": float}   (optional)
     task.after_step(batch, step) -> {"scalar": float}          (optional, after the optimizer steps)
@@ -122,14 +124,28 @@ class Trainer:
                        for name, params in self.groups.items()}
         self.scheds = {name: torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_at(cfg, s) / cfg.lr)
                        for name, o in self.optims.items()}
-        self.ddp = self._wrap_ddp() if self.world > 1 else None
         self.step = 0
         self._tb = None
+        if self.world > 1:
+            self._broadcast_from_rank0()
 
-    def _wrap_ddp(self) -> dict[str, nn.Module]:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    # ---- data parallel (torchrun, gloo): same init everywhere, gradients averaged after backward --
+    def _broadcast_from_rank0(self) -> None:
+        for module in self.task.trainable_modules().values():
+            for t in module.state_dict().values():
+                dist.broadcast(t, src=0)
 
-        return {name: DDP(m) for name, m in self.task.ddp_modules().items()}
+    def _average_gradients(self, params: list[torch.Tensor]) -> None:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.flatten() for g in grads])  # one all-reduce per optimizer
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     # ---- checkpointing -------------------------------------------------------------------
     @property
@@ -150,6 +166,8 @@ class Trainer:
     def save(self) -> None:
         if self.rank == 0:
             save_training_state(self.state_dict(), self.ckpt_path)
+        if self.world > 1:
+            dist.barrier()
 
     def resume(self) -> bool:
         if not self.ckpt_path.exists():
@@ -195,7 +213,7 @@ class Trainer:
     def train_step(self, batch: Any) -> dict[str, float]:
         self.model.train()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16):
-            losses, logs = self.task.losses(batch, self.step, self.ddp)
+            losses, logs = self.task.losses(batch, self.step)
         for name, loss in losses.items():
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"step {self.step}: loss '{name}' is {loss.item()}")
@@ -203,6 +221,8 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             params = [p for g in opt.param_groups for p in g["params"]]
+            if self.world > 1:
+                self._average_gradients(params)
             if self.cfg.grad_clip > 0:
                 logs[f"grad_norm_{name}"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
             opt.step()
