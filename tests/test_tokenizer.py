@@ -122,3 +122,11 @@ def test_gan_switches_on_at_disc_start(seeded):
     _, logs_before = loss.generator_loss(x, rec, ql, 4, m.last_layer())
     _, logs_after = loss.generator_loss(x, rec, ql, 5, m.last_layer())
     assert "g" not in logs_before and "g" in logs_after and logs_after["adaptive"] > 0
+
+
+def test_factor_16_preset_shapes():
+    m = build("vq-f16", resolution=64, base_channels=4, z_channels=8, attn_heads=1, codebook_size=32,
+              codebook_dim=4).eval()
+    assert m.factor == 16
+    tokens = m.encode(torch.zeros(1, 3, 64, 96))
+    assert tokens.shape == (1, 4, 6) and m.decode_tokens(tokens).shape == (1, 3, 64, 96)

@@ -119,3 +119,14 @@ def test_dead_codes_restart_after_step(tiny_dataset, tmp_path):
     assert out["restarted"] == task.model.config.codebook_size - 1
     after = task.model.quantizer.embedding.weight.detach()
     assert torch.equal(after[0], before[0]) and not torch.equal(after[1:], before[1:])
+
+
+def test_half_precision_export_loads_into_fp32(tmp_path, seeded):
+    m = build("vq-tiny").eval()
+    export_model(m, "vq", tmp_path / "m", dtype=torch.float16)
+    back = load_model(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "meta.json").read_text())["stored_dtype"] == "float16"
+    assert next(back.parameters()).dtype == torch.float32
+    x = torch.rand(1, 3, 32, 32, generator=seeded) * 2 - 1
+    torch.testing.assert_close(back.decode_latents(m.encode_latents(x), quantize=False),
+                               m.decode_latents(m.encode_latents(x), quantize=False), atol=5e-3, rtol=0)

@@ -75,8 +75,12 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read training state {path}: {e}") from e
 
 
-def export_model(model: nn.Module, kind: str, out_dir: str | Path, extra_meta: dict | None = None) -> Path:
-    """Write config.json + model.safetensors + meta.json. `model.config` must be a Config."""
+def export_model(model: nn.Module, kind: str, out_dir: str | Path, extra_meta: dict | None = None,
+                 dtype: torch.dtype | None = None) -> Path:
+    """Write config.json + model.safetensors + meta.json. `model.config` must be a Config.
+
+    `dtype` (e.g. torch.float16) stores floating-point weights smaller; loading casts them back to the
+    model's own dtype."""
     from safetensors.torch import save_file
 
     import tessera
@@ -84,6 +88,8 @@ def export_model(model: nn.Module, kind: str, out_dir: str | Path, extra_meta: d
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.dtype.is_floating_point else v for k, v in state.items()}
     fd, tmp = tempfile.mkstemp(dir=out, prefix=".model.", suffix=".tmp")
     os.close(fd)
     save_file(state, tmp, metadata={"kind": kind})
@@ -93,6 +99,7 @@ def export_model(model: nn.Module, kind: str, out_dir: str | Path, extra_meta: d
         "kind": kind,
         "tessera_version": tessera.__version__,
         "sha256": sha256_file(out / WEIGHTS),
+        "stored_dtype": str(dtype or next(iter(state.values())).dtype).removeprefix("torch."),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **(extra_meta or {}),
     }

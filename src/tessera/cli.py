@@ -86,12 +86,14 @@ def train_tokenizer(data_dir, run_dir, preset, max_steps, resume, overrides) -> 
 @main.command("export")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False))
-def export(run_dir, out) -> None:
+@click.option("--dtype", default="float32", type=click.Choice(["float32", "float16", "bfloat16"]), show_default=True,
+              help="storage dtype of the weights (float16 halves the size)")
+def export(run_dir, out, dtype) -> None:
     """Export a run's EMA weights as a model folder (config.json + model.safetensors + meta.json)."""
     from tessera.train.runs import export_run
 
     try:
-        path = export_run(run_dir, out)
+        path = export_run(run_dir, out, dtype)
     except (ValueError, KeyError, FileNotFoundError) as e:
         _fail(str(e))
     click.echo(str(path))

@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from tessera.checkpoint import export_model, load_training_state
 from tessera.config import Config
 from tessera.registry import model_class, preset_config
@@ -66,8 +68,6 @@ def _tokenizer_setup(run_dir: Path, data_dir: str, preset: str, overrides: list[
 
 def run_tokenizer_training(data_dir: str, run_dir: str, preset: str, max_steps: int | None, resume: bool,
                            overrides: list[str]) -> dict[str, float]:
-    import torch
-
     run = Path(run_dir)
     if not resume and (run / "state.pt").exists():
         raise ValueError(f"{run} already holds a training state; pass --resume or choose a new --out")
@@ -77,7 +77,7 @@ def run_tokenizer_training(data_dir: str, run_dir: str, preset: str, max_steps: 
     return trainer.fit(max_steps=max_steps, resume=resume)
 
 
-def export_run(run_dir: str, out: str) -> Path:
+def export_run(run_dir: str, out: str, dtype: str = "float32") -> Path:
     run = Path(run_dir)
     for name in ("run.json", "state.pt"):
         if not (run / name).is_file():
@@ -88,7 +88,11 @@ def export_run(run_dir: str, out: str) -> Path:
     state = load_training_state(run / "state.pt")
     model.load_state_dict(state["ema"], strict=True)
     return export_model(model, spec["kind"], out, {"trained_steps": int(state["step"]), "preset": spec["preset"],
-                                                   "train": spec["train"], "task": spec["task"]})
+                                                   "train": spec["train"], "task": spec["task"]},
+                        dtype=_DTYPES[dtype])
+
+
+_DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 __all__ = ["apply_overrides", "export_run", "run_tokenizer_training", "Config"]
