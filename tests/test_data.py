@@ -4,11 +4,14 @@ import sqlite3
 import struct
 import tarfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import photo_like, png_bytes
@@ -187,3 +190,43 @@ def test_bad_source_is_a_clear_error(tmp_path):
 
     with pytest.raises(SourceError, match="no such file"):
         prepare([tmp_path / "nope"], tmp_path / "out", progress=False)
+
+
+class RedScorer:
+    """Test plug-in: the mean red level; rejects strongly red images."""
+
+    name, reject_above, reject_below = "redness", 150.0, None
+
+    def score(self, im, caption):
+        return float(np.asarray(im)[..., 0].mean())
+
+
+def red_scorer():
+    return RedScorer()
+
+
+def test_scorer_plugin_rejects_and_records(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))  # makes `test_data` importable by name
+    src = tmp_path / "src"
+    src.mkdir()
+    photo_like(1, (80, 80)).save(src / "a.png")
+    red = np.asarray(photo_like(2, (80, 80))).copy()
+    red[..., 0] = 250
+    Image.fromarray(red).save(src / "red.png")
+    cfg = PrepareConfig(size=32, workers=1, scorers=("test_data:red_scorer",))
+    report = prepare([src], tmp_path / "out", cfg, progress=False)
+    assert report["kept"] == 1 and report["rejected_by_reason"] == {"scorer:redness": 1}
+    db = sqlite3.connect(tmp_path / "out" / "catalog.sqlite")
+    verdicts = [json.loads(v) for (v,) in db.execute("SELECT verdicts FROM images ORDER BY source")]
+    assert all("redness" in v for v in verdicts)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=2048), st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"BM"]))
+def test_decode_never_crashes_on_arbitrary_bytes(data, magic):
+    try:
+        im = decode_image(magic + data)
+    except Rejected as r:
+        assert r.reason in {"empty_file", "not_an_image", "truncated", "corrupt", "too_many_pixels"}
+    else:
+        assert im.mode == "RGB"
