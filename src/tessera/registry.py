@@ -14,6 +14,7 @@ from typing import Any
 # kind -> ("module:Class", "module:ConfigClass")
 KINDS: dict[str, tuple[str, str]] = {
     "vq": ("tessera.tokenizer.vq:VQModel", "tessera.tokenizer.vq:VQConfig"),
+    "ar": ("tessera.generators.ar:ARTransformer", "tessera.generators.ar:ARConfig"),
 }
 
 # preset -> (kind, config overrides)
@@ -22,7 +23,12 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "vq-f8": ("vq", dict(base_channels=32, channel_mult=(1, 2, 4, 8), codebook_size=8192)),
     # 256 px -> 16x16 tokens
     "vq-f16": ("vq", dict(resolution=256, base_channels=32, channel_mult=(1, 2, 2, 4, 8), codebook_size=8192)),
+    # decoder-only Transformers over 16x16 vq-f8 tokens, MiniLM (384-d) prompt prefix
+    "ar-s": ("ar", dict(dim=384, depth=8, heads=6, cond_dim=384, max_text_tokens=64)),
+    "ar-m": ("ar", dict(dim=512, depth=12, heads=8, cond_dim=384, max_text_tokens=64)),
+    "ar-s-uncond": ("ar", dict(dim=384, depth=8, heads=6, cond_dim=0)),
     # for tests: tiny and fast
+    "ar-tiny": ("ar", dict(vocab_size=64, grid=(4, 4), dim=32, depth=2, heads=4, cond_dim=16, max_text_tokens=8)),
     "vq-tiny": ("vq", dict(resolution=32, base_channels=8, channel_mult=(1, 2, 2), z_channels=16,
                            attn_heads=1, codebook_size=64, codebook_dim=4)),
 }
