@@ -93,3 +93,21 @@ def test_train_cli_refuses_to_overwrite_a_run(tiny_dataset, tmp_path):
     assert meta["trained_steps"] == 3 and meta["kind"] == "vq"
     r = run("train", "tokenizer", "--data", tiny_dataset, "--out", tmp_path / "r2", "--set", "train.nope=1")
     assert r.exit_code != 0 and "nope" in r.output
+
+
+def test_train_ar_end_to_end(tiny_dataset, tiny_model, tmp_path):
+    r = run("train", "ar", "--data", tiny_dataset, "--out", tmp_path / "ar", "--preset", "ar-tiny",
+            "--tokenizer", tiny_model, "--text-encoder", "tiny", "--max-steps", "4",
+            "--set", "train.batch_size=4", "--set", "train.val_every=4", "--set", "train.log_every=2")
+    assert r.exit_code == 0, r.output
+    spec = json.loads((tmp_path / "ar" / "run.json").read_text())
+    assert spec["model"]["vocab_size"] == 64 and spec["model"]["grid"] == [8, 8] and spec["model"]["cond_dim"] == 16
+    log = [json.loads(line) for line in (tmp_path / "ar" / "log.jsonl").read_text().splitlines()]
+    val = [row for row in log if "val/margin" in row]
+    assert val and val[-1]["val/nll_true"] > 0
+    r = run("export", tmp_path / "ar", "-o", tmp_path / "ar-model")
+    assert r.exit_code == 0
+    from tessera import load
+
+    m = load(tmp_path / "ar-model")
+    assert m.config.vocab_size == 64

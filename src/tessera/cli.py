@@ -74,10 +74,27 @@ def _train_options(f):
 @_train_options
 def train_tokenizer(data_dir, run_dir, preset, max_steps, resume, overrides) -> None:
     """Train the VQ tokenizer on a prepared folder."""
-    from tessera.train.runs import run_tokenizer_training
+    from tessera.train.runs import run_training
 
     try:
-        logs = run_tokenizer_training(data_dir, run_dir, preset or "vq-f8", max_steps, resume, list(overrides))
+        logs = run_training("tokenizer", data_dir, run_dir, preset or "vq-f8", max_steps, resume, list(overrides))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        _fail(str(e))
+    click.echo(json.dumps(logs))
+
+
+@train.command("ar")
+@_train_options
+@click.option("--tokenizer", default="vq-f8", show_default=True, help="tokenizer whose token cache to train on")
+@click.option("--text-encoder", default="minilm", show_default=True, help="prompt encoder ('none': unconditional)")
+def train_ar(data_dir, run_dir, preset, max_steps, resume, overrides, tokenizer, text_encoder) -> None:
+    """Train the autoregressive generator on cached token grids (+ cached caption embeddings)."""
+    from tessera.train.runs import prepare_ar_inputs, run_training
+
+    try:
+        model_updates, task_updates = ({}, {}) if resume else prepare_ar_inputs(data_dir, tokenizer, text_encoder)
+        logs = run_training("ar", data_dir, run_dir, preset or "ar-s", max_steps, resume, list(overrides),
+                            model_updates, task_updates)
     except (ValueError, KeyError, FileNotFoundError) as e:
         _fail(str(e))
     click.echo(json.dumps(logs))
@@ -115,6 +132,21 @@ def reconstruct(inputs, out, model) -> None:
     for r in rows:
         click.echo(f"{r['input']} -> {r['output']}  {r['width']}x{r['height']}  {r['tokens']} tokens  "
                    f"PSNR {r['psnr']:.2f} dB  SSIM {r['ssim']:.4f}")
+
+
+@data.command("embed-captions")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--encoder", default="minilm", show_default=True, help="minilm | tiny | HF name or path")
+def data_embed_captions(data_dir, encoder) -> None:
+    """Cache every kept image's caption embedding beside the shards (DATA/text/<encoder>/)."""
+    from tessera.text import PromptError, load_text_encoder
+    from tessera.text.cache import embed_captions
+
+    try:
+        out = embed_captions(data_dir, load_text_encoder(encoder), encoder)
+    except (ValueError, FileNotFoundError, PromptError) as e:
+        _fail(str(e))
+    click.echo(str(out))
 
 
 @main.command("tokenize")

@@ -12,14 +12,27 @@ from typing import Any
 import torch
 
 from tessera.checkpoint import export_model, load_training_state
-from tessera.config import Config
 from tessera.registry import model_class, preset_config
 from tessera.train.trainer import TrainConfig, Trainer
 
-# default trainer settings per task kind (CLI --set overrides them)
+# default trainer settings per model kind (CLI --set overrides them)
 TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "vq": dict(batch_size=16, lr=2e-4, betas=(0.5, 0.9), warmup_steps=500, ema_decay=0.999, max_steps=20000),
+    "ar": dict(batch_size=32, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=500, ema_decay=0.999,
+               max_steps=20000),
 }
+
+
+def _task_classes(task_name: str):
+    if task_name == "tokenizer":
+        from tessera.train.tokenizer import TokenizerTask, TokenizerTaskConfig
+
+        return TokenizerTask, TokenizerTaskConfig
+    if task_name == "ar":
+        from tessera.train.ar import ARTask, ARTaskConfig
+
+        return ARTask, ARTaskConfig
+    raise KeyError(f"unknown training task {task_name!r}")
 
 
 def apply_overrides(sections: dict[str, dict], overrides: list[str]) -> None:
@@ -33,8 +46,8 @@ def apply_overrides(sections: dict[str, dict], overrides: list[str]) -> None:
         except json.JSONDecodeError:
             value = raw
         parts = key.split(".")
-        if parts[0] not in sections:
-            raise ValueError(f"override {ov!r}: section must be one of {sorted(sections)}")
+        if parts[0] not in ("model", "train", "task"):
+            raise ValueError(f"override {ov!r}: section must be one of model, train, task")
         node = sections[parts[0]]
         for p in parts[1:-1]:
             if not isinstance(node.get(p), dict):
@@ -43,38 +56,42 @@ def apply_overrides(sections: dict[str, dict], overrides: list[str]) -> None:
         node[parts[-1]] = value
 
 
-def _tokenizer_setup(run_dir: Path, data_dir: str, preset: str, overrides: list[str], resume: bool):
-    from tessera.train.tokenizer import TokenizerTask, TokenizerTaskConfig
+def new_spec(task_name: str, preset: str, overrides: list[str], model_updates: dict | None = None,
+             task_updates: dict | None = None) -> dict:
+    kind, model_cfg = preset_config(preset, **(model_updates or {}))
+    _, task_cfg_cls = _task_classes(task_name)
+    spec = {"task_name": task_name, "kind": kind, "preset": preset, "model": model_cfg.to_dict(),
+            "train": TrainConfig.from_dict({**TrainConfig().to_dict(), **TRAIN_DEFAULTS[kind]}).to_dict(),
+            "task": task_cfg_cls.from_dict(task_updates or {}).to_dict()}
+    apply_overrides(spec, overrides)
+    return spec
 
-    spec_path = run_dir / "run.json"
+
+def run_training(task_name: str, data_dir: str, run_dir: str, preset: str, max_steps: int | None, resume: bool,
+                 overrides: list[str], model_updates: dict | None = None,
+                 task_updates: dict | None = None) -> dict[str, float]:
+    """Fresh run: build the spec from the preset (+ updates, + overrides) and write OUT/run.json.
+    --resume: read OUT/run.json (overrides still apply, e.g. a new train.max_steps) and continue."""
+    run = Path(run_dir)
+    spec_path = run / "run.json"
     if resume and spec_path.exists():
         spec = json.loads(spec_path.read_text())
-        if overrides:
-            apply_overrides(spec, overrides)
-    else:
-        kind, model_cfg = preset_config(preset)
-        spec = {"kind": kind, "preset": preset, "model": model_cfg.to_dict(),
-                "train": {**TrainConfig().to_dict(), **TRAIN_DEFAULTS[kind]}, "task": TokenizerTaskConfig().to_dict()}
-        spec["train"] = TrainConfig.from_dict(spec["train"]).to_dict()
+        if spec.get("task_name", task_name) != task_name:
+            raise ValueError(f"{run} is a {spec['task_name']!r} run, not {task_name!r}")
         apply_overrides(spec, overrides)
+    else:
+        if (run / "state.pt").exists():
+            raise ValueError(f"{run} already holds a training state; pass --resume or choose a new --out")
+        spec = new_spec(task_name, preset, overrides, model_updates, task_updates)
+    task_cls, task_cfg_cls = _task_classes(task_name)
     cls, cfg_cls = model_class(spec["kind"])
-    model = cls(cfg_cls.from_dict(spec["model"]))
     train_cfg = TrainConfig.from_dict(spec["train"])
-    task = TokenizerTask(model, data_dir, TokenizerTaskConfig.from_dict(spec["task"]))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(train_cfg.seed)
+    model = cls(cfg_cls.from_dict(spec["model"]))
+    task = task_cls(model, data_dir, task_cfg_cls.from_dict(spec["task"]))
+    run.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(json.dumps(spec, indent=2) + "\n")
-    return task, train_cfg
-
-
-def run_tokenizer_training(data_dir: str, run_dir: str, preset: str, max_steps: int | None, resume: bool,
-                           overrides: list[str]) -> dict[str, float]:
-    run = Path(run_dir)
-    if not resume and (run / "state.pt").exists():
-        raise ValueError(f"{run} already holds a training state; pass --resume or choose a new --out")
-    task, cfg = _tokenizer_setup(run, data_dir, preset, overrides, resume)
-    torch.manual_seed(cfg.seed)
-    trainer = Trainer(task, cfg, run)
-    return trainer.fit(max_steps=max_steps, resume=resume)
+    return Trainer(task, train_cfg, run).fit(max_steps=max_steps, resume=resume)
 
 
 def export_run(run_dir: str, out: str, dtype: str = "float32") -> Path:
@@ -95,4 +112,26 @@ def export_run(run_dir: str, out: str, dtype: str = "float32") -> Path:
 _DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-__all__ = ["apply_overrides", "export_run", "run_tokenizer_training", "Config"]
+
+
+def prepare_ar_inputs(data_dir: str, tokenizer: str, text_encoder: str) -> tuple[dict, dict]:
+    """Make sure the token and caption caches exist (both resumable / skip when complete) and derive
+    the model's vocabulary, grid and condition width from them."""
+    from tessera.text import load_text_encoder
+    from tessera.text.cache import embed_captions
+    from tessera.tokenizer.tools import tokenize_dataset
+
+    tok_dir = tokenize_dataset(data_dir, tokenizer)
+    index = json.loads((tok_dir / "index.json").read_text())
+    model_updates = {"vocab_size": index["codebook_size"], "grid": index["grid"]}
+    task_updates = {"tokens": tok_dir.name}
+    if text_encoder == "none":
+        model_updates["cond_dim"] = 0
+    else:
+        enc = load_text_encoder(text_encoder)
+        text_dir = embed_captions(data_dir, enc, text_encoder)
+        tindex = json.loads((text_dir / "index.json").read_text())
+        model_updates["cond_dim"] = enc.dim
+        model_updates["max_text_tokens"] = max(tindex["length"], 64)
+        task_updates["text"] = text_dir.name
+    return model_updates, task_updates

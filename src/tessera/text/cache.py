@@ -1,0 +1,50 @@
+"""Caption-embedding cache (seed 004: "pre-compute and cache caption embeddings"), so training never
+runs the prompt encoder: DATA/text/<encoder>/{tokens.npy [N,L,D] fp16, mask.npy [N,L], pooled.npy, index.json}."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from tessera.data.dataset import ShardImages
+
+
+def cache_dir(data_dir: str | Path, encoder_name: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(encoder_name).name if "/" in encoder_name else encoder_name)
+    return Path(data_dir) / "text" / safe
+
+
+def embed_captions(data_dir: str | Path, encoder, encoder_name: str, batch_size: int = 64,
+                   progress: bool = True) -> Path:
+    from tqdm import tqdm
+
+    ds = ShardImages(data_dir, split=None)
+    if len(ds) == 0:
+        raise ValueError(f"{data_dir}: no kept images")
+    out = cache_dir(data_dir, encoder_name)
+    out.mkdir(parents=True, exist_ok=True)
+    index_path = out / "index.json"
+    if index_path.exists() and json.loads(index_path.read_text()).get("keys") == ds.keys:
+        return out  # complete cache for exactly these images: nothing to redo
+    chunks = []
+    for start in tqdm(range(0, len(ds), batch_size), disable=not progress, desc="embed captions"):
+        chunks.append(encoder.encode(ds.captions[start:start + batch_size]))
+    length = max(c.tokens.shape[1] for c in chunks)
+    tokens = np.zeros((len(ds), length, encoder.dim), dtype=np.float16)
+    mask = np.zeros((len(ds), length), dtype=bool)
+    pooled = np.zeros((len(ds), encoder.dim), dtype=np.float16)
+    row = 0
+    for c in chunks:
+        n, ell = c.tokens.shape[:2]
+        tokens[row:row + n, :ell] = c.tokens.numpy()
+        mask[row:row + n, :ell] = c.mask.numpy()
+        pooled[row:row + n] = c.pooled.numpy()
+        row += n
+    np.save(out / "tokens.npy", tokens)
+    np.save(out / "mask.npy", mask)
+    np.save(out / "pooled.npy", pooled)
+    index_path.write_text(json.dumps({"keys": ds.keys, "encoder": encoder_name, "dim": encoder.dim,
+                                      "length": length}))  # written last: marks the cache complete
+    return out
