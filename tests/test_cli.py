@@ -111,3 +111,23 @@ def test_train_ar_end_to_end(tiny_dataset, tiny_model, tmp_path):
 
     m = load(tmp_path / "ar-model")
     assert m.config.vocab_size == 64
+
+
+def test_sample_ar_writes_grid_with_parameters(tiny_dataset, tiny_model, tmp_path):
+    from tessera.generators.ar import ARConfig, ARTransformer
+
+    torch.manual_seed(0)
+    gen = ARTransformer(ARConfig(vocab_size=64, grid=(8, 8), dim=32, depth=1, heads=2, cond_dim=16))
+    export_model(gen, "ar", tmp_path / "gen")
+    args = ["sample", "ar", "a red fox", "--model", tmp_path / "gen", "--tokenizer", tiny_model,
+            "--text-encoder", "tiny", "-n", "2", "--seed", "3", "--top-k", "10"]
+    r = run(*args, "-o", tmp_path / "a.png")
+    assert r.exit_code == 0, r.output
+    im = Image.open(tmp_path / "a.png")
+    assert im.size == (64, 32)
+    assert "a red fox" in im.text["parameters"] and json.loads(im.text["tessera"])["seed"] == 3
+    run(*args, "-o", tmp_path / "b.png")
+    assert np.array_equal(np.asarray(im), np.asarray(Image.open(tmp_path / "b.png")))  # same seed, same image
+    r = run("sample", "ar", " ".join(["word"] * 130), "--model", tmp_path / "gen", "--tokenizer", tiny_model,
+            "--text-encoder", "tiny", "-o", tmp_path / "c.png")
+    assert r.exit_code != 0 and "limit is 128" in r.output

@@ -1,6 +1,7 @@
 """`tessera` command: thin argument parsing over the library (no model logic here)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -162,6 +163,50 @@ def tokenize(data_dir, model, batch_size) -> None:
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(str(e))
     click.echo(str(out))
+
+
+@main.group("sample")
+def sample_() -> None:
+    """Sample images from a generator."""
+
+
+@sample_.command("ar")
+@click.argument("prompt", default="")
+@click.option("--model", required=True, help="AR generator folder or preset")
+@click.option("--tokenizer", default="vq-f8", show_default=True)
+@click.option("--text-encoder", default="minilm", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("-n", default=4, show_default=True, help="images for the prompt (batched)")
+@click.option("--temperature", default=1.0, show_default=True)
+@click.option("--top-k", default=0, show_default=True)
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--cfg", "cfg_scale", default=3.0, show_default=True, help="classifier-free guidance scale")
+@click.option("--cfg-interval", default=-1, show_default=True, help="guide only the first K tokens (-1: all)")
+@click.option("--fp32", is_flag=True, help="disable bf16 autocast")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="grid PNG")
+def sample_ar(prompt, model, tokenizer, text_encoder, seed, n, temperature, top_k, top_p, cfg_scale, cfg_interval,
+              fp32, out) -> None:
+    """Sample N images for PROMPT with the AR generator; writes a grid PNG with its parameters."""
+    import tessera
+    from tessera.pipelines.ar import ARPipeline, ARSampleParams, grid, png_info
+    from tessera.text import PromptError, load_text_encoder
+    from tessera.tokenizer.tools import load_tokenizer
+
+    from tqdm import tqdm
+
+    params = ARSampleParams(seed, n, temperature, top_k, top_p, cfg_scale, cfg_interval, not fp32)
+    try:
+        gen = tessera.load(model)
+        enc = load_text_encoder(text_encoder) if gen.config.conditional else None
+        pipe = ARPipeline(gen, load_tokenizer(tokenizer), enc)
+        bar = tqdm(total=gen.config.num_tokens, desc="tokens", unit="tok")
+        images = pipe(prompt, params, callback=lambda i, total: bar.update(1))
+        bar.close()
+    except (ValueError, FileNotFoundError, RuntimeError, PromptError) as e:
+        _fail(str(e))
+    meta = {"model": model, "tokenizer": tokenizer, "text_encoder": text_encoder, **dataclasses.asdict(params)}
+    grid(images).save(out, pnginfo=png_info(prompt, meta))
+    click.echo(out)
 
 
 @main.group("eval")
