@@ -130,3 +130,24 @@ def test_half_precision_export_loads_into_fp32(tmp_path, seeded):
     x = torch.rand(1, 3, 32, 32, generator=seeded) * 2 - 1
     torch.testing.assert_close(back.decode_latents(m.encode_latents(x), quantize=False),
                                m.decode_latents(m.encode_latents(x), quantize=False), atol=5e-3, rtol=0)
+
+
+def test_sigint_finishes_the_step_saves_and_resumes(tiny_dataset, tmp_path):
+    import os
+    import signal
+
+    tr = tiny_trainer(tiny_dataset, tmp_path / "s")
+    original = tr.train_step
+
+    def step_then_interrupt(batch):
+        logs = original(batch)
+        if tr.step == 1:  # the signal arrives during step 2 (index 1)
+            os.kill(os.getpid(), signal.SIGINT)
+        return logs
+
+    tr.train_step = step_then_interrupt
+    with pytest.raises(KeyboardInterrupt, match="stopped at step 2"):
+        tr.fit(progress=False, resume=False)
+    resumed = tiny_trainer(tiny_dataset, tmp_path / "s")
+    assert resumed.resume() and resumed.step == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -19,6 +19,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -104,6 +106,28 @@ class StepBatchSampler(torch.utils.data.Sampler):
             step += 1
 
 
+class _StopOnSignal:
+    """While active, SIGINT / SIGTERM only set `requested`; the loop then ends after the current step
+    (a step half-applied to the model and half to the discriminator would not resume exactly)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __enter__(self) -> "_StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
 def _dist_info() -> tuple[int, int]:
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         if not dist.is_initialized():
@@ -122,8 +146,6 @@ class Trainer:
         self.groups = task.optim_groups()
         self.optims = {name: torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
                        for name, params in self.groups.items()}
-        self.scheds = {name: torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_at(cfg, s) / cfg.lr)
-                       for name, o in self.optims.items()}
         self.step = 0
         self._tb = None
         if self.world > 1:
@@ -158,7 +180,6 @@ class Trainer:
             "task": {k: v.state_dict() for k, v in self.task.trainable_modules().items()},
             "ema": self.ema.model.state_dict(),
             "optim": {k: o.state_dict() for k, o in self.optims.items()},
-            "sched": {k: s.state_dict() for k, s in self.scheds.items()},
             "rng": torch.get_rng_state(),
             "train_config": self.cfg.to_dict(),
         }
@@ -178,8 +199,6 @@ class Trainer:
         self.ema.model.load_state_dict(state["ema"], strict=True)
         for k, o in self.optims.items():
             o.load_state_dict(state["optim"][k])
-        for k, s in self.scheds.items():
-            s.load_state_dict(state["sched"][k])
         torch.set_rng_state(state["rng"])
         self.step = int(state["step"])
         return True
@@ -212,6 +231,10 @@ class Trainer:
 
     def train_step(self, batch: Any) -> dict[str, float]:
         self.model.train()
+        lr = lr_at(self.cfg, self.step)  # the schedule is a function of the step: nothing to save
+        for opt in self.optims.values():
+            for group in opt.param_groups:
+                group["lr"] = lr
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16):
             losses, logs = self.task.losses(batch, self.step)
         for name, loss in losses.items():
@@ -226,11 +249,10 @@ class Trainer:
             if self.cfg.grad_clip > 0:
                 logs[f"grad_norm_{name}"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
             opt.step()
-            self.scheds[name].step()
         if hasattr(self.task, "after_step"):  # parameter surgery that must not precede backward()
             logs.update(self.task.after_step(batch, self.step))
         self.ema.update(self.model, self.step)
-        logs["lr"] = self.scheds[next(iter(self.scheds))].get_last_lr()[0]
+        logs["lr"] = lr
         return logs
 
     def fit(self, max_steps: int | None = None, resume: bool = True, progress: bool = True) -> dict[str, float]:
@@ -245,20 +267,30 @@ class Trainer:
                    dynamic_ncols=True, desc="train")
         logs: dict[str, float] = {}
         t0, n0 = time.time(), self.step
-        while self.step < max_steps:
-            logs = self.train_step(next(batches))
-            self.step += 1
-            bar.update(1)
-            if self.step % self.cfg.log_every == 0 or self.step == max_steps:
-                logs["it_s"] = (self.step - n0) / max(1e-9, time.time() - t0)
-                t0, n0 = time.time(), self.step
-                self.log(logs)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("rec", "loss", "perc", "it_s")})
-            if self.step % self.cfg.ckpt_every == 0 or self.step == max_steps:
+        with _StopOnSignal() as stop:
+            while self.step < max_steps and not stop.requested:
+                logs = self._one_step(next(batches), bar, max_steps, t0, n0)
+                if "it_s" in logs:
+                    t0, n0 = time.time(), self.step
+            if stop.requested:  # Ctrl-C / SIGTERM: finish the step, save, then stop
                 self.save()
-            if self.cfg.val_every and (self.step % self.cfg.val_every == 0 or self.step == max_steps):
-                self.validate()
+                bar.close()
+                raise KeyboardInterrupt(f"stopped at step {self.step}; state saved to {self.ckpt_path}")
         bar.close()
+        return logs
+
+    def _one_step(self, batch: Any, bar, max_steps: int, t0: float, n0: int) -> dict[str, float]:
+        logs = self.train_step(batch)
+        self.step += 1
+        bar.update(1)
+        if self.step % self.cfg.log_every == 0 or self.step == max_steps:
+            logs["it_s"] = (self.step - n0) / max(1e-9, time.time() - t0)
+            self.log(logs)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("rec", "loss", "perc", "it_s")})
+        if self.step % self.cfg.ckpt_every == 0 or self.step == max_steps:
+            self.save()
+        if self.cfg.val_every and (self.step % self.cfg.val_every == 0 or self.step == max_steps):
+            self.validate()
         return logs
 
     def validate(self) -> dict[str, float]:
