@@ -75,6 +75,16 @@ def _encode(im, cfg: PrepareConfig) -> bytes:
 
 
 def process_item(item: Item, cfg: PrepareConfig) -> dict:
+    """Never raises: an unexpected failure on one image is recorded as reason 'error'."""
+    try:
+        return _process_item(item, cfg)
+    except Exception as e:  # noqa: BLE001 - one bad image must not stop the run
+        return {"source": item.source, "caption": item.caption, "meta": item.meta, "sha256": None, "phash": None,
+                "width": None, "height": None, "verdicts": {"error": f"{type(e).__name__}: {e}"},
+                "status": "rejected", "reason": "error", "data": None}
+
+
+def _process_item(item: Item, cfg: PrepareConfig) -> dict:
     row = {"source": item.source, "caption": item.caption, "meta": item.meta, "sha256": None, "phash": None,
            "width": None, "height": None, "verdicts": {}, "status": "rejected", "reason": None, "data": None}
     try:

@@ -80,12 +80,17 @@ def tokenize_dataset(data_dir: str, model: str = "vq-f8", batch_size: int = 32, 
     h, w = x0.shape[1] // m.factor, x0.shape[2] // m.factor
     dtype = np.int16 if m.config.codebook_size <= 32767 else np.int32
     path = out / "tokens.npy"
+    index = {"keys": ds.keys, "model": str(model), "model_sha256": sha, "grid": [h, w],
+             "codebook_size": m.config.codebook_size}
+    if (out / "index.json").exists():
+        old = json.loads((out / "index.json").read_text())
+        if old["keys"] != ds.keys or old["grid"] != [h, w]:
+            raise ValueError(f"{out} caches tokens of other images; move it away to re-tokenize")
     mode = "r+" if path.exists() else "w+"
     arr = np.lib.format.open_memmap(path, mode=mode, dtype=dtype, shape=(len(ds), h, w))
     progress_file = out / "progress.json"
     done = json.loads(progress_file.read_text())["done"] if progress_file.exists() else 0
-    (out / "index.json").write_text(json.dumps({"keys": ds.keys, "model": str(model), "model_sha256": sha,
-                                                "grid": [h, w], "codebook_size": m.config.codebook_size}))
+    (out / "index.json").write_text(json.dumps(index))
     bar = tqdm(total=len(ds), initial=done, disable=not progress, desc="tokenize", unit="img")
     for start in range(done, len(ds), batch_size):
         idx = range(start, min(start + batch_size, len(ds)))
