@@ -230,3 +230,14 @@ def test_decode_never_crashes_on_arbitrary_bytes(data, magic):
         assert r.reason in {"empty_file", "not_an_image", "truncated", "corrupt", "too_many_pixels"}
     else:
         assert im.mode == "RGB"
+
+
+def test_translation_lines_are_dropped_from_captions(tmp_path):
+    from tessera.data.sources import clean_caption, list_folder
+
+    text = "A frog.\nach.utf8=Ogwalogwal\nde.utf8=Ein Frosch.\nca@valencia.utf8=Una granota.\npt_BR.utf8=Um sapo.\n"
+    assert clean_caption(text) == "A frog."
+    assert clean_caption("two\nlines  here") == "two lines here"
+    photo_like(1).save(tmp_path / "frog.png")
+    (tmp_path / "frog.txt").write_text(text)
+    assert list_folder(tmp_path)[0].caption == "A frog."

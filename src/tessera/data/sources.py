@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -28,6 +29,16 @@ class Item:
 
 class SourceError(ValueError):
     """A SRC argument that cannot be read as a folder, tar shard or Parquet file."""
+
+
+_TRANSLATION_LINE = re.compile(r"^[a-z]{2,3}(_[A-Z]{2})?(@[a-z]+)?\.utf8=")
+
+
+def clean_caption(text: str) -> str:
+    """Drop translation lines ('de.utf8=Ein Frosch.', as in Tux Paint's stamp descriptions: the English
+    caption comes first) and collapse whitespace."""
+    lines = [ln for ln in text.splitlines() if not _TRANSLATION_LINE.match(ln.strip())]
+    return " ".join(" ".join(lines).split())
 
 
 def _folder_captions(folder: Path) -> dict[str, str]:
@@ -55,7 +66,7 @@ def list_folder(folder: Path) -> list[Item]:
         txt = p.with_suffix(".txt")
         cap = caps.get(str(p.resolve()))
         if cap is None and txt.is_file():
-            cap = txt.read_text(errors="replace").strip()
+            cap = clean_caption(txt.read_text(errors="replace"))
         items.append(Item(str(p), "file", str(p), caption=cap or ""))
     return items
 
