@@ -7,8 +7,10 @@ from torch import nn
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with up to 32 groups that divide `channels` (taming-transformers' Normalize)."""
-    groups = min(32, channels)
+    """GroupNorm with up to 32 groups of at least 4 channels (taming-transformers' Normalize uses 32
+    groups on >= 128 channels). One channel per group would be instance norm, which removes each
+    channel's mean: a uniformly coloured region then decodes to grey."""
+    groups = max(1, min(32, channels // 4))
     while channels % groups:
         groups -= 1
     return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
