@@ -1,6 +1,5 @@
 """The bundled default tokenizer: loads with nothing else, verifies, and reconstructs."""
 import numpy as np
-import torch
 from click.testing import CliRunner
 from PIL import Image
 

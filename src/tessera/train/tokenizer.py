@@ -6,7 +6,6 @@ import dataclasses
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tessera.config import Config

@@ -8,7 +8,7 @@ A *task* (one file per model kind in this package) supplies the model, the data 
     task.optim_groups()            {"name": [params]} -> one AdamW per name, stepped in that order
     task.losses(batch, step)       ({"name": loss}, {"scalar": float}) for one batch
     task.trainable_modules()       {"name": module} saved in the training state
-    task.dataset / task.val_batch  map-style dataset of (index, aug_seed) -> sample; fixed val batch
+    task.dataset                   map-style dataset of (index, aug_seed) -> sample
     task.validate(model, out_dir, step) -> {"metric": float}   (optional)
     task.after_step(batch, step) -> {"scalar": float}          (optional, after the optimizer steps)
 """
