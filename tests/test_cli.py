@@ -111,6 +111,13 @@ def test_train_ar_end_to_end(tiny_dataset, tiny_model, tmp_path):
 
     m = load(tmp_path / "ar-model")
     assert m.config.vocab_size == 64
+    r = run("eval", "caption-margin", "--data", tiny_dataset, "--model", tmp_path / "ar-model")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["images"] >= 2 and out["tokens"] == spec["task"]["tokens"]
+    assert out["nll_shuffled"] == pytest.approx(out["nll_true"] + out["margin"]) and out["margin_std"] >= 0
+    r = run("eval", "caption-margin", "--data", tiny_dataset, "--model", tmp_path / "ar-model", "--tokens", "nope")
+    assert r.exit_code != 0 and "no token cache" in r.output
 
 
 def test_sample_ar_writes_grid_with_parameters(tiny_dataset, tiny_model, tmp_path):

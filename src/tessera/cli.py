@@ -232,5 +232,23 @@ def eval_reconstruction(data_dir, model, split, bf16, limit) -> None:
     click.echo(json.dumps({"model": model, **out}, indent=2))
 
 
+@eval_.command("caption-margin")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--model", required=True, help="text-conditioned AR generator folder or preset")
+@click.option("--tokens", default=None, help="token cache name under DATA/tokens (default: the model's)")
+@click.option("--text", default=None, help="caption cache name under DATA/text (default: the model's)")
+@click.option("--limit", type=int, default=None, help="score only the first N held-out images")
+def eval_caption_margin(data_dir, model, tokens, text, limit) -> None:
+    """Held-out token NLL with the true caption vs. a shuffled caption (margin, spread, win rate)."""
+    import tessera
+    from tessera.eval.ar import caption_margin
+
+    try:
+        out = caption_margin(tessera.load(model), data_dir, tokens, text, limit)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(str(e))
+    click.echo(json.dumps({"model": model, **out}, indent=2))
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -26,6 +26,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     # decoder-only Transformers over 16x16 vq-f8 tokens, MiniLM (384-d) prompt prefix
     "ar-s": ("ar", dict(dim=384, depth=8, heads=6, cond_dim=384, max_text_tokens=64)),
     "ar-m": ("ar", dict(dim=512, depth=12, heads=8, cond_dim=384, max_text_tokens=64)),
+    # the bundled default: small enough (~5.8M parameters, 12 MB fp16) to sit beside the tokenizer
+    "ar-xs": ("ar", dict(dim=192, depth=6, heads=6, dropout=0.1, cond_dim=384, max_text_tokens=64)),
     "ar-s-uncond": ("ar", dict(dim=384, depth=8, heads=6, cond_dim=0)),
     # for tests: tiny and fast
     "ar-tiny": ("ar", dict(vocab_size=64, grid=(4, 4), dim=32, depth=2, heads=4, cond_dim=16, max_text_tokens=8)),

@@ -100,6 +100,9 @@ class ARTask:
 
     def _nll(self, model: ARTransformer, tokens, cond=None, mask=None, drop=None) -> torch.Tensor:
         """Per-image mean token NLL [B]."""
+        if mask is not None:  # drop the padding columns no caption in this batch uses (captions are left-aligned)
+            used = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
+            cond, mask = cond[:, :used], mask[:, :used]
         logits = model(tokens[:, :-1], cond, mask, drop) if model.config.conditional else model(tokens[:, :-1])
         target = tokens if model.config.conditional else tokens[:, 1:]
         nll = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none")  # (B, N)

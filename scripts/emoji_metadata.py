@@ -1,0 +1,42 @@
+"""Write metadata.jsonl captions for the npm package emoji-datasource-google (MIT; images Apache-2.0).
+
+    python scripts/emoji_metadata.py PACKAGE_DIR     # PACKAGE_DIR/emoji.json + img/google/64/*.png
+
+Each emoji with a Google image gets its Unicode name as the caption ("red apple emoji"); skin-tone
+variants get the tone appended ("thumbs up sign, medium skin tone, emoji").
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+TONES = {"1F3FB": "light skin tone", "1F3FC": "medium-light skin tone", "1F3FD": "medium skin tone",
+         "1F3FE": "medium-dark skin tone", "1F3FF": "dark skin tone"}
+
+
+def rows(emoji: list[dict], img_dir: Path):
+    for e in emoji:
+        name = (e.get("name") or e["short_name"].replace("_", " ")).lower()
+        if e.get("has_img_google") and (img_dir / e["image"]).is_file():
+            yield {"file_name": e["image"], "caption": f"{name} emoji"}
+        for key, var in (e.get("skin_variations") or {}).items():
+            tones = ", ".join(TONES[t] for t in key.split("-") if t in TONES)
+            if var.get("has_img_google") and (img_dir / var["image"]).is_file():
+                yield {"file_name": var["image"], "caption": f"{name}, {tones}, emoji"}
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 1:
+        sys.exit(__doc__)
+    pkg = Path(argv[0])
+    img_dir = pkg / "img" / "google" / "64"
+    emoji = json.loads((pkg / "emoji.json").read_text())
+    out = img_dir / "metadata.jsonl"
+    lines = [json.dumps(r) for r in rows(emoji, img_dir)]
+    out.write_text("\n".join(lines) + "\n")
+    print(f"{out}: {len(lines)} captions")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
