@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The exact commands that rebuild Tessera's bundled default models from scratch (CPU, 2 cores).
+# Each training command resumes from its run folder when re-run (--resume), so it can be stopped and
+# continued across sessions. Usage: scripts/train_defaults.sh [tokenizer|ar|all]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+T=.venv/bin/tessera
+WHAT=${1:-all}
+resume() { [ -f "$1/state.pt" ] && echo --resume || true; }
+
+if [ "$WHAT" = tokenizer ] || [ "$WHAT" = all ]; then
+  # photos and drawings only (the tokenizer's held-out numbers are on data/photos128 val)
+  [ -f data/photos128/report.json ] || $T data prepare /usr/share/tuxpaint/stamps /usr/share/backgrounds/mate \
+    --out data/photos128 --val-fraction 0.1
+  $T train tokenizer --data data/photos128 --out runs/vq-f8 --set train.val_every=500 $(resume runs/vq-f8)
+  $T export runs/vq-f8 -o src/tessera/weights/vq-f8 --dtype float16
+  $T eval reconstruction --data data/photos128 --split val
+fi
+
+if [ "$WHAT" = ar ] || [ "$WHAT" = all ]; then
+  # captioned demo data: Tux Paint stamps + MATE backgrounds + Noto emoji (scripts/build_demo_data.sh)
+  [ -f data/demo128/report.json ] || scripts/build_demo_data.sh data/demo128
+  $T train ar --data data/demo128 --out runs/ar-xs --preset ar-xs --tokenizer vq-f8 \
+    --set train.max_steps=${AR_STEPS:-2000} --set train.lr=6e-4 --set train.warmup_steps=200 --set train.val_every=250 $(resume runs/ar-xs)
+  $T export runs/ar-xs -o src/tessera/weights/ar-xs --dtype float16
+  $T eval caption-margin --data data/demo128 --model ar-xs
+fi
