@@ -49,6 +49,29 @@ class Attention(nn.Module):
         return self.drop(self.proj(out.transpose(1, 2).reshape(b, t, d)))
 
 
+class CrossAttention(nn.Module):
+    """Queries from x [B,T,D], keys/values from a context [B,L,C] (prompt states); `mask` [B,L] bool
+    marks real context tokens (True = attend)."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim={dim} must be divisible by heads={heads}")
+        self.heads, self.head_dim = heads, dim // heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(context_dim, 2 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, d = x.shape
+        q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, heads, T, hd)
+        kv = self.kv(context).view(b, context.shape[1], 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)  # each (B, heads, L, hd)
+        attn_mask = None if mask is None else mask[:, None, None, :].bool()  # (B, 1, 1, L)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, T, hd)
+        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+
+
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
         super().__init__()

@@ -17,20 +17,26 @@ def group_norm(channels: int) -> nn.GroupNorm:
 
 
 class ResBlock2d(nn.Module):
-    """norm -> SiLU -> conv3x3, twice, plus a (1x1 projected) skip connection."""
+    """norm -> SiLU -> conv3x3, twice, plus a (1x1 projected) skip connection. With `temb_dim` > 0 a
+    projection of the timestep embedding is added between the two convolutions (DDPM / diffusers'
+    ResnetBlock2D); dropout sits before the second convolution."""
 
-    def __init__(self, in_ch: int, out_ch: int | None = None):
+    def __init__(self, in_ch: int, out_ch: int | None = None, temb_dim: int = 0, dropout: float = 0.0):
         super().__init__()
         out_ch = out_ch or in_ch
         self.norm1 = group_norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb = nn.Linear(temb_dim, out_ch) if temb_dim else None
         self.norm2 = group_norm(out_ch)
+        self.drop = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        if self.temb is not None:
+            h = h + self.temb(F.silu(temb))[:, :, None, None]  # (B, C, 1, 1)
+        h = self.conv2(self.drop(F.silu(self.norm2(h))))
         return self.skip(x) + h
 
 

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from tessera.data.dataset import ShardImages
 
@@ -48,3 +49,16 @@ def embed_captions(data_dir: str | Path, encoder, encoder_name: str, batch_size:
     index_path.write_text(json.dumps({"keys": ds.keys, "encoder": encoder_name, "dim": encoder.dim,
                                       "length": length}))  # written last: marks the cache complete
     return out
+
+
+def load_caption_cache(data_dir: str | Path, name: str, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """DATA/text/<name> -> (states [N,L,D] fp16, mask [N,L] bool, D), rows aligned with `keys`."""
+    text_dir = Path(data_dir) / "text" / name
+    if not (text_dir / "index.json").is_file():
+        raise FileNotFoundError(f"{text_dir}: no caption cache; run `tessera data embed-captions` first")
+    index = json.loads((text_dir / "index.json").read_text())
+    if index["keys"] != keys:
+        raise ValueError(f"{text_dir} covers other images than the token/latent cache; rebuild one of them")
+    states = torch.from_numpy(np.load(text_dir / "tokens.npy"))
+    mask = torch.from_numpy(np.load(text_dir / "mask.npy"))
+    return states, mask, index["dim"]

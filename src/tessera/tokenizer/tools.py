@@ -61,43 +61,56 @@ def reconstruct_files(inputs: list[str], out: str, model: str = "vq-f8") -> list
     return rows
 
 
-@torch.no_grad()
 def tokenize_dataset(data_dir: str, model: str = "vq-f8", batch_size: int = 32, progress: bool = True) -> Path:
-    """Write DATA/tokens/<name>/tokens.npy (memmap [N,h,w] int16/int32) + index.json (keys in row order).
+    """Write DATA/tokens/<name>/tokens.npy (memmap [N,h,w] int16/int32) + index.json (keys in row order)."""
+    return cache_dataset(data_dir, model, "tokens", batch_size, progress)
 
-    Resumable: rows are written in order and `done` in progress.json marks how many are final.
-    """
+
+def cache_latents(data_dir: str, model: str = "vq-f8", batch_size: int = 32, progress: bool = True) -> Path:
+    """Write DATA/latents/<name>/latents.npy (memmap [N,d,h,w] float16): the continuous pre-quantization
+    latents that latent diffusion trains on (seed 004 "Latent diffusion models")."""
+    return cache_dataset(data_dir, model, "latents", batch_size, progress)
+
+
+def cache_dataset(data_dir: str, model: str, what: str, batch_size: int = 32, progress: bool = True) -> Path:
+    """Encode every kept image of a prepared folder with a tokenizer into DATA/<what>/<model>-<sha12>/.
+
+    Resumable: rows are written in order and `done` in progress.json marks how many are final."""
     from tqdm import tqdm
 
     m = load_tokenizer(model)
     ds = ShardImages(data_dir, split=None)
     if len(ds) == 0:
-        raise ValueError(f"{data_dir}: no kept images to tokenize")
+        raise ValueError(f"{data_dir}: no kept images to encode")
     sha = getattr(m, "meta", {}).get("sha256", "random")[:12]
-    out = Path(data_dir) / "tokens" / f"{Path(model).name}-{sha}"
+    out = Path(data_dir) / what / f"{Path(model).name}-{sha}"
     out.mkdir(parents=True, exist_ok=True)
     x0 = ds[0][0]
     h, w = x0.shape[1] // m.factor, x0.shape[2] // m.factor
-    dtype = np.int16 if m.config.codebook_size <= 32767 else np.int32
-    path = out / "tokens.npy"
+    if what == "tokens":
+        dtype = np.int16 if m.config.codebook_size <= 32767 else np.int32
+        shape, encode = (len(ds), h, w), m.encode
+    else:
+        dtype, shape, encode = np.float16, (len(ds), m.config.codebook_dim, h, w), m.encode_latents
+    path = out / f"{what}.npy"
     index = {"keys": ds.keys, "model": str(model), "model_sha256": sha, "grid": [h, w],
-             "codebook_size": m.config.codebook_size}
+             "codebook_size": m.config.codebook_size, "channels": m.config.codebook_dim}
     if (out / "index.json").exists():
         old = json.loads((out / "index.json").read_text())
         if old["keys"] != ds.keys or old["grid"] != [h, w]:
-            raise ValueError(f"{out} caches tokens of other images; move it away to re-tokenize")
-    mode = "r+" if path.exists() else "w+"
-    arr = np.lib.format.open_memmap(path, mode=mode, dtype=dtype, shape=(len(ds), h, w))
+            raise ValueError(f"{out} caches {what} of other images; move it away to re-encode")
+    arr = np.lib.format.open_memmap(path, mode="r+" if path.exists() else "w+", dtype=dtype, shape=shape)
     progress_file = out / "progress.json"
     done = json.loads(progress_file.read_text())["done"] if progress_file.exists() else 0
     (out / "index.json").write_text(json.dumps(index))
-    bar = tqdm(total=len(ds), initial=done, disable=not progress, desc="tokenize", unit="img")
+    bar = tqdm(total=len(ds), initial=done, disable=not progress, desc=what, unit="img")
     for start in range(done, len(ds), batch_size):
         idx = range(start, min(start + batch_size, len(ds)))
         x = torch.stack([ds[i][0] for i in idx])
         if x.shape[-2:] != x0.shape[-2:]:
-            raise ValueError(f"{data_dir}: images differ in size; tokenize needs one resolution")
-        arr[start:start + len(idx)] = m.encode(x).numpy().astype(dtype)
+            raise ValueError(f"{data_dir}: images differ in size; encoding needs one resolution")
+        with torch.no_grad():
+            arr[start:start + len(idx)] = encode(x).numpy().astype(dtype)
         arr.flush()
         progress_file.write_text(json.dumps({"done": start + len(idx)}))
         bar.update(len(idx))

@@ -14,6 +14,7 @@ from torch import nn
 
 from tessera.config import Config
 from tessera.generators.ar import ARTransformer
+from tessera.text.cache import load_caption_cache
 
 
 @dataclasses.dataclass
@@ -50,15 +51,7 @@ class TokenTextData:
         self.split = np.array([split[k] for k in self.keys])
         self.cond = self.mask = None
         if conditional:
-            text_dir = root / "text" / cfg.text
-            if not (text_dir / "index.json").is_file():
-                raise FileNotFoundError(f"{text_dir}: no caption cache; run `tessera data embed-captions` first")
-            tindex = json.loads((text_dir / "index.json").read_text())
-            if tindex["keys"] != self.keys:
-                raise ValueError(f"{text_dir} and {tok_dir} cover different images; rebuild one of them")
-            self.cond = torch.from_numpy(np.load(text_dir / "tokens.npy"))  # (N, L, D) fp16
-            self.mask = torch.from_numpy(np.load(text_dir / "mask.npy"))    # (N, L)
-            self.text_dim = tindex["dim"]
+            self.cond, self.mask, self.text_dim = load_caption_cache(root, cfg.text, self.keys)
 
     def indices(self, split: str) -> np.ndarray:
         return np.nonzero(self.split == split)[0]

@@ -1,0 +1,186 @@
+"""Text-conditioned U-Net denoiser (seed 004 Figures 8-10; Ronneberger et al. 2015, DDPM, LDM).
+
+    x_t [B,C,H,W] --conv_in--> down levels: (ResBlock(+t) [+ SpatialTransformer(text)]) x n, Downsample
+                  --> middle: ResBlock(+t), SpatialTransformer(text), ResBlock(+t)
+                  --> up levels: (concat skip, ResBlock(+t) [+ SpatialTransformer(text)]) x (n+1), Upsample
+                  --> norm, SiLU, conv_out --> predicted noise (or v) [B,C,H,W]
+
+The sinusoidal timestep embedding enters every ResBlock. Normalization is GroupNorm, not the seed's
+BatchNorm: batch statistics are unreliable at the small batches (and batch-1 sampling) used here.
+Text conditioning is cross-attention to the prompt encoder's token states; rows with `drop` set see a
+learned null condition instead (classifier-free guidance). The network knows nothing of noise
+schedules; `tessera.sampling.diffusion` drives it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tessera.config import Config
+from tessera.nn.attention import MLP, Attention, CrossAttention
+from tessera.nn.layers import Downsample, ResBlock2d, Upsample, group_norm
+
+
+@dataclasses.dataclass
+class UNetConfig(Config):
+    in_channels: int = 8                      # latent channels (vq-f8 latents: 8) or 3 for pixels
+    sample_size: int = 16                     # latent side
+    base_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 1
+    attn_levels: tuple[bool, ...] = (False, True, True)  # text cross-attention (+ self-attention) per level
+    heads: int = 4
+    dropout: float = 0.0
+    cond_dim: int = 384                       # prompt-encoder width; 0 = unconditional
+    max_text_tokens: int = 64
+
+    def __post_init__(self):
+        if len(self.attn_levels) != len(self.channel_mult):
+            raise ValueError(f"attn_levels has {len(self.attn_levels)} entries, channel_mult {len(self.channel_mult)}")
+        if self.sample_size % 2 ** (len(self.channel_mult) - 1):
+            raise ValueError(f"sample_size={self.sample_size} must be divisible by 2^(levels-1)")
+
+    @property
+    def conditional(self) -> bool:
+        return self.cond_dim > 0
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps [B] -> [B, dim] (Transformer / DDPM)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class SpatialTransformer(nn.Module):
+    """Feature map -> tokens -> [self-attention, cross-attention to text, MLP] (pre-norm) -> feature map."""
+
+    def __init__(self, channels: int, heads: int, cond_dim: int):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.proj_in = nn.Linear(channels, channels)
+        self.norm1, self.attn = nn.LayerNorm(channels), Attention(channels, heads)
+        self.norm2, self.cross = nn.LayerNorm(channels), CrossAttention(channels, cond_dim, heads)
+        self.norm3, self.mlp = nn.LayerNorm(channels), MLP(channels, 4 * channels)
+        self.proj_out = nn.Linear(channels, channels)
+        nn.init.zeros_(self.proj_out.weight)  # starts as the identity
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        t = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # (B, HW, C)
+        t = t + self.attn(self.norm1(t))
+        t = t + self.cross(self.norm2(t), context, mask)
+        t = t + self.mlp(self.norm3(t))
+        return x + self.proj_out(t).transpose(1, 2).reshape(b, c, h, w)
+
+
+class _Level(nn.Module):
+    """ResBlocks (each optionally followed by a SpatialTransformer) at one resolution."""
+
+    def __init__(self, chans: list[tuple[int, int]], temb_dim: int, dropout: float, attn: bool, heads: int,
+                 cond_dim: int):
+        super().__init__()
+        self.res = nn.ModuleList(ResBlock2d(i, o, temb_dim, dropout) for i, o in chans)
+        self.attn = nn.ModuleList(SpatialTransformer(o, heads, cond_dim) for _, o in chans) if attn else None
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.config = cfg
+        ch0, temb_dim = cfg.base_channels, 4 * cfg.base_channels
+        chs = [ch0 * m for m in cfg.channel_mult]
+        self.time_mlp = nn.Sequential(nn.Linear(ch0, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        if cfg.conditional:
+            self.null_text = nn.Parameter(torch.randn(cfg.cond_dim) * 0.02)  # learned "no caption"
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
+
+        skips, ch = [ch0], ch0
+        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
+        for i, out in enumerate(chs):
+            pairs = [(ch if j == 0 else out, out) for j in range(cfg.num_res_blocks)]
+            self.down.append(_Level(pairs, temb_dim, cfg.dropout, cfg.attn_levels[i] and cfg.conditional,
+                                    cfg.heads, cfg.cond_dim))
+            ch = out
+            skips += [out] * cfg.num_res_blocks
+            last = i == len(chs) - 1
+            self.downsample.append(nn.Identity() if last else Downsample(ch))
+            if not last:
+                skips.append(ch)
+
+        self.mid1 = ResBlock2d(ch, ch, temb_dim, cfg.dropout)
+        self.mid_attn = SpatialTransformer(ch, cfg.heads, cfg.cond_dim) if cfg.conditional else None
+        self.mid2 = ResBlock2d(ch, ch, temb_dim, cfg.dropout)
+
+        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
+        for i in reversed(range(len(chs))):
+            out = chs[i]
+            pairs = []
+            for _ in range(cfg.num_res_blocks + 1):
+                pairs.append((ch + skips.pop(), out))
+                ch = out
+            self.up.append(_Level(pairs, temb_dim, cfg.dropout, cfg.attn_levels[i] and cfg.conditional,
+                                  cfg.heads, cfg.cond_dim))
+            self.upsample.append(Upsample(ch) if i > 0 else nn.Identity())
+
+        self.norm_out = group_norm(ch)
+        self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)  # predicts 0 at init
+        nn.init.zeros_(self.conv_out.bias)
+
+    def context(self, cond: torch.Tensor | None, mask: torch.Tensor | None, drop: torch.Tensor | None, b: int):
+        """Prompt states [B,L,C] and key mask [B,L]; dropped rows -> the null condition as one valid token."""
+        if not self.config.conditional:
+            return None, None
+        if cond is None:  # no prompt at all: every row gets the null condition
+            cond, mask = torch.zeros(b, 1, self.config.cond_dim), torch.ones(b, 1, dtype=torch.bool)
+            drop = torch.ones(b, dtype=torch.bool)
+        if cond.shape[1] > self.config.max_text_tokens:
+            raise ValueError(f"prompt has {cond.shape[1]} tokens; this model takes at most "
+                             f"{self.config.max_text_tokens}")
+        mask = mask.bool()
+        if drop is not None:
+            d = drop.view(b, 1).bool()
+            cond = torch.where(d[..., None], self.null_text.to(cond.dtype).expand_as(cond), cond)
+            first = torch.zeros_like(mask)
+            first[:, 0] = True
+            mask = torch.where(d, first, mask)
+        return cond, mask
+
+    def _level(self, level: _Level, h, temb, ctx, mask, skips: list | None = None, push: list | None = None):
+        for j, res in enumerate(level.res):
+            if skips is not None:
+                h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
+            h = res(h, temb)
+            if level.attn is not None:
+                h = level.attn[j](h, ctx, mask)
+            if push is not None:
+                push.append(h)
+        return h
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B,C,H,W], t [B] -> model output [B,C,H,W]."""
+        b = x.shape[0]
+        temb = self.time_mlp(timestep_embedding(t, self.config.base_channels))  # (B, 4*base)
+        ctx, mask = self.context(cond, mask, drop, b)
+        h = self.conv_in(x)
+        skips = [h]
+        for level, down in zip(self.down, self.downsample):
+            h = self._level(level, h, temb, ctx, mask, push=skips)
+            if not isinstance(down, nn.Identity):
+                h = down(h)
+                skips.append(h)
+        h = self.mid1(h, temb)
+        if self.mid_attn is not None:
+            h = self.mid_attn(h, ctx, mask)
+        h = self.mid2(h, temb)
+        for level, up in zip(self.up, self.upsample):
+            h = up(self._level(level, h, temb, ctx, mask, skips=skips))
+        return self.conv_out(F.silu(self.norm_out(h)))
