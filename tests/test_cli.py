@@ -116,7 +116,7 @@ def test_train_ar_end_to_end(tiny_dataset, tiny_model, tmp_path):
     out = json.loads(r.output)
     assert out["images"] >= 2 and out["tokens"] == spec["task"]["tokens"]
     assert out["nll_shuffled"] == pytest.approx(out["nll_true"] + out["margin"]) and out["margin_std"] >= 0
-    r = run("eval", "caption-margin", "--data", tiny_dataset, "--model", tmp_path / "ar-model", "--tokens", "nope")
+    r = run("eval", "caption-margin", "--data", tiny_dataset, "--model", tmp_path / "ar-model", "--cache", "nope")
     assert r.exit_code != 0 and "no token cache" in r.output
 
 
@@ -138,3 +138,38 @@ def test_sample_ar_writes_grid_with_parameters(tiny_dataset, tiny_model, tmp_pat
     r = run("sample", "ar", " ".join(["word"] * 130), "--model", tmp_path / "gen", "--tokenizer", tiny_model,
             "--text-encoder", "tiny", "-o", tmp_path / "c.png")
     assert r.exit_code != 0 and "limit is 128" in r.output
+
+
+def test_train_and_sample_diffusion_end_to_end(tiny_dataset, tiny_model, tmp_path):
+    r = run("train", "diffusion", "--data", tiny_dataset, "--out", tmp_path / "d", "--preset", "unet-tiny",
+            "--tokenizer", tiny_model, "--text-encoder", "tiny", "--max-steps", "4",
+            "--set", "train.batch_size=4", "--set", "train.val_every=4", "--set", "task.val_timesteps=[100,900]")
+    assert r.exit_code == 0, r.output
+    spec = json.loads((tmp_path / "d" / "run.json").read_text())
+    assert spec["model"]["in_channels"] == 4 and spec["model"]["sample_size"] == 8
+    assert spec["task"]["space"] == "latent" and spec["task"]["latent_scale"] > 1.0  # unit-sphere latents
+    log = [json.loads(line) for line in (tmp_path / "d" / "log.jsonl").read_text().splitlines()]
+    assert [row for row in log if "val/margin" in row]
+    assert run("export", tmp_path / "d", "-o", tmp_path / "dm").exit_code == 0
+    r = run("eval", "caption-margin", "--data", tiny_dataset, "--model", tmp_path / "dm")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["kind"] == "unet" and out["images"] >= 2 and out["loss_true"] > 0
+    args = ["sample", "diffusion", "a red fox", "--model", tmp_path / "dm", "--text-encoder", "tiny", "-n", "2",
+            "--steps", "3", "--seed", "4", "--negative-prompt", "blurry"]
+    r = run(*args, "-o", tmp_path / "a.png")
+    assert r.exit_code == 0, r.output
+    im = Image.open(tmp_path / "a.png")
+    assert im.size == (64, 32) and json.loads(im.text["tessera"])["negative_prompt"] == "blurry"
+    run(*args, "-o", tmp_path / "b.png")
+    assert np.array_equal(np.asarray(im), np.asarray(Image.open(tmp_path / "b.png")))
+
+
+def test_train_diffusion_in_pixel_space(tiny_dataset, tmp_path):
+    r = run("train", "diffusion", "--data", tiny_dataset, "--out", tmp_path / "p", "--preset", "unet-tiny",
+            "--space", "pixel", "--text-encoder", "none", "--max-steps", "2", "--set", "train.batch_size=4")
+    assert r.exit_code == 0, r.output
+    assert run("export", tmp_path / "p", "-o", tmp_path / "pm").exit_code == 0
+    r = run("sample", "diffusion", "--model", tmp_path / "pm", "-n", "1", "--steps", "2", "-o", tmp_path / "p.png")
+    assert r.exit_code == 0, r.output
+    assert Image.open(tmp_path / "p.png").size == (8, 8)

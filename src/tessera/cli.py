@@ -100,6 +100,28 @@ def train_ar(data_dir, run_dir, preset, max_steps, resume, overrides, tokenizer,
     click.echo(json.dumps(logs))
 
 
+@train.command("diffusion")
+@_train_options
+@click.option("--arch", default="unet", type=click.Choice(["unet"]), show_default=True,
+              help="denoiser architecture (default preset: unet-s)")
+@click.option("--tokenizer", default="vq-f8", show_default=True, help="tokenizer whose latents to diffuse")
+@click.option("--space", default="latent", type=click.Choice(["latent", "pixel"]), show_default=True)
+@click.option("--text-encoder", default="minilm", show_default=True, help="prompt encoder ('none': unconditional)")
+def train_diffusion(data_dir, run_dir, preset, max_steps, resume, overrides, arch, tokenizer, space,
+                    text_encoder) -> None:
+    """Train a diffusion denoiser (DDPM objective) on cached latents (+ cached caption embeddings)."""
+    from tessera.train.runs import prepare_diffusion_inputs, run_training
+
+    try:
+        model_updates, task_updates = ({}, {}) if resume else prepare_diffusion_inputs(
+            data_dir, tokenizer, text_encoder, space)
+        logs = run_training("diffusion", data_dir, run_dir, preset or f"{arch}-s", max_steps, resume,
+                            list(overrides), model_updates, task_updates)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        _fail(str(e))
+    click.echo(json.dumps(logs))
+
+
 @main.command("export")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False))
@@ -208,6 +230,49 @@ def sample_ar(prompt, model, tokenizer, text_encoder, seed, n, temperature, top_
     click.echo(out)
 
 
+@sample_.command("diffusion")
+@click.argument("prompt", default="")
+@click.option("--model", required=True, help="diffusion denoiser folder or preset")
+@click.option("--tokenizer", default=None, help="decoder of the latents (default: the one it was trained with)")
+@click.option("--text-encoder", default="minilm", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("-n", default=4, show_default=True, help="images for the prompt (batched)")
+@click.option("--steps", default=20, show_default=True)
+@click.option("--cfg", "cfg_scale", default=5.0, show_default=True, help="classifier-free guidance scale")
+@click.option("--sampler", "method", default="ddim", type=click.Choice(["ddim", "ddpm"]), show_default=True)
+@click.option("--eta", default=0.0, show_default=True, help="DDIM noise (0: deterministic, 1: DDPM-like)")
+@click.option("--negative-prompt", default="", help="guide away from this prompt instead of the null condition")
+@click.option("--fp32", is_flag=True, help="disable bf16 autocast")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="grid PNG")
+def sample_diffusion(prompt, model, tokenizer, text_encoder, seed, n, steps, cfg_scale, method, eta,
+                     negative_prompt, fp32, out) -> None:
+    """Sample N images for PROMPT with a diffusion denoiser; writes a grid PNG with its parameters."""
+    import tessera
+    from tessera.pipelines.ar import grid, png_info
+    from tessera.pipelines.diffusion import DiffusionPipeline, DiffusionSampleParams
+    from tessera.text import PromptError, load_text_encoder
+    from tessera.tokenizer.tools import load_tokenizer
+
+    from tqdm import tqdm
+
+    params = DiffusionSampleParams(seed, n, steps, cfg_scale, method, eta, negative_prompt, not fp32)
+    try:
+        den = tessera.load(model)
+        task = getattr(den, "meta", {}).get("task", {})
+        tokenizer = tokenizer or task.get("tokenizer", "vq-f8")
+        tok = load_tokenizer(tokenizer) if task.get("space") == "latent" else None
+        enc = load_text_encoder(text_encoder) if den.config.conditional else None
+        pipe = DiffusionPipeline(den, tok, enc)
+        bar = tqdm(total=steps, desc="steps", unit="step")
+        images = pipe(prompt, params, callback=lambda i, total: bar.update(1))
+        bar.close()
+    except (ValueError, FileNotFoundError, RuntimeError, PromptError) as e:
+        _fail(str(e))
+    meta = {"model": model, "tokenizer": tokenizer, "text_encoder": text_encoder, **dataclasses.asdict(params)}
+    grid(images).save(out, pnginfo=png_info(prompt, meta))
+    click.echo(out)
+
+
 @main.group("eval")
 def eval_() -> None:
     """Evaluation."""
@@ -234,21 +299,20 @@ def eval_reconstruction(data_dir, model, split, bf16, limit) -> None:
 
 @eval_.command("caption-margin")
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--model", required=True, help="text-conditioned AR generator folder or preset")
-@click.option("--tokens", default=None, help="token cache name under DATA/tokens (default: the model's)")
+@click.option("--model", required=True, help="text-conditioned generator (AR or diffusion) folder or preset")
+@click.option("--cache", default=None, help="token/latent cache name under DATA/tokens|latents (default: the model's)")
 @click.option("--text", default=None, help="caption cache name under DATA/text (default: the model's)")
 @click.option("--limit", type=int, default=None, help="score only the first N held-out images")
-def eval_caption_margin(data_dir, model, tokens, text, limit) -> None:
-    """Held-out token NLL with the true caption vs. a shuffled caption (margin, spread, win rate)."""
+def eval_caption_margin(data_dir, model, cache, text, limit) -> None:
+    """Held-out NLL (AR) or denoising loss (diffusion) with the true vs. a shuffled caption."""
     import tessera
-    from tessera.eval.ar import caption_margin
+    from tessera.eval.captions import caption_margin
 
     try:
-        out = caption_margin(tessera.load(model), data_dir, tokens, text, limit)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        out = caption_margin(tessera.load(model), data_dir, cache, text, limit)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
         _fail(str(e))
     click.echo(json.dumps({"model": model, **out}, indent=2))
-
 
 if __name__ == "__main__":
     sys.exit(main())

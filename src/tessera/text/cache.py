@@ -62,3 +62,9 @@ def load_caption_cache(data_dir: str | Path, name: str, keys: list[str]) -> tupl
     states = torch.from_numpy(np.load(text_dir / "tokens.npy"))
     mask = torch.from_numpy(np.load(text_dir / "mask.npy"))
     return states, mask, index["dim"]
+
+
+def trim_padding(cond: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the padding columns no row of a batch uses (cached captions are left-aligned)."""
+    used = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
+    return cond[:, :used], mask[:, :used]

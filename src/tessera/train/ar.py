@@ -14,7 +14,7 @@ from torch import nn
 
 from tessera.config import Config
 from tessera.generators.ar import ARTransformer
-from tessera.text.cache import load_caption_cache
+from tessera.text.cache import load_caption_cache, trim_padding
 
 
 @dataclasses.dataclass
@@ -25,7 +25,7 @@ class ARTaskConfig(Config):
     val_images: int = 256
 
 
-def _only_subdir(parent: Path, what: str) -> Path:
+def cache_subdir(parent: Path, what: str) -> Path:
     subs = sorted(p for p in parent.glob("*") if p.is_dir()) if parent.is_dir() else []
     if len(subs) != 1:
         raise FileNotFoundError(f"{parent}: expected exactly one {what} cache, found {[p.name for p in subs]}; "
@@ -38,7 +38,7 @@ class TokenTextData:
 
     def __init__(self, data_dir: str | Path, cfg: ARTaskConfig, conditional: bool):
         root = Path(data_dir)
-        tok_dir = root / "tokens" / cfg.tokens if cfg.tokens else _only_subdir(root / "tokens", "tokens")
+        tok_dir = root / "tokens" / cfg.tokens if cfg.tokens else cache_subdir(root / "tokens", "tokens")
         if not (tok_dir / "index.json").is_file():
             raise FileNotFoundError(f"{tok_dir}: no token cache; run `tessera tokenize --data {root}` first")
         index = json.loads((tok_dir / "index.json").read_text())
@@ -93,9 +93,8 @@ class ARTask:
 
     def _nll(self, model: ARTransformer, tokens, cond=None, mask=None, drop=None) -> torch.Tensor:
         """Per-image mean token NLL [B]."""
-        if mask is not None:  # drop the padding columns no caption in this batch uses (captions are left-aligned)
-            used = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
-            cond, mask = cond[:, :used], mask[:, :used]
+        if mask is not None:
+            cond, mask = trim_padding(cond, mask)
         logits = model(tokens[:, :-1], cond, mask, drop) if model.config.conditional else model(tokens[:, :-1])
         target = tokens if model.config.conditional else tokens[:, 1:]
         nll = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none")  # (B, N)

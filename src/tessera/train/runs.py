@@ -20,6 +20,8 @@ TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "vq": dict(batch_size=16, lr=2e-4, betas=(0.5, 0.9), warmup_steps=500, ema_decay=0.999, max_steps=20000),
     "ar": dict(batch_size=32, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=500, ema_decay=0.999,
                max_steps=20000),
+    "unet": dict(batch_size=32, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=500, ema_decay=0.999,
+                 max_steps=20000),
 }
 
 
@@ -32,6 +34,10 @@ def _task_classes(task_name: str):
         from tessera.train.ar import ARTask, ARTaskConfig
 
         return ARTask, ARTaskConfig
+    if task_name == "diffusion":
+        from tessera.train.diffusion import DiffusionTask, DiffusionTaskConfig
+
+        return DiffusionTask, DiffusionTaskConfig
     raise KeyError(f"unknown training task {task_name!r}")
 
 
@@ -114,24 +120,49 @@ _DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16
 
 
 
+def _prepare_text(data_dir: str, text_encoder: str) -> tuple[dict, dict]:
+    """Caption cache for a conditional model ('none': unconditional); its width and length."""
+    if text_encoder == "none":
+        return {"cond_dim": 0}, {}
+    from tessera.text import load_text_encoder
+    from tessera.text.cache import embed_captions
+
+    enc = load_text_encoder(text_encoder)
+    text_dir = embed_captions(data_dir, enc, text_encoder)
+    tindex = json.loads((text_dir / "index.json").read_text())
+    return {"cond_dim": enc.dim, "max_text_tokens": max(tindex["length"], 64)}, {"text": text_dir.name}
+
+
 def prepare_ar_inputs(data_dir: str, tokenizer: str, text_encoder: str) -> tuple[dict, dict]:
     """Make sure the token and caption caches exist (both resumable / skip when complete) and derive
     the model's vocabulary, grid and condition width from them."""
-    from tessera.text import load_text_encoder
-    from tessera.text.cache import embed_captions
     from tessera.tokenizer.tools import tokenize_dataset
 
     tok_dir = tokenize_dataset(data_dir, tokenizer)
     index = json.loads((tok_dir / "index.json").read_text())
-    model_updates = {"vocab_size": index["codebook_size"], "grid": index["grid"]}
-    task_updates = {"tokens": tok_dir.name}
-    if text_encoder == "none":
-        model_updates["cond_dim"] = 0
-    else:
-        enc = load_text_encoder(text_encoder)
-        text_dir = embed_captions(data_dir, enc, text_encoder)
-        tindex = json.loads((text_dir / "index.json").read_text())
-        model_updates["cond_dim"] = enc.dim
-        model_updates["max_text_tokens"] = max(tindex["length"], 64)
-        task_updates["text"] = text_dir.name
+    model_updates, task_updates = _prepare_text(data_dir, text_encoder)
+    model_updates.update(vocab_size=index["codebook_size"], grid=index["grid"])
+    task_updates["tokens"] = tok_dir.name
+    return model_updates, task_updates
+
+
+def prepare_diffusion_inputs(data_dir: str, tokenizer: str, text_encoder: str, space: str) -> tuple[dict, dict]:
+    """Latent space: cache the tokenizer's latents and measure the scale that gives them unit variance
+    on the train split (LDM's scale factor, stored in the run). Pixel space: the images themselves."""
+    model_updates, task_updates = _prepare_text(data_dir, text_encoder)
+    task_updates["space"] = space
+    if space == "pixel":
+        model_updates["in_channels"] = 3
+        return model_updates, task_updates
+    import numpy as np
+
+    from tessera.tokenizer.tools import cache_latents
+    from tessera.train.diffusion import split_mask
+
+    lat_dir = cache_latents(data_dir, tokenizer)
+    index = json.loads((lat_dir / "index.json").read_text())
+    latents = np.load(lat_dir / "latents.npy", mmap_mode="r")
+    train = latents[split_mask(data_dir, index["keys"], "train")].astype(np.float32)
+    model_updates.update(in_channels=index["channels"], sample_size=index["grid"][0])
+    task_updates.update(tokenizer=tokenizer, latents=lat_dir.name, latent_scale=float(1.0 / train.std()))
     return model_updates, task_updates
