@@ -165,8 +165,10 @@ def test_train_and_sample_diffusion_end_to_end(tiny_dataset, tiny_model, tmp_pat
     assert np.array_equal(np.asarray(im), np.asarray(Image.open(tmp_path / "b.png")))
 
 
-def test_train_diffusion_in_pixel_space(tiny_dataset, tmp_path):
-    r = run("train", "diffusion", "--data", tiny_dataset, "--out", tmp_path / "p", "--preset", "unet-tiny",
+@pytest.mark.parametrize("arch", ["unet", "dit"])
+def test_train_diffusion_in_pixel_space(arch, tiny_dataset, tmp_path):
+    r = run("train", "diffusion", "--arch", arch, "--data", tiny_dataset, "--out", tmp_path / "p",
+            "--preset", f"{arch}-tiny",
             "--space", "pixel", "--text-encoder", "none", "--max-steps", "2", "--set", "train.batch_size=4")
     assert r.exit_code == 0, r.output
     assert run("export", tmp_path / "p", "-o", tmp_path / "pm").exit_code == 0

@@ -102,8 +102,8 @@ def train_ar(data_dir, run_dir, preset, max_steps, resume, overrides, tokenizer,
 
 @train.command("diffusion")
 @_train_options
-@click.option("--arch", default="unet", type=click.Choice(["unet"]), show_default=True,
-              help="denoiser architecture (default preset: unet-s)")
+@click.option("--arch", default="unet", type=click.Choice(["unet", "dit"]), show_default=True,
+              help="denoiser architecture (default preset: unet-s / dit-s)")
 @click.option("--tokenizer", default="vq-f8", show_default=True, help="tokenizer whose latents to diffuse")
 @click.option("--space", default="latent", type=click.Choice(["latent", "pixel"]), show_default=True)
 @click.option("--text-encoder", default="minilm", show_default=True, help="prompt encoder ('none': unconditional)")

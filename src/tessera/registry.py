@@ -16,6 +16,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "vq": ("tessera.tokenizer.vq:VQModel", "tessera.tokenizer.vq:VQConfig"),
     "ar": ("tessera.generators.ar:ARTransformer", "tessera.generators.ar:ARConfig"),
     "unet": ("tessera.generators.unet:UNet", "tessera.generators.unet:UNetConfig"),
+    "dit": ("tessera.generators.dit:DiT", "tessera.generators.dit:DiTConfig"),
 }
 
 # preset -> (kind, config overrides)
@@ -33,10 +34,15 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     # latent-diffusion U-Nets over 16x16x8 vq-f8 latents, MiniLM (384-d) cross-attention
     "unet-s": ("unet", dict(base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, heads=4)),
     "unet-xs": ("unet", dict(base_channels=48, channel_mult=(1, 2, 2), num_res_blocks=1, heads=4)),
+    # latent-diffusion Transformers: 16x16x8 latents in 2x2 patches = 64 tokens
+    "dit-s": ("dit", dict(dim=256, depth=8, heads=4, patch_size=2)),
+    "dit-xs": ("dit", dict(dim=192, depth=6, heads=4, patch_size=2)),
     # for tests: tiny and fast
     "ar-tiny": ("ar", dict(vocab_size=64, grid=(4, 4), dim=32, depth=2, heads=4, cond_dim=16, max_text_tokens=8)),
     "unet-tiny": ("unet", dict(in_channels=4, sample_size=8, base_channels=16, channel_mult=(1, 2),
                                attn_levels=(False, True), heads=2, cond_dim=16, max_text_tokens=8)),
+    "dit-tiny": ("dit", dict(in_channels=4, sample_size=8, patch_size=2, dim=32, depth=2, heads=2, cond_dim=16,
+                             max_text_tokens=8)),
     "vq-tiny": ("vq", dict(resolution=32, base_channels=8, channel_mult=(1, 2, 2), z_channels=16,
                            attn_heads=1, codebook_size=64, codebook_dim=4)),
 }

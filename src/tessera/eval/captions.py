@@ -28,7 +28,7 @@ def caption_margin(model: nn.Module, data_dir: str | Path, cache: str | None = N
         from tessera.train.ar import ARTask as Task, ARTaskConfig as TaskConfig
 
         key = "tokens"
-    elif kind == "unet":
+    elif kind in ("unet", "dit"):
         from tessera.train.diffusion import DiffusionTask as Task, DiffusionTaskConfig as TaskConfig
 
         key = "latents"

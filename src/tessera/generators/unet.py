@@ -14,14 +14,13 @@ schedules; `tessera.sampling.diffusion` drives it.
 from __future__ import annotations
 
 import dataclasses
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tessera.config import Config
 from tessera.nn.attention import MLP, Attention, CrossAttention
+from tessera.nn.conditioning import timestep_embedding, with_null_condition
 from tessera.nn.layers import Downsample, ResBlock2d, Upsample, group_norm
 
 
@@ -47,14 +46,6 @@ class UNetConfig(Config):
     @property
     def conditional(self) -> bool:
         return self.cond_dim > 0
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps [B] -> [B, dim] (Transformer / DDPM)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]  # (B, half)
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
 class SpatialTransformer(nn.Module):
@@ -134,25 +125,6 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)  # predicts 0 at init
         nn.init.zeros_(self.conv_out.bias)
 
-    def context(self, cond: torch.Tensor | None, mask: torch.Tensor | None, drop: torch.Tensor | None, b: int):
-        """Prompt states [B,L,C] and key mask [B,L]; dropped rows -> the null condition as one valid token."""
-        if not self.config.conditional:
-            return None, None
-        if cond is None:  # no prompt at all: every row gets the null condition
-            cond, mask = torch.zeros(b, 1, self.config.cond_dim), torch.ones(b, 1, dtype=torch.bool)
-            drop = torch.ones(b, dtype=torch.bool)
-        if cond.shape[1] > self.config.max_text_tokens:
-            raise ValueError(f"prompt has {cond.shape[1]} tokens; this model takes at most "
-                             f"{self.config.max_text_tokens}")
-        mask = mask.bool()
-        if drop is not None:
-            d = drop.view(b, 1).bool()
-            cond = torch.where(d[..., None], self.null_text.to(cond.dtype).expand_as(cond), cond)
-            first = torch.zeros_like(mask)
-            first[:, 0] = True
-            mask = torch.where(d, first, mask)
-        return cond, mask
-
     def _level(self, level: _Level, h, temb, ctx, mask, skips: list | None = None, push: list | None = None):
         for j, res in enumerate(level.res):
             if skips is not None:
@@ -169,7 +141,9 @@ class UNet(nn.Module):
         """x [B,C,H,W], t [B] -> model output [B,C,H,W]."""
         b = x.shape[0]
         temb = self.time_mlp(timestep_embedding(t, self.config.base_channels))  # (B, 4*base)
-        ctx, mask = self.context(cond, mask, drop, b)
+        ctx = None
+        if self.config.conditional:
+            ctx, mask = with_null_condition(cond, mask, drop, self.null_text, b, self.config.max_text_tokens)
         h = self.conv_in(x)
         skips = [h]
         for level, down in zip(self.down, self.downsample):

@@ -22,6 +22,8 @@ TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
                max_steps=20000),
     "unet": dict(batch_size=32, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=500, ema_decay=0.999,
                  max_steps=20000),
+    "dit": dict(batch_size=32, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=500, ema_decay=0.999,
+                max_steps=20000),
 }
 
 
