@@ -175,3 +175,33 @@ def test_train_diffusion_in_pixel_space(arch, tiny_dataset, tmp_path):
     r = run("sample", "diffusion", "--model", tmp_path / "pm", "-n", "1", "--steps", "2", "-o", tmp_path / "p.png")
     assert r.exit_code == 0, r.output
     assert Image.open(tmp_path / "p.png").size == (8, 8)
+
+
+def test_masked_train_sample_and_inpaint(tiny_dataset, tiny_model, tmp_path):
+    r = run("train", "masked", "--data", tiny_dataset, "--out", tmp_path / "m", "--preset", "masked-tiny",
+            "--tokenizer", tiny_model, "--text-encoder", "tiny", "--max-steps", "3",
+            "--set", "train.batch_size=4", "--set", "train.val_every=3")
+    assert r.exit_code == 0, r.output
+    log = [json.loads(line) for line in (tmp_path / "m" / "log.jsonl").read_text().splitlines()]
+    assert [row for row in log if "val/margin" in row]
+    assert run("export", tmp_path / "m", "-o", tmp_path / "mm").exit_code == 0
+    r = run("eval", "caption-margin", "--data", tiny_dataset, "--model", tmp_path / "mm")
+    assert r.exit_code == 0 and json.loads(r.output)["kind"] == "masked"
+    common = ["--model", tmp_path / "mm", "--tokenizer", tiny_model, "--text-encoder", "tiny", "--steps", "4"]
+    r = run("sample", "masked", "a red fox", *common, "-n", "2", "-o", tmp_path / "s.png")
+    assert r.exit_code == 0, r.output
+    assert Image.open(tmp_path / "s.png").size == (64, 32)
+    src = photo_like(7, (32, 32))
+    src.save(tmp_path / "in.png")
+    hole = np.zeros((32, 32), np.uint8)
+    hole[8:20, 4:28] = 255
+    Image.fromarray(hole).save(tmp_path / "mask.png")
+    r = run("inpaint", tmp_path / "in.png", "--mask", tmp_path / "mask.png", "a red fox", *common, "-n", "1",
+            "-o", tmp_path / "out.png")
+    assert r.exit_code == 0, r.output
+    out, inp = np.asarray(Image.open(tmp_path / "out.png")), np.asarray(src)
+    assert np.array_equal(out[hole == 0], inp[hole == 0])  # outside the mask: the input, exactly
+    assert not np.array_equal(out[hole > 0], inp[hole > 0])
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "empty.png")
+    r = run("inpaint", tmp_path / "in.png", "--mask", tmp_path / "empty.png", *common, "-o", tmp_path / "x.png")
+    assert r.exit_code != 0 and "mask is empty" in r.output

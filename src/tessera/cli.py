@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -89,11 +90,26 @@ def train_tokenizer(data_dir, run_dir, preset, max_steps, resume, overrides) -> 
 @click.option("--text-encoder", default="minilm", show_default=True, help="prompt encoder ('none': unconditional)")
 def train_ar(data_dir, run_dir, preset, max_steps, resume, overrides, tokenizer, text_encoder) -> None:
     """Train the autoregressive generator on cached token grids (+ cached caption embeddings)."""
-    from tessera.train.runs import prepare_ar_inputs, run_training
+    _train_token_generator("ar", data_dir, run_dir, preset or "ar-s", max_steps, resume, overrides, tokenizer,
+                           text_encoder)
+
+
+@train.command("masked")
+@_train_options
+@click.option("--tokenizer", default="vq-f8", show_default=True, help="tokenizer whose token cache to train on")
+@click.option("--text-encoder", default="minilm", show_default=True, help="prompt encoder ('none': unconditional)")
+def train_masked(data_dir, run_dir, preset, max_steps, resume, overrides, tokenizer, text_encoder) -> None:
+    """Train the masked generator (Muse / MaskGIT) on cached token grids (+ cached caption embeddings)."""
+    _train_token_generator("masked", data_dir, run_dir, preset or "masked-s", max_steps, resume, overrides,
+                           tokenizer, text_encoder)
+
+
+def _train_token_generator(task, data_dir, run_dir, preset, max_steps, resume, overrides, tokenizer, text_encoder):
+    from tessera.train.runs import prepare_token_inputs, run_training
 
     try:
-        model_updates, task_updates = ({}, {}) if resume else prepare_ar_inputs(data_dir, tokenizer, text_encoder)
-        logs = run_training("ar", data_dir, run_dir, preset or "ar-s", max_steps, resume, list(overrides),
+        model_updates, task_updates = ({}, {}) if resume else prepare_token_inputs(data_dir, tokenizer, text_encoder)
+        logs = run_training(task, data_dir, run_dir, preset, max_steps, resume, list(overrides),
                             model_updates, task_updates)
     except (ValueError, KeyError, FileNotFoundError) as e:
         _fail(str(e))
@@ -228,6 +244,78 @@ def sample_ar(prompt, model, tokenizer, text_encoder, seed, n, temperature, top_
     meta = {"model": model, "tokenizer": tokenizer, "text_encoder": text_encoder, **dataclasses.asdict(params)}
     grid(images).save(out, pnginfo=png_info(prompt, meta))
     click.echo(out)
+
+
+def _masked_options(f):
+    for opt in reversed([
+        click.option("--model", required=True, help="masked generator folder or preset"),
+        click.option("--tokenizer", default="vq-f8", show_default=True),
+        click.option("--text-encoder", default="minilm", show_default=True),
+        click.option("--seed", default=0, show_default=True),
+        click.option("-n", default=4, show_default=True, help="images (batched)"),
+        click.option("--steps", default=12, show_default=True, help="decoding steps (8-24)"),
+        click.option("--temperature", default=1.0, show_default=True),
+        click.option("--choice-temperature", default=4.5, show_default=True,
+                     help="Gumbel noise on confidences, annealed to 0"),
+        click.option("--cfg", "cfg_scale", default=3.0, show_default=True, help="classifier-free guidance scale"),
+        click.option("--fp32", is_flag=True, help="disable bf16 autocast"),
+        click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="grid PNG"),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _masked_run(prompt, model, tokenizer, text_encoder, seed, n, steps, temperature, choice_temperature,
+                cfg_scale, fp32, out, inpaint=None):
+    import tessera
+    from tessera.pipelines.ar import grid, png_info
+    from tessera.pipelines.masked import MaskedPipeline, MaskedSampleParams
+    from tessera.text import PromptError, load_text_encoder
+    from tessera.tokenizer.tools import load_tokenizer
+
+    from tqdm import tqdm
+
+    params = MaskedSampleParams(seed, n, steps, temperature, choice_temperature, cfg_scale, not fp32)
+    try:
+        gen = tessera.load(model)
+        if getattr(gen, "meta", {}).get("kind") != "masked":
+            raise ValueError(f"{model} is not a masked generator")
+        enc = load_text_encoder(text_encoder) if gen.config.conditional else None
+        pipe = MaskedPipeline(gen, load_tokenizer(tokenizer), enc)
+        bar = tqdm(total=steps, desc="steps", unit="step")
+        progress = lambda i, total: bar.update(1)  # noqa: E731
+        images = pipe(prompt, params, progress) if inpaint is None else pipe.inpaint(*inpaint, prompt, params, progress)
+        bar.close()
+    except (ValueError, FileNotFoundError, RuntimeError, PromptError) as e:
+        _fail(str(e))
+    meta = {"model": model, "tokenizer": tokenizer, "text_encoder": text_encoder, **dataclasses.asdict(params)}
+    grid(images).save(out, pnginfo=png_info(prompt, meta))
+    click.echo(out)
+
+
+@sample_.command("masked")
+@click.argument("prompt", default="")
+@_masked_options
+def sample_masked(prompt, **kw) -> None:
+    """Sample N images for PROMPT with the masked generator (iterative parallel decoding)."""
+    _masked_run(prompt, **kw)
+
+
+@main.command("inpaint")
+@click.argument("image", type=click.Path(exists=True, dir_okay=False))
+@click.option("--mask", "mask_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="mask image of the same size: white = regenerate, black = keep")
+@click.argument("prompt", default="")
+@_masked_options
+def inpaint(image, mask_path, prompt, **kw) -> None:
+    """Regenerate the white region of MASK in IMAGE with the masked generator (outpainting: mask the border)."""
+    from tessera.data.decode import Rejected, decode_image
+
+    try:
+        im, region = (decode_image(Path(p).read_bytes()) for p in (image, mask_path))
+    except Rejected as r:
+        _fail(f"cannot read the image or mask: {r}")
+    _masked_run(prompt, inpaint=(im, region), **kw)
 
 
 @sample_.command("diffusion")

@@ -17,6 +17,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "ar": ("tessera.generators.ar:ARTransformer", "tessera.generators.ar:ARConfig"),
     "unet": ("tessera.generators.unet:UNet", "tessera.generators.unet:UNetConfig"),
     "dit": ("tessera.generators.dit:DiT", "tessera.generators.dit:DiTConfig"),
+    "masked": ("tessera.generators.masked:MaskedTransformer", "tessera.generators.masked:MaskedConfig"),
 }
 
 # preset -> (kind, config overrides)
@@ -31,6 +32,10 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     # the bundled default: small enough (~5.8M parameters, 12 MB fp16) to sit beside the tokenizer
     "ar-xs": ("ar", dict(dim=192, depth=6, heads=6, dropout=0.1, cond_dim=384, max_text_tokens=64)),
     "ar-s-uncond": ("ar", dict(dim=384, depth=8, heads=6, cond_dim=0)),
+    # bidirectional masked Transformers over 16x16 vq-f8 tokens (Muse), MiniLM cross-attention;
+    # masked-xs matches ar-xs in width / depth / heads for the side-by-side comparison
+    "masked-s": ("masked", dict(dim=384, depth=8, heads=6, cond_dim=384, max_text_tokens=64)),
+    "masked-xs": ("masked", dict(dim=192, depth=6, heads=6, dropout=0.1, cond_dim=384, max_text_tokens=64)),
     # latent-diffusion U-Nets over 16x16x8 vq-f8 latents, MiniLM (384-d) cross-attention
     "unet-s": ("unet", dict(base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, heads=4)),
     "unet-xs": ("unet", dict(base_channels=48, channel_mult=(1, 2, 2), num_res_blocks=1, heads=4)),
@@ -43,6 +48,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                                attn_levels=(False, True), heads=2, cond_dim=16, max_text_tokens=8)),
     "dit-tiny": ("dit", dict(in_channels=4, sample_size=8, patch_size=2, dim=32, depth=2, heads=2, cond_dim=16,
                              max_text_tokens=8)),
+    "masked-tiny": ("masked", dict(vocab_size=64, grid=(4, 4), dim=32, depth=2, heads=4, cond_dim=16,
+                                   max_text_tokens=8)),
     "vq-tiny": ("vq", dict(resolution=32, base_channels=8, channel_mult=(1, 2, 2), z_channels=16,
                            attn_heads=1, codebook_size=64, codebook_dim=4)),
 }

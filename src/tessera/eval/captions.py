@@ -2,6 +2,7 @@
 with its TRUE caption than with another image's caption (a derangement of the val split).
 
     AR:        mean token NLL, true vs shuffled caption
+    masked:    masked-token NLL at fixed mask ratios and masks, true vs shuffled caption
     diffusion: denoising loss at fixed timesteps and noise, true vs shuffled caption
 
 Reported as the mean margin with its spread (std, standard error) and the fraction of images where the
@@ -26,6 +27,10 @@ def caption_margin(model: nn.Module, data_dir: str | Path, cache: str | None = N
     task_meta["val_images"] = limit if limit is not None else 1 << 30
     if kind == "ar":
         from tessera.train.ar import ARTask as Task, ARTaskConfig as TaskConfig
+
+        key = "tokens"
+    elif kind == "masked":
+        from tessera.train.masked import MaskedTask as Task, MaskedTaskConfig as TaskConfig
 
         key = "tokens"
     elif kind in ("unet", "dit"):

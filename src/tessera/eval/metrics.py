@@ -37,3 +37,12 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     c1, c2 = 0.01**2, 0.03**2
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     return s.mean(dim=(1, 2, 3))
+
+
+def margin_stats(true: torch.Tensor, shuffled: torch.Tensor) -> dict[str, float]:
+    """Per-image scores with the true vs. a shuffled caption (lower is better) -> mean margin, its spread
+    (std, standard error), and the fraction of images where the true caption wins."""
+    d = shuffled.double() - true.double()
+    return {"true": float(true.double().mean()), "shuffled": float(shuffled.double().mean()),
+            "margin": float(d.mean()), "margin_std": float(d.std()), "margin_sem": float(d.std() / len(d) ** 0.5),
+            "frac_true_better": float((d > 0).double().mean()), "images": len(d)}

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.config import Config
-from tessera.nn.attention import MLP, Attention, CrossAttention
+from tessera.nn.attention import CrossBlock
 from tessera.nn.conditioning import timestep_embedding, with_null_condition
 from tessera.nn.layers import Downsample, ResBlock2d, Upsample, group_norm
 
@@ -49,15 +49,13 @@ class UNetConfig(Config):
 
 
 class SpatialTransformer(nn.Module):
-    """Feature map -> tokens -> [self-attention, cross-attention to text, MLP] (pre-norm) -> feature map."""
+    """Feature map -> tokens -> CrossBlock (self-attention, cross-attention to text, MLP) -> feature map."""
 
     def __init__(self, channels: int, heads: int, cond_dim: int):
         super().__init__()
         self.norm = group_norm(channels)
         self.proj_in = nn.Linear(channels, channels)
-        self.norm1, self.attn = nn.LayerNorm(channels), Attention(channels, heads)
-        self.norm2, self.cross = nn.LayerNorm(channels), CrossAttention(channels, cond_dim, heads)
-        self.norm3, self.mlp = nn.LayerNorm(channels), MLP(channels, 4 * channels)
+        self.block = CrossBlock(channels, cond_dim, heads)
         self.proj_out = nn.Linear(channels, channels)
         nn.init.zeros_(self.proj_out.weight)  # starts as the identity
         nn.init.zeros_(self.proj_out.bias)
@@ -65,9 +63,7 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         t = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # (B, HW, C)
-        t = t + self.attn(self.norm1(t))
-        t = t + self.cross(self.norm2(t), context, mask)
-        t = t + self.mlp(self.norm3(t))
+        t = self.block(t, context, mask)
         return x + self.proj_out(t).transpose(1, 2).reshape(b, c, h, w)
 
 

@@ -96,3 +96,19 @@ class Block(nn.Module):
                 layer: int = 0) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), mask, cache, layer)
         return x + self.mlp(self.norm2(x))
+
+
+class CrossBlock(nn.Module):
+    """Pre-norm, bidirectional: x + self-attn(norm(x)), x + cross-attn(norm(x), context), x + mlp(norm(x))
+    (Muse's and Stable Diffusion's transformer block). `mask` [B,L] marks real context tokens."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, dropout)
+        self.norm2, self.cross = nn.LayerNorm(dim), CrossAttention(dim, context_dim, heads)
+        self.norm3, self.mlp = nn.LayerNorm(dim), MLP(dim, int(dim * mlp_ratio), dropout)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        x = x + self.cross(self.norm2(x), context, mask)
+        return x + self.mlp(self.norm3(x))

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.config import Config
+from tessera.eval.metrics import margin_stats
 from tessera.generators.ar import ARTransformer
 from tessera.text.cache import load_caption_cache, trim_padding
 
@@ -57,7 +58,7 @@ class TokenTextData:
         return np.nonzero(self.split == split)[0]
 
 
-class _SplitView(torch.utils.data.Dataset):
+class TokenSplit(torch.utils.data.Dataset):
     def __init__(self, data: TokenTextData, idx: np.ndarray):
         self.data, self.idx = data, idx
 
@@ -82,7 +83,7 @@ class ARTask:
                              f"expects vocab {mc.vocab_size}, grid {tuple(mc.grid)}")
         if mc.conditional and self.data.text_dim != mc.cond_dim:
             raise ValueError(f"caption cache is {self.data.text_dim}-d; the model expects cond_dim={mc.cond_dim}")
-        self.dataset = _SplitView(self.data, self.data.indices("train"))
+        self.dataset = TokenSplit(self.data, self.data.indices("train"))
         self.val_idx = self.data.indices("val")[: cfg.val_images]
 
     def trainable_modules(self) -> dict[str, nn.Module]:
@@ -128,13 +129,10 @@ class ARTask:
             true_nll.append(self._nll(model, tokens, self.data.cond[j].float(), self.data.mask[j]))
             shuf_nll.append(self._nll(model, tokens, self.data.cond[k].float(), self.data.mask[k]))
         t = torch.cat(true_nll)
-        out = {"nll_true": float(t.mean()), "images": len(t)}
-        if shuf_nll:
-            d = torch.cat(shuf_nll) - t
-            out.update(nll_shuffled=float(t.mean() + d.mean()), margin=float(d.mean()),
-                       margin_std=float(d.std()), margin_sem=float(d.std() / len(d) ** 0.5),
-                       frac_true_better=float((d > 0).double().mean()))
-        return out
+        if not shuf_nll:
+            return {"nll_true": float(t.mean()), "images": len(t)}
+        m = margin_stats(t, torch.cat(shuf_nll))
+        return {"nll_true": m.pop("true"), "nll_shuffled": m.pop("shuffled"), **m}
 
     def validate(self, model: ARTransformer, out_dir: Path, step: int) -> dict[str, float]:
         if len(self.val_idx) < 2:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.config import Config
+from tessera.eval.metrics import margin_stats
 from tessera.sampling.diffusion import DiffusionConfig, Schedule, diffusion_loss
 from tessera.text.cache import load_caption_cache, trim_padding
 from tessera.train.ar import cache_subdir
@@ -153,10 +154,8 @@ class DiffusionTask:
                     acc += diffusion_loss(lambda x, tt: model(x, tt, c, m, None), self.schedule, x0, t, noise)
             true_loss.append(tl / len(self.cfg.val_timesteps))
             shuf_loss.append(sl / len(self.cfg.val_timesteps))
-        t, d = torch.cat(true_loss), torch.cat(shuf_loss) - torch.cat(true_loss)
-        return {"loss_true": float(t.mean()), "loss_shuffled": float(t.mean() + d.mean()), "margin": float(d.mean()),
-                "margin_std": float(d.std()), "margin_sem": float(d.std() / len(d) ** 0.5),
-                "frac_true_better": float((d > 0).double().mean()), "images": len(t)}
+        m = margin_stats(torch.cat(true_loss), torch.cat(shuf_loss))
+        return {"loss_true": m.pop("true"), "loss_shuffled": m.pop("shuffled"), **m}
 
     def validate(self, model: nn.Module, out_dir: Path, step: int) -> dict[str, float]:
         if not model.config.conditional or len(self.val_idx) < 2:

@@ -20,6 +20,8 @@ TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "vq": dict(batch_size=16, lr=2e-4, betas=(0.5, 0.9), warmup_steps=500, ema_decay=0.999, max_steps=20000),
     "ar": dict(batch_size=32, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=500, ema_decay=0.999,
                max_steps=20000),
+    "masked": dict(batch_size=32, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=500,
+                   ema_decay=0.999, max_steps=20000),
     "unet": dict(batch_size=32, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=500, ema_decay=0.999,
                  max_steps=20000),
     "dit": dict(batch_size=32, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=500, ema_decay=0.999,
@@ -36,6 +38,10 @@ def _task_classes(task_name: str):
         from tessera.train.ar import ARTask, ARTaskConfig
 
         return ARTask, ARTaskConfig
+    if task_name == "masked":
+        from tessera.train.masked import MaskedTask, MaskedTaskConfig
+
+        return MaskedTask, MaskedTaskConfig
     if task_name == "diffusion":
         from tessera.train.diffusion import DiffusionTask, DiffusionTaskConfig
 
@@ -135,9 +141,9 @@ def _prepare_text(data_dir: str, text_encoder: str) -> tuple[dict, dict]:
     return {"cond_dim": enc.dim, "max_text_tokens": max(tindex["length"], 64)}, {"text": text_dir.name}
 
 
-def prepare_ar_inputs(data_dir: str, tokenizer: str, text_encoder: str) -> tuple[dict, dict]:
-    """Make sure the token and caption caches exist (both resumable / skip when complete) and derive
-    the model's vocabulary, grid and condition width from them."""
+def prepare_token_inputs(data_dir: str, tokenizer: str, text_encoder: str) -> tuple[dict, dict]:
+    """For the token generators (AR, masked): make sure the token and caption caches exist (both
+    resumable / skip when complete) and derive the model's vocabulary, grid and condition width."""
     from tessera.tokenizer.tools import tokenize_dataset
 
     tok_dir = tokenize_dataset(data_dir, tokenizer)

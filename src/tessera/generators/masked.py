@@ -1,0 +1,91 @@
+"""Masked image generator (seed 003 "Muse"; Chang et al. 2022, MaskGIT): a bidirectional Transformer
+over the token grid that predicts every masked token at once.
+
+    tokens [B,N] (ids, MASK = vocab_size) -> embedding + row/col positions
+      -> depth x CrossBlock (self-attention over all positions, cross-attention to the prompt's token
+         states, MLP) -> LayerNorm -> head -> logits [B,N,vocab_size]
+
+Text conditioning is cross-attention to the prompt encoder's states (Muse); rows with `drop` set see a
+learned null condition instead (classifier-free guidance). The network holds no decoding loop:
+`tessera.sampling.masked` drives it.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from tessera.config import Config
+from tessera.nn.attention import CrossBlock
+from tessera.nn.conditioning import with_null_condition
+
+
+@dataclasses.dataclass
+class MaskedConfig(Config):
+    vocab_size: int = 8192
+    grid: tuple[int, int] = (16, 16)
+    dim: int = 384
+    depth: int = 8
+    heads: int = 6
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    cond_dim: int = 384          # prompt-encoder width; 0 = unconditional model
+    max_text_tokens: int = 64
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def mask_id(self) -> int:
+        return self.vocab_size
+
+    @property
+    def conditional(self) -> bool:
+        return self.cond_dim > 0
+
+
+class MaskedTransformer(nn.Module):
+    def __init__(self, cfg: MaskedConfig):
+        super().__init__()
+        self.config = cfg
+        h, w = cfg.grid
+        self.tok_emb = nn.Embedding(cfg.vocab_size + 1, cfg.dim)  # + [MASK]
+        self.row_emb = nn.Parameter(torch.randn(h, cfg.dim) * 0.02)
+        self.col_emb = nn.Parameter(torch.randn(w, cfg.dim) * 0.02)
+        context_dim = cfg.cond_dim if cfg.conditional else cfg.dim
+        if cfg.conditional:
+            self.null_text = nn.Parameter(torch.randn(cfg.cond_dim) * 0.02)  # learned "no caption"
+        else:  # an unconditional model attends to one learned context token
+            self.context = nn.Parameter(torch.randn(1, 1, cfg.dim) * 0.02)
+        self.blocks = nn.ModuleList(CrossBlock(cfg.dim, context_dim, cfg.heads, cfg.mlp_ratio, cfg.dropout)
+                                    for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, tokens: torch.Tensor, cond: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                drop: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B,N] with MASK = vocab_size where unknown -> logits [B,N,vocab_size] at every position."""
+        b, n = tokens.shape
+        cfg = self.config
+        if n != cfg.num_tokens:
+            raise ValueError(f"expected {cfg.num_tokens} tokens (grid {cfg.grid}), got {n}")
+        w = cfg.grid[1]
+        idx = torch.arange(n)
+        x = self.tok_emb(tokens) + self.row_emb[idx // w] + self.col_emb[idx % w]  # (B, N, D)
+        if cfg.conditional:
+            ctx, mask = with_null_condition(cond, mask, drop, self.null_text, b, cfg.max_text_tokens)
+        else:
+            ctx, mask = self.context.expand(b, -1, -1), None
+        for block in self.blocks:
+            x = block(x, ctx, mask)
+        return self.head(self.norm(x))

@@ -1,0 +1,89 @@
+"""Iterative parallel decoding (seed 003 "Iterative Parallel Decoding"; MaskGIT, Chang et al. 2022).
+
+Start from a grid where every unknown token is [MASK]. At step i of S: predict every position, sample a
+token for each still-masked one, score it by its log-probability plus Gumbel noise whose temperature
+anneals to 0 (MaskGIT's choice temperature), keep the most confident and re-mask the rest so that
+exactly `masked_counts(n, S)[i]` unknown tokens stay masked (the cosine schedule
+gamma(r) = cos(pi r / 2), seed 003). Known tokens (inpainting / outpainting) are never changed.
+
+`sample` runs over any `logits_fn(tokens [B,N]) -> logits [B,N,V]`; `guided_logits_fn` builds one with
+classifier-free guidance from a network (conditional and unconditional rows in ONE forward).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def mask_ratio(r: torch.Tensor | float) -> torch.Tensor:
+    """gamma(r) = cos(pi r / 2): the fraction still masked at progress r in [0, 1] (seed 003)."""
+    return torch.cos(torch.as_tensor(r, dtype=torch.float64) * math.pi / 2)
+
+
+def masked_counts(num_unknown: torch.Tensor | int, steps: int) -> torch.Tensor:
+    """[B, steps]: how many unknown tokens are still masked after each step: floor(n gamma((i+1)/S)),
+    at most one less than after the step before (every step reveals >= 1 while any are masked), 0 at the end."""
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1")
+    n = torch.as_tensor(num_unknown, dtype=torch.long).reshape(-1)
+    out, prev = [], n
+    for i in range(steps):
+        m = torch.floor(n.double() * mask_ratio((i + 1) / steps)).long()
+        m = torch.minimum(m, (prev - 1).clamp(min=0))
+        out.append(m)
+        prev = m
+    return torch.stack(out, dim=1)
+
+
+def gumbel(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+    u = torch.rand(shape, generator=generator).clamp(1e-20, 1.0)
+    return -torch.log((-torch.log(u)).clamp(min=1e-20))
+
+
+@torch.no_grad()
+def sample(logits_fn: LogitsFn, tokens: torch.Tensor, mask_id: int, steps: int = 12,
+           generator: torch.Generator | None = None, temperature: float = 1.0, choice_temperature: float = 4.5,
+           callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """tokens [B,N]: known ids, `mask_id` where unknown. Returns [B,N] with every unknown token filled."""
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    x = tokens.clone()
+    b, n = x.shape
+    counts = masked_counts((x == mask_id).sum(1), steps)  # (B, S)
+    ranks = torch.arange(n).expand(b, n)
+    for i in range(steps):
+        still = x == mask_id  # (B, N)
+        logits = logits_fn(x).float() / temperature  # (B, N, V)
+        probs = torch.softmax(logits, dim=-1)
+        drawn = torch.multinomial(probs.view(b * n, -1), 1, generator=generator).view(b, n)
+        drawn = torch.where(still, drawn, x)  # known / already revealed tokens stay
+        logp = torch.log(torch.gather(probs, 2, drawn[..., None]).squeeze(-1).clamp(min=1e-30))
+        conf = logp + choice_temperature * (1 - (i + 1) / steps) * gumbel((b, n), generator)
+        conf = torch.where(still, conf, torch.full_like(conf, math.inf))
+        order = conf.argsort(dim=1)  # ascending: least confident first
+        rank = torch.empty_like(order).scatter_(1, order, ranks)  # position -> rank
+        remask = rank < counts[:, i:i + 1]  # the m least confident still-masked positions
+        x = torch.where(remask, torch.full_like(x, mask_id), drawn)
+        if callback is not None:
+            callback(i, steps)
+    return x
+
+
+def guided_logits_fn(model, cond: torch.Tensor | None, mask: torch.Tensor | None,
+                     cfg_scale: float = 1.0) -> LogitsFn:
+    """logits = u + s (c - u) (classifier-free guidance), c and u from ONE forward over [x; x]."""
+    if cond is None or cfg_scale == 1.0:
+        return lambda x: model(x, cond, mask)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)])
+        out = model(torch.cat([x, x]), torch.cat([cond, cond]), torch.cat([mask, mask]), drop)  # (2B, N, V)
+        c, u = out.float().chunk(2)
+        return u + cfg_scale * (c - u)
+
+    return fn
