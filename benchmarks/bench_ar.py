@@ -8,21 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-
 import torch
 
+from common import timed
 from tessera.registry import build
 from tessera.sampling.ar import cached_logits_fn, recompute_logits_fn, sample
-
-
-def timed(fn, repeats: int = 2) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def ours(model, cond, mask, batch, cached: bool, bf16: bool):
@@ -74,7 +64,7 @@ def main() -> None:
     for name, fn in runs.items():
         fn()  # warm-up
     for name, fn in runs.items():  # interleaved measurement order, best of 2
-        res[f"{name}_tok_s"] = round(n / timed(fn, 1 if "recompute" in name else 2), 1)
+        res[f"{name}_tok_s"] = round(n / timed(fn, 1 if "recompute" in name else 2, warmup=False), 1)
     r = res
     if "ours_recompute_fp32_tok_s" in r:
         r["kv_cache_speedup"] = round(r["ours_kv_fp32_tok_s"] / r["ours_recompute_fp32_tok_s"], 2)

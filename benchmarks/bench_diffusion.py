@@ -9,22 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-
 import torch
 
+from common import timed
 from tessera.registry import build
 from tessera.sampling.diffusion import DiffusionConfig, Schedule, guided_denoiser, sample
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def params(m) -> float:

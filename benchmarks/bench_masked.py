@@ -9,23 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-
 import torch
 
+from common import timed
 from tessera.registry import build
 from tessera.sampling import ar as ar_sampling
 from tessera.sampling import masked as masked_sampling
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def masked_run(model, cond, mask, batch: int, steps: int, cfg_scale: float):

@@ -207,6 +207,14 @@ def sample_() -> None:
     """Sample images from a generator."""
 
 
+def _save_grid(images, prompt: str, out: str, params, **names) -> None:
+    """One PNG grid with an A1111-style `parameters` chunk and a JSON chunk of every setting."""
+    from tessera.pipelines.ar import grid, png_info
+
+    grid(images).save(out, pnginfo=png_info(prompt, {**names, **dataclasses.asdict(params)}))
+    click.echo(out)
+
+
 @sample_.command("ar")
 @click.argument("prompt", default="")
 @click.option("--model", required=True, help="AR generator folder or preset")
@@ -225,7 +233,7 @@ def sample_ar(prompt, model, tokenizer, text_encoder, seed, n, temperature, top_
               fp32, out) -> None:
     """Sample N images for PROMPT with the AR generator; writes a grid PNG with its parameters."""
     import tessera
-    from tessera.pipelines.ar import ARPipeline, ARSampleParams, grid, png_info
+    from tessera.pipelines.ar import ARPipeline, ARSampleParams
     from tessera.text import PromptError, load_text_encoder
     from tessera.tokenizer.tools import load_tokenizer
 
@@ -241,9 +249,7 @@ def sample_ar(prompt, model, tokenizer, text_encoder, seed, n, temperature, top_
         bar.close()
     except (ValueError, FileNotFoundError, RuntimeError, PromptError) as e:
         _fail(str(e))
-    meta = {"model": model, "tokenizer": tokenizer, "text_encoder": text_encoder, **dataclasses.asdict(params)}
-    grid(images).save(out, pnginfo=png_info(prompt, meta))
-    click.echo(out)
+    _save_grid(images, prompt, out, params, model=model, tokenizer=tokenizer, text_encoder=text_encoder)
 
 
 def _masked_options(f):
@@ -268,7 +274,6 @@ def _masked_options(f):
 def _masked_run(prompt, model, tokenizer, text_encoder, seed, n, steps, temperature, choice_temperature,
                 cfg_scale, fp32, out, inpaint=None):
     import tessera
-    from tessera.pipelines.ar import grid, png_info
     from tessera.pipelines.masked import MaskedPipeline, MaskedSampleParams
     from tessera.text import PromptError, load_text_encoder
     from tessera.tokenizer.tools import load_tokenizer
@@ -288,9 +293,7 @@ def _masked_run(prompt, model, tokenizer, text_encoder, seed, n, steps, temperat
         bar.close()
     except (ValueError, FileNotFoundError, RuntimeError, PromptError) as e:
         _fail(str(e))
-    meta = {"model": model, "tokenizer": tokenizer, "text_encoder": text_encoder, **dataclasses.asdict(params)}
-    grid(images).save(out, pnginfo=png_info(prompt, meta))
-    click.echo(out)
+    _save_grid(images, prompt, out, params, model=model, tokenizer=tokenizer, text_encoder=text_encoder)
 
 
 @sample_.command("masked")
@@ -336,7 +339,6 @@ def sample_diffusion(prompt, model, tokenizer, text_encoder, seed, n, steps, cfg
                      negative_prompt, fp32, out) -> None:
     """Sample N images for PROMPT with a diffusion denoiser; writes a grid PNG with its parameters."""
     import tessera
-    from tessera.pipelines.ar import grid, png_info
     from tessera.pipelines.diffusion import DiffusionPipeline, DiffusionSampleParams
     from tessera.text import PromptError, load_text_encoder
     from tessera.tokenizer.tools import load_tokenizer
@@ -356,9 +358,7 @@ def sample_diffusion(prompt, model, tokenizer, text_encoder, seed, n, steps, cfg
         bar.close()
     except (ValueError, FileNotFoundError, RuntimeError, PromptError) as e:
         _fail(str(e))
-    meta = {"model": model, "tokenizer": tokenizer, "text_encoder": text_encoder, **dataclasses.asdict(params)}
-    grid(images).save(out, pnginfo=png_info(prompt, meta))
-    click.echo(out)
+    _save_grid(images, prompt, out, params, model=model, tokenizer=tokenizer, text_encoder=text_encoder)
 
 
 @main.group("eval")

@@ -57,6 +57,15 @@ class TokenTextData:
     def indices(self, split: str) -> np.ndarray:
         return np.nonzero(self.split == split)[0]
 
+    def check(self, mc) -> "TokenTextData":
+        """Fail loudly when the caches do not fit the model config `mc` (vocabulary, grid, text width)."""
+        if self.codebook_size != mc.vocab_size or self.grid != tuple(mc.grid):
+            raise ValueError(f"token cache has vocab {self.codebook_size}, grid {self.grid}; the model "
+                             f"expects vocab {mc.vocab_size}, grid {tuple(mc.grid)}")
+        if mc.conditional and self.text_dim != mc.cond_dim:
+            raise ValueError(f"caption cache is {self.text_dim}-d; the model expects cond_dim={mc.cond_dim}")
+        return self
+
 
 class TokenSplit(torch.utils.data.Dataset):
     def __init__(self, data: TokenTextData, idx: np.ndarray):
@@ -77,12 +86,7 @@ class ARTask:
     def __init__(self, model: ARTransformer, data_dir: str | Path, cfg: ARTaskConfig):
         self.model, self.cfg = model, cfg
         mc = model.config
-        self.data = TokenTextData(data_dir, cfg, mc.conditional)
-        if self.data.codebook_size != mc.vocab_size or self.data.grid != tuple(mc.grid):
-            raise ValueError(f"token cache has vocab {self.data.codebook_size}, grid {self.data.grid}; the model "
-                             f"expects vocab {mc.vocab_size}, grid {tuple(mc.grid)}")
-        if mc.conditional and self.data.text_dim != mc.cond_dim:
-            raise ValueError(f"caption cache is {self.data.text_dim}-d; the model expects cond_dim={mc.cond_dim}")
+        self.data = TokenTextData(data_dir, cfg, mc.conditional).check(mc)
         self.dataset = TokenSplit(self.data, self.data.indices("train"))
         self.val_idx = self.data.indices("val")[: cfg.val_images]
 

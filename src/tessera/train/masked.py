@@ -39,12 +39,7 @@ class MaskedTask:
     def __init__(self, model: MaskedTransformer, data_dir: str | Path, cfg: MaskedTaskConfig):
         self.model, self.cfg = model, cfg
         mc = model.config
-        self.data = TokenTextData(data_dir, cfg, mc.conditional)
-        if self.data.codebook_size != mc.vocab_size or self.data.grid != tuple(mc.grid):
-            raise ValueError(f"token cache has vocab {self.data.codebook_size}, grid {self.data.grid}; the model "
-                             f"expects vocab {mc.vocab_size}, grid {tuple(mc.grid)}")
-        if mc.conditional and self.data.text_dim != mc.cond_dim:
-            raise ValueError(f"caption cache is {self.data.text_dim}-d; the model expects cond_dim={mc.cond_dim}")
+        self.data = TokenTextData(data_dir, cfg, mc.conditional).check(mc)
         self.dataset = TokenSplit(self.data, self.data.indices("train"))
         self.val_idx = self.data.indices("val")[: cfg.val_images]
 
