@@ -1,6 +1,6 @@
 """Sample grids for docs/: a dozen prompts x N samples from an AR generator, one labelled sheet.
 
-    .venv/bin/python scripts/ar_doc_grids.py --model ar-xs -o docs/images/ar-xs-samples.png
+    .venv/bin/python scripts/ar_doc_grids.py --model ar-xs -o docs/images/ar-xs-samples.jpg
 """
 from __future__ import annotations
 

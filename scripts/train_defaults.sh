@@ -21,7 +21,7 @@ if [ "$WHAT" = ar ] || [ "$WHAT" = all ]; then
   # captioned demo data: Tux Paint stamps + MATE backgrounds + Noto emoji (scripts/build_demo_data.sh)
   [ -f data/demo128/report.json ] || scripts/build_demo_data.sh data/demo128
   $T train ar --data data/demo128 --out runs/ar-xs --preset ar-xs --tokenizer vq-f8 \
-    --set train.max_steps=${AR_STEPS:-2000} --set train.lr=6e-4 --set train.warmup_steps=200 --set train.val_every=250 $(resume runs/ar-xs)
+    --set train.max_steps=${AR_STEPS:-1500} --set train.lr=6e-4 --set train.warmup_steps=200 --set train.val_every=250 $(resume runs/ar-xs)
   $T export runs/ar-xs -o src/tessera/weights/ar-xs --dtype float16
   $T eval caption-margin --data data/demo128 --model ar-xs
 fi

@@ -23,3 +23,25 @@ def test_bundled_vq_f8_loads_and_round_trips(tmp_path):
     r = CliRunner().invoke(main, ["reconstruct", str(tmp_path / "photo.png"), "-o", str(tmp_path / "out.png")])
     assert r.exit_code == 0, r.output
     assert np.asarray(Image.open(tmp_path / "out.png")).shape == (128, 128, 3)
+
+
+def _colourfulness(images) -> tuple[float, float]:
+    """Mean (red - blue, green - blue) over the non-white pixels of the images."""
+    px = np.concatenate([np.asarray(im, dtype=np.float32).reshape(-1, 3) for im in images])
+    px = px[px.min(axis=1) < 230]
+    return float((px[:, 0] - px[:, 2]).mean()), float((px[:, 1] - px[:, 2]).mean())
+
+
+def test_bundled_ar_xs_samples_follow_the_prompt_colour():
+    from tessera.pipelines.ar import ARPipeline, ARSampleParams
+    from tessera.text import load_text_encoder
+    ar = tessera.load("ar-xs")
+    assert ar.meta["kind"] == "ar" and ar.meta["task"]["tokens"].startswith("vq-f8")
+    pipe = ARPipeline(ar, tessera.load("vq-f8"), load_text_encoder("minilm"))
+    params = ARSampleParams(seed=0, n=2, cfg_scale=3.0)
+    apple, face = pipe("red apple emoji", params), pipe("grinning face emoji", params)
+    assert all(im.size == (128, 128) for im in apple + face)
+    (apple_r, apple_g), (face_r, face_g) = _colourfulness(apple), _colourfulness(face)
+    # The face prompt gives saturated yellow (green - blue ~150 at seeds 0-2), the apple prompt does not
+    # (~ -17). A generator that ignores its prompt draws both from one distribution and fails this.
+    assert face_g - apple_g > 30, (apple_r, apple_g, face_r, face_g)
