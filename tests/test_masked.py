@@ -84,3 +84,16 @@ def test_random_mask_counts():
     g = torch.Generator().manual_seed(0)
     masked = random_mask(4, 256, torch.tensor([0.0, 0.1, 0.5, 1.0]), g)
     assert masked.sum(1).tolist() == [1, 26, 128, 256]
+
+
+def test_categorical_matches_its_distribution_and_never_draws_zero_probability():
+    from tessera.sampling.categorical import categorical
+    p = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])
+    g = torch.Generator().manual_seed(0)
+    draws = categorical(p.expand(200_000, -1), g)
+    freq = torch.bincount(draws, minlength=6).double() / draws.numel()
+    assert freq[[0, 2, 5]].sum() == 0  # zero-probability ids, incl. the first and the last
+    assert torch.allclose(freq, p.double(), atol=0.005), freq  # 5 sigma at p = 0.5 is 0.0056
+    # unnormalised rows and rows with all mass on one id
+    q = torch.tensor([[0.0, 0.0, 3.0], [2.0, 0.0, 0.0]])
+    assert categorical(q, g).tolist() == [2, 0]

@@ -62,9 +62,10 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        t = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # (B, HW, C)
+        # permute + reshape, not flatten + transpose: no copy when the conv output is channels-last
+        t = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c))  # (B, HW, C)
         t = self.block(t, context, mask)
-        return x + self.proj_out(t).transpose(1, 2).reshape(b, c, h, w)
+        return x + self.proj_out(t).reshape(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W) view
 
 
 class _Level(nn.Module):

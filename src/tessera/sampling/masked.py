@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from tessera.sampling.categorical import categorical
+
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -57,13 +59,16 @@ def sample(logits_fn: LogitsFn, tokens: torch.Tensor, mask_id: int, steps: int =
     ranks = torch.arange(n).expand(b, n)
     for i in range(steps):
         still = x == mask_id  # (B, N)
-        logits = logits_fn(x).float() / temperature  # (B, N, V)
-        probs = torch.softmax(logits, dim=-1)
-        drawn = torch.multinomial(probs.view(b * n, -1), 1, generator=generator).view(b, n)
-        drawn = torch.where(still, drawn, x)  # known / already revealed tokens stay
-        logp = torch.log(torch.gather(probs, 2, drawn[..., None]).squeeze(-1).clamp(min=1e-30))
+        logits = logits_fn(x).float()  # (B, N, V)
+        rows = still.view(-1).nonzero().squeeze(1)  # flat positions still masked: only these are drawn
+        probs = torch.softmax(logits.reshape(b * n, -1)[rows] / temperature, dim=-1)  # (M, V)
+        tok = categorical(probs, generator)  # (M,)
+        drawn = x.clone().view(-1)
+        drawn[rows] = tok  # known / already revealed tokens stay
+        logp = torch.full((b * n,), math.inf)  # never re-masked
+        logp[rows] = torch.log(probs.gather(1, tok[:, None]).squeeze(1).clamp(min=1e-30))
+        drawn, logp = drawn.view(b, n), logp.view(b, n)
         conf = logp + choice_temperature * (1 - (i + 1) / steps) * gumbel((b, n), generator)
-        conf = torch.where(still, conf, torch.full_like(conf, math.inf))
         order = conf.argsort(dim=1)  # ascending: least confident first
         rank = torch.empty_like(order).scatter_(1, order, ranks)  # position -> rank
         remask = rank < counts[:, i:i + 1]  # the m least confident still-masked positions
