@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The exact commands that rebuild Tessera's bundled default models from scratch (CPU, 2 cores).
 # Each training command resumes from its run folder when re-run (--resume), so it can be stopped and
-# continued across sessions. Usage: scripts/train_defaults.sh [tokenizer|ar|all]
+# continued across sessions. Usage: scripts/train_defaults.sh [tokenizer|ar|masked|diffusion|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=.venv/bin/tessera
@@ -24,4 +24,21 @@ if [ "$WHAT" = ar ] || [ "$WHAT" = all ]; then
     --set train.max_steps=${AR_STEPS:-1500} --set train.lr=6e-4 --set train.warmup_steps=200 --set train.val_every=250 $(resume runs/ar-xs)
   $T export runs/ar-xs -o src/tessera/weights/ar-xs --dtype float16
   $T eval caption-margin --data data/demo128 --model ar-xs
+fi
+
+if [ "$WHAT" = masked ] || [ "$WHAT" = all ]; then
+  # the same data, width / depth / heads and budget as ar-xs, for the side-by-side comparison
+  $T train masked --data data/demo128 --out runs/masked-xs --preset masked-xs --tokenizer vq-f8 \
+    --set train.max_steps=${MASKED_STEPS:-1500} --set train.lr=6e-4 --set train.warmup_steps=200 --set train.val_every=250 $(resume runs/masked-xs)
+  $T export runs/masked-xs -o models/masked-xs --dtype float16   # not bundled: the 60 MB budget
+  $T eval caption-margin --data data/demo128 --model models/masked-xs
+fi
+
+if [ "$WHAT" = diffusion ] || [ "$WHAT" = all ]; then
+  # latent diffusion in vq-f8's 16x16x8 pre-quantization space
+  $T train diffusion --arch unet --data data/demo128 --out runs/unet-xs --preset unet-xs --tokenizer vq-f8 \
+    --set train.max_steps=${UNET_STEPS:-5000} --set train.batch_size=64 --set train.lr=3e-4 --set train.warmup_steps=200 \
+    --set train.val_every=1000 $(resume runs/unet-xs)
+  $T export runs/unet-xs -o src/tessera/weights/unet-xs --dtype float16
+  $T eval caption-margin --data data/demo128 --model unet-xs
 fi
