@@ -45,3 +45,16 @@ def test_bundled_ar_xs_samples_follow_the_prompt_colour():
     # The face prompt gives saturated yellow (green - blue ~150 at seeds 0-2), the apple prompt does not
     # (~ -17). A generator that ignores its prompt draws both from one distribution and fails this.
     assert face_g - apple_g > 30, (apple_r, apple_g, face_r, face_g)
+
+
+def test_bundled_unet_xs_samples_follow_the_prompt_colour():
+    from tessera.pipelines.diffusion import DiffusionPipeline, DiffusionSampleParams
+    from tessera.text import load_text_encoder
+    unet = tessera.load("unet-xs")
+    assert unet.meta["kind"] == "unet" and unet.meta["task"]["space"] == "latent"
+    pipe = DiffusionPipeline(unet, tessera.load("vq-f8"), load_text_encoder("minilm"))
+    params = DiffusionSampleParams(seed=0, n=2, steps=10, cfg_scale=5.0)
+    face, snow = pipe("grinning face emoji", params), pipe("snowman emoji", params)
+    assert all(im.size == (128, 128) for im in face + snow)
+    # yellow faces (green - blue high) vs a blue-white snowman (green - blue low or negative)
+    assert _colourfulness(face)[1] - _colourfulness(snow)[1] > 40, (_colourfulness(face), _colourfulness(snow))
