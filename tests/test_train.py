@@ -136,6 +136,7 @@ def test_sigint_finishes_the_step_saves_and_resumes(tiny_dataset, tmp_path):
     import os
     import signal
 
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when pytest runs in a background job
     tr = tiny_trainer(tiny_dataset, tmp_path / "s")
     original = tr.train_step
 
@@ -150,4 +151,4 @@ def test_sigint_finishes_the_step_saves_and_resumes(tiny_dataset, tmp_path):
         tr.fit(progress=False, resume=False)
     resumed = tiny_trainer(tiny_dataset, tmp_path / "s")
     assert resumed.resume() and resumed.step == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is restored
