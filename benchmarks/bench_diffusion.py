@@ -11,7 +11,7 @@ import argparse
 import json
 import torch
 
-from common import timed
+from common import timed_pair
 from tessera.registry import build
 from tessera.sampling.diffusion import DiffusionConfig, Schedule, guided_denoiser, sample
 
@@ -88,9 +88,9 @@ def compare(name, model, peer, args) -> dict:
            "peer_params_M": round(params(net), 2)}
     for bf16 in (False, True):
         tag = "bf16" if bf16 else "fp32"
-        a = timed(ours(model, args.batch, args.text, args.steps, args.cfg, bf16), args.repeats)
-        b = timed(peer_loop(fn, args.batch, c.in_channels, c.sample_size, args.text, c.cond_dim, args.steps,
-                            args.cfg, bf16), args.repeats)
+        a, b = timed_pair(ours(model, args.batch, args.text, args.steps, args.cfg, bf16),
+                          peer_loop(fn, args.batch, c.in_channels, c.sample_size, args.text, c.cond_dim, args.steps,
+                                    args.cfg, bf16), args.repeats)
         row.update({f"ours_{tag}_s": round(a, 3), f"peer_{tag}_s": round(b, 3), f"ratio_{tag}": round(a / b, 3)})
     row["ours_bf16_speedup"] = round(row["ours_fp32_s"] / row["ours_bf16_s"], 2)
     return row
@@ -104,7 +104,7 @@ def main() -> None:
     ap.add_argument("--text", type=int, default=16, help="prompt tokens")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=5.0)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args()
     torch.manual_seed(0)
     rows = [compare(args.unet, build(args.unet).eval(), diffusers_unet, args)]

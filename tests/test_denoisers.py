@@ -77,6 +77,19 @@ def test_export_round_trip_and_unconditional_pixels(kind, tmp_path, seeded):
     assert m2.config == m.config and torch.equal(m(x, t), m2(x, t))
 
 
+def test_dit_blocks_start_as_identity_adaln_zero(seeded):
+    """adaLN-Zero in the adaLN-single form: zero shared modulation, zero tables, zero cross-attention
+    output, so a fresh block returns its input unchanged whatever the timestep and prompt."""
+    m = build("dit-tiny").eval()
+    h = torch.randn(2, 16, m.config.dim, generator=seeded)
+    mod = m.ada(torch.randn(2, m.config.dim, generator=seeded)).view(2, 6, -1)
+    ctx, mk = cond_batch(["a red fox", "blue"])
+    for block in m.blocks:
+        assert torch.equal(block(h, mod, m.caption(ctx), mk), h)
+    perturbed(m)
+    assert not torch.allclose(m.blocks[0](h, mod, m.caption(ctx), mk), h)
+
+
 def test_dit_unpatchify_inverts_patch_order(seeded):
     m = build("dit-tiny")
     x = torch.randn(2, 4, 8, 8, generator=seeded)
