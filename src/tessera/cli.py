@@ -138,6 +138,22 @@ def train_diffusion(data_dir, run_dir, preset, max_steps, resume, overrides, arc
     click.echo(json.dumps(logs))
 
 
+@train.command("sr")
+@_train_options
+@click.option("--tokenizer", default="vq-f8", show_default=True,
+              help="tokenizer whose round trip degrades half of the low-resolution inputs ('' = bicubic only)")
+def train_sr(data_dir, run_dir, preset, max_steps, resume, overrides, tokenizer) -> None:
+    """Train a super-resolution model (L1) on crops of a prepared high-resolution folder."""
+    from tessera.train.runs import run_training
+
+    try:
+        logs = run_training("sr", data_dir, run_dir, preset or "sr-compact-x4", max_steps, resume, list(overrides),
+                            task_updates={"tokenizer": tokenizer})
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        _fail(str(e))
+    click.echo(json.dumps(logs))
+
+
 @main.command("export")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False))
@@ -361,6 +377,26 @@ def sample_diffusion(prompt, model, tokenizer, text_encoder, seed, n, steps, cfg
     _save_grid(images, prompt, out, params, model=model, tokenizer=tokenizer, text_encoder=text_encoder)
 
 
+@main.command("upscale")
+@click.argument("src", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
+@click.option("--size", default=None, help="exact output size: N (square) or WxH, e.g. 1024 or 2048")
+@click.option("--scale", type=int, default=None, help="2 or 4 (instead of --size)")
+@click.option("--model", default="fast", show_default=True,
+              help="fast (Tessera's compact x4/x2) | x4plus (Real-ESRGAN) | a model folder or preset")
+@click.option("--tile", type=int, default=192, show_default=True, help="tile side in input pixels")
+@click.option("--bf16/--fp32", default=True, show_default=True)
+def upscale(src, out, size, scale, model, tile, bf16) -> None:
+    """Super-resolve SRC to exactly --size through the x4 / x2 cascade (tiled, bounded memory)."""
+    from tessera.superres.cascade import parse_size, upscale_file
+
+    try:
+        img = upscale_file(src, out, parse_size(size) if size else None, scale, model, tile=tile, bf16=bf16)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+        _fail(str(e))
+    click.echo(f"{out}  {img.width}x{img.height}")
+
+
 @main.group("eval")
 def eval_() -> None:
     """Evaluation."""
@@ -401,6 +437,36 @@ def eval_caption_margin(data_dir, model, cache, text, limit) -> None:
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
         _fail(str(e))
     click.echo(json.dumps({"model": model, **out}, indent=2))
+
+
+@eval_.command("sr")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="prepared folder of high-resolution photos (held-out: --split val)")
+@click.option("--model", "models", multiple=True, default=("fast",), show_default=True,
+              help="'fast', 'x4plus', or a model folder / preset (repeatable)")
+@click.option("--scale", type=int, default=4, show_default=True)
+@click.option("--split", default="val", type=click.Choice(["val", "train"]), show_default=True)
+@click.option("--bf16/--fp32", default=False, show_default=True)
+@click.option("--limit", type=int, default=None, help="evaluate only the first N images")
+def eval_sr(data_dir, models, scale, split, bf16, limit) -> None:
+    """PSNR / SSIM of bicubic, Lanczos and SR models on bicubic-downscaled held-out photos."""
+    from PIL import Image
+
+    from tessera.eval.sr import evaluate_sr, model_upscaler, pillow_upscaler
+    from tessera.superres.cascade import load_sr_models
+
+    try:
+        methods = {"bicubic": pillow_upscaler(scale, Image.Resampling.BICUBIC),
+                   "lanczos": pillow_upscaler(scale, Image.Resampling.LANCZOS)}
+        for name in models:
+            found = load_sr_models(name)
+            if scale not in found:
+                raise ValueError(f"{name!r} has no x{scale} model (has x{sorted(found)})")
+            methods[name] = model_upscaler(found[scale], scale, bf16)
+        out = evaluate_sr(methods, data_dir, scale, split, limit=limit)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+        _fail(str(e))
+    click.echo(json.dumps({"data": data_dir, "split": split, "scale": scale, "results": out}, indent=2))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -47,7 +47,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     # super-resolution: Real-ESRGAN's x4plus architecture (pretrained weights: superres.pretrained) and
     # compact residual nets (SRVGGNetCompact) for Tessera's own fast x4 / x2 models
     "rrdb-x4": ("rrdbnet", dict(num_block=23, scale=4)),
-    "sr-compact-x4": ("srvgg", dict(num_feat=32, num_conv=8, upscale=4)),
+    "sr-compact-x4": ("srvgg", dict(num_feat=48, num_conv=12, upscale=4)),
     "sr-compact-x2": ("srvgg", dict(num_feat=32, num_conv=8, upscale=2)),
     # for tests: tiny and fast
     "ar-tiny": ("ar", dict(vocab_size=64, grid=(4, 4), dim=32, depth=2, heads=4, cond_dim=16, max_text_tokens=8)),

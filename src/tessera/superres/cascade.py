@@ -78,3 +78,58 @@ def upscale(img: Image.Image, target: Size, models: dict[int, nn.Module], **tili
         x = run_stage(models, factor, x, **tiling)
     out = to_image(x)
     return out if p.post is None else out.resize(p.post, Image.Resampling.LANCZOS)
+
+
+def load_sr_models(name: str) -> dict[int, nn.Module]:
+    """{scale: model} for a cascade. 'fast': Tessera's bundled sr-compact-x4 + sr-compact-x2;
+    'x4plus': the imported Real-ESRGAN x4plus (x2 stages = x4 then halve); anything else: one model
+    folder or preset (its own scale)."""
+    from tessera.registry import load
+    from tessera.superres.pretrained import NCNN_MODELS, load_pretrained
+
+    if name == "fast":
+        return {4: load("sr-compact-x4"), 2: load("sr-compact-x2")}
+    if name == "x4plus":
+        name = "realesrgan-x4plus"
+    if name in NCNN_MODELS:
+        m = load_pretrained(name)
+    else:
+        m = load(name)
+    if not hasattr(m, "scale"):
+        raise ValueError(f"{name!r} is not a super-resolution model (it is a {type(m).__name__})")
+    return {m.scale: m}
+
+
+def parse_size(text: str) -> Size:
+    """'1024' (square) or '1024x768' (width x height)."""
+    parts = text.lower().split("x")
+    try:
+        w, h = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+    except ValueError:
+        raise ValueError(f"--size {text!r}: expected N or WxH, e.g. 1024 or 1024x768") from None
+    if len(parts) > 2 or w < 1 or h < 1:
+        raise ValueError(f"--size {text!r}: expected N or WxH with positive sides")
+    return w, h
+
+
+def upscale_file(src: str, out: str, size: Size | None = None, scale: int | None = None, model: str = "fast",
+                 **tiling) -> Image.Image:
+    """Read `src` (safely decoded), upscale it to `size` or by `scale`, write `out`. Returns the image."""
+    from pathlib import Path
+
+    from tessera.data.decode import Rejected, decode_image
+
+    if (size is None) == (scale is None):
+        raise ValueError("give exactly one of --size and --scale")
+    try:
+        img = decode_image(Path(src).read_bytes())
+    except Rejected as e:
+        raise ValueError(f"{src}: cannot be read as an image ({e})") from None
+    if scale is not None:
+        if scale not in (2, 4):
+            raise ValueError(f"--scale {scale}: must be 2 or 4")
+        size = (img.width * scale, img.height * scale)
+    result = upscale(img, size, load_sr_models(model), **tiling)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    result.save(out)
+    return result

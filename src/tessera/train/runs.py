@@ -24,6 +24,10 @@ TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
                    ema_decay=0.999, max_steps=20000),
     "unet": dict(batch_size=32, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=500, ema_decay=0.999,
                  max_steps=20000),
+    "srvgg": dict(batch_size=16, lr=5e-4, betas=(0.9, 0.99), weight_decay=0.0, warmup_steps=200, ema_decay=0.999,
+                  max_steps=20000, val_every=500),
+    "rrdbnet": dict(batch_size=16, lr=2e-4, betas=(0.9, 0.99), weight_decay=0.0, warmup_steps=200,
+                    ema_decay=0.999, max_steps=20000, val_every=500),
     "dit": dict(batch_size=32, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=500, ema_decay=0.999,
                 max_steps=20000),
 }
@@ -46,6 +50,10 @@ def _task_classes(task_name: str):
         from tessera.train.diffusion import DiffusionTask, DiffusionTaskConfig
 
         return DiffusionTask, DiffusionTaskConfig
+    if task_name == "sr":
+        from tessera.train.sr import SRTask, SRTaskConfig
+
+        return SRTask, SRTaskConfig
     raise KeyError(f"unknown training task {task_name!r}")
 
 

@@ -1,0 +1,107 @@
+"""Training task for Tessera's own super-resolution models: L1 between the network's output and the
+high-resolution crop, on pairs whose low-resolution side is the bicubic downscale or (a fraction
+`tokenizer_fraction` of the time) the bicubic downscale after the tokenizer's round trip. The
+degraded images are computed once, at start-up; crops and flips are drawn per sample from the seed."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tessera.config import Config
+from tessera.data.dataset import ShardImages
+from tessera.eval.metrics import psnr, ssim
+from tessera.superres.degrade import bicubic_down, to_uint8, tokenizer_round_trip
+
+
+@dataclasses.dataclass
+class SRTaskConfig(Config):
+    crop: int = 128                 # high-resolution crop side (a multiple of the model's scale)
+    flip: bool = True
+    tokenizer: str = "vq-f8"        # '' = bicubic degradation only
+    tokenizer_fraction: float = 0.5
+    val_images: int = 20
+    border: int = 4                 # pixels ignored at the image border in validation PSNR / SSIM
+
+    def __post_init__(self):
+        if not 0 <= self.tokenizer_fraction <= 1:
+            raise ValueError(f"tokenizer_fraction={self.tokenizer_fraction} must be in [0, 1]")
+
+
+def degraded_pairs(images: ShardImages, scale: int, tokenizer: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """uint8 HR [N,3,H,W], bicubic LR [N,3,H/s,W/s] and, with a tokenizer, its round-tripped LR."""
+    pil = [images.image(i) for i in range(len(images))]
+    hr = torch.stack([to_uint8(im) for im in pil])
+    lr = torch.stack([to_uint8(bicubic_down(im, scale)) for im in pil])
+    tok = None
+    if tokenizer:
+        from tessera.registry import load
+
+        tok = tokenizer_round_trip(load(tokenizer), lr)
+    return hr, lr, tok
+
+
+class PairCrops(torch.utils.data.Dataset):
+    """(index, aug_seed) -> (lr [3,c/s,c/s], hr [3,c,c]) in [0, 1], aligned crops, reproducible from the seed."""
+
+    def __init__(self, hr, lr, tok, scale: int, cfg: SRTaskConfig):
+        if cfg.crop % scale:
+            raise ValueError(f"crop={cfg.crop} must be a multiple of the model's scale {scale}")
+        self.hr, self.lr, self.tok, self.scale, self.cfg = hr, lr, tok, scale, cfg
+
+    def __len__(self) -> int:
+        return len(self.hr)
+
+    def __getitem__(self, item: tuple[int, int]):
+        i, seed = item
+        g = torch.Generator().manual_seed(seed)
+        c, s = self.cfg.crop // self.scale, self.scale
+        _, h, w = self.lr[i].shape
+        top = int(torch.randint(0, h - c + 1, (1,), generator=g))
+        left = int(torch.randint(0, w - c + 1, (1,), generator=g))
+        use_tok = self.tok is not None and bool(torch.rand((), generator=g) < self.cfg.tokenizer_fraction)
+        lr = (self.tok if use_tok else self.lr)[i][:, top:top + c, left:left + c]
+        hr = self.hr[i][:, top * s:(top + c) * s, left * s:(left + c) * s]
+        if self.cfg.flip and bool(torch.rand((), generator=g) < 0.5):
+            lr, hr = lr.flip(-1), hr.flip(-1)
+        return lr.float() / 255, hr.float() / 255
+
+
+class SRTask:
+    def __init__(self, model: nn.Module, data_dir: str | Path, cfg: SRTaskConfig):
+        self.model, self.cfg = model, cfg
+        s = model.scale
+        hr, lr, tok = degraded_pairs(ShardImages(data_dir, "train"), s, cfg.tokenizer)
+        self.dataset = PairCrops(hr, lr, tok, s, cfg)
+        val = ShardImages(data_dir, "val")
+        if len(val) == 0:
+            raise ValueError(f"{data_dir}: the val split is empty; prepare with a larger --val-fraction")
+        n = min(cfg.val_images, len(val))
+        self.val_hr = torch.stack([to_uint8(val.image(i)) for i in range(n)])
+        self.val_lr = torch.stack([to_uint8(bicubic_down(val.image(i), s)) for i in range(n)])
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def optim_groups(self) -> dict[str, list]:
+        return {"model": list(self.model.parameters())}
+
+    def losses(self, batch, step: int):
+        lr, hr = batch
+        loss = F.l1_loss(self.model(lr).float(), hr)
+        return {"model": loss}, {"loss": float(loss.detach())}
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module, out_dir: Path, step: int) -> dict[str, float]:
+        """PSNR / SSIM of model(bicubic LR) against the held-out HR images, and of bicubic upscaling."""
+        model.eval()
+        b = self.cfg.border
+        hr = self.val_hr.float() / 127.5 - 1
+        sr = torch.cat([model(x.float()[None] / 255).clamp(0, 1) * 2 - 1 for x in self.val_lr])
+        up = F.interpolate(self.val_lr.float() / 127.5 - 1, scale_factor=model.scale, mode="bicubic").clamp(-1, 1)
+        crop = (slice(None), slice(None), slice(b, -b or None), slice(b, -b or None))
+        return {"psnr": float(psnr(sr[crop], hr[crop]).mean()), "ssim": float(ssim(sr[crop], hr[crop]).mean()),
+                "psnr_bicubic": float(psnr(up[crop], hr[crop]).mean())}
