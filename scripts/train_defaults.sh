@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The exact commands that rebuild Tessera's bundled default models from scratch (CPU, 2 cores).
 # Each training command resumes from its run folder when re-run (--resume), so it can be stopped and
-# continued across sessions. Usage: scripts/train_defaults.sh [tokenizer|ar|masked|diffusion|all]
+# continued across sessions. Usage: scripts/train_defaults.sh [tokenizer|ar|masked|diffusion|sr|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=.venv/bin/tessera
@@ -41,4 +41,18 @@ if [ "$WHAT" = diffusion ] || [ "$WHAT" = all ]; then
     --set train.val_every=1000 $(resume runs/unet-xs)
   $T export runs/unet-xs -o src/tessera/weights/unet-xs --dtype float16
   $T eval caption-margin --data data/demo128 --model unet-xs
+fi
+
+if [ "$WHAT" = sr ] || [ "$WHAT" = all ]; then
+  # the fast super-resolution models: photos >= 256 px (Tux Paint stamps + MATE backgrounds), DOWNscaled to
+  # 256 (--min-size = --size: no image is upscaled, so every high-resolution target is a real one)
+  [ -f data/photos256/report.json ] || $T data prepare /usr/share/tuxpaint/stamps /usr/share/backgrounds/mate \
+    --out data/photos256 --size 256 --min-size 256 --val-fraction 0.1
+  $T train sr --data data/photos256 --out runs/sr-x4 --preset sr-compact-x4 --tokenizer vq-f8 \
+    --set train.max_steps=${SR4_STEPS:-6000} $(resume runs/sr-x4)
+  $T export runs/sr-x4 -o src/tessera/weights/sr-compact-x4 --dtype float16
+  $T train sr --data data/photos256 --out runs/sr-x2 --preset sr-compact-x2 --tokenizer "" \
+    --set train.max_steps=${SR2_STEPS:-4000} $(resume runs/sr-x2)
+  $T export runs/sr-x2 -o src/tessera/weights/sr-compact-x2 --dtype float16
+  $T eval sr --data data/photos256 --model fast --model x4plus
 fi

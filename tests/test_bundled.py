@@ -58,3 +58,34 @@ def test_bundled_unet_xs_samples_follow_the_prompt_colour():
     assert all(im.size == (128, 128) for im in face + snow)
     # yellow faces (green - blue high) vs a blue-white snowman (green - blue low or negative)
     assert _colourfulness(face)[1] - _colourfulness(snow)[1] > 40, (_colourfulness(face), _colourfulness(snow))
+
+
+HELD_OUT_STAMPS = [  # in the val split of data/photos256 (prepare's split is fixed by each file's sha256)
+    "/usr/share/tuxpaint/stamps/animals/fish/lobster.png",
+    "/usr/share/tuxpaint/stamps/plants/trees/holm_oak.png",
+    "/usr/share/tuxpaint/stamps/vehicles/wheel_tractor.png",
+]
+
+
+def test_bundled_fast_sr_beats_bicubic_on_held_out_photos(tmp_path):
+    """sr-compact-x4 on real photos it never trained on: bicubic-downscaled x4, upscaled back."""
+    import os
+
+    import pytest
+
+    from tessera.data.decode import decode_image, resize_center_crop
+    from tessera.superres.cascade import load_sr_models, upscale
+
+    paths = [p for p in HELD_OUT_STAMPS if os.path.exists(p)]
+    if not paths:
+        pytest.skip("tuxpaint-stamps-default is not installed (scripts/setup.sh installs it as root)")
+    models = load_sr_models("fast")
+    assert set(models) == {2, 4} and models[4].meta["kind"] == "srvgg"
+    gains = []
+    for p in paths:
+        hr = resize_center_crop(decode_image(open(p, "rb").read()), 256)
+        lr = hr.resize((64, 64), Image.Resampling.BICUBIC)
+        ref = to_tensor(hr)[None]
+        bic = float(psnr(to_tensor(lr.resize((256, 256), Image.Resampling.BICUBIC))[None], ref))
+        gains.append(float(psnr(to_tensor(upscale(lr, (256, 256), models))[None], ref)) - bic)
+    assert sum(gains) / len(gains) > 1.0, gains
