@@ -448,14 +448,19 @@ def eval_caption_margin(data_dir, model, cache, text, limit) -> None:
 @click.option("--split", default="val", type=click.Choice(["val", "train"]), show_default=True)
 @click.option("--bf16/--fp32", default=False, show_default=True)
 @click.option("--limit", type=int, default=None, help="evaluate only the first N images")
-def eval_sr(data_dir, models, scale, split, bf16, limit) -> None:
+@click.option("--degrade", default="bicubic", type=click.Choice(["bicubic", "tokenizer"]), show_default=True,
+              help="tokenizer: the bicubic input also goes through the tokenizer's round trip")
+@click.option("--tokenizer", default="vq-f8", show_default=True, help="tokenizer for --degrade tokenizer")
+def eval_sr(data_dir, models, scale, split, bf16, limit, degrade, tokenizer) -> None:
     """PSNR / SSIM of bicubic, Lanczos and SR models on bicubic-downscaled held-out photos."""
     from PIL import Image
 
-    from tessera.eval.sr import evaluate_sr, model_upscaler, pillow_upscaler
+    import tessera
+    from tessera.eval.sr import evaluate_sr, model_upscaler, pillow_upscaler, tokenizer_degrader
     from tessera.superres.cascade import load_sr_models
 
     try:
+        degrader = tokenizer_degrader(tessera.load(tokenizer)) if degrade == "tokenizer" else None
         methods = {"bicubic": pillow_upscaler(scale, Image.Resampling.BICUBIC),
                    "lanczos": pillow_upscaler(scale, Image.Resampling.LANCZOS)}
         for name in models:
@@ -463,10 +468,11 @@ def eval_sr(data_dir, models, scale, split, bf16, limit) -> None:
             if scale not in found:
                 raise ValueError(f"{name!r} has no x{scale} model (has x{sorted(found)})")
             methods[name] = model_upscaler(found[scale], scale, bf16)
-        out = evaluate_sr(methods, data_dir, scale, split, limit=limit)
+        out = evaluate_sr(methods, data_dir, scale, split, limit=limit, degrade=degrader)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
         _fail(str(e))
-    click.echo(json.dumps({"data": data_dir, "split": split, "scale": scale, "results": out}, indent=2))
+    click.echo(json.dumps({"data": data_dir, "split": split, "scale": scale, "degrade": degrade, "results": out},
+                          indent=2))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,9 +27,21 @@ def model_upscaler(model, scale: int, bf16: bool = False, tile: int = 192) -> Up
     return lambda im: to_image(upscale_tiled(model, to_unit(im), scale, tile=tile, bf16=bf16))
 
 
+def tokenizer_degrader(vq) -> Callable[[Image.Image], Image.Image]:
+    """Bicubic LR -> the tokenizer's encode + decode of it (what SR sees behind a generator)."""
+    from tessera.superres.degrade import to_uint8, tokenizer_round_trip
+
+    def degrade(im: Image.Image) -> Image.Image:
+        out = tokenizer_round_trip(vq, to_uint8(im)[None])[0]  # (3, h, w) uint8
+        return Image.fromarray(out.permute(1, 2, 0).numpy())
+    return degrade
+
+
 @torch.no_grad()
 def evaluate_sr(methods: dict[str, Upscaler], data_dir: str, scale: int = 4, split: str = "val",
-                border: int = 4, limit: int | None = None) -> dict[str, dict[str, float]]:
+                border: int = 4, limit: int | None = None,
+                degrade: Callable[[Image.Image], Image.Image] | None = None) -> dict[str, dict[str, float]]:
+    """`degrade` (optional) is applied to the bicubic low-resolution image before upscaling."""
     ds = ShardImages(data_dir, split)
     n = len(ds) if limit is None else min(limit, len(ds))
     if n == 0:
@@ -39,6 +51,7 @@ def evaluate_sr(methods: dict[str, Upscaler], data_dir: str, scale: int = 4, spl
     for i in range(n):
         hr = ds.image(i)
         lr = bicubic_down(hr, scale)
+        lr = degrade(lr) if degrade is not None else lr
         ref = to_tensor(hr)[None][crop]
         for name, up in methods.items():
             t0 = time.perf_counter()
