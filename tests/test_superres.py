@@ -197,6 +197,13 @@ def test_train_export_eval_and_upscale_cli(tiny_dataset, tmp_path):
     assert res.exit_code == 0, res.output
     results = json.loads(res.output)["results"]
     assert set(results) == {"bicubic", "lanczos", str(model)} and results[str(model)]["psnr"] > 10
+    bic = {}
+    for degrade in ("bicubic", "tokenizer"):
+        res = r.invoke(main, ["eval", "sr", "--data", str(tiny_dataset), "--model", str(model), "--scale", "2",
+                              "--degrade", degrade, "--limit", "2"])
+        assert res.exit_code == 0, res.output
+        bic[degrade] = json.loads(res.output)["results"]["bicubic"]["psnr"]
+    assert bic["tokenizer"] < bic["bicubic"] - 0.5  # the round trip ran and lost detail
     src = tmp_path / "in.png"
     Image.fromarray(np.random.RandomState(0).randint(0, 255, (20, 24, 3), dtype=np.uint8)).save(src)
     res = r.invoke(main, ["upscale", str(src), "-o", str(tmp_path / "o.png"), "--size", "96x80", "--model", str(model)])
