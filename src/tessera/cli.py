@@ -439,6 +439,22 @@ def eval_caption_margin(data_dir, model, cache, text, limit) -> None:
     click.echo(json.dumps({"model": model, **out}, indent=2))
 
 
+@eval_.command("fid")
+@click.option("--real", required=True, type=click.Path(exists=True, file_okay=False), help="folder of reference images")
+@click.option("--fake", required=True, type=click.Path(exists=True, file_okay=False), help="folder of generated images")
+@click.option("--kid-subsets", type=int, default=100, show_default=True)
+@click.option("--kid-subset-size", type=int, default=1000, show_default=True)
+def eval_fid(real, fake, kid_subsets, kid_subset_size) -> None:
+    """Fréchet distance and KID between two image folders (offline feature space: open_nsfw ResNet-50)."""
+    from tessera.eval.frechet import compare_folders
+
+    try:
+        out = compare_folders(real, fake, kid_subsets, kid_subset_size)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(str(e))
+    click.echo(json.dumps({"real": real, "fake": fake, **out}, indent=2))
+
+
 @eval_.command("sr")
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="prepared folder of high-resolution photos (held-out: --split val)")

@@ -1,0 +1,101 @@
+"""Distribution distances between two sets of images, computed on features of a fixed network.
+
+* Fréchet distance (Heusel et al. 2017, the "FID" formula):
+      d^2 = ||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2})
+  with Tr((S_1 S_2)^{1/2}) = sum_i sqrt(lambda_i(S_1^{1/2} S_2 S_1^{1/2})), eigenvalues of a symmetric
+  PSD matrix, in float64 (no complex sqrtm).
+* Kernel distance (Binkowski et al. 2018, "KID"): the unbiased MMD^2 with the cubic polynomial kernel
+  k(x, y) = (x.y / d + 1)^3, averaged over random subsets, with its standard deviation.
+
+The feature space is named in every result. Offline here: the pooled 1024-d features of the pretrained
+open_nsfw ResNet-50 (`tokenizer.perceptual`), which are NOT Inception features: the numbers are not
+comparable to published FID / KID.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+OPEN_NSFW_SPACE = "open_nsfw ResNet-50 global-average-pooled features (1024-d), 224x224 bilinear; NOT Inception"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def _sqrt_psd(a: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
+        raise ValueError(f"mismatched statistics: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / {s2.shape}")
+    r = _sqrt_psd(s1)
+    eig = np.linalg.eigvalsh(r @ s2 @ r)
+    tr_covmean = float(np.sqrt(np.clip(eig, 0, None)).sum())
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean [D] and unbiased covariance [D,D] of features [N,D] (float64)."""
+    f = np.asarray(features, np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"need features [N>=2, D], got shape {f.shape}")
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def kernel_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
+                    seed: int = 0) -> tuple[float, float]:
+    """KID: mean and std over `subsets` random subsets of the unbiased polynomial-kernel MMD^2."""
+    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+    m = min(subset_size, len(f1), len(f2))
+    if m < 2:
+        raise ValueError("KID needs at least 2 images on each side")
+    d, rng, vals = f1.shape[1], np.random.default_rng(seed), []
+    for _ in range(subsets):
+        x = f1[rng.choice(len(f1), m, replace=False)]
+        y = f2[rng.choice(len(f2), m, replace=False)]
+        kxx, kyy, kxy = ((x @ x.T) / d + 1) ** 3, ((y @ y.T) / d + 1) ** 3, ((x @ y.T) / d + 1) ** 3
+        off = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        vals.append(off - 2 * kxy.mean())
+    return float(np.mean(vals)), float(np.std(vals))
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(files) < 2:
+        raise ValueError(f"{folder}: needs at least 2 images ({', '.join(sorted(IMAGE_SUFFIXES))}), found {len(files)}")
+    return files
+
+
+@torch.no_grad()
+def open_nsfw_features(files: list[Path], net=None, batch: int = 32) -> np.ndarray:
+    """[N, 1024] pooled features; images decoded safely, RGB, resized to 224x224 (bilinear)."""
+    from tessera.data.decode import Rejected, decode_image
+    from tessera.data.dataset import to_tensor
+    from tessera.tokenizer.perceptual import load_open_nsfw
+
+    net = net if net is not None else load_open_nsfw()
+    out = []
+    for s in range(0, len(files), batch):
+        ims = []
+        for f in files[s:s + batch]:
+            try:
+                ims.append(to_tensor(decode_image(f.read_bytes()).resize((224, 224), Image.Resampling.BILINEAR)))
+            except Rejected as e:
+                raise ValueError(f"{f}: not a readable image ({e})") from None
+        h = net.features(torch.stack(ims))[-1]  # (B, 1024, 7, 7)
+        out.append(h.mean(dim=(2, 3)).double().numpy())
+    return np.concatenate(out)
+
+
+def compare_folders(real: str | Path, fake: str | Path, kid_subsets: int = 100, kid_subset_size: int = 1000) -> dict:
+    """Fréchet and kernel distance between two folders of images, in the open_nsfw feature space."""
+    fr, ff = list_images(real), list_images(fake)
+    a, b = open_nsfw_features(fr), open_nsfw_features(ff)
+    kid, kid_std = kernel_distance(a, b, kid_subsets, kid_subset_size)
+    return {"feature_space": OPEN_NSFW_SPACE, "frechet_distance": frechet_distance(*statistics(a), *statistics(b)),
+            "kid": kid, "kid_std": kid_std, "n_real": len(fr), "n_fake": len(ff)}
