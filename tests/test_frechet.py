@@ -65,3 +65,36 @@ def test_eval_fid_cli_is_exactly_reproducible_and_names_its_features(tmp_path):
     assert abs(self_out["frechet_distance"]) < 1e-6 * out["frechet_distance"]
     bad = r.invoke(main, ["eval", "fid", "--real", str(real), "--fake", str(empty)])
     assert bad.exit_code != 0 and "at least 2 images" in bad.output
+
+
+def test_inception_score_formula_extremes():
+    from tessera.eval.frechet import inception_score
+
+    uniform = np.zeros((40, 10))
+    assert inception_score(uniform, splits=4)[0] == pytest.approx(1.0)
+    confident = np.full((40, 10), -50.0)
+    confident[np.arange(40), np.arange(40) % 10] = 50.0  # each image sure of one class, all 10 used equally
+    mean, std = inception_score(confident, splits=4)
+    assert mean == pytest.approx(10.0, rel=1e-6) and std < 1e-6
+
+
+def test_eval_fid_with_inception_weights_file(tmp_path):
+    import torch
+
+    from tessera.eval.inception import FIDInceptionV3
+
+    real, fake = tmp_path / "real", tmp_path / "fake"
+    real.mkdir(), fake.mkdir()
+    for i in range(4):
+        photo_like(i, (48, 40)).save(real / f"{i}.png")
+        photo_like(50 + i, (40, 48)).save(fake / f"{i}.png")  # sizes differ: each image is resized alone
+    torch.manual_seed(0)
+    torch.save(FIDInceptionV3().state_dict(), tmp_path / "inception.pth")  # random weights, same format
+    res = CliRunner().invoke(main, ["eval", "fid", "--real", str(real), "--fake", str(fake), "--kid-subsets", "3",
+                                    "--inception-weights", str(tmp_path / "inception.pth")])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["feature_space"].startswith("Inception-v3") and out["inception_score"] >= 1.0
+    bad = CliRunner().invoke(main, ["eval", "fid", "--real", str(real), "--fake", str(fake),
+                                    "--inception-weights", str(tmp_path / "missing.pth")])
+    assert bad.exit_code != 0 and "pt_inception" in bad.output

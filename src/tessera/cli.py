@@ -444,12 +444,14 @@ def eval_caption_margin(data_dir, model, cache, text, limit) -> None:
 @click.option("--fake", required=True, type=click.Path(exists=True, file_okay=False), help="folder of generated images")
 @click.option("--kid-subsets", type=int, default=100, show_default=True)
 @click.option("--kid-subset-size", type=int, default=1000, show_default=True)
-def eval_fid(real, fake, kid_subsets, kid_subset_size) -> None:
+@click.option("--inception-weights", default=None, type=click.Path(dir_okay=False),
+              help="pt_inception-2015-12-05-6726825d.pth: real FID / KID / IS (default: open_nsfw features)")
+def eval_fid(real, fake, kid_subsets, kid_subset_size, inception_weights) -> None:
     """Fréchet distance and KID between two image folders (offline feature space: open_nsfw ResNet-50)."""
     from tessera.eval.frechet import compare_folders
 
     try:
-        out = compare_folders(real, fake, kid_subsets, kid_subset_size)
+        out = compare_folders(real, fake, kid_subsets, kid_subset_size, inception_weights)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(str(e))
     click.echo(json.dumps({"real": real, "fake": fake, **out}, indent=2))

@@ -92,10 +92,56 @@ def open_nsfw_features(files: list[Path], net=None, batch: int = 32) -> np.ndarr
     return np.concatenate(out)
 
 
-def compare_folders(real: str | Path, fake: str | Path, kid_subsets: int = 100, kid_subset_size: int = 1000) -> dict:
-    """Fréchet and kernel distance between two folders of images, in the open_nsfw feature space."""
+INCEPTION_SPACE = ("Inception-v3 pt_inception-2015-12-05 pool3 (2048-d), native-size images resized to 299 "
+                   "bilinear: the pytorch-fid / torch-fidelity FID space")
+
+
+@torch.no_grad()
+def inception_outputs(files: list[Path], net) -> tuple[np.ndarray, np.ndarray]:
+    """pool3 features [N, 2048] and logits [N, 1008]; each image at its own size, in [0, 1] (pytorch-fid)."""
+    from tessera.data.decode import Rejected, decode_image
+
+    feats, logits = [], []
+    for f in files:
+        try:
+            im = decode_image(f.read_bytes())
+        except Rejected as e:
+            raise ValueError(f"{f}: not a readable image ({e})") from None
+        x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+        pool, lg = net(x)
+        feats.append(pool.double().numpy())
+        logits.append(lg.double().numpy())
+    return np.concatenate(feats), np.concatenate(logits)
+
+
+def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
+    """IS = exp(E_x KL(p(y|x) || p(y))) per split of the images (Salimans et al. 2016): mean and std."""
+    z = np.asarray(logits, np.float64)
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    scores = []
+    for part in np.array_split(p, splits):
+        py = part.mean(0, keepdims=True)
+        kl = (part * (np.log(np.clip(part, 1e-30, None)) - np.log(np.clip(py, 1e-30, None)))).sum(1)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def compare_folders(real: str | Path, fake: str | Path, kid_subsets: int = 100, kid_subset_size: int = 1000,
+                    inception_weights: str | Path | None = None) -> dict:
+    """Fréchet and kernel distance between two folders of images: in the standard Inception space when
+    its weights file is given (plus the Inception Score of the fake images), else in open_nsfw's."""
     fr, ff = list_images(real), list_images(fake)
-    a, b = open_nsfw_features(fr), open_nsfw_features(ff)
+    extra: dict = {}
+    if inception_weights:
+        from tessera.eval.inception import load_fid_inception
+
+        net = load_fid_inception(inception_weights)
+        (a, _), (b, logits) = inception_outputs(fr, net), inception_outputs(ff, net)
+        space = INCEPTION_SPACE
+        extra["inception_score"], extra["inception_score_std"] = inception_score(logits, min(10, len(ff)))
+    else:
+        a, b, space = open_nsfw_features(fr), open_nsfw_features(ff), OPEN_NSFW_SPACE
     kid, kid_std = kernel_distance(a, b, kid_subsets, kid_subset_size)
-    return {"feature_space": OPEN_NSFW_SPACE, "frechet_distance": frechet_distance(*statistics(a), *statistics(b)),
-            "kid": kid, "kid_std": kid_std, "n_real": len(fr), "n_fake": len(ff)}
+    return {"feature_space": space, "frechet_distance": frechet_distance(*statistics(a), *statistics(b)),
+            "kid": kid, "kid_std": kid_std, **extra, "n_real": len(fr), "n_fake": len(ff)}
