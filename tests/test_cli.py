@@ -73,6 +73,11 @@ def test_data_prepare_cli_and_eval(tmp_path, tiny_model):
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert res["images"] == 6 and 0 < res["psnr"] < 60 and 0 < res["codebook_usage"] <= 1
+    assert "rfd" not in res
+    r = run("eval", "reconstruction", "--data", tmp_path / "out", "--model", tiny_model, "--split", "all", "--rfd")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["rfd"] > 0 and "NOT Inception" in res["rfd_feature_space"]  # an untrained tokenizer is far off
     r = run("data", "prepare", tmp_path / "missing", "--out", tmp_path / "o2")
     assert r.exit_code != 0 and "no such file" in r.output
 

@@ -408,14 +408,15 @@ def eval_() -> None:
 @click.option("--split", default="val", type=click.Choice(["val", "train", "all"]), show_default=True)
 @click.option("--bf16/--fp32", default=False, show_default=True)
 @click.option("--limit", type=int, default=None, help="evaluate only the first N images")
-def eval_reconstruction(data_dir, model, split, bf16, limit) -> None:
+@click.option("--rfd", is_flag=True, help="also the Fréchet distance of reconstructions to originals (open_nsfw space)")
+def eval_reconstruction(data_dir, model, split, bf16, limit, rfd) -> None:
     """PSNR / SSIM / codebook usage of a tokenizer on a prepared split (held-out: val)."""
     from tessera.eval.reconstruction import evaluate_reconstruction
     from tessera.tokenizer.tools import load_tokenizer
 
     try:
         m = load_tokenizer(model)
-        out = evaluate_reconstruction(m, data_dir, None if split == "all" else split, bf16=bf16, limit=limit)
+        out = evaluate_reconstruction(m, data_dir, None if split == "all" else split, bf16=bf16, limit=limit, rfd=rfd)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(str(e))
     click.echo(json.dumps({"model": model, **out}, indent=2))

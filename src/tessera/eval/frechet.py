@@ -72,24 +72,30 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 @torch.no_grad()
-def open_nsfw_features(files: list[Path], net=None, batch: int = 32) -> np.ndarray:
-    """[N, 1024] pooled features; images decoded safely, RGB, resized to 224x224 (bilinear)."""
-    from tessera.data.decode import Rejected, decode_image
+def open_nsfw_pooled(images: list[Image.Image], net=None, batch: int = 32) -> np.ndarray:
+    """[N, 1024] pooled features of RGB images, each resized to 224x224 (Pillow bilinear)."""
     from tessera.data.dataset import to_tensor
     from tessera.tokenizer.perceptual import load_open_nsfw
 
     net = net if net is not None else load_open_nsfw()
     out = []
-    for s in range(0, len(files), batch):
-        ims = []
-        for f in files[s:s + batch]:
-            try:
-                ims.append(to_tensor(decode_image(f.read_bytes()).resize((224, 224), Image.Resampling.BILINEAR)))
-            except Rejected as e:
-                raise ValueError(f"{f}: not a readable image ({e})") from None
-        h = net.features(torch.stack(ims))[-1]  # (B, 1024, 7, 7)
-        out.append(h.mean(dim=(2, 3)).double().numpy())
+    for s in range(0, len(images), batch):
+        x = torch.stack([to_tensor(im.resize((224, 224), Image.Resampling.BILINEAR)) for im in images[s:s + batch]])
+        out.append(net.features(x)[-1].mean(dim=(2, 3)).double().numpy())  # (B, 1024, 7, 7) -> (B, 1024)
     return np.concatenate(out)
+
+
+def open_nsfw_features(files: list[Path], net=None) -> np.ndarray:
+    """`open_nsfw_pooled` of image files, decoded safely."""
+    from tessera.data.decode import Rejected, decode_image
+
+    ims = []
+    for f in files:
+        try:
+            ims.append(decode_image(f.read_bytes()))
+        except Rejected as e:
+            raise ValueError(f"{f}: not a readable image ({e})") from None
+    return open_nsfw_pooled(ims, net)
 
 
 INCEPTION_SPACE = ("Inception-v3 pt_inception-2015-12-05 pool3 (2048-d), native-size images resized to 299 "

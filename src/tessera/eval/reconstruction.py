@@ -5,13 +5,13 @@ import time
 
 import torch
 
-from tessera.data.dataset import ShardImages
+from tessera.data.dataset import ShardImages, to_pil
 from tessera.eval.metrics import psnr, ssim
 
 
 @torch.no_grad()
 def evaluate_reconstruction(model, data_dir: str, split: str | None = "val", batch_size: int = 16,
-                            bf16: bool = False, limit: int | None = None) -> dict:
+                            bf16: bool = False, limit: int | None = None, rfd: bool = False) -> dict:
     """Round-trip every image of `split` through encode -> decode_tokens; images never seen in training
     when split='val' (the split is fixed by each image's sha256 at prepare time)."""
     ds = ShardImages(data_dir, split)
@@ -22,6 +22,7 @@ def evaluate_reconstruction(model, data_dir: str, split: str | None = "val", bat
     k = model.config.codebook_size
     counts = torch.zeros(k, dtype=torch.int64)
     p_all, s_all, t0 = [], [], time.time()
+    originals, recons = [], []
     for start in range(0, n, batch_size):
         x = torch.stack([ds[i][0] for i in range(start, min(n, start + batch_size))])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -30,9 +31,18 @@ def evaluate_reconstruction(model, data_dir: str, split: str | None = "val", bat
         counts += torch.bincount(tokens.flatten(), minlength=k)
         p_all.append(psnr(rec, x))
         s_all.append(ssim(rec, x))
+        if rfd:
+            originals += [to_pil(im) for im in x]
+            recons += [to_pil(im) for im in rec]
     p, s = torch.cat(p_all), torch.cat(s_all)
     prob = counts.double() / counts.sum()
-    return {"split": split, "images": n, "psnr": float(p.mean()), "psnr_median": float(p.median()),
+    extra = {}
+    if rfd:  # Fréchet distance between the originals and their reconstructions ("rFD")
+        from tessera.eval.frechet import OPEN_NSFW_SPACE, frechet_distance, open_nsfw_pooled, statistics
+
+        a, b = open_nsfw_pooled(originals), open_nsfw_pooled(recons)
+        extra = {"rfd": frechet_distance(*statistics(a), *statistics(b)), "rfd_feature_space": OPEN_NSFW_SPACE}
+    return {**extra, "split": split, "images": n, "psnr": float(p.mean()), "psnr_median": float(p.median()),
             "ssim": float(s.mean()), "codebook_usage": float((counts > 0).double().mean()),
             "perplexity": float(torch.exp(-(prob * prob.clamp_min(1e-12).log()).sum())),
             "tokens": int(counts.sum()), "seconds": round(time.time() - t0, 2)}
