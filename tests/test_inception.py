@@ -1,6 +1,6 @@
 """Our FID Inception-v3 against pytorch-fid's, with the same random weights (the real weights cannot be
-downloaded here). pytorch-fid needs torchvision; the only PyPI torchvision for torch 2.13 is the CUDA
-build, whose C++ ops do not load beside CPU torch, so set-up unpacks it (and pytorch-fid) into
+downloaded here), and our KID / IS against torch-fidelity's. Both need torchvision; the only PyPI torchvision for torch 2.13 is the CUDA
+build, whose C++ ops do not load beside CPU torch, so set-up unpacks it (and pytorch-fid, torch-fidelity) into
 .venv/fid-reference, used only here, and two op schemas are declared so its Python code imports."""
 import sys
 from pathlib import Path
@@ -14,22 +14,47 @@ REF = Path(__file__).resolve().parents[1] / ".venv" / "fid-reference"
 
 
 @pytest.fixture(scope="module")
-def pytorch_fid():
-    if not (REF / "pytorch_fid").is_dir():
-        pytest.skip("scripts/setup.sh unpacks the pytorch-fid reference into .venv/fid-reference")
+def references():
+    """pytorch_fid.inception, torch_fidelity.metric_kid, torch_fidelity.metric_isc."""
+    if not (REF / "pytorch_fid").is_dir() or not (REF / "torch_fidelity").is_dir():
+        pytest.skip("scripts/setup.sh unpacks pytorch-fid and torch-fidelity into .venv/fid-reference")
     if not hasattr(torch.ops.torchvision, "nms"):
         lib = torch.library.Library("torchvision", "DEF")  # what torchvision's missing C++ ops would declare
         lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
         lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        pytorch_fid._lib = lib  # keep the registration alive
+        references.lib = lib  # keep the registration alive
     sys.path.insert(0, str(REF))
     try:
         from pytorch_fid import inception
+        from torch_fidelity import metric_isc, metric_kid
     finally:
         sys.path.remove(str(REF))
-    yield inception
-    for name in [n for n in sys.modules if n.split(".")[0] in ("torchvision", "pytorch_fid")]:
+    yield inception, metric_kid, metric_isc
+    for name in [n for n in sys.modules if n.split(".")[0] in ("torchvision", "pytorch_fid", "torch_fidelity")]:
         del sys.modules[name]  # later tests (transformers, diffusers) must not see this torchvision
+
+
+@pytest.fixture(scope="module")
+def pytorch_fid(references):
+    return references[0]
+
+
+def test_kid_and_inception_score_equal_torch_fidelity(references):
+    from tessera.eval.frechet import inception_score, kernel_distance
+
+    _, metric_kid, metric_isc = references
+    g = torch.Generator().manual_seed(0)
+    f1, f2 = torch.randn(60, 32, generator=g, dtype=torch.float64), torch.randn(50, 32, generator=g, dtype=torch.float64) + 0.3
+    ref = metric_kid.kid_features_to_metric(f1, f2, kid_subsets=7, kid_subset_size=40, rng_seed=2020, verbose=False,
+                                            kid_kernel="poly", kid_degree=3, kid_gamma=None, kid_coef0=1)
+    ours = kernel_distance(f1.numpy(), f2.numpy(), subsets=7, subset_size=40, seed=2020)
+    assert ours[0] == pytest.approx(ref["kernel_inception_distance_mean"], rel=1e-9)
+    assert ours[1] == pytest.approx(ref["kernel_inception_distance_std"], rel=1e-9)
+    logits = torch.randn(53, 1008, generator=g, dtype=torch.float64) * 3
+    ref = metric_isc.isc_features_to_metric(logits, splits=10, shuffle=True, rng_seed=2020)
+    mean, std = inception_score(logits.numpy(), splits=10, seed=2020)
+    assert mean == pytest.approx(ref["inception_score_mean"], rel=1e-9) and mean > 1
+    assert std == pytest.approx(ref["inception_score_std"], rel=1e-9)
 
 
 def randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

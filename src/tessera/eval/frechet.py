@@ -48,13 +48,15 @@ def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def kernel_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
-                    seed: int = 0) -> tuple[float, float]:
-    """KID: mean and std over `subsets` random subsets of the unbiased polynomial-kernel MMD^2."""
+                    seed: int = 2020) -> tuple[float, float]:
+    """KID: mean and std over `subsets` random subsets of the unbiased polynomial-kernel MMD^2. Subsets
+    are drawn as torch-fidelity draws them (RandomState(seed).choice, its default seed 2020), so the
+    same features give the same number in both."""
     f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
     m = min(subset_size, len(f1), len(f2))
     if m < 2:
         raise ValueError("KID needs at least 2 images on each side")
-    d, rng, vals = f1.shape[1], np.random.default_rng(seed), []
+    d, rng, vals = f1.shape[1], np.random.RandomState(seed), []
     for _ in range(subsets):
         x = f1[rng.choice(len(f1), m, replace=False)]
         y = f2[rng.choice(len(f2), m, replace=False)]
@@ -120,13 +122,18 @@ def inception_outputs(files: list[Path], net) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(feats), np.concatenate(logits)
 
 
-def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
-    """IS = exp(E_x KL(p(y|x) || p(y))) per split of the images (Salimans et al. 2016): mean and std."""
+def inception_score(logits: np.ndarray, splits: int = 10, seed: int | None = 2020) -> tuple[float, float]:
+    """IS = exp(E_x KL(p(y|x) || p(y))) per split of the images (Salimans et al. 2016): mean and std.
+    Rows are shuffled with RandomState(seed) and split at i*N//splits, as torch-fidelity does
+    (seed None: file order)."""
     z = np.asarray(logits, np.float64)
+    if seed is not None:
+        z = z[np.random.RandomState(seed).permutation(len(z))]
     p = np.exp(z - z.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
-    scores = []
-    for part in np.array_split(p, splits):
+    n, scores = len(p), []
+    for i in range(splits):
+        part = p[i * n // splits:(i + 1) * n // splits]
         py = part.mean(0, keepdims=True)
         kl = (part * (np.log(np.clip(part, 1e-30, None)) - np.log(np.clip(py, 1e-30, None)))).sum(1)
         scores.append(np.exp(kl.mean()))
