@@ -89,3 +89,19 @@ def test_bundled_fast_sr_beats_bicubic_on_held_out_photos(tmp_path):
         bic = float(psnr(to_tensor(lr.resize((256, 256), Image.Resampling.BICUBIC))[None], ref))
         gains.append(float(psnr(to_tensor(upscale(lr, (256, 256), models))[None], ref)) - bic)
     assert sum(gains) / len(gains) > 1.0, gains
+
+
+def test_tessera_generate_with_the_bundled_defaults(tmp_path):
+    """The README's `tessera generate`: bundled unet-xs + vq-f8 + fast SR, exact size, parameters in the PNG."""
+    import json
+
+    out = tmp_path / "apple.png"
+    r = CliRunner().invoke(main, ["generate", "grinning face emoji", "-o", str(out), "--size", "256", "--steps", "8"])
+    assert r.exit_code == 0, r.output
+    im = Image.open(out)
+    assert im.size == (256, 256)
+    record = json.loads(im.text["tessera"])
+    assert record["model"] == "unet-xs" and record["steps"] == 8 and record["prompt"] == "grinning face emoji"
+    assert _colourfulness([im.convert("RGB")])[1] > 40  # a yellow face, as in the unet-xs test
+    bad = CliRunner().invoke(main, ["generate", "x", "-o", str(tmp_path / "b.png"), "--size", "-1"])
+    assert bad.exit_code != 0 and "size" in bad.output and not (tmp_path / "b.png").exists()

@@ -354,27 +354,46 @@ def inpaint(image, mask_path, prompt, **kw) -> None:
 def sample_diffusion(prompt, model, tokenizer, text_encoder, seed, n, steps, cfg_scale, method, eta,
                      negative_prompt, fp32, out) -> None:
     """Sample N images for PROMPT with a diffusion denoiser; writes a grid PNG with its parameters."""
-    import tessera
-    from tessera.pipelines.diffusion import DiffusionPipeline, DiffusionSampleParams
-    from tessera.text import PromptError, load_text_encoder
-    from tessera.tokenizer.tools import load_tokenizer
+    from tessera.pipelines.diffusion import DiffusionSampleParams, load_diffusion_pipeline
+    from tessera.text import PromptError
 
     from tqdm import tqdm
 
     params = DiffusionSampleParams(seed, n, steps, cfg_scale, method, eta, negative_prompt, not fp32)
     try:
-        den = tessera.load(model)
-        task = getattr(den, "meta", {}).get("task", {})
-        tokenizer = tokenizer or task.get("tokenizer", "vq-f8")
-        tok = load_tokenizer(tokenizer) if task.get("space") == "latent" else None
-        enc = load_text_encoder(text_encoder) if den.config.conditional else None
-        pipe = DiffusionPipeline(den, tok, enc)
+        pipe, tokenizer = load_diffusion_pipeline(model, tokenizer, text_encoder)
         bar = tqdm(total=steps, desc="steps", unit="step")
         images = pipe(prompt, params, callback=lambda i, total: bar.update(1))
         bar.close()
     except (ValueError, FileNotFoundError, RuntimeError, PromptError) as e:
         _fail(str(e))
     _save_grid(images, prompt, out, params, model=model, tokenizer=tokenizer, text_encoder=text_encoder)
+
+
+@main.command("generate")
+@click.argument("prompt")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="output PNG")
+@click.option("--model", default="unet-xs", show_default=True, help="diffusion denoiser folder or preset")
+@click.option("--size", default=512, show_default=True, help="output side in pixels (0: the generator's 128)")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--steps", default=20, show_default=True)
+@click.option("--cfg", "cfg_scale", default=5.0, show_default=True, help="classifier-free guidance scale")
+@click.option("--negative-prompt", default="")
+def generate(prompt, out, model, size, seed, steps, cfg_scale, negative_prompt) -> None:
+    """Generate one image for PROMPT with the bundled defaults (unet-xs + vq-f8, fast SR to --size)."""
+    from tessera.pipelines.ar import png_info
+    from tessera.pipelines.diffusion import DiffusionSampleParams
+    from tessera.pipelines.generate import GenerateParams, generate as run
+    from tessera.text import PromptError
+
+    params = GenerateParams(model, size, sample=DiffusionSampleParams(seed=seed, steps=steps, cfg_scale=cfg_scale,
+                                                                      negative_prompt=negative_prompt))
+    try:
+        image, record = run(prompt, params)
+    except (ValueError, FileNotFoundError, RuntimeError, PromptError) as e:
+        _fail(str(e))
+    image.save(out, pnginfo=png_info(prompt, record))
+    click.echo(f"{out}  {image.width}x{image.height}  {json.dumps(record['seconds'])}")
 
 
 @main.command("upscale")

@@ -73,3 +73,18 @@ class DiffusionPipeline:
         else:
             images = x0
         return [to_pil(x) for x in images.float().clamp(-1, 1)]
+
+
+def load_diffusion_pipeline(model: str, tokenizer: str | None = None, text_encoder: str = "minilm"):
+    """A pipeline for an exported denoiser (folder or bundled preset), with the tokenizer it was trained
+    with unless another is named. Returns (pipeline, tokenizer name)."""
+    import tessera
+    from tessera.text import load_text_encoder
+    from tessera.tokenizer.tools import load_tokenizer
+
+    den = tessera.load(model)
+    task = getattr(den, "meta", {}).get("task", {})
+    tokenizer = tokenizer or task.get("tokenizer", "vq-f8")
+    tok = load_tokenizer(tokenizer) if task.get("space") == "latent" else None
+    enc = load_text_encoder(text_encoder) if den.config.conditional else None
+    return DiffusionPipeline(den, tok, enc), tokenizer
