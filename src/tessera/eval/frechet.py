@@ -87,17 +87,19 @@ def open_nsfw_pooled(images: list[Image.Image], net=None, batch: int = 32) -> np
     return np.concatenate(out)
 
 
-def open_nsfw_features(files: list[Path], net=None) -> np.ndarray:
-    """`open_nsfw_pooled` of image files, decoded safely."""
+def read_image(f: Path) -> Image.Image:
+    """Safely decoded RGB image, or a ValueError naming the file."""
     from tessera.data.decode import Rejected, decode_image
 
-    ims = []
-    for f in files:
-        try:
-            ims.append(decode_image(f.read_bytes()))
-        except Rejected as e:
-            raise ValueError(f"{f}: not a readable image ({e})") from None
-    return open_nsfw_pooled(ims, net)
+    try:
+        return decode_image(f.read_bytes())
+    except Rejected as e:
+        raise ValueError(f"{f}: not a readable image ({e})") from None
+
+
+def open_nsfw_features(files: list[Path], net=None) -> np.ndarray:
+    """`open_nsfw_pooled` of image files."""
+    return open_nsfw_pooled([read_image(f) for f in files], net)
 
 
 INCEPTION_SPACE = ("Inception-v3 pt_inception-2015-12-05 pool3 (2048-d), native-size images resized to 299 "
@@ -107,16 +109,11 @@ INCEPTION_SPACE = ("Inception-v3 pt_inception-2015-12-05 pool3 (2048-d), native-
 @torch.no_grad()
 def inception_outputs(files: list[Path], net) -> tuple[np.ndarray, np.ndarray]:
     """pool3 features [N, 2048] and logits [N, 1008]; each image at its own size, in [0, 1] (pytorch-fid)."""
-    from tessera.data.decode import Rejected, decode_image
+    from tessera.data.dataset import to_tensor
 
     feats, logits = [], []
     for f in files:
-        try:
-            im = decode_image(f.read_bytes())
-        except Rejected as e:
-            raise ValueError(f"{f}: not a readable image ({e})") from None
-        x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)[None]
-        pool, lg = net(x)
+        pool, lg = net((to_tensor(read_image(f))[None] + 1) / 2)  # [0, 1], the image's own size
         feats.append(pool.double().numpy())
         logits.append(lg.double().numpy())
     return np.concatenate(feats), np.concatenate(logits)

@@ -21,10 +21,10 @@ def pillow_upscaler(scale: int, method: Image.Resampling) -> Upscaler:
 
 
 def model_upscaler(model, scale: int, bf16: bool = False, tile: int = 192) -> Upscaler:
-    from tessera.superres.cascade import to_image, to_tensor as to_unit
+    from tessera.superres.cascade import from_unit, to_unit
     from tessera.superres.tiling import upscale_tiled
 
-    return lambda im: to_image(upscale_tiled(model, to_unit(im), scale, tile=tile, bf16=bf16))
+    return lambda im: from_unit(upscale_tiled(model, to_unit(im), scale, tile=tile, bf16=bf16))
 
 
 def tokenizer_degrader(vq) -> Callable[[Image.Image], Image.Image]:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
+from tessera.data.dataset import to_pil, to_tensor
 from tessera.superres.tiling import upscale_tiled
 
 Size = tuple[int, int]  # (width, height), as Pillow
@@ -45,13 +45,13 @@ def plan(src: Size, target: Size) -> Plan:
     return Plan(src, target, None if pre == src else pre, stages, None if out == target else target)
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+def to_unit(img: Image.Image) -> torch.Tensor:
+    """PIL -> [1,3,H,W] in [0, 1], the SR networks' range (the data pipeline's tensors are in [-1, 1])."""
+    return (to_tensor(img)[None] + 1) / 2
 
 
-def to_image(x: torch.Tensor) -> Image.Image:
-    arr = (x[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-    return Image.fromarray(arr)
+def from_unit(x: torch.Tensor) -> Image.Image:
+    return to_pil(x[0] * 2 - 1)
 
 
 def run_stage(models: dict[int, nn.Module], factor: int, x: torch.Tensor, **tiling) -> torch.Tensor:
@@ -73,10 +73,10 @@ def upscale(img: Image.Image, target: Size, models: dict[int, nn.Module], **tili
     p = plan(img.size, target)
     if p.pre is not None:
         img = img.resize(p.pre, Image.Resampling.LANCZOS)
-    x = to_tensor(img)
+    x = to_unit(img)
     for factor in p.stages:
         x = run_stage(models, factor, x, **tiling)
-    out = to_image(x)
+    out = from_unit(x)
     return out if p.post is None else out.resize(p.post, Image.Resampling.LANCZOS)
 
 
