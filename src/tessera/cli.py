@@ -154,6 +154,22 @@ def train_sr(data_dir, run_dir, preset, max_steps, resume, overrides, tokenizer)
     click.echo(json.dumps(logs))
 
 
+@train.command("contrastive")
+@_train_options
+@click.option("--text-encoder", default="minilm", show_default=True, help="the frozen prompt encoder")
+def train_contrastive(data_dir, run_dir, preset, max_steps, resume, overrides, text_encoder) -> None:
+    """Train the contrastive image-text model (offline CLIPScore) on a captioned prepared folder."""
+    from tessera.train.runs import prepare_contrastive_inputs, run_training
+
+    try:
+        model_updates, task_updates = prepare_contrastive_inputs(data_dir, text_encoder)
+        logs = run_training("contrastive", data_dir, run_dir, preset or "clip-xs", max_steps, resume,
+                            list(overrides), model_updates, task_updates)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        _fail(str(e))
+    click.echo(json.dumps(logs))
+
+
 @main.command("export")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False))

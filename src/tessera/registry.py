@@ -20,6 +20,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "masked": ("tessera.generators.masked:MaskedTransformer", "tessera.generators.masked:MaskedConfig"),
     "rrdbnet": ("tessera.superres.rrdbnet:RRDBNet", "tessera.superres.rrdbnet:RRDBNetConfig"),
     "srvgg": ("tessera.superres.srvgg:SRVGGNetCompact", "tessera.superres.srvgg:SRVGGConfig"),
+    "contrastive": ("tessera.eval.contrastive:ImageTextModel", "tessera.eval.contrastive:ContrastiveConfig"),
 }
 
 # preset -> (kind, config overrides)
@@ -49,6 +50,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "rrdb-x4": ("rrdbnet", dict(num_block=23, scale=4)),
     "sr-compact-x4": ("srvgg", dict(num_feat=48, num_conv=12, upscale=4)),
     "sr-compact-x2": ("srvgg", dict(num_feat=32, num_conv=8, upscale=2)),
+    # contrastive image-text model over frozen MiniLM sentence vectors: offline CLIPScore, caption filtering
+    "clip-xs": ("contrastive", dict(image_size=64, channels=(32, 64, 128, 256), text_dim=384, embed_dim=256)),
     # for tests: tiny and fast
     "ar-tiny": ("ar", dict(vocab_size=64, grid=(4, 4), dim=32, depth=2, heads=4, cond_dim=16, max_text_tokens=8)),
     "unet-tiny": ("unet", dict(in_channels=4, sample_size=8, base_channels=16, channel_mult=(1, 2),
@@ -57,6 +60,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                              max_text_tokens=8)),
     "masked-tiny": ("masked", dict(vocab_size=64, grid=(4, 4), dim=32, depth=2, heads=4, cond_dim=16,
                                    max_text_tokens=8)),
+    "clip-tiny": ("contrastive", dict(image_size=16, channels=(8, 16), stem_stride=1, text_encoder="tiny", text_dim=16,
+                                      text_hidden=32, embed_dim=16)),
     "sr-tiny": ("srvgg", dict(num_feat=8, num_conv=2, upscale=2)),
     "vq-tiny": ("vq", dict(resolution=32, base_channels=8, channel_mult=(1, 2, 2), z_channels=16,
                            attn_heads=1, codebook_size=64, codebook_dim=4)),

@@ -81,12 +81,20 @@ class Scorer(Protocol):
 
 
 def load_scorer(spec: str) -> Scorer:
-    """'package.module:factory' -> factory() (a Scorer)."""
+    """'package.module:factory' -> factory(); 'package.module:factory?key=value&key=value' -> factory(key='value',
+    ...) (string arguments, so that the spec alone rebuilds the scorer in every worker process)."""
     if ":" not in spec:
-        raise ValueError(f"scorer {spec!r} must be 'module:factory'")
-    module, name = spec.split(":", 1)
-    factory: Callable[[], Scorer] = getattr(importlib.import_module(module), name)
-    return factory()
+        raise ValueError(f"scorer {spec!r} must be 'module:factory' or 'module:factory?key=value&...'")
+    module, rest = spec.split(":", 1)
+    name, _, query = rest.partition("?")
+    kwargs = {}
+    for part in filter(None, query.split("&")):
+        key, eq, value = part.partition("=")
+        if not eq or not key:
+            raise ValueError(f"scorer {spec!r}: argument {part!r} must be key=value")
+        kwargs[key] = value
+    factory: Callable[..., Scorer] = getattr(importlib.import_module(module), name)
+    return factory(**kwargs)
 
 
 def score_reason(scores: dict[str, float], scorers: list[Scorer]) -> str | None:

@@ -9,6 +9,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from tessera.data.dataset import to_pil
+from tessera.pipelines import prompt_batch
 from tessera.sampling.ar import cached_logits_fn, sample
 
 
@@ -36,26 +37,29 @@ class ARPipeline:
             raise ValueError(f"text encoder is {text_encoder.dim}-d, generator expects {generator.config.cond_dim}")
 
     @torch.no_grad()
-    def tokens(self, prompt: str, p: ARSampleParams,
+    def tokens(self, prompt: str | list[str], p: ARSampleParams,
                callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """-> [n,h,w] token ids; a list of prompts draws one image per prompt."""
         cfg = self.generator.config
+        prompts = prompt_batch(prompt, p.n)
+        n = len(prompts)
         g = torch.Generator().manual_seed(p.seed)
         cond = mask = first = None
         guided = cfg.conditional and p.cfg_scale != 1.0
         if cfg.conditional:
-            enc = self.text_encoder.encode([prompt] * p.n)
+            enc = self.text_encoder.encode(prompts)
             cond, mask = enc.tokens, enc.mask
         else:
-            first = torch.randint(0, cfg.vocab_size, (p.n,), generator=g)  # seed 000: random first token
+            first = torch.randint(0, cfg.vocab_size, (n,), generator=g)  # seed 000: random first token
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p.bf16):
-            fn = cached_logits_fn(self.generator, p.n, cond, mask, guided)
-            toks = sample(fn, p.n, cfg.num_tokens, generator=g, temperature=p.temperature, top_k=p.top_k,
+            fn = cached_logits_fn(self.generator, n, cond, mask, guided)
+            toks = sample(fn, n, cfg.num_tokens, generator=g, temperature=p.temperature, top_k=p.top_k,
                           top_p=p.top_p, cfg_scale=p.cfg_scale if guided else 1.0, cfg_interval=p.cfg_interval,
                           first_tokens=first, callback=callback)
-        return toks.view(p.n, *cfg.grid)
+        return toks.view(n, *cfg.grid)
 
     @torch.no_grad()
-    def __call__(self, prompt: str, p: ARSampleParams, callback=None) -> list[Image.Image]:
+    def __call__(self, prompt: str | list[str], p: ARSampleParams, callback=None) -> list[Image.Image]:
         toks = self.tokens(prompt, p, callback)
         images = self.tokenizer.decode_tokens(toks).float().clamp(-1, 1)
         return [to_pil(x) for x in images]

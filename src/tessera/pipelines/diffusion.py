@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from tessera.data.dataset import to_pil
+from tessera.pipelines import prompt_batch
 from tessera.sampling.diffusion import DiffusionConfig, Schedule, guided_denoiser, sample
 
 
@@ -42,21 +43,24 @@ class DiffusionPipeline:
         if cfg.conditional and (text_encoder is None or text_encoder.dim != cfg.cond_dim):
             raise ValueError(f"the denoiser expects a {cfg.cond_dim}-d prompt encoder")
 
-    def _encode(self, prompt: str, n: int):
-        enc = self.text_encoder.encode([prompt] * n)
+    def _encode(self, prompts: list[str]):
+        enc = self.text_encoder.encode(prompts)
         return enc.tokens, enc.mask
 
     @torch.no_grad()
-    def latents(self, prompt: str, p: DiffusionSampleParams,
+    def latents(self, prompt: str | list[str], p: DiffusionSampleParams,
                 callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """-> x_0 [n,C,H,W]; a list of prompts draws one image per prompt."""
         cfg = self.denoiser.config
+        prompts = prompt_batch(prompt, p.n)
+        n = len(prompts)
         g = torch.Generator().manual_seed(p.seed)
-        x_T = torch.randn((p.n, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=g)
+        x_T = torch.randn((n, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=g)
         cond = mask = neg = neg_mask = None
         if cfg.conditional:
-            cond, mask = self._encode(prompt, p.n)
+            cond, mask = self._encode(prompts)
             if p.negative_prompt:
-                neg, neg_mask = self._encode(p.negative_prompt, p.n)
+                neg, neg_mask = self._encode([p.negative_prompt] * n)
         fn = guided_denoiser(self.denoiser, cond, mask, p.cfg_scale, neg, neg_mask)
 
         def fp32_out(x, t):
@@ -66,7 +70,7 @@ class DiffusionPipeline:
         return sample(fp32_out, self.schedule, x_T, p.steps, p.method, p.eta, generator=g, callback=callback)
 
     @torch.no_grad()
-    def __call__(self, prompt: str, p: DiffusionSampleParams, callback=None) -> list[Image.Image]:
+    def __call__(self, prompt: str | list[str], p: DiffusionSampleParams, callback=None) -> list[Image.Image]:
         x0 = self.latents(prompt, p, callback)
         if self.space == "latent":
             images = self.tokenizer.decode_latents(x0 / self.scale, quantize=True)

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from tessera.data.dataset import to_pil, to_tensor
+from tessera.pipelines import prompt_batch
 from tessera.sampling.masked import guided_logits_fn, sample
 
 
@@ -35,17 +36,20 @@ class MaskedPipeline:
             raise ValueError(f"the generator expects a {cfg.cond_dim}-d prompt encoder")
 
     @torch.no_grad()
-    def tokens(self, prompt: str, p: MaskedSampleParams, known: torch.Tensor | None = None,
+    def tokens(self, prompt: str | list[str], p: MaskedSampleParams, known: torch.Tensor | None = None,
                callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """known [h,w] token ids with -1 where unknown (None: generate everything) -> [n,h,w]."""
+        """known [h,w] token ids with -1 where unknown (None: generate everything) -> [n,h,w]; a list of
+        prompts draws one image per prompt."""
         cfg = self.generator.config
-        start = torch.full((p.n, cfg.num_tokens), cfg.mask_id, dtype=torch.long)
+        prompts = prompt_batch(prompt, p.n)
+        n = len(prompts)
+        start = torch.full((n, cfg.num_tokens), cfg.mask_id, dtype=torch.long)
         if known is not None:
             flat = known.reshape(-1)
             start = torch.where(flat >= 0, flat, start)  # (n, N)
         cond = mask = None
         if cfg.conditional:
-            enc = self.text_encoder.encode([prompt] * p.n)
+            enc = self.text_encoder.encode(prompts)
             cond, mask = enc.tokens, enc.mask
         fn = guided_logits_fn(self.generator, cond, mask, p.cfg_scale)
 
@@ -55,14 +59,14 @@ class MaskedPipeline:
 
         g = torch.Generator().manual_seed(p.seed)
         out = sample(fp32_logits, start, cfg.mask_id, p.steps, g, p.temperature, p.choice_temperature, callback)
-        return out.view(p.n, *cfg.grid)
+        return out.view(n, *cfg.grid)
 
     def decode(self, tokens: torch.Tensor) -> list[Image.Image]:
         with torch.no_grad():
             images = self.tokenizer.decode_tokens(tokens).float().clamp(-1, 1)
         return [to_pil(x) for x in images]
 
-    def __call__(self, prompt: str, p: MaskedSampleParams, callback=None) -> list[Image.Image]:
+    def __call__(self, prompt: str | list[str], p: MaskedSampleParams, callback=None) -> list[Image.Image]:
         return self.decode(self.tokens(prompt, p, None, callback))
 
     def inpaint(self, image: Image.Image, region: Image.Image, prompt: str, p: MaskedSampleParams,

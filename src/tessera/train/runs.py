@@ -28,6 +28,8 @@ TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
                   max_steps=20000, val_every=500),
     "rrdbnet": dict(batch_size=16, lr=2e-4, betas=(0.9, 0.99), weight_decay=0.0, warmup_steps=200,
                     ema_decay=0.999, max_steps=20000, val_every=500),
+    "contrastive": dict(batch_size=128, lr=1e-3, betas=(0.9, 0.98), weight_decay=0.1, warmup_steps=100,
+                        ema_decay=0.995, max_steps=2000, val_every=250),
     "dit": dict(batch_size=32, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=500, ema_decay=0.999,
                 max_steps=20000),
 }
@@ -54,6 +56,10 @@ def _task_classes(task_name: str):
         from tessera.train.sr import SRTask, SRTaskConfig
 
         return SRTask, SRTaskConfig
+    if task_name == "contrastive":
+        from tessera.train.contrastive import ContrastiveTask, ContrastiveTaskConfig
+
+        return ContrastiveTask, ContrastiveTaskConfig
     raise KeyError(f"unknown training task {task_name!r}")
 
 
@@ -147,6 +153,14 @@ def _prepare_text(data_dir: str, text_encoder: str) -> tuple[dict, dict]:
     text_dir = embed_captions(data_dir, enc, text_encoder)
     tindex = json.loads((text_dir / "index.json").read_text())
     return {"cond_dim": enc.dim, "max_text_tokens": max(tindex["length"], 64)}, {"text": text_dir.name}
+
+
+def prepare_contrastive_inputs(data_dir: str, text_encoder: str) -> tuple[dict, dict]:
+    """The caption cache (pooled sentence vectors) of the frozen text tower."""
+    if text_encoder == "none":
+        raise ValueError("the contrastive model needs a text encoder")
+    model_updates, task_updates = _prepare_text(data_dir, text_encoder)
+    return {"text_encoder": text_encoder, "text_dim": model_updates["cond_dim"]}, task_updates
 
 
 def prepare_token_inputs(data_dir: str, tokenizer: str, text_encoder: str) -> tuple[dict, dict]:
