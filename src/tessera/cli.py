@@ -528,5 +528,124 @@ def eval_sr(data_dir, models, scale, split, bf16, limit, degrade, tokenizer) -> 
     click.echo(json.dumps({"data": data_dir, "split": split, "scale": scale, "degrade": degrade, "results": out},
                           indent=2))
 
+
+def _settings(pairs: tuple[str, ...]) -> dict:
+    """('steps=10', 'cfg_scale=3') -> {'steps': 10, 'cfg_scale': 3} (values are JSON, else strings)."""
+    out = {}
+    for kv in pairs:
+        key, eq, raw = kv.partition("=")
+        if not eq or not key:
+            raise click.BadParameter(f"{kv!r} must be KEY=VALUE", param_hint="--set")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def _sample_options(f):
+    for opt in reversed([
+        click.option("--model", required=True, help="generator folder or preset (ar, masked, unet or dit)"),
+        click.option("--tokenizer", default=None, help="default: the one the generator was trained with"),
+        click.option("--text-encoder", default="minilm", show_default=True),
+        click.option("--batch-size", default=16, show_default=True, help="prompts drawn together"),
+        click.option("--set", "settings", multiple=True,
+                     help="sampling setting KEY=VALUE, e.g. steps=10, cfg_scale=3, top_k=100, seed=1 (repeatable)"),
+        click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
+                     help="samples folder (resumes if it holds the same settings)"),
+    ]):
+        f = opt(f)
+    return f
+
+
+@eval_.command("sample")
+@_sample_options
+@click.option("--prompts", "prompt_file", default=None, type=click.Path(dir_okay=False),
+              help="TSV with a Prompt column (PartiPrompts) or one prompt per line")
+@click.option("--data", "data_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="or: the captions of a prepared folder's --split")
+@click.option("--split", default="val", type=click.Choice(["val", "train"]), show_default=True)
+@click.option("--limit", type=int, default=None, help="only the first N prompts")
+def eval_sample(model, tokenizer, text_encoder, batch_size, settings, out, prompt_file, data_dir, split, limit) -> None:
+    """Write evaluation samples: one image per prompt + samples.json with every setting and the timing."""
+    from tessera.eval.prompts import read_prompts
+    from tessera.eval.samples import dataset_prompts, generate_samples
+    from tessera.text import PromptError
+
+    if (prompt_file is None) == (data_dir is None):
+        _fail("give exactly one of --prompts FILE or --data DIR")
+    try:
+        prompts = read_prompts(prompt_file)[:limit] if prompt_file else dataset_prompts(data_dir, split, limit)
+        record = generate_samples(model, prompts, out, _settings(settings), batch_size, tokenizer, text_encoder)
+    except (ValueError, FileNotFoundError, RuntimeError, PromptError) as e:
+        _fail(str(e))
+    click.echo(f"{out}: {len(record['images'])} images")
+
+
+@eval_.command("clipscore")
+@click.argument("samples", type=click.Path(exists=True, file_okay=False))
+@click.option("--clip", "clip_model", default="clip-xs", show_default=True,
+              help="Tessera contrastive model (preset / folder) or a Hugging Face CLIP folder")
+def eval_clipscore(samples, clip_model) -> None:
+    """CLIPScore of a samples folder's images with their prompts (per category and overall)."""
+    from tessera.eval.clipscore import load_image_text_model
+    from tessera.eval.prompts import per_category, score_samples
+
+    try:
+        scorer = load_image_text_model(clip_model)
+        record, scores = score_samples(samples, scorer)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(str(e))
+    click.echo(json.dumps({"samples": samples, "feature_space": scorer.space,
+                           "per_category": per_category(record, scores)}, indent=2))
+
+
+@eval_.command("latency")
+@click.argument("samples", type=click.Path(exists=True, file_okay=False))
+@click.option("--price-per-hour", type=float, default=0.10, show_default=True,
+              help="what the machine costs per hour (any currency), for the cost per image")
+def eval_latency(samples, price_per_hour) -> None:
+    """Seconds per image, images/s, peak memory and cost per image of a samples folder."""
+    from tessera.eval.samples import read_samples, timing_summary
+
+    try:
+        record, _ = read_samples(samples)
+        out = timing_summary(record, price_per_hour)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    click.echo(json.dumps({"samples": samples, "models": record["models"], "settings": record["settings"], **out},
+                          indent=2))
+
+
+@eval_.command("prompts")
+@click.argument("prompt_file", type=click.Path(exists=True, dir_okay=False))
+@_sample_options
+@click.option("--per-category", type=int, default=None, help="only the first N prompts of each category")
+@click.option("--category", "categories", multiple=True, help="only this category (repeatable)")
+@click.option("--clip", "clip_model", default="clip-xs", show_default=True)
+@click.option("--price-per-hour", type=float, default=0.10, show_default=True)
+def eval_prompts(prompt_file, model, tokenizer, text_encoder, batch_size, settings, out, per_category, categories,
+                 clip_model, price_per_hour) -> None:
+    """Prompt benchmark: generate for each prompt of PROMPT_FILE (e.g. PartiPrompts.tsv), then CLIPScore
+    and seconds per image for each category; writes OUT/report.json and OUT/report.md."""
+    from tessera.eval.clipscore import load_image_text_model
+    from tessera.eval.prompts import markdown_table, per_category as by_category, read_prompts, score_samples
+    from tessera.eval.samples import generate_samples, timing_summary
+    from tessera.text import PromptError
+
+    try:
+        prompts = read_prompts(prompt_file, per_category, list(categories) or None)
+        scorer = load_image_text_model(clip_model)
+        generate_samples(model, prompts, out, _settings(settings), batch_size, tokenizer, text_encoder)
+        record, scores = score_samples(out, scorer)
+    except (ValueError, FileNotFoundError, RuntimeError, PromptError) as e:
+        _fail(str(e))
+    rows = by_category(record, scores)
+    report = {"prompts": prompt_file, "models": record["models"], "settings": record["settings"],
+              "feature_space": scorer.space, "timing": timing_summary(record, price_per_hour), "per_category": rows}
+    Path(out, "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    Path(out, "report.md").write_text(markdown_table(rows, scorer.space))
+    click.echo(markdown_table(rows, scorer.space))
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -53,9 +53,8 @@ class HFClip:
         self.model = CLIPModel.from_pretrained(path, local_files_only=True).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         proc = AutoImageProcessor.from_pretrained(path, local_files_only=True)
-        self.side = proc.crop_size["height"] if isinstance(proc.crop_size, dict) else int(proc.crop_size)
-        short = proc.size.get("shortest_edge", self.side) if isinstance(proc.size, dict) else int(proc.size)
-        self.short = short
+        self.side = int(_field(proc.crop_size, "height"))
+        self.short = int(_field(proc.size, "shortest_edge"))
         self.mean = torch.tensor(proc.image_mean).view(1, 3, 1, 1)
         self.std = torch.tensor(proc.image_std).view(1, 3, 1, 1)
         self.name = str(path)
@@ -81,6 +80,11 @@ class HFClip:
         batch = self.tokenizer(prompts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
         out = self.model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return F.normalize(_features(out), dim=-1)
+
+
+def _field(size, key: str):
+    """An image processor's size / crop_size: a dict (older transformers) or a SizeDict (newer)."""
+    return size[key] if isinstance(size, dict) else getattr(size, key)
 
 
 def _features(out) -> torch.Tensor:

@@ -81,14 +81,10 @@ class DiffusionPipeline:
 
 def load_diffusion_pipeline(model: str, tokenizer: str | None = None, text_encoder: str = "minilm"):
     """A pipeline for an exported denoiser (folder or bundled preset), with the tokenizer it was trained
-    with unless another is named. Returns (pipeline, tokenizer name)."""
-    import tessera
-    from tessera.text import load_text_encoder
-    from tessera.tokenizer.tools import load_tokenizer
+    with unless another is named. Returns (pipeline, tokenizer name or None in pixel space)."""
+    from tessera.pipelines.load import load_pipeline
 
-    den = tessera.load(model)
-    task = getattr(den, "meta", {}).get("task", {})
-    tokenizer = tokenizer or task.get("tokenizer", "vq-f8")
-    tok = load_tokenizer(tokenizer) if task.get("space") == "latent" else None
-    enc = load_text_encoder(text_encoder) if den.config.conditional else None
-    return DiffusionPipeline(den, tok, enc), tokenizer
+    loaded = load_pipeline(model, tokenizer, text_encoder)
+    if loaded.kind != "diffusion":
+        raise ValueError(f"{model} is a {loaded.kind} generator, not a diffusion denoiser")
+    return loaded.pipe, loaded.models.get("tokenizer", {}).get("name")

@@ -1,0 +1,166 @@
+"""The sample-files contract: generation for evaluation writes images plus ONE JSON of every setting,
+and metrics read only those files (seeds 000 / 004 "Evaluation"; FID that cannot be reproduced is
+the complaint users have about peers).
+
+    OUT/00000.png ...          one image per prompt, PNG with its parameters (parameters + tessera chunks)
+    OUT/samples.json           {"format", "models": {role: {name, sha256, ...}}, "kind", "settings": {seed,
+                               sampler, steps, cfg, top-k/p, temperature, ...}, "batch_size",
+                               "images": [{file, prompt, category, batch, seed}],
+                               "timing": {"load_seconds", "batches": [{batch, images, seconds}], "peak_rss_mb"}}
+
+Batch b of `batch_size` prompts is drawn with seed `settings.seed + b`, so the same file rebuilds the
+same images. Writing resumes: finished batches are kept, and a folder holding samples of other
+settings is refused rather than mixed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from tessera.checkpoint import atomic_write_bytes
+
+FORMAT = "tessera-samples/1"
+SAMPLES_JSON = "samples.json"
+
+
+@dataclasses.dataclass
+class Prompt:
+    prompt: str
+    category: str = ""
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _header(loaded, params, batch_size: int) -> dict:
+    from tessera.pipelines.load import SAMPLERS
+
+    settings = {k: v for k, v in dataclasses.asdict(params).items() if k != "n"}
+    settings["sampler"] = SAMPLERS[loaded.kind] or settings.get("method")
+    return {"format": FORMAT, "kind": loaded.kind, "models": loaded.models, "settings": settings,
+            "batch_size": batch_size}
+
+
+def _resume(out: Path, header: dict, prompts: list[Prompt]) -> dict:
+    path = out / SAMPLES_JSON
+    if not path.is_file():
+        return {**header, "images": [], "timing": {"batches": []}}
+    record = json.loads(path.read_text())
+    for key in ("format", "kind", "models", "settings", "batch_size"):
+        if record.get(key) != header[key]:
+            raise ValueError(f"{out} holds samples of other {key} ({record.get(key)} vs {header[key]}); "
+                             f"choose a new --out (nothing there was changed)")
+    done = [(r["prompt"], r["category"]) for r in record["images"]]
+    if done != [(p.prompt, p.category) for p in prompts[:len(done)]]:
+        raise ValueError(f"{out} holds samples of another prompt list; choose a new --out")
+    return record
+
+
+def write_samples(loaded, prompts: list[Prompt], out: str | Path, params, batch_size: int = 16,
+                  load_seconds: float | None = None, progress: bool = True,
+                  on_batch: Callable[[int, int], None] | None = None) -> dict:
+    """Draw one image per prompt with `loaded` (pipelines.load.LoadedPipeline) and `params` (its sampling
+    parameters; `n` is ignored) into OUT; returns the samples.json record."""
+    from tqdm import tqdm
+
+    from tessera.pipelines.ar import png_info
+
+    if not prompts:
+        raise ValueError("no prompts to sample")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    header = _header(loaded, params, batch_size)
+    record = _resume(out, header, prompts)
+    if load_seconds is not None and "load_seconds" not in record["timing"]:
+        record["timing"]["load_seconds"] = round(load_seconds, 3)
+    batches = range(len(record["images"]) // batch_size, (len(prompts) + batch_size - 1) // batch_size)
+    for b in tqdm(batches, desc="sample batches", disable=not progress):
+        chunk = prompts[b * batch_size:(b + 1) * batch_size]
+        p = dataclasses.replace(params, seed=params.seed + b)
+        t0 = time.perf_counter()
+        images = loaded.pipe([c.prompt for c in chunk], p)
+        seconds = time.perf_counter() - t0
+        rows = []
+        for j, (im, c) in enumerate(zip(images, chunk)):
+            row = {"file": f"{b * batch_size + j:05d}.png", "prompt": c.prompt, "category": c.category,
+                   "batch": b, "seed": p.seed}
+            info = {**header["settings"], "seed": p.seed, "batch": b, "index_in_batch": j,
+                    "generator": loaded.models["generator"]["name"]}
+            im.save(out / row["file"], pnginfo=png_info(c.prompt, info))
+            rows.append(row)
+        record["images"] += rows
+        record["timing"]["batches"].append({"batch": b, "images": len(chunk), "seconds": round(seconds, 4)})
+        record["timing"]["peak_rss_mb"] = round(max(peak_rss_mb(), record["timing"].get("peak_rss_mb", 0)), 1)
+        atomic_write_bytes(out / SAMPLES_JSON, (json.dumps(record, indent=1) + "\n").encode())
+        if on_batch:
+            on_batch(b, len(chunk))
+    return record
+
+
+def read_samples(folder: str | Path) -> tuple[dict, list[Path]]:
+    """samples.json and the image paths it lists (all must exist)."""
+    folder = Path(folder)
+    path = folder / SAMPLES_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no {SAMPLES_JSON}; write samples with `tessera eval sample`")
+    record = json.loads(path.read_text())
+    if record.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {record.get('format')!r}, expected {FORMAT!r}")
+    files = [folder / r["file"] for r in record["images"]]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: {len(missing)} listed images are missing, e.g. {missing[:3]}")
+    return record, files
+
+
+def timing_summary(record: dict, price_per_hour: float = 0.0, warmup_batches: int = 1) -> dict:
+    """Latency and cost per image from a samples record (seed 000 "cost per generation"): seconds per
+    image (median over batches, the first `warmup_batches` left out when there are more), images/s, peak
+    memory, and the cost of one image on a machine that costs `price_per_hour` (any currency) per hour."""
+    batches = record["timing"]["batches"]
+    if not batches:
+        raise ValueError("the samples record has no timed batches")
+    timed = batches[warmup_batches:] if len(batches) > warmup_batches else batches
+    per_image = np.array([b["seconds"] / b["images"] for b in timed])
+    total_images = sum(b["images"] for b in timed)
+    total_seconds = sum(b["seconds"] for b in timed)
+    s = float(np.median(per_image))
+    return {"seconds_per_image": round(s, 4), "images_per_second": round(total_images / total_seconds, 3),
+            "batch_size": record["batch_size"], "timed_batches": len(timed),
+            "load_seconds": record["timing"].get("load_seconds"),
+            "peak_rss_mb": record["timing"].get("peak_rss_mb"), "price_per_hour": price_per_hour,
+            "cost_per_image": price_per_hour * s / 3600, "cost_per_1000_images": price_per_hour * s / 3.6}
+
+
+def dataset_prompts(data_dir: str | Path, split: str = "val", limit: int | None = None) -> list[Prompt]:
+    """The captions of a prepared folder's split, in catalog order (images without a caption are skipped)."""
+    from tessera.data.dataset import ShardImages
+
+    captions = [c for c in ShardImages(data_dir, split).captions if c.strip()]
+    if not captions:
+        raise ValueError(f"{data_dir}: the {split} split has no captions")
+    return [Prompt(c) for c in captions[:limit]]
+
+
+def generate_samples(model: str, prompts: list[Prompt], out: str | Path, settings: dict | None = None,
+                     batch_size: int = 16, tokenizer: str | None = None, text_encoder: str = "minilm",
+                     progress: bool = True) -> dict:
+    """Load `model` (any generator kind), build its sampling parameters from `settings` (unknown keys are
+    an error) and write the samples folder."""
+    from tessera.pipelines.load import load_pipeline
+
+    t0 = time.perf_counter()
+    loaded = load_pipeline(model, tokenizer, text_encoder)
+    load_seconds = time.perf_counter() - t0
+    params = loaded.params(**(settings or {}))
+    return write_samples(loaded, prompts, out, params, batch_size, load_seconds, progress)

@@ -1,0 +1,252 @@
+"""Evaluation: the sample-files contract (all generator kinds), CLIPScore and retrieval, the contrastive
+model, latency / cost, prompt files and the prompt benchmark CLI."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import photo_like
+from tessera.checkpoint import export_model
+from tessera.cli import main
+from tessera.data.dataset import to_tensor
+from tessera.registry import build
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_dataset):
+    """Exported tiny generators of every kind over one tiny tokenizer, + a tiny contrastive model."""
+    from tessera.generators.ar import ARConfig, ARTransformer
+    from tessera.generators.masked import MaskedConfig, MaskedTransformer
+    from tessera.train.runs import export_run, prepare_diffusion_inputs, run_training
+
+    root = tmp_path_factory.mktemp("eval_models")
+    torch.manual_seed(0)
+    export_model(build("vq-tiny"), "vq", root / "vq")
+    export_model(ARTransformer(ARConfig(vocab_size=64, grid=(8, 8), dim=32, depth=1, heads=2, cond_dim=16)),
+                 "ar", root / "ar")
+    export_model(MaskedTransformer(MaskedConfig(vocab_size=64, grid=(8, 8), dim=32, depth=1, heads=2, cond_dim=16)),
+                 "masked", root / "masked")
+    model_updates, task_updates = prepare_diffusion_inputs(str(tiny_dataset), "", "tiny", "pixel")
+    run_training("diffusion", str(tiny_dataset), str(root / "d-run"), "dit-tiny", 1, False, ["train.batch_size=4"],
+                 {**model_updates, "sample_size": 32, "patch_size": 4}, task_updates)
+    export_run(str(root / "d-run"), str(root / "dit"))
+    r = run("train", "contrastive", "--data", tiny_dataset, "--out", root / "c-run", "--preset", "clip-tiny",
+            "--text-encoder", "tiny", "--max-steps", "3", "--set", "train.batch_size=8", "--set", "train.val_every=3")
+    assert r.exit_code == 0, r.output
+    assert run("export", root / "c-run", "-o", root / "clip").exit_code == 0
+    return root
+
+
+PROMPTS = ["a red fox", "a blue car", "green trees", "a small house", "the sea"]
+SETTINGS = {"ar": {"top_k": 10, "temperature": 0.9}, "masked": {"steps": 3}, "dit": {"steps": 3, "cfg_scale": 2.0}}
+
+
+def _write(models, kind, out, prompts=PROMPTS, **extra):
+    from tessera.eval.samples import Prompt, generate_samples
+
+    return generate_samples(str(models / kind), [Prompt(p, "cat" + str(i % 2)) for i, p in enumerate(prompts)], out,
+                            {**SETTINGS[kind], **extra}, batch_size=2, tokenizer=str(models / "vq"),
+                            text_encoder="tiny", progress=False)
+
+
+@pytest.mark.parametrize("kind", ["ar", "masked", "dit"])
+def test_sample_files_contract_reproducible_and_resumable(models, kind, tmp_path):
+    from tessera.eval.samples import read_samples
+
+    rec = _write(models, kind, tmp_path / "a")
+    record, files = read_samples(tmp_path / "a")
+    assert record == json.loads(json.dumps(rec)) and len(files) == 5
+    assert record["kind"] == ("diffusion" if kind == "dit" else kind) and record["batch_size"] == 2
+    meta = json.loads((models / kind / "meta.json").read_text())
+    assert record["models"]["generator"]["sha256"] == meta["sha256"] and len(meta["sha256"]) == 64
+    assert [r["seed"] for r in record["images"]] == [0, 0, 1, 1, 2]  # batch b: seed + b
+    assert all(record["settings"][k] == v for k, v in SETTINGS[kind].items()) and record["settings"]["sampler"]
+    assert [b["images"] for b in record["timing"]["batches"]] == [2, 2, 1]
+    im = Image.open(files[3])
+    assert json.loads(im.text["tessera"])["prompt"] == PROMPTS[3] and im.size == (32, 32)
+    # interrupted after two batches, then resumed: the same images as the uninterrupted run
+    _write(models, kind, tmp_path / "b", PROMPTS[:4])
+    _write(models, kind, tmp_path / "b")
+    for f in files:
+        assert np.array_equal(np.asarray(Image.open(f)), np.asarray(Image.open(tmp_path / "b" / f.name))), f.name
+    # a folder of other settings or prompts is refused and left as it was
+    before = (tmp_path / "a" / "samples.json").read_bytes()
+    with pytest.raises(ValueError, match="other settings"):
+        _write(models, kind, tmp_path / "a", seed=7)
+    with pytest.raises(ValueError, match="another prompt list"):
+        _write(models, kind, tmp_path / "a", prompts=["x"] * 6)
+    assert (tmp_path / "a" / "samples.json").read_bytes() == before
+
+
+def test_unknown_sampling_setting_is_named(models, tmp_path):
+    with pytest.raises(ValueError, match="steps_typo"):
+        _write(models, "dit", tmp_path / "x", steps_typo=3)
+    with pytest.raises(ValueError, match="not a generator"):
+        from tessera.pipelines.load import load_pipeline
+
+        load_pipeline(str(models / "vq"))
+
+
+def test_timing_summary_and_cost():
+    from tessera.eval.samples import timing_summary
+
+    record = {"batch_size": 4, "timing": {"load_seconds": 1.5, "peak_rss_mb": 100.0, "batches": [
+        {"batch": 0, "images": 4, "seconds": 40.0},  # warm-up, left out
+        {"batch": 1, "images": 4, "seconds": 2.0}, {"batch": 2, "images": 4, "seconds": 4.0},
+        {"batch": 3, "images": 2, "seconds": 3.0}]}}
+    t = timing_summary(record, price_per_hour=3.6)
+    assert t["seconds_per_image"] == pytest.approx(1.0)  # median of 0.5, 1.0, 1.5
+    assert t["images_per_second"] == pytest.approx(10 / 9, abs=1e-3) and t["timed_batches"] == 3
+    assert t["cost_per_image"] == pytest.approx(3.6 / 3600) and t["cost_per_1000_images"] == pytest.approx(1.0)
+
+
+def test_read_prompts_tsv_and_text(tmp_path):
+    from tessera.eval.prompts import read_prompts
+
+    tsv = tmp_path / "p.tsv"
+    tsv.write_text("Prompt\tCategory\tChallenge\tNote\n"
+                   "bond\tAbstract\tBasic\t\nelement\tAbstract\tBasic\t\na cat\tAnimals\tBasic\t\n"
+                   "a dog\tAnimals\tBasic\t\n\tAnimals\tBasic\t\nthe moon\tWorld Knowledge\tBasic\t\n")
+    ps = read_prompts(tsv)
+    assert [p.prompt for p in ps] == ["bond", "element", "a cat", "a dog", "the moon"]  # empty prompt dropped
+    assert [p.prompt for p in read_prompts(tsv, per_category=1)] == ["bond", "a cat", "the moon"]
+    assert [p.category for p in read_prompts(tsv, categories=["Animals"])] == ["Animals", "Animals"]
+    with pytest.raises(ValueError, match="Animal"):
+        read_prompts(tsv, categories=["Animal"])
+    txt = tmp_path / "p.txt"
+    txt.write_text("one\n\ntwo\n")
+    assert [p.prompt for p in read_prompts(txt)] == ["one", "two"]
+    (tmp_path / "bad.tsv").write_text("text\tCategory\nx\ty\n")
+    with pytest.raises(ValueError, match="Prompt"):
+        read_prompts(tmp_path / "bad.tsv")
+
+
+def test_retrieval_metrics_reference_values():
+    from tessera.eval.clipscore import retrieval_metrics
+
+    e = torch.eye(4)
+    m = retrieval_metrics(e, e, ["a", "b", "c", "d"])
+    assert m["i2t_top1"] == m["t2i_top1"] == 1.0 and m["cos_true"] == 1.0 and m["cos_mismatched"] == 0.0
+    # texts rotated by one: image i is closest to caption i+1 -> top-1 0, top-5 (all 4) 1
+    m = retrieval_metrics(e, e.roll(1, 0), ["a", "b", "c", "d"])
+    assert m["i2t_top1"] == 0.0 and m["i2t_top5"] == 1.0 and m["frac_true_higher"] == 0.0
+    # identical captions are interchangeable: retrieving the twin counts as a hit
+    m = retrieval_metrics(e, e.roll(1, 0), ["a", "a", "a", "a"])
+    assert m["i2t_top1"] == 1.0 and m["t2i_top1"] == 1.0
+
+
+def test_contrastive_model_scores_and_round_trip(models):
+    from tessera.eval.clipscore import clip_scores, load_image_text_model
+
+    log = [json.loads(line) for line in (models / "c-run" / "log.jsonl").read_text().splitlines()]
+    val = [row for row in log if "val/i2t_top1" in row]
+    assert val and 0 <= val[-1]["val/i2t_top1"] <= 1 and val[-1]["val/pairs"] >= 2
+    scorer = load_image_text_model(str(models / "clip"))
+    ims = [photo_like(i, (40, 30)) for i in range(3)]
+    s = clip_scores(scorer, ims, ["a fox", "a car", "a tree"])
+    assert s.shape == (3,) and torch.isfinite(s).all() and (s >= 0).all() and (s <= 100).all()
+    direct = 100 * (scorer.image_features(torch.stack([to_tensor(im) for im in ims]))
+                    * scorer.text_features(["a fox", "a car", "a tree"])).sum(-1).clamp_min(0)
+    assert torch.allclose(s, direct, atol=1e-5)
+    with pytest.raises(ValueError, match="not an image-text model"):
+        load_image_text_model(str(models / "vq"))
+
+
+def test_hf_clip_folder_matches_transformers(tmp_path):
+    """Our HF CLIP wrapper gives transformers' own features (its image processor, its tokenizer)."""
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from tessera.eval.clipscore import HFClip, load_image_text_model
+    from tessera.text.encoders import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config=dict(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
+    model = CLIPModel(cfg).eval()
+    proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    for obj in (model, tok, proc):
+        obj.save_pretrained(tmp_path)
+    ours = load_image_text_model(str(tmp_path))
+    assert isinstance(ours, HFClip)
+    ims = [photo_like(i, (32, 32)) for i in range(2)]
+    x = torch.stack([to_tensor(im) for im in ims])
+    with torch.no_grad():
+        ref_i = model.get_image_features(**proc(images=ims, return_tensors="pt"))
+        batch = tok(["a red fox", "two blue cars"], padding=True, return_tensors="pt")
+        ref_t = model.get_text_features(**batch)
+    ref_i = ref_i if isinstance(ref_i, torch.Tensor) else ref_i.pooler_output
+    ref_t = ref_t if isinstance(ref_t, torch.Tensor) else ref_t.pooler_output
+    assert torch.allclose(ours.image_features(x), torch.nn.functional.normalize(ref_i, dim=-1), atol=1e-5)
+    assert torch.allclose(ours.text_features(["a red fox", "two blue cars"]),
+                          torch.nn.functional.normalize(ref_t, dim=-1), atol=1e-5)
+    # a larger image goes through resize + centre crop: close to the processor's PIL resize
+    big = photo_like(9, (64, 48))
+    xb = to_tensor(big)[None]
+    with torch.no_grad():
+        rb = model.get_image_features(**proc(images=[big], return_tensors="pt"))
+    rb = rb if isinstance(rb, torch.Tensor) else rb.pooler_output
+    cos = (ours.image_features(xb) * torch.nn.functional.normalize(rb, dim=-1)).sum()
+    assert cos > 0.98
+
+
+def test_caption_match_scorer_in_prepare(models, tmp_path):
+    from tessera.data.filters import FilterConfig
+    from tessera.data.prepare import PrepareConfig, prepare
+
+    def cfg(threshold):
+        return PrepareConfig(size=32, workers=1, scorers=(spec + threshold,),
+                             filters=FilterConfig(min_size=32, phash_distance=2))
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        photo_like(200 + i, (64, 64)).save(src / f"{i}.png")
+        (src / f"{i}.txt").write_text(f"picture {i}")
+    spec = f"tessera.eval.clipscore:caption_match?model={models / 'clip'}&min_score="
+    keep = prepare([src], tmp_path / "keep", cfg("0"), progress=False)
+    assert keep["kept"] == 4
+    # CLIPScore is at most 100: a threshold above it rejects every captioned image, by name
+    drop = prepare([src], tmp_path / "drop", cfg("101"), progress=False)
+    assert drop["kept"] == 0 and drop["rejected_by_reason"] == {"scorer:caption_match": 4}
+    with pytest.raises(ValueError, match="key=value"):
+        prepare([src], tmp_path / "bad", PrepareConfig(size=32, workers=1, scorers=(spec[:-11] + "&oops",)),
+                progress=False)
+
+
+def test_eval_cli_sample_clipscore_latency_prompts(models, tmp_path):
+    tsv = tmp_path / "p.tsv"
+    tsv.write_text("Prompt\tCategory\na red fox\tAnimals\na cat\tAnimals\na bus\tVehicles\na boat\tVehicles\n")
+    common = ["--model", models / "masked", "--tokenizer", models / "vq", "--text-encoder", "tiny",
+              "--batch-size", "2", "--set", "steps=2"]
+    r = run("eval", "sample", *common, "--prompts", tsv, "-o", tmp_path / "s")
+    assert r.exit_code == 0, r.output
+    r = run("eval", "clipscore", tmp_path / "s", "--clip", models / "clip")
+    assert r.exit_code == 0, r.output
+    first, out = r.output, json.loads(r.output)
+    assert set(out["per_category"]) == {"Animals", "Vehicles", "ALL"} and out["per_category"]["ALL"]["images"] == 4
+    assert "not OpenAI CLIP" in out["feature_space"]
+    r = run("eval", "latency", tmp_path / "s", "--price-per-hour", "2.0")
+    assert r.exit_code == 0, r.output
+    lat = json.loads(r.output)
+    assert lat["seconds_per_image"] > 0 and lat["cost_per_image"] == pytest.approx(2.0 * lat["seconds_per_image"] / 3600)
+    r = run("eval", "prompts", tsv, *common, "--per-category", "1", "--clip", models / "clip", "-o", tmp_path / "pp")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "pp" / "report.json").read_text())
+    assert rep["per_category"]["ALL"]["images"] == 2 and "| Animals | 1 |" in (tmp_path / "pp" / "report.md").read_text()
+    # the metric read from the same files is the same to the last digit
+    r2 = run("eval", "clipscore", tmp_path / "s", "--clip", models / "clip")
+    assert r2.exit_code == 0 and r2.output == first
+    r = run("eval", "sample", *common, "--set", "nope=1", "--prompts", tsv, "-o", tmp_path / "t")
+    assert r.exit_code != 0 and "nope" in r.output
+    r = run("eval", "sample", *common, "-o", tmp_path / "t")
+    assert r.exit_code != 0 and "exactly one of --prompts" in r.output
