@@ -250,3 +250,60 @@ def test_eval_cli_sample_clipscore_latency_prompts(models, tmp_path):
     assert r.exit_code != 0 and "nope" in r.output
     r = run("eval", "sample", *common, "-o", tmp_path / "t")
     assert r.exit_code != 0 and "exactly one of --prompts" in r.output
+
+
+def test_wilson_interval_reference_values():
+    from tessera.eval.human import wilson_interval
+
+    lo, hi = wilson_interval(7, 10)  # textbook value for 7/10: (0.3968, 0.8922)
+    assert lo == pytest.approx(0.3968, abs=1e-4) and hi == pytest.approx(0.8922, abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    lo, hi = wilson_interval(50, 100)
+    assert lo == pytest.approx(1 - hi)
+
+
+def test_human_eval_app_records_votes_and_reports(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from tessera.eval.human import make_app
+
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        for i in range(3):
+            photo_like(i + (0 if d == "a" else 50), (16, 16)).save(tmp_path / d / f"{i}.png")
+    photo_like(99, (16, 16)).save(tmp_path / "a" / "only_in_a.png")
+    client = TestClient(make_app(tmp_path / "a", tmp_path / "b", tmp_path / "votes.sqlite", seed=0))
+    page = client.get("/")
+    assert page.status_code == 200 and "/image/a/" in page.text and "/image/b/" in page.text
+    assert client.get("/image/a/2").content == (tmp_path / "a" / "2.png").read_bytes()
+    assert client.get("/image/c/0").status_code == 404 and client.get("/image/a/3").status_code == 404
+    assert client.get("/results").json()["votes"] == 0
+    # A picked 6 times (on either side), B twice, one tie
+    for pair, a_side, choice in [(0, "left", "left"), (1, "right", "right"), (2, "left", "left"),
+                                 (0, "right", "right"), (1, "left", "left"), (2, "right", "right"),
+                                 (0, "left", "right"), (1, "right", "left"), (2, "left", "tie")]:
+        assert client.post("/vote", json={"pair": pair, "a_side": a_side, "choice": choice}).status_code == 200
+    r = client.get("/results").json()
+    assert (r["a_wins"], r["b_wins"], r["ties"], r["votes"], r["pairs"]) == (6, 2, 1, 9, 3)
+    assert r["a_win_rate"] == pytest.approx(6.5 / 9) and r["ci95"][0] < 6.5 / 9 < r["ci95"][1]
+    assert r["a_wins_when_left"] == 3 and r["a_wins_when_right"] == 3
+    bad = client.post("/vote", json={"pair": 7, "a_side": "left", "choice": "left"})
+    assert bad.status_code == 422 and "pair=7" in bad.text
+    assert client.post("/vote", json={"pair": 0, "a_side": "up", "choice": "left"}).status_code == 422
+    # votes survive a restart (a new app over the same database)
+    again = TestClient(make_app(tmp_path / "a", tmp_path / "b", tmp_path / "votes.sqlite"))
+    assert again.get("/results").json()["votes"] == 9
+    r = run("eval", "human", "--a", tmp_path / "a", "--b", tmp_path / "b", "--db", tmp_path / "votes.sqlite", "--report")
+    assert r.exit_code == 0 and json.loads(r.output)["a_wins"] == 6
+
+
+def test_human_eval_pairs_samples_by_prompt(models, tmp_path):
+    from tessera.eval.human import pair_folders
+
+    _write(models, "masked", tmp_path / "m")
+    _write(models, "ar", tmp_path / "a")
+    pairs = pair_folders(tmp_path / "m", tmp_path / "a")
+    assert [p for _, _, p in pairs] == PROMPTS
+    _write(models, "ar", tmp_path / "short", PROMPTS[:2])
+    with pytest.raises(ValueError, match="different prompt lists"):
+        pair_folders(tmp_path / "m", tmp_path / "short")

@@ -647,5 +647,31 @@ def eval_prompts(prompt_file, model, tokenizer, text_encoder, batch_size, settin
     Path(out, "report.md").write_text(markdown_table(rows, scorer.space))
     click.echo(markdown_table(rows, scorer.space))
 
+
+@eval_.command("human")
+@click.option("--a", "a_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="samples folder of model A (or a plain image folder)")
+@click.option("--b", "b_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="samples folder of model B, or reference images with the same file names")
+@click.option("--db", required=True, type=click.Path(dir_okay=False), help="SQLite file of votes (kept across runs)")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8765, show_default=True)
+@click.option("--report", is_flag=True, help="print the win rate of A with its 95%% interval and exit")
+def eval_human(a_dir, b_dir, db, host, port, report) -> None:
+    """Side-by-side human evaluation on a local web page; votes in SQLite; win rate with a confidence interval."""
+    from tessera.eval.human import VoteStore, make_app, pair_folders
+
+    try:
+        if report:
+            click.echo(json.dumps(VoteStore(db, len(pair_folders(a_dir, b_dir))).report(), indent=2))
+            return
+        app = make_app(a_dir, b_dir, db)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    import uvicorn
+
+    click.echo(f"vote at http://{host}:{port}/  (results: /results; Ctrl-C to stop, votes are kept in {db})")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
 if __name__ == "__main__":
     sys.exit(main())
