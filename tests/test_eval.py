@@ -307,3 +307,22 @@ def test_human_eval_pairs_samples_by_prompt(models, tmp_path):
     _write(models, "ar", tmp_path / "short", PROMPTS[:2])
     with pytest.raises(ValueError, match="different prompt lists"):
         pair_folders(tmp_path / "m", tmp_path / "short")
+
+
+def test_bench_paradigms_end_to_end(models, tiny_dataset, tmp_path):
+    from tessera.eval.paradigms import parse_config
+
+    assert parse_config("masked=m:steps=8,method=ddim").settings == {"steps": 8, "method": "ddim"}
+    with pytest.raises(ValueError, match="PARADIGM=MODEL"):
+        parse_config("models/x")
+    r = run("bench", "paradigms", "--data", tiny_dataset, "--limit", "4", "--batch-size", "2", "--clip", models / "clip",
+            "--text-encoder", "tiny", "--config", f"diffusion (DiT)={models / 'dit'}:steps=2",
+            "--config", f"diffusion (DiT)={models / 'dit'}:steps=3", "-o", tmp_path / "b")
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "b" / "results.json").read_text())
+    rows = {row["config"]: row for row in res["rows"]}
+    assert {"dit-steps2", "dit-steps3"} <= set(rows) and res["meta"]["images"] == 4
+    for row in rows.values():
+        assert all(np.isfinite(row[k]) for k in ("fd", "kid") if k in row)
+    assert rows["dit-steps2"]["seconds_per_image"] > 0 and 0 <= rows["dit-steps3"]["r_precision"] <= 1
+    assert (tmp_path / "b" / "paradigms.png").stat().st_size > 1000 and "dit-steps3" in r.output

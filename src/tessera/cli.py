@@ -673,5 +673,39 @@ def eval_human(a_dir, b_dir, db, host, port, report) -> None:
     click.echo(f"vote at http://{host}:{port}/  (results: /results; Ctrl-C to stop, votes are kept in {db})")
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
+
+@main.group("bench")
+def bench() -> None:
+    """Benchmarks that compare models on this machine."""
+
+
+@bench.command("paradigms")
+@click.option("--data", "data_dir", default="data/demo128", show_default=True,
+              type=click.Path(exists=True, file_okay=False), help="prepared captioned folder the models trained on")
+@click.option("--split", default="val", show_default=True, type=click.Choice(["val", "train"]))
+@click.option("--limit", type=int, default=None, help="only the first N held-out captions")
+@click.option("--config", "configs", multiple=True,
+              help="PARADIGM=MODEL[:key=value,...] (repeatable; default: ar-xs, masked-xs, unet-xs, dit-xs at "
+                   "several step counts)")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--clip", "clip_model", default="clip-xs", show_default=True)
+@click.option("--text-encoder", default="minilm", show_default=True)
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
+              help="folder of samples (resumable), results.json, results.md and paradigms.png")
+def bench_paradigms(data_dir, split, limit, configs, batch_size, clip_model, text_encoder, out) -> None:
+    """AR vs masked vs diffusion: Fréchet distance, CLIPScore, R-precision and seconds per image."""
+    from tessera.eval.paradigms import DEFAULT_CONFIGS, markdown, parse_config, plot, run_paradigms
+    from tessera.text import PromptError
+
+    try:
+        chosen = [parse_config(c) for c in configs] or DEFAULT_CONFIGS
+        rows = run_paradigms(data_dir, out, chosen, split, limit, batch_size, clip_model, text_encoder)
+    except (ValueError, FileNotFoundError, RuntimeError, PromptError) as e:
+        _fail(str(e))
+    table = markdown(rows)
+    Path(out, "results.md").write_text(table)
+    plot(rows, Path(out, "paradigms.png"))
+    click.echo(table)
+
 if __name__ == "__main__":
     sys.exit(main())
