@@ -326,3 +326,21 @@ def test_bench_paradigms_end_to_end(models, tiny_dataset, tmp_path):
         assert all(np.isfinite(row[k]) for k in ("fd", "kid") if k in row)
     assert rows["dit-steps2"]["seconds_per_image"] > 0 and 0 <= rows["dit-steps3"]["r_precision"] <= 1
     assert (tmp_path / "b" / "paradigms.png").stat().st_size > 1000 and "dit-steps3" in r.output
+
+
+def test_prompts_longer_than_the_generator_takes_are_skipped_and_listed(models, tmp_path):
+    from tessera.eval.samples import Prompt, generate_samples
+    from tessera.generators.masked import MaskedConfig, MaskedTransformer
+
+    torch.manual_seed(0)
+    export_model(MaskedTransformer(MaskedConfig(vocab_size=64, grid=(8, 8), dim=32, depth=1, heads=2, cond_dim=16,
+                                                max_text_tokens=4)), "masked", tmp_path / "m")
+    prompts = [Prompt("a red fox"), Prompt("one two three four five six", "long"), Prompt("a cat")]
+    rec = generate_samples(str(tmp_path / "m"), prompts, tmp_path / "s", {"steps": 2}, batch_size=2,
+                           tokenizer=str(models / "vq"), text_encoder="tiny", progress=False)
+    assert [r["prompt"] for r in rec["images"]] == ["a red fox", "a cat"]
+    assert rec["skipped"] == [{"prompt": "one two three four five six", "category": "long",
+                               "reason": "6 prompt tokens; the generator takes at most 4"}]
+    with pytest.raises(ValueError, match="every prompt was too long"):
+        generate_samples(str(tmp_path / "m"), prompts[1:2], tmp_path / "t", {"steps": 2},
+                         tokenizer=str(models / "vq"), text_encoder="tiny", progress=False)

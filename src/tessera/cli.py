@@ -579,7 +579,7 @@ def eval_sample(model, tokenizer, text_encoder, batch_size, settings, out, promp
         record = generate_samples(model, prompts, out, _settings(settings), batch_size, tokenizer, text_encoder)
     except (ValueError, FileNotFoundError, RuntimeError, PromptError) as e:
         _fail(str(e))
-    click.echo(f"{out}: {len(record['images'])} images")
+    click.echo(f"{out}: {len(record['images'])} images, {len(record['skipped'])} prompts skipped")
 
 
 @eval_.command("clipscore")
@@ -641,7 +641,8 @@ def eval_prompts(prompt_file, model, tokenizer, text_encoder, batch_size, settin
     except (ValueError, FileNotFoundError, RuntimeError, PromptError) as e:
         _fail(str(e))
     rows = by_category(record, scores)
-    report = {"prompts": prompt_file, "models": record["models"], "settings": record["settings"],
+    report = {"prompts": prompt_file, "skipped": record.get("skipped", []), "models": record["models"],
+              "settings": record["settings"],
               "feature_space": scorer.space, "timing": timing_summary(record, price_per_hour), "per_category": rows}
     Path(out, "report.json").write_text(json.dumps(report, indent=2) + "\n")
     Path(out, "report.md").write_text(markdown_table(rows, scorer.space))
@@ -683,7 +684,7 @@ def bench() -> None:
 @click.option("--data", "data_dir", default="data/demo128", show_default=True,
               type=click.Path(exists=True, file_okay=False), help="prepared captioned folder the models trained on")
 @click.option("--split", default="val", show_default=True, type=click.Choice(["val", "train"]))
-@click.option("--limit", type=int, default=None, help="only the first N held-out captions")
+@click.option("--limit", type=int, default=None, help="only N held-out captions, evenly spaced over the split")
 @click.option("--config", "configs", multiple=True,
               help="PARADIGM=MODEL[:key=value,...] (repeatable; default: ar-xs, masked-xs, unet-xs, dit-xs at "
                    "several step counts)")

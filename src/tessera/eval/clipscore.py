@@ -123,7 +123,7 @@ def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, captions: list[str])
     """Held-out retrieval with unit image / text embeddings of N pairs. A hit is a retrieved item whose
     caption is the query's caption (identical captions are interchangeable). Also the mean cosine of
     true pairs vs. mismatched ones (each image against the next image's caption)."""
-    sim = img @ txt.T  # (N_img, N_txt)
+    sim = (img @ txt.T).detach()  # (N_img, N_txt)
     same = torch.tensor([[a == b for b in captions] for a in captions])  # (N, N) caption identity
     n = len(captions)
     out = {"pairs": n, "chance_top1": 1.0 / n}

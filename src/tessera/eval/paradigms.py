@@ -107,7 +107,9 @@ def run_paradigms(data_dir: str | Path, out: str | Path, configs: list[Config], 
 
     out = Path(out)
     ds = ShardImages(data_dir, split)
-    idx = [i for i, c in enumerate(ds.captions) if c.strip()][:limit]
+    idx = [i for i, c in enumerate(ds.captions) if c.strip()]
+    if limit is not None and limit < len(idx):  # evenly spaced: catalog order groups sources together
+        idx = [idx[int(j)] for j in np.linspace(0, len(idx) - 1, limit).round()]
     if len(idx) < 2:
         raise ValueError(f"{data_dir}: the {split} split has {len(idx)} captioned images; need at least 2")
     prompts = [Prompt(ds.captions[i]) for i in idx]

@@ -66,9 +66,10 @@ def _resume(out: Path, header: dict, prompts: list[Prompt]) -> dict:
 
 def write_samples(loaded, prompts: list[Prompt], out: str | Path, params, batch_size: int = 16,
                   load_seconds: float | None = None, progress: bool = True,
-                  on_batch: Callable[[int, int], None] | None = None) -> dict:
+                  on_batch: Callable[[int, int], None] | None = None, skipped: list[dict] | None = None) -> dict:
     """Draw one image per prompt with `loaded` (pipelines.load.LoadedPipeline) and `params` (its sampling
-    parameters; `n` is ignored) into OUT; returns the samples.json record."""
+    parameters; `n` is ignored) into OUT; returns the samples.json record. `skipped` (prompts the caller
+    left out, with the reason) is recorded as such."""
     from tqdm import tqdm
 
     from tessera.pipelines.ar import png_info
@@ -81,6 +82,7 @@ def write_samples(loaded, prompts: list[Prompt], out: str | Path, params, batch_
     out.mkdir(parents=True, exist_ok=True)
     header = _header(loaded, params, batch_size)
     record = _resume(out, header, prompts)
+    record["skipped"] = skipped or []
     if load_seconds is not None and "load_seconds" not in record["timing"]:
         record["timing"]["load_seconds"] = round(load_seconds, 3)
     batches = range(len(record["images"]) // batch_size, (len(prompts) + batch_size - 1) // batch_size)
@@ -135,7 +137,7 @@ def timing_summary(record: dict, price_per_hour: float = 0.0, warmup_batches: in
     total_images = sum(b["images"] for b in timed)
     total_seconds = sum(b["seconds"] for b in timed)
     s = float(np.median(per_image))
-    return {"seconds_per_image": round(s, 4), "images_per_second": round(total_images / total_seconds, 3),
+    return {"seconds_per_image": s, "images_per_second": total_images / total_seconds,
             "batch_size": record["batch_size"], "timed_batches": len(timed),
             "load_seconds": record["timing"].get("load_seconds"),
             "peak_rss_mb": record["timing"].get("peak_rss_mb"), "price_per_hour": price_per_hour,
@@ -156,11 +158,19 @@ def generate_samples(model: str, prompts: list[Prompt], out: str | Path, setting
                      batch_size: int = 16, tokenizer: str | None = None, text_encoder: str = "minilm",
                      progress: bool = True) -> dict:
     """Load `model` (any generator kind), build its sampling parameters from `settings` (unknown keys are
-    an error) and write the samples folder."""
+    an error) and write the samples folder. Prompts longer than the generator takes are left out and
+    listed under "skipped" with the reason (a benchmark run is not lost to one long prompt)."""
     from tessera.pipelines.load import load_pipeline
 
     t0 = time.perf_counter()
     loaded = load_pipeline(model, tokenizer, text_encoder)
     load_seconds = time.perf_counter() - t0
     params = loaded.params(**(settings or {}))
-    return write_samples(loaded, prompts, out, params, batch_size, load_seconds, progress)
+    reasons = loaded.too_long([p.prompt for p in prompts])
+    skipped = [{**dataclasses.asdict(p), "reason": r} for p, r in zip(prompts, reasons) if r]
+    kept = [p for p, r in zip(prompts, reasons) if not r]
+    if not kept:
+        raise ValueError(f"every prompt was too long for {model}: {skipped[0]['reason']}")
+    if skipped and progress:
+        print(f"skipping {len(skipped)} prompt(s) the generator cannot take, e.g. {skipped[0]['reason']}")
+    return write_samples(loaded, kept, out, params, batch_size, load_seconds, progress, skipped=skipped)

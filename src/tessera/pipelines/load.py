@@ -19,6 +19,20 @@ class LoadedPipeline:
     kind: str                       # ar | masked | diffusion
     pipe: ARPipeline | MaskedPipeline | DiffusionPipeline
     models: dict[str, dict]         # role -> {"name", "sha256", ...}
+    network: object = None          # the generator / denoiser
+    text_encoder: object = None
+
+    def too_long(self, prompts: list[str], batch: int = 64) -> list[str | None]:
+        """Per prompt: None if the generator takes it, else why not (prompts are never silently cut)."""
+        cfg = self.network.config
+        if not cfg.conditional:
+            return [None] * len(prompts)
+        limit, out = cfg.max_text_tokens, []
+        for s in range(0, len(prompts), batch):
+            lengths = self.text_encoder.encode(prompts[s:s + batch]).mask.sum(1).tolist()
+            out += [None if n <= limit else f"{n} prompt tokens; the generator takes at most {limit}"
+                    for n in lengths]
+        return out
 
     def params(self, **settings: Any):
         """Sampling parameters of this kind; an unknown setting is an error (named)."""
@@ -56,4 +70,4 @@ def load_pipeline(model: str, tokenizer: str | None = None, text_encoder: str = 
         models["tokenizer"] = _identity(tok_name, tok)
     if enc is not None:
         models["text_encoder"] = {"name": text_encoder}
-    return LoadedPipeline(kind, cls(net, tok, enc), models)
+    return LoadedPipeline(kind, cls(net, tok, enc), models, net, enc)
