@@ -170,6 +170,25 @@ def train_contrastive(data_dir, run_dir, preset, max_steps, resume, overrides, t
     click.echo(json.dumps(logs))
 
 
+@train.command("safety")
+@click.option("--prompts", "prompt_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="labelled TSV (text, label); default: the bundled policy prompt set")
+@click.option("--text-encoder", default="minilm", show_default=True)
+@click.option("--steps", default=400, show_default=True)
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="export folder")
+def train_safety(prompt_file, text_encoder, steps, out) -> None:
+    """Train the prompt-policy classifier (seconds) and export it with its held-out report."""
+    from tessera.checkpoint import export_model
+    from tessera.train.safety import POLICY_PROMPTS, train_prompt_safety
+
+    try:
+        model, report = train_prompt_safety(prompt_file or POLICY_PROMPTS, text_encoder, steps)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    export_model(model, "prompt-safety", out, {"report": report, "prompts": str(prompt_file or "policy_prompts.tsv")})
+    click.echo(json.dumps(report, indent=2))
+
+
 @main.command("export")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False))
@@ -673,6 +692,22 @@ def eval_human(a_dir, b_dir, db, host, port, report) -> None:
 
     click.echo(f"vote at http://{host}:{port}/  (results: /results; Ctrl-C to stop, votes are kept in {db})")
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@eval_.command("safety")
+@click.option("--model", default="prompt-safety", show_default=True, help="prompt-policy classifier")
+@click.option("--benign", "benign_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="prompts that must pass (default: ../shared/data/PartiPrompts.tsv if present)")
+@click.option("--threshold", default=0.5, show_default=True)
+def eval_safety(model, benign_file, threshold) -> None:
+    """Block rate on the held-out unsafe policy prompts; false-positive rate on benign prompts."""
+    from tessera.eval.safety import evaluate_prompt_safety
+
+    try:
+        out = evaluate_prompt_safety(model, benign_file, threshold)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    click.echo(json.dumps(out, indent=2))
 
 
 @main.group("bench")

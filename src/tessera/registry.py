@@ -21,6 +21,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "rrdbnet": ("tessera.superres.rrdbnet:RRDBNet", "tessera.superres.rrdbnet:RRDBNetConfig"),
     "srvgg": ("tessera.superres.srvgg:SRVGGNetCompact", "tessera.superres.srvgg:SRVGGConfig"),
     "contrastive": ("tessera.eval.contrastive:ImageTextModel", "tessera.eval.contrastive:ContrastiveConfig"),
+    "prompt-safety": ("tessera.safety.classifier:PromptSafetyClassifier", "tessera.safety.classifier:PromptSafetyConfig"),
 }
 
 # preset -> (kind, config overrides)
@@ -52,6 +53,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "sr-compact-x2": ("srvgg", dict(num_feat=32, num_conv=8, upscale=2)),
     # contrastive image-text model over frozen MiniLM sentence vectors: offline CLIPScore, caption filtering
     "clip-xs": ("contrastive", dict(image_size=64, channels=(32, 64, 128, 256), text_dim=384, embed_dim=256)),
+    # the prompt-policy classifier over MiniLM sentence vectors (safety/)
+    "prompt-safety": ("prompt-safety", dict(text_dim=384, hidden=128)),
     # for tests: tiny and fast
     "ar-tiny": ("ar", dict(vocab_size=64, grid=(4, 4), dim=32, depth=2, heads=4, cond_dim=16, max_text_tokens=8)),
     "unet-tiny": ("unet", dict(in_channels=4, sample_size=8, base_channels=16, channel_mult=(1, 2),

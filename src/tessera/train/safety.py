@@ -1,0 +1,74 @@
+"""Train the prompt-policy classifier (safety/classifier.py) on a labelled prompt TSV (`text`, `label`):
+full-batch AdamW on the frozen encoder's pooled vectors, class-balanced cross-entropy. The held-out split
+is a fixed fifth of the rows chosen by a hash of the text, so it never depends on the file's order."""
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tessera.safety.classifier import PromptSafetyClassifier, PromptSafetyConfig
+
+POLICY_PROMPTS = Path(__file__).resolve().parents[1] / "safety" / "policy_prompts.tsv"
+
+
+def is_held_out(text: str) -> bool:
+    return int(hashlib.sha1(text.encode()).hexdigest(), 16) % 5 == 0
+
+
+def read_labelled(path: str | Path, labels: tuple[str, ...]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """-> texts, label ids [N], held-out mask [N]; unknown labels are errors naming the row."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    if not rows or not {"text", "label"} <= set(rows[0]):
+        raise ValueError(f"{path}: needs 'text' and 'label' columns")
+    for i, r in enumerate(rows, start=2):
+        if r["label"] not in labels:
+            raise ValueError(f"{path}:{i}: label {r['label']!r} is not one of {labels}")
+    texts = [r["text"].strip() for r in rows]
+    y = torch.tensor([labels.index(r["label"]) for r in rows])
+    return texts, y, torch.tensor([is_held_out(t) for t in texts])
+
+
+def accuracy_report(model: PromptSafetyClassifier, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Block rate on unsafe rows (any policy class predicted), false positives on benign rows, and the
+    category accuracy on the unsafe rows that were blocked."""
+    with torch.no_grad():
+        pred = model.eval()(x).argmax(1)
+    unsafe, benign = y > 0, y == 0
+    blocked = pred > 0
+    return {"unsafe": int(unsafe.sum()), "benign": int(benign.sum()),
+            "block_rate": float(blocked[unsafe].float().mean()) if unsafe.any() else float("nan"),
+            "false_positive_rate": float(blocked[benign].float().mean()) if benign.any() else float("nan"),
+            "category_accuracy": float((pred == y)[unsafe & blocked].float().mean()) if (unsafe & blocked).any()
+            else float("nan")}
+
+
+def train_prompt_safety(path: str | Path = POLICY_PROMPTS, text_encoder: str = "minilm", steps: int = 400,
+                        lr: float = 3e-3, weight_decay: float = 1e-2, seed: int = 0,
+                        config: PromptSafetyConfig | None = None) -> tuple[PromptSafetyClassifier, dict]:
+    from tessera.text import load_text_encoder
+
+    enc = load_text_encoder(text_encoder)
+    cfg = config or PromptSafetyConfig(text_encoder=text_encoder, text_dim=enc.dim)
+    texts, y, held = read_labelled(path, cfg.labels)
+    with torch.no_grad():
+        x = torch.cat([enc.encode(texts[s:s + 64]).pooled.float() for s in range(0, len(texts), 64)])
+    torch.manual_seed(seed)
+    model = PromptSafetyClassifier(cfg)
+    train = ~held
+    counts = torch.bincount(y[train], minlength=len(cfg.labels)).clamp_min(1).float()
+    weight = counts.sum() / (len(counts) * counts)  # class-balanced
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(steps):
+        model.train()
+        loss = F.cross_entropy(model(x[train]), y[train], weight=weight)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    report = {"train": accuracy_report(model, x[train], y[train]), "held_out": accuracy_report(model, x[held], y[held]),
+              "rows": len(texts), "held_out_rows": int(held.sum()), "steps": steps, "final_loss": float(loss.detach())}
+    return model.eval(), report
