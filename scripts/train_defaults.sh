@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The exact commands that rebuild Tessera's bundled default models from scratch (CPU, 2 cores).
 # Each training command resumes from its run folder when re-run (--resume), so it can be stopped and
-# continued across sessions. Usage: scripts/train_defaults.sh [tokenizer|ar|masked|diffusion|dit|sr|all]
+# continued across sessions. Usage: scripts/train_defaults.sh [tokenizer|ar|masked|diffusion|dit|sr|clip|safety|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=.venv/bin/tessera
@@ -64,4 +64,17 @@ if [ "$WHAT" = sr ] || [ "$WHAT" = all ]; then
     --set train.max_steps=${SR2_STEPS:-4000} $(resume runs/sr-x2)
   $T export runs/sr-x2 -o src/tessera/weights/sr-compact-x2 --dtype float16
   $T eval sr --data data/photos256 --model fast --model x4plus
+fi
+
+if [ "$WHAT" = clip ] || [ "$WHAT" = all ]; then
+  # the offline image-text model for CLIPScore and caption filtering (4 min on 2 cores)
+  [ -f data/demo128/report.json ] || scripts/build_demo_data.sh data/demo128
+  $T train contrastive --data data/demo128 --out runs/clip-xs --max-steps ${CLIP_STEPS:-1500} $(resume runs/clip-xs)
+  $T export runs/clip-xs -o src/tessera/weights/clip-xs --dtype float16
+fi
+
+if [ "$WHAT" = safety ] || [ "$WHAT" = all ]; then
+  # the prompt-policy classifier on the bundled labelled prompt set (seconds)
+  $T train safety -o src/tessera/weights/prompt-safety
+  $T eval safety
 fi
