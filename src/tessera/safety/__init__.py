@@ -20,7 +20,7 @@ class Verdict:
 class UnsafePromptError(ValueError):
     """A prompt violates the usage policy; `verdict.category` says which part."""
 
-    def __init__(self, prompt_index: int, verdict: Verdict):
-        self.verdict = verdict
+    def __init__(self, prompt_index: int, verdict: Verdict, timings: dict | None = None):
+        self.verdict, self.timings = verdict, timings or {}
         super().__init__(f"prompt #{prompt_index} was rejected by the usage policy: category "
                          f"{verdict.category!r} (score {verdict.score:.2f})")

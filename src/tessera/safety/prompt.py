@@ -17,7 +17,7 @@ from tessera.safety import Verdict
 
 
 class PromptSafety:
-    def __init__(self, model: str = "prompt-safety", threshold: float = 0.5, profanity_threshold: float = 0.85,
+    def __init__(self, model: str = "prompt-safety", threshold: float = 0.5, profanity_threshold: float = 0.99,
                  use_profanity: bool = True):
         import tessera
         from tessera.text import load_text_encoder
