@@ -1,5 +1,6 @@
 """The bundled default tokenizer: loads with nothing else, verifies, and reconstructs."""
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
@@ -96,12 +97,31 @@ def test_tessera_generate_with_the_bundled_defaults(tmp_path):
     import json
 
     out = tmp_path / "apple.png"
-    r = CliRunner().invoke(main, ["generate", "grinning face emoji", "-o", str(out), "--size", "256", "--steps", "8"])
+    r = CliRunner().invoke(main, ["generate", "grinning face emoji", "-o", str(out), "--size", "256", "--steps", "8",
+                                  "--seed", "3"])
     assert r.exit_code == 0, r.output
     im = Image.open(out)
     assert im.size == (256, 256)
     record = json.loads(im.text["tessera"])
     assert record["model"] == "unet-xs" and record["steps"] == 8 and record["prompt"] == "grinning face emoji"
+    assert record["seed"] == 3 and record["revised_prompt"] == "grinning face emoji" and record["withheld"] == []
+    assert set(record["seconds"]) == {"prompt_safety", "enhance", "generate", "decode", "image_safety", "upscale",
+                                      "total"}
     assert _colourfulness([im.convert("RGB")])[1] > 40  # a yellow face, as in the unet-xs test
     bad = CliRunner().invoke(main, ["generate", "x", "-o", str(tmp_path / "b.png"), "--size", "-1"])
     assert bad.exit_code != 0 and "size" in bad.output and not (tmp_path / "b.png").exists()
+
+
+def test_generate_rejects_unsafe_prompts_before_any_generation(tmp_path):
+    """Bundled prompt-safety model: the category is in the error, no generation stage ran, nothing written."""
+    from tessera.pipelines.text2image import Request, TextToImage
+    from tessera.safety import UnsafePromptError
+
+    out = tmp_path / "x.png"
+    r = CliRunner().invoke(main, ["generate", "a man stabbing a woman with a knife, blood everywhere", "-o", str(out)])
+    assert r.exit_code != 0 and "violence" in r.output and "nothing was generated" in r.output and not out.exists()
+    pipe = TextToImage()
+    with pytest.raises(UnsafePromptError) as e:
+        pipe(Request("a naked woman in an explicit sexual pose"))
+    assert e.value.verdict.category == "sexual" and set(e.value.timings) == {"prompt_safety"}
+    assert pipe._loaded == {}  # no generator was even loaded

@@ -407,28 +407,54 @@ def sample_diffusion(prompt, model, tokenizer, text_encoder, seed, n, steps, cfg
 
 @main.command("generate")
 @click.argument("prompt")
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="output PNG")
-@click.option("--model", default="unet-xs", show_default=True, help="diffusion denoiser folder or preset")
-@click.option("--size", default=512, show_default=True, help="output side in pixels (0: the generator's 128)")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--steps", default=20, show_default=True)
-@click.option("--cfg", "cfg_scale", default=5.0, show_default=True, help="classifier-free guidance scale")
-@click.option("--negative-prompt", default="")
-def generate(prompt, out, model, size, seed, steps, cfg_scale, negative_prompt) -> None:
-    """Generate one image for PROMPT with the bundled defaults (unet-xs + vq-f8, fast SR to --size)."""
-    from tessera.pipelines.ar import png_info
-    from tessera.pipelines.diffusion import DiffusionSampleParams
-    from tessera.pipelines.generate import GenerateParams, generate as run
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="output PNG (a grid when -n > 1)")
+@click.option("--paradigm", default="diffusion", show_default=True, type=click.Choice(["diffusion", "ar", "masked"]))
+@click.option("--model", default=None, help="generator folder or preset for the paradigm (default: the bundled one)")
+@click.option("--size", default=1024, show_default=True, help="output side in pixels, up to 2048 (0: the generator's 128)")
+@click.option("-n", default=1, show_default=True, help="images (1-8)")
+@click.option("--seed", default=-1, show_default=True, help="-1: random (printed and stored in the PNG)")
+@click.option("--steps", type=int, default=None, help="masked / diffusion steps (default: the paradigm's)")
+@click.option("--cfg", "cfg_scale", type=float, default=None, help="classifier-free guidance scale")
+@click.option("--temperature", type=float, default=None, help="ar / masked")
+@click.option("--top-k", type=int, default=None, help="ar")
+@click.option("--top-p", type=float, default=None, help="ar")
+@click.option("--negative-prompt", default="", help="diffusion")
+@click.option("--no-enhance", is_flag=True, help="use the prompt as written (no enhancement)")
+@click.option("--diversify", is_flag=True, help="vary skin tone / gender across the images of a people prompt")
+def generate(prompt, out, paradigm, model, size, n, seed, steps, cfg_scale, temperature, top_k, top_p,
+             negative_prompt, no_enhance, diversify) -> None:
+    """Generate images for PROMPT with the bundled defaults: prompt safety, enhancement, generation,
+    decoding, harm detection, super-resolution to --size."""
+    from tqdm import tqdm
+
+    from tessera.pipelines.ar import grid, png_info
+    from tessera.pipelines.text2image import Request, TextToImage
+    from tessera.safety import UnsafePromptError
     from tessera.text import PromptError
 
-    params = GenerateParams(model, size, sample=DiffusionSampleParams(seed=seed, steps=steps, cfg_scale=cfg_scale,
-                                                                      negative_prompt=negative_prompt))
+    req = Request(prompt, paradigm, size, n, seed, steps, cfg_scale, temperature, top_k, top_p, negative_prompt,
+                  not no_enhance, diversify)
     try:
-        image, record = run(prompt, params)
+        req.validate()
+        pipe = TextToImage({paradigm: model} if model else None)
+        bar = tqdm(desc=paradigm, unit="step")
+        result = pipe(req, callback=lambda i, total: (setattr(bar, "total", total), bar.update(1)))
+        bar.close()
+    except UnsafePromptError as e:
+        _fail(f"{e} — nothing was generated")
     except (ValueError, FileNotFoundError, RuntimeError, PromptError) as e:
         _fail(str(e))
+    for w in result.withheld:
+        click.echo(f"image {w['index']} withheld by harm detection: {w['category']} (score {w['score']})", err=True)
+    if not result.images:
+        _fail("every image was withheld by harm detection; nothing was written")
+    record = {**result.settings, "seed": result.seed, "revised_prompt": result.revised_prompt,
+              "prompts": result.prompts, "changes": result.changes, "withheld": result.withheld,
+              "seconds": result.timings}
+    image = result.images[0] if len(result.images) == 1 else grid(result.images)
     image.save(out, pnginfo=png_info(prompt, record))
-    click.echo(f"{out}  {image.width}x{image.height}  {json.dumps(record['seconds'])}")
+    click.echo(f"{out}  {image.width}x{image.height}  seed {result.seed}  revised: {result.revised_prompt!r}  "
+               f"{json.dumps(result.timings)}")
 
 
 @main.command("upscale")
