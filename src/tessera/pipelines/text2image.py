@@ -127,8 +127,8 @@ class TextToImage:
             self._loaded[paradigm] = load_pipeline(self.models[paradigm], text_encoder=self.text_encoder)
         return self._loaded[paradigm]
 
-    def generate(self, req: Request, prompts: list[str], seed: int, callback=None) -> torch.Tensor:
-        """Text encoding + sampling -> token grids [n,h,w] or latents [n,C,H,W]."""
+    def generate(self, req: Request, prompts: list[str], seed: int, callback=None):
+        """Text encoding + sampling -> (token grids [n,h,w] or latents [n,C,H,W], the sampling parameters)."""
         lp = self.loaded(req.paradigm)
         given = {"steps": req.steps, "cfg_scale": req.cfg_scale, "temperature": req.temperature,
                  "top_k": req.top_k, "top_p": req.top_p}
