@@ -155,6 +155,7 @@ def markdown(rows: list[dict]) -> str:
 def plot(rows: list[dict], path: str | Path) -> Path:
     """Quality (FD) and alignment (CLIPScore) against seconds per image, one line per model."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -177,9 +178,11 @@ def plot(rows: list[dict], path: str | Path) -> Path:
         for r in rows:
             if r["paradigm"] == "reference" and key in r:
                 ax.axhline(r[key], color="gray", ls="--", lw=1)
-                ax.annotate(r["config"], (ax.get_xlim()[0], r[key]), fontsize=7, color="gray",
-                            textcoords="offset points", xytext=(2, 3))
+                ax.text(0.01, r[key], r["config"], transform=ax.get_yaxis_transform(), fontsize=7, color="gray",
+                        va="bottom")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("seconds per image (2-core CPU, batch 16; labels: steps)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
