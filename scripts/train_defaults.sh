@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The exact commands that rebuild Tessera's bundled default models from scratch (CPU, 2 cores).
 # Each training command resumes from its run folder when re-run (--resume), so it can be stopped and
-# continued across sessions. Usage: scripts/train_defaults.sh [tokenizer|ar|masked|diffusion|dit|sr|clip|safety|all]
+# continued across sessions. Usage: scripts/train_defaults.sh [tokenizer|ar|masked|masked-bundled|diffusion|dit|sr|clip|safety|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=.venv/bin/tessera
@@ -32,6 +32,14 @@ if [ "$WHAT" = masked ] || [ "$WHAT" = all ]; then
     --set train.max_steps=${MASKED_STEPS:-1500} --set train.lr=6e-4 --set train.warmup_steps=200 --set train.val_every=250 $(resume runs/masked-xs)
   $T export runs/masked-xs -o models/masked-xs --dtype float16   # not bundled: the 60 MB budget
   $T eval caption-margin --data data/demo128 --model models/masked-xs
+fi
+
+if [ "$WHAT" = masked-bundled ] || [ "$WHAT" = all ]; then
+  # the bundled masked default: 4 blocks instead of 6, so that every bundled model fits in 60 MB
+  $T train masked --data data/demo128 --out runs/masked-xxs --preset masked-xxs --tokenizer vq-f8 \
+    --set train.max_steps=${MASKED_STEPS:-1500} --set train.lr=6e-4 --set train.warmup_steps=200 --set train.val_every=250 $(resume runs/masked-xxs)
+  $T export runs/masked-xxs -o src/tessera/weights/masked-xxs --dtype float16
+  $T eval caption-margin --data data/demo128 --model masked-xxs
 fi
 
 if [ "$WHAT" = diffusion ] || [ "$WHAT" = all ]; then

@@ -40,6 +40,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     # masked-xs matches ar-xs in width / depth / heads for the side-by-side comparison
     "masked-s": ("masked", dict(dim=384, depth=8, heads=6, cond_dim=384, max_text_tokens=64)),
     "masked-xs": ("masked", dict(dim=192, depth=6, heads=6, dropout=0.1, cond_dim=384, max_text_tokens=64)),
+    # the bundled masked default: masked-xs with 4 blocks (5.8 M parameters, 11.7 MB fp16) to fit the 60 MB budget
+    "masked-xxs": ("masked", dict(dim=192, depth=4, heads=6, dropout=0.1, cond_dim=384, max_text_tokens=64)),
     # latent-diffusion U-Nets over 16x16x8 vq-f8 latents, MiniLM (384-d) cross-attention
     "unet-s": ("unet", dict(base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, heads=4)),
     "unet-xs": ("unet", dict(base_channels=48, channel_mult=(1, 2, 2), num_res_blocks=1, heads=4)),
