@@ -22,7 +22,7 @@ from tessera.safety import UnsafePromptError, Verdict
 from tessera.text import check_prompts
 
 PARADIGMS = ("ar", "masked", "diffusion")
-DEFAULT_MODELS = {"ar": "ar-xs", "masked": "masked-xs", "diffusion": "unet-xs"}
+DEFAULT_MODELS = {"ar": "ar-xs", "masked": "masked-xxs", "diffusion": "unet-xs"}
 MAX_SIZE, MAX_N, MAX_STEPS = 2048, 8, 1000
 
 
