@@ -25,7 +25,7 @@ from tessera.eval.samples import Prompt, generate_samples, read_samples, timing_
 
 
 @dataclasses.dataclass
-class Config:
+class Case:
     paradigm: str                  # autoregressive | masked | diffusion (U-Net) | diffusion (DiT)
     model: str
     settings: dict = dataclasses.field(default_factory=dict)
@@ -37,14 +37,14 @@ class Config:
 
 
 DEFAULT_CONFIGS = [
-    Config("autoregressive", "ar-xs"),
-    *[Config("masked", "models/masked-xs", {"steps": s}) for s in (4, 8, 16)],
-    *[Config("diffusion (U-Net)", "unet-xs", {"steps": s}) for s in (5, 10, 25)],
-    *[Config("diffusion (DiT)", "models/dit-xs", {"steps": s}) for s in (5, 10, 25)],
+    Case("autoregressive", "ar-xs"),
+    *[Case("masked", "models/masked-xs", {"steps": s}) for s in (4, 8, 16)],
+    *[Case("diffusion (U-Net)", "unet-xs", {"steps": s}) for s in (5, 10, 25)],
+    *[Case("diffusion (DiT)", "models/dit-xs", {"steps": s}) for s in (5, 10, 25)],
 ]
 
 
-def parse_config(spec: str) -> Config:
+def parse_config(spec: str) -> Case:
     """'PARADIGM=MODEL[:key=value,...]', e.g. 'masked=models/masked-xs:steps=8'."""
     paradigm, eq, rest = spec.partition("=")
     if not eq:
@@ -56,7 +56,7 @@ def parse_config(spec: str) -> Config:
         if not eq:
             raise ValueError(f"--config {spec!r}: {kv!r} must be key=value")
         settings[k] = json.loads(v) if re.fullmatch(r"-?[0-9.eE+-]+|true|false", v) else v
-    return Config(paradigm, model, settings)
+    return Case(paradigm, model, settings)
 
 
 def _alignment(scorer, images, prompts: list[str]) -> dict:
@@ -96,7 +96,7 @@ def _reference_rows(data_dir, split: str, prompts: list[Prompt], real, real_feat
              "images": len(real)}]
 
 
-def run_paradigms(data_dir: str | Path, out: str | Path, configs: list[Config], split: str = "val",
+def run_paradigms(data_dir: str | Path, out: str | Path, configs: list[Case], split: str = "val",
                   limit: int | None = None, batch_size: int = 16, clip_model: str = "clip-xs",
                   text_encoder: str = "minilm", progress: bool = True) -> list[dict]:
     """Sample every config for the held-out captions, measure, and write OUT/results.json."""
