@@ -61,6 +61,19 @@ def test_bundled_unet_xs_samples_follow_the_prompt_colour():
     assert _colourfulness(face)[1] - _colourfulness(snow)[1] > 40, (_colourfulness(face), _colourfulness(snow))
 
 
+def test_bundled_masked_xxs_samples_follow_the_prompt_colour():
+    from tessera.pipelines.masked import MaskedPipeline, MaskedSampleParams
+    from tessera.text import load_text_encoder
+    m = tessera.load("masked-xxs")
+    assert m.meta["kind"] == "masked" and m.config.depth == 4
+    pipe = MaskedPipeline(m, tessera.load("vq-f8"), load_text_encoder("minilm"))
+    params = MaskedSampleParams(seed=0, n=2, steps=8, cfg_scale=3.0)
+    apple, face, snow = (pipe(p, params) for p in ("red apple emoji", "grinning face emoji", "snowman emoji"))
+    (apple_r, apple_g), (face_r, face_g), (snow_r, snow_g) = map(_colourfulness, (apple, face, snow))
+    # seeds 0-2: red apple (red ~180, green - blue ~30), yellow face (~200, ~180), pale snowman (~-20, ~-20)
+    assert face_g - apple_g > 60 and apple_r - snow_r > 100, (apple_r, apple_g, face_r, face_g, snow_r, snow_g)
+
+
 HELD_OUT_STAMPS = [  # in the val split of data/photos256 (prepare's split is fixed by each file's sha256)
     "/usr/share/tuxpaint/stamps/animals/fish/lobster.png",
     "/usr/share/tuxpaint/stamps/plants/trees/holm_oak.png",
@@ -151,3 +164,18 @@ def test_image_harm_detector_and_prepare_filter(tmp_path):
     assert run_prepare("keep", 0.99)["kept"] == 3
     drop = run_prepare("drop", 1e-6)
     assert drop["kept"] == 0 and drop["rejected_by_reason"] == {"scorer:nsfw": 3}
+
+
+def test_generate_masked_and_ar_with_the_bundled_defaults(tmp_path):
+    """Every paradigm has a bundled default: masked-xxs and ar-xs draw through the full pipeline."""
+    import json
+
+    for paradigm, extra in (("masked", ["--steps", "4"]), ("ar", [])):
+        out = tmp_path / f"{paradigm}.png"
+        r = CliRunner().invoke(main, ["generate", "red apple", "--paradigm", paradigm, "--size", "0", "--seed", "1",
+                                      "-o", str(out), *extra])
+        assert r.exit_code == 0, r.output
+        im = Image.open(out)
+        record = json.loads(im.text["tessera"])
+        assert im.size == (128, 128) and record["paradigm"] == paradigm and record["withheld"] == []
+        assert record["model"] == {"masked": "masked-xxs", "ar": "ar-xs"}[paradigm]
