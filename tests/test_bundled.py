@@ -137,7 +137,7 @@ def test_generate_rejects_unsafe_prompts_before_any_generation(tmp_path):
     with pytest.raises(UnsafePromptError) as e:
         pipe(Request("a naked woman in an explicit sexual pose"))
     assert e.value.verdict.category == "sexual" and set(e.value.timings) == {"prompt_safety"}
-    assert pipe._loaded == {}  # no generator was even loaded
+    assert pipe.stages._loaded == {}  # no generator was even loaded
 
 
 def test_image_harm_detector_and_prepare_filter(tmp_path):

@@ -94,7 +94,7 @@ def test_unsafe_prompt_stops_before_generation(tiny_models, monkeypatch):
     pipe = _pipe(tiny_models, monkeypatch=monkeypatch)
     with pytest.raises(UnsafePromptError, match="violence") as e:
         pipe(Request("a forbidden thing", paradigm="masked", steps=2))
-    assert set(e.value.timings) == {"prompt_safety"} and pipe._loaded == {} and pipe.image_safety.calls == 0
+    assert set(e.value.timings) == {"prompt_safety"} and pipe.stages._loaded == {} and pipe.image_safety.calls == 0
 
 
 def test_flagged_images_are_withheld_never_returned(tiny_models, monkeypatch):

@@ -457,6 +457,57 @@ def generate(prompt, out, paradigm, model, size, n, seed, steps, cfg_scale, temp
                f"{json.dumps(result.timings)}")
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@main.command("serve")
+@click.argument("stage", default="gateway", type=click.Choice(["gateway", "generation", "decoding", "superres"]))
+@click.option("--host", default="127.0.0.1", show_default=True, help="another address requires --api-key")
+@click.option("--port", type=int, default=None, help="default: 8000 gateway, 8101-8103 stage services")
+@click.option("--data-dir", default="tessera-serve", show_default=True, help="jobs, images, feedback (gateway)")
+@click.option("--api-key", "api_keys", multiple=True, envvar="TESSERA_API_KEYS",
+              help="accepted Bearer key (repeatable; env TESSERA_API_KEYS, space-separated)")
+@click.option("--max-queue", type=int, default=64, show_default=True, help="queued jobs before 429")
+@click.option("--max-batch", type=int, default=8, show_default=True, help="jobs per generation batch (1: no batching)")
+@click.option("--deadline", type=float, default=600.0, show_default=True, help="default per-request deadline (s)")
+@click.option("--generation-url", default=None, help="the generation service (default: in-process)")
+@click.option("--decoding-url", default=None, help="the decoding service (default: in-process)")
+@click.option("--superres-url", default=None, help="the super-resolution service (default: in-process)")
+@click.option("--preload", default="diffusion", show_default=True, help="paradigms to load at start (comma-separated)")
+@click.option("--ray", "use_ray", is_flag=True, help="run the stages as Ray Serve deployments (the ray extra)")
+@click.option("--replicas", default="1,1,1", show_default=True, help="--ray: generation,decoding,superres replicas")
+def serve(stage, host, port, data_dir, api_keys, max_queue, max_batch, deadline, generation_url, decoding_url,
+          superres_url, preload, use_ray, replicas) -> None:
+    """The HTTP server: the gateway (OpenAI-compatible images API, jobs, web page at /) or one stage service."""
+    import uvicorn
+
+    keys = tuple(k for arg in api_keys for k in arg.split())
+    if host not in LOOPBACK and not keys:
+        _fail(f"--host {host}: serving beyond this machine requires API keys (--api-key or TESSERA_API_KEYS)")
+    paradigms = tuple(p for p in preload.split(",") if p)
+    if stage != "gateway":
+        from tessera.serve.services import create_stage_app
+
+        app = create_stage_app(stage, preload=paradigms if stage == "generation" else ())
+        port = port or {"generation": 8101, "decoding": 8102, "superres": 8103}[stage]
+    else:
+        from tessera.serve.app import ServeConfig, create_app
+
+        urls = {k: v for k, v in (("generation", generation_url), ("decoding", decoding_url),
+                                  ("superres", superres_url)) if v}
+        config = ServeConfig(data_dir, keys, max_queue, max_batch, deadline_s=deadline, stage_urls=urls,
+                             preload=paradigms)
+        pipeline = None
+        if use_ray:
+            from tessera.serve.ray_app import ray_pipeline
+
+            pipeline = ray_pipeline(*[int(r) for r in replicas.split(",")])
+        app = create_app(config, pipeline)
+        port = port or 8000
+    click.echo(f"tessera {stage} on http://{host}:{port}/  (Ctrl-C to stop)")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
 @main.command("upscale")
 @click.argument("src", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))

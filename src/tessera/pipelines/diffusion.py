@@ -23,6 +23,7 @@ class DiffusionSampleParams:
     eta: float = 0.0
     negative_prompt: str = ""
     bf16: bool = True
+    noise_seeds: list | None = None  # [[seed, rows], ...]: x_T drawn per block (requests batched together)
 
 
 class DiffusionPipeline:
@@ -47,6 +48,18 @@ class DiffusionPipeline:
         enc = self.text_encoder.encode(prompts)
         return enc.tokens, enc.mask
 
+    def _noise(self, n: int, p: DiffusionSampleParams, g: torch.Generator) -> torch.Tensor:
+        """x_T [n,C,H,W]: from `g`, or per [seed, rows] block of `p.noise_seeds` (each block equals what
+        that seed draws alone, so a request batched with others starts from its own noise)."""
+        cfg = self.denoiser.config
+        shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        if not p.noise_seeds:
+            return torch.randn((n, *shape), generator=g)
+        if sum(rows for _, rows in p.noise_seeds) != n:
+            raise ValueError(f"noise_seeds={p.noise_seeds}: the rows must add up to the batch's {n} images")
+        return torch.cat([torch.randn((rows, *shape), generator=torch.Generator().manual_seed(int(seed)))
+                          for seed, rows in p.noise_seeds])
+
     @torch.no_grad()
     def latents(self, prompt: str | list[str], p: DiffusionSampleParams,
                 callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
@@ -55,7 +68,7 @@ class DiffusionPipeline:
         prompts = prompt_batch(prompt, p.n)
         n = len(prompts)
         g = torch.Generator().manual_seed(p.seed)
-        x_T = torch.randn((n, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=g)
+        x_T = self._noise(n, p, g)
         cond = mask = neg = neg_mask = None
         if cfg.conditional:
             cond, mask = self._encode(prompts)

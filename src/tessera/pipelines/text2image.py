@@ -5,8 +5,13 @@
 
 Each stage is a plain callable over typed values, timed separately; an unsafe prompt stops the request
 before any generation work (UnsafePromptError carries the verdict); a flagged image is withheld and
-listed with its category, never returned and never upscaled. The generators are loaded once per
-paradigm and kept."""
+listed with its category, never returned and never upscaled.
+
+Generation, decoding and super-resolution (seed 000 Figure 16) live in a stages object with three
+methods over plain values (`LocalStages`: in this process, models loaded once per paradigm and kept);
+the serving layer swaps in stages that call separately scaled services with the same signatures.
+`run` takes several requests at once and draws compatible ones (`batch_key`) in one generation batch,
+each with its own seed's noise, so a batched request gives the images it would give alone."""
 from __future__ import annotations
 
 import dataclasses
@@ -80,29 +85,121 @@ class Result:
     prompts: list[str]               # per image, after enhancement and diversification
     changes: list[str]               # what enhancement / diversification changed
     seed: int
-    timings: dict[str, float]        # seconds per stage
+    timings: dict[str, float]        # seconds per stage (generate / decode / image_safety: the whole batch's)
     prompt_verdict: Verdict
     image_verdicts: list[Verdict]    # one per generated image (withheld ones included)
     withheld: list[dict]             # [{"index", "category", "score"}]
     settings: dict
+    batch: int = 1                   # requests drawn in the same generation batch
+
+
+def batch_key(req: Request) -> tuple | None:
+    """Requests with equal keys can share one generation batch; None: this request runs alone.
+    Only deterministic DDIM diffusion batches: its only randomness is the initial noise, drawn per
+    request from the request's own seed. AR / masked sampling draws every step from one generator
+    shared by the batch's rows, so a companion would change a request's images."""
+    if req.paradigm != "diffusion":
+        return None
+    return (req.paradigm, req.steps, req.cfg_scale, req.negative_prompt)
+
+
+def sampling_settings(req: Request) -> dict:
+    given = {"steps": req.steps, "cfg_scale": req.cfg_scale, "temperature": req.temperature,
+             "top_k": req.top_k, "top_p": req.top_p}
+    settings = {k: v for k, v in given.items() if v is not None}
+    if req.paradigm == "diffusion":
+        settings["negative_prompt"] = req.negative_prompt
+    return settings
+
+
+class LocalStages:
+    """Generation, decoding and super-resolution in this process (seed 000 Figure 16's three services).
+    `serve.services` puts each method behind its own HTTP API; `serve.remote` calls them by URL."""
+
+    def __init__(self, models: dict[str, str] | None = None, sr_model: str = "fast", text_encoder: str = "minilm",
+                 bf16: bool = True):
+        self.models = {**DEFAULT_MODELS, **(models or {})}
+        self.sr_model, self.text_encoder, self.bf16 = sr_model, text_encoder, bf16
+        self._loaded: dict[str, object] = {}
+        self._sr = None
+
+    def loaded(self, paradigm: str):
+        if paradigm not in self._loaded:
+            from tessera.pipelines.load import load_pipeline
+
+            self._loaded[paradigm] = load_pipeline(self.models[paradigm], text_encoder=self.text_encoder)
+        return self._loaded[paradigm]
+
+    def generate(self, paradigm: str, prompts: list[str], settings: dict,
+                 callback: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, dict]:
+        """Text encoding + sampling -> (token grids [n,h,w] or latents [n,C,H,W], {"model", **sampling
+        parameters}). `settings` are the paradigm's sampling parameters (seed included)."""
+        lp = self.loaded(paradigm)
+        params = lp.params(n=len(prompts), bf16=self.bf16, **settings)
+        too_long = [r for r in lp.too_long(prompts) if r]
+        if too_long:
+            raise ValueError(f"prompt: {too_long[0]}")
+        if paradigm == "diffusion":
+            out = lp.pipe.latents(prompts, params, callback)
+        else:
+            out = lp.pipe.tokens(prompts, params, callback=callback)
+        return out, {"model": self.models[paradigm], **dataclasses.asdict(params)}
+
+    def decode(self, paradigm: str, out: torch.Tensor) -> list[Image.Image]:
+        pipe = self.loaded(paradigm).pipe
+        with torch.no_grad():
+            if paradigm == "diffusion":
+                x = pipe.tokenizer.decode_latents(out / pipe.scale, quantize=True) if pipe.space == "latent" else out
+            else:
+                x = pipe.tokenizer.decode_tokens(out)
+        return [to_pil(im) for im in x.float().clamp(-1, 1)]
+
+    def upscale(self, images: list[Image.Image], size: int) -> list[Image.Image]:
+        from tessera.superres.cascade import load_sr_models, upscale
+
+        if not size or all(im.size == (size, size) for im in images):
+            return images
+        if self._sr is None:
+            self._sr = load_sr_models(self.sr_model)
+        return [upscale(im, (size, size), self._sr, bf16=self.bf16) for im in images]
+
+
+@dataclasses.dataclass
+class _Prepared:
+    req: Request
+    seed: int
+    revised: str
+    prompts: list[str]
+    changes: list[str]
+    verdict: Verdict
+    timings: dict[str, float]
+
+
+def _timed(timings: dict, name: str, fn, *args):
+    t = time.perf_counter()
+    out = fn(*args)
+    timings[name] = round(time.perf_counter() - t, 4)
+    return out
 
 
 class TextToImage:
     def __init__(self, models: dict[str, str] | None = None, sr_model: str = "fast", prompt_safety=None,
-                 image_safety=None, text_encoder: str = "minilm", bf16: bool = True):
+                 image_safety=None, text_encoder: str = "minilm", bf16: bool = True, stages=None):
         """`prompt_safety` / `image_safety`: checkers (safety.prompt.PromptSafety / safety.image.ImageSafety);
-        None builds the defaults. Both are always on: there is no request field that turns them off."""
+        None builds the defaults. Both are always on: there is no request field that turns them off.
+        `stages`: generation / decoding / super-resolution (default: LocalStages over `models`)."""
         from tessera.safety.image import ImageSafety
         from tessera.safety.prompt import PromptSafety
 
-        self.models = {**DEFAULT_MODELS, **(models or {})}
-        self.sr_model, self.text_encoder, self.bf16 = sr_model, text_encoder, bf16
+        self.stages = stages or LocalStages(models, sr_model, text_encoder, bf16)
         self.prompt_safety = prompt_safety or PromptSafety()
         self.image_safety = image_safety or ImageSafety()
-        self._loaded: dict[str, object] = {}
-        self._sr = None
 
-    # -- stages -------------------------------------------------------------------------------------------
+    @property
+    def models(self) -> dict[str, str]:
+        return self.stages.models
+
+    # -- gateway-side stages --------------------------------------------------------------------------------
     def check_prompt(self, prompt: str) -> Verdict:
         return self.prompt_safety.check([prompt])[0]
 
@@ -120,79 +217,97 @@ class TextToImage:
             changes += [f"image {i}: {c}" for i, (_, cs) in enumerate(pairs) for c in cs]
         return revised, prompts, changes
 
-    def loaded(self, paradigm: str):
-        if paradigm not in self._loaded:
-            from tessera.pipelines.load import load_pipeline
-
-            self._loaded[paradigm] = load_pipeline(self.models[paradigm], text_encoder=self.text_encoder)
-        return self._loaded[paradigm]
-
-    def generate(self, req: Request, prompts: list[str], seed: int, callback=None):
-        """Text encoding + sampling -> (token grids [n,h,w] or latents [n,C,H,W], the sampling parameters)."""
-        lp = self.loaded(req.paradigm)
-        given = {"steps": req.steps, "cfg_scale": req.cfg_scale, "temperature": req.temperature,
-                 "top_k": req.top_k, "top_p": req.top_p}
-        settings = {k: v for k, v in given.items() if v is not None}
-        if req.paradigm == "diffusion":
-            settings["negative_prompt"] = req.negative_prompt
-        params = lp.params(seed=seed, n=len(prompts), bf16=self.bf16, **settings)
-        too_long = [r for r in lp.too_long(prompts) if r]
-        if too_long:
-            raise ValueError(f"prompt: {too_long[0]}")
-        if req.paradigm == "diffusion":
-            return lp.pipe.latents(prompts, params, callback), params
-        return lp.pipe.tokens(prompts, params, callback=callback), params
-
-    def decode(self, paradigm: str, out: torch.Tensor) -> list[Image.Image]:
-        pipe = self.loaded(paradigm).pipe
-        with torch.no_grad():
-            if paradigm == "diffusion":
-                x = pipe.tokenizer.decode_latents(out / pipe.scale, quantize=True) if pipe.space == "latent" else out
-            else:
-                x = pipe.tokenizer.decode_tokens(out)
-        return [to_pil(im) for im in x.float().clamp(-1, 1)]
-
-    def check_images(self, images: list[Image.Image]) -> list[Verdict]:
-        return self.image_safety.check(images)
-
-    def upscale(self, images: list[Image.Image], size: int) -> list[Image.Image]:
-        from tessera.superres.cascade import load_sr_models, upscale
-
-        if not size or all(im.size == (size, size) for im in images):
-            return images
-        if self._sr is None:
-            self._sr = load_sr_models(self.sr_model)
-        return [upscale(im, (size, size), self._sr, bf16=self.bf16) for im in images]
-
-    # -- the request ----------------------------------------------------------------------------------------
-    def __call__(self, req: Request, callback: Callable[[int, int], None] | None = None) -> Result:
+    def prepare(self, req: Request) -> _Prepared:
+        """Validation, prompt safety and rewriting: everything before generation. Raises ValueError or
+        UnsafePromptError (with the timings so far) — no generation stage has run."""
         req.validate()
         seed = req.seed if req.seed >= 0 else secrets.randbelow(2**31)
         timings: dict[str, float] = {}
-
-        def timed(name, fn, *args):
-            t = time.perf_counter()
-            out = fn(*args)
-            timings[name] = round(time.perf_counter() - t, 4)
-            return out
-
-        verdict = timed("prompt_safety", self.check_prompt, req.prompt)
+        verdict = _timed(timings, "prompt_safety", self.check_prompt, req.prompt)
         if verdict.flagged:
             raise UnsafePromptError(0, verdict, timings)
-        revised, prompts, changes = timed("enhance", self.rewrite, req, seed)
+        revised, prompts, changes = _timed(timings, "enhance", self.rewrite, req, seed)
         if revised != req.prompt:
             extra = self.prompt_safety.check([revised])[0]  # what is generated must pass too
             if extra.flagged:
                 raise UnsafePromptError(0, extra, timings)
-        out, params = timed("generate", self.generate, req, prompts, seed, callback)
-        images = timed("decode", self.decode, req.paradigm, out)
-        verdicts = timed("image_safety", self.check_images, images)
+        return _Prepared(req, seed, revised, prompts, changes, verdict, timings)
+
+    # -- requests -------------------------------------------------------------------------------------------
+    def __call__(self, req: Request, callback: Callable[[int, int], None] | None = None) -> Result:
+        out = self.run([req], callback)[0]
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def run(self, reqs: list[Request], callback: Callable[[int, int], None] | None = None,
+            on_stage: Callable[[str], None] | None = None) -> list[Result | Exception]:
+        """One Result, or the ValueError / UnsafePromptError that stopped it, per request, in order.
+        Compatible requests share a generation batch; a batch that fails on its input (e.g. a prompt
+        too long for the generator) is rerun one request at a time so that only the bad one fails.
+        Any other error (a service down, a cancelled job) propagates to the caller."""
+        stage = on_stage or (lambda name: None)
+        results: list[Result | Exception | None] = [None] * len(reqs)
+        prepared = []
+        stage("prompt_safety")
+        for i, req in enumerate(reqs):
+            try:
+                prepared.append((i, self.prepare(req)))
+            except (ValueError, UnsafePromptError) as e:
+                results[i] = e
+        groups: dict[object, list] = {}
+        for i, p in prepared:
+            key = batch_key(p.req)
+            groups.setdefault(("solo", i) if key is None else key, []).append((i, p))
+        for group in groups.values():
+            try:
+                outs = self._draw([p for _, p in group], callback, stage)
+            except ValueError as e:
+                if len(group) == 1:
+                    outs = [e]
+                else:
+                    outs = [self._draw_or_error(p, callback, stage) for _, p in group]
+            for (i, _), r in zip(group, outs):
+                results[i] = r
+        return results
+
+    def _draw_or_error(self, p: _Prepared, callback, stage) -> Result | Exception:
+        try:
+            return self._draw([p], callback, stage)[0]
+        except ValueError as e:
+            return e
+
+    def _draw(self, preps: list[_Prepared], callback, stage) -> list[Result]:
+        """Generation -> decoding -> harm detection for a batch, then super-resolution per request."""
+        first, shared = preps[0].req, {}
+        settings = {**sampling_settings(first), "seed": preps[0].seed}
+        if len(preps) > 1:
+            settings["noise_seeds"] = [[p.seed, len(p.prompts)] for p in preps]
+        prompts = [s for p in preps for s in p.prompts]
+        stage("generate")
+        out, params = _timed(shared, "generate", self.stages.generate, first.paradigm, prompts, settings, callback)
+        stage("decode")
+        images = _timed(shared, "decode", self.stages.decode, first.paradigm, out)
+        stage("image_safety")
+        verdicts = _timed(shared, "image_safety", self.image_safety.check, images)
+        results, at = [], 0
+        stage("upscale")
+        for p in preps:
+            mine, mine_v = images[at:at + len(p.prompts)], verdicts[at:at + len(p.prompts)]
+            at += len(p.prompts)
+            results.append(self._result(p, mine, mine_v, params, shared, len(preps)))
+        return results
+
+    def _result(self, p: _Prepared, images, verdicts, params: dict, shared: dict, batch: int) -> Result:
+        timings = {**p.timings, **shared}
         withheld = [{"index": i, "category": v.category, "score": round(v.score, 4)}
                     for i, v in enumerate(verdicts) if v.flagged]
         kept = [im for im, v in zip(images, verdicts) if not v.flagged]
-        kept = timed("upscale", self.upscale, kept, req.size)
+        kept = _timed(timings, "upscale", self.stages.upscale, kept, p.req.size)
         timings["total"] = round(sum(timings.values()), 4)
-        settings = {"paradigm": req.paradigm, "model": self.models[req.paradigm], "size": req.size or images[0].width,
-                    "sr_model": self.sr_model, "enhance": req.enhance, "diversify": req.diversify,
-                    **{k: v for k, v in dataclasses.asdict(params).items() if k != "n"}, "n": req.n}
-        return Result(kept, revised, prompts, changes, seed, timings, verdict, verdicts, withheld, settings)
+        drop = {"n", "noise_seeds", "model"}
+        settings = {"paradigm": p.req.paradigm, "model": params["model"], "size": p.req.size or images[0].width,
+                    "sr_model": getattr(self.stages, "sr_model", None), "enhance": p.req.enhance, "diversify": p.req.diversify,
+                    **{k: v for k, v in params.items() if k not in drop}, "seed": p.seed, "n": p.req.n}
+        return Result(kept, p.revised, p.prompts, p.changes, p.seed, timings, p.verdict, verdicts, withheld,
+                      settings, batch)

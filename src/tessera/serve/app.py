@@ -1,0 +1,320 @@
+"""The gateway: an OpenAI-compatible images API over the inference pipeline, with a job queue.
+
+    POST /v1/images/generations   OpenAI Images API shape (+ Tessera fields); waits for the image, or
+                                  with `Prefer: respond-async` answers 202 + a job id at once
+    GET  /v1/jobs/{id}            the job (result when done); `Accept: text/event-stream` -> live progress
+    GET  /v1/jobs/{id}/events     the same event stream (for EventSource)
+    POST /v1/jobs/{id}/cancel
+    GET  /v1/images/{id}          an image, by id only
+    GET  /v1/prompts/complete?q=  auto-complete
+    POST /v1/feedback             a 1-5 rating of an image
+    GET  /v1/metrics              feedback, latency, throughput, usage
+    GET  /healthz  /readyz        live / models loaded
+    GET  /                        the web page
+
+Every request goes through the same bounded queue (429 + Retry-After when full) and the same worker, so
+behaviour under concurrency is defined: FIFO, compatible requests batched, one batch computing at a
+time. No endpoint loads a model from a URL or a user path: the models are fixed when the server starts."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import math
+import threading
+import time
+from importlib import resources
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tessera.pipelines.text2image import Request as PipelineRequest
+from tessera.pipelines.text2image import TextToImage, batch_key
+from tessera.serve.complete import Completer
+from tessera.serve.schemas import (Completions, FeedbackRequest, FeedbackResponse, ImageData, ImageGenerationRequest,
+                                   ImagesResponse, Job, TesseraInfo)
+from tessera.serve.store import TERMINAL, QueueFull, Store
+from tessera.serve.worker import Worker
+
+log = logging.getLogger("tessera.serve")
+ID = r"^[0-9a-f]{32}$"
+MEDIA = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+PUBLIC = ("/", "/favicon.ico")  # the page itself holds no data; it sends the key with every API call
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    data_dir: str = "tessera-serve"
+    api_keys: tuple[str, ...] = ()       # required (Bearer) on every API route when set
+    max_queue: int = 64                  # queued jobs; more -> 429
+    max_batch: int = 8                   # jobs per generation batch
+    max_batch_images: int = 16
+    max_body_bytes: int = 64 * 1024
+    deadline_s: float = 600.0            # default per-request deadline
+    stage_urls: dict = dataclasses.field(default_factory=dict)  # generation / decoding / superres -> URL
+    preload: tuple[str, ...] = ("diffusion",)
+
+
+def error(status: int, message: str, code: str | None = None, param: str | None = None, headers=None, **extra):
+    """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code, **extra}},
+                        status_code=status, headers=headers)
+
+
+def _key_id(token: str) -> str:
+    return "key-" + hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
+def create_app(config: ServeConfig | None = None, pipeline: TextToImage | None = None) -> FastAPI:
+    config = config or ServeConfig()
+    store = Store(config.data_dir, max_queue=config.max_queue)
+    recovered = store.recover()
+    if pipeline is None:
+        stages = None
+        if config.stage_urls:
+            from tessera.serve.remote import RemoteStages
+            stages = RemoteStages(config.stage_urls)
+        pipeline = TextToImage(stages=stages)
+    worker = Worker(pipeline, store, config.max_batch, config.max_batch_images)
+    completer = Completer.from_vocab(store.accepted_prompts())
+    state = {"ready": False, "warm_error": None}
+
+    def warm() -> None:
+        try:
+            pipeline.prepare(PipelineRequest("a red apple"))       # prompt safety + enhancement
+            stages = pipeline.stages
+            if hasattr(stages, "wait_ready"):
+                if not stages.wait_ready():
+                    raise RuntimeError(f"stage services not ready: {stages.ready()}")
+            for p in config.preload:
+                if not getattr(stages, "urls", {}).get("generation"):
+                    (getattr(stages, "local", None) or stages).loaded(p)
+            state["ready"] = True
+        except Exception as e:  # /readyz reports it; the server stays up
+            log.exception("warm-up failed")
+            state["warm_error"] = repr(e)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if recovered["requeued"] or recovered["failed"]:
+            log.warning("after restart: %s", recovered)
+        threading.Thread(target=warm, daemon=True).start()
+        worker.start()
+        yield
+        worker.stop()
+
+    app = FastAPI(title="Tessera images API", version="1", lifespan=lifespan,
+                  description="OpenAI-compatible image generation with async jobs and live progress.")
+    app.state.store, app.state.worker, app.state.pipeline, app.state.config = store, worker, pipeline, config
+    _install_guards(app, config)
+    _install_errors(app)
+
+    def retry_after(queued: int) -> int:
+        return max(1, math.ceil(queued * worker.seconds_per_job() / max(1, config.max_batch // 2)))
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page():
+        return resources.files("tessera.serve").joinpath("static/index.html").read_text()
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"description": "models are loading"}})
+    def readyz():
+        if not state["ready"]:
+            return error(503, state["warm_error"] or "models are loading", "not_ready")
+        return {"status": "ready", "models": pipeline.models, "queued": store.queued()}
+
+    @app.post("/v1/images/generations", response_model=ImagesResponse,
+              responses={202: {"model": Job}, 400: {}, 401: {}, 413: {}, 429: {}, 502: {}, 504: {}})
+    async def generations(body: ImageGenerationRequest, request: Request):
+        try:
+            body.to_pipeline().validate()
+        except ValueError as e:
+            return error(400, str(e), "invalid_request")
+        deadline = time.time() + (body.deadline_seconds or config.deadline_s)
+        key = batch_key(body.to_pipeline())
+        try:
+            job_id = store.add_job(body.model_dump_json(), json.dumps(key) if key else None, body.chosen_paradigm(),
+                                   body.n, deadline, getattr(request.state, "key_id", None), retry_after)
+        except QueueFull as e:
+            return error(429, str(e), "queue_full", headers={"Retry-After": str(e.retry_after)})
+        worker.notify()
+        if "respond-async" in request.headers.get("prefer", ""):
+            return JSONResponse(_job(store.job(job_id), worker, request).model_dump(), status_code=202,
+                                headers={"Location": f"/v1/jobs/{job_id}", "Preference-Applied": "respond-async"})
+        row = await _wait(store, job_id)
+        if row["status"] == "succeeded":
+            completer.add(body.prompt)
+            return _render(row, request)
+        return _failure(row)
+
+    @app.get("/v1/jobs/{job_id}", response_model=Job, responses={404: {}})
+    async def job(request: Request, job_id: str = _id_param()):
+        row = _row_or_404(store, job_id)
+        if "text/event-stream" in request.headers.get("accept", ""):
+            return StreamingResponse(_events(store, worker, job_id, request), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-store"})
+        if row["status"] == "succeeded":
+            completer.add(json.loads(row["request"])["prompt"])
+        return _job(row, worker, request)
+
+    @app.get("/v1/jobs/{job_id}/events", responses={200: {"content": {"text/event-stream": {}}}, 404: {}})
+    async def job_events(request: Request, job_id: str = _id_param()):
+        _row_or_404(store, job_id)
+        return StreamingResponse(_events(store, worker, job_id, request), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store"})
+
+    @app.post("/v1/jobs/{job_id}/cancel", response_model=Job, responses={404: {}, 409: {}})
+    def cancel(request: Request, job_id: str = _id_param()):
+        _row_or_404(store, job_id)
+        if not worker.cancel(job_id):
+            return error(409, f"job {job_id} has already finished", "job_finished")
+        return _job(store.job(job_id), worker, request)
+
+    @app.get("/v1/images/{image_id}", response_class=FileResponse,
+             responses={200: {"content": {m: {} for m in MEDIA.values()}}, 404: {}})
+    def image(image_id: str = _id_param()):
+        row = store.image(image_id)
+        if row is None:
+            raise HTTPException(404, f"image {image_id} not found")
+        return FileResponse(store.images_dir / row["file"], media_type=MEDIA[row["format"]])
+
+    @app.get("/v1/prompts/complete", response_model=Completions)
+    def complete(q: str = Query("", max_length=200), k: int = Query(8, ge=1, le=20)):
+        return Completions(q=q, suggestions=completer.suggest(q, k))
+
+    @app.post("/v1/feedback", response_model=FeedbackResponse, responses={404: {}})
+    def feedback(body: FeedbackRequest, request: Request):
+        if store.image(body.image_id) is None:
+            raise HTTPException(404, f"image {body.image_id} not found")
+        fid = store.add_feedback(body.image_id, body.rating, body.comment, getattr(request.state, "key_id", None))
+        return FeedbackResponse(id=fid, image_id=body.image_id, rating=body.rating)
+
+    @app.get("/v1/metrics")
+    def metrics():
+        return {**store.metrics(), "worker": {"busy_s": round(worker.busy_s, 3), "jobs": worker.jobs_done,
+                                              "max_batch": config.max_batch}}
+
+    return app
+
+
+def _id_param():
+    from fastapi import Path
+    return Path(..., pattern=ID)
+
+
+def _row_or_404(store: Store, job_id: str):
+    row = store.job(job_id)
+    if row is None:
+        raise HTTPException(404, f"job {job_id} not found")
+    return row
+
+
+async def _wait(store: Store, job_id: str):
+    while True:
+        row = store.job(job_id)
+        if row["status"] in TERMINAL:
+            return row
+        await asyncio.sleep(0.05)
+
+
+def _render(row, request: Request) -> ImagesResponse:
+    req = ImageGenerationRequest.model_validate_json(row["request"])
+    res = json.loads(row["result"])
+    data = []
+    for image_id in res["image_ids"]:
+        if req.response_format == "url":
+            data.append(ImageData(url=str(request.url_for("image", image_id=image_id)),
+                                  revised_prompt=res["revised_prompt"]))
+        else:
+            path = request.app.state.store.images_dir / f"{image_id}.{req.output_format}"
+            data.append(ImageData(b64_json=base64.b64encode(path.read_bytes()).decode(),
+                                  revised_prompt=res["revised_prompt"]))
+    info = TesseraInfo(job_id=row["id"], image_ids=res["image_ids"], seed=res["seed"], paradigm=res["paradigm"],
+                       model=res["model"], timings=res["timings"], withheld=res["withheld"], batch=res["batch"])
+    return ImagesResponse(created=res["created"], data=data, output_format=req.output_format, size=req.size,
+                          tessera=info)
+
+
+def _failure(row) -> JSONResponse:
+    err = json.loads(row["error"]) if row["error"] else {}
+    if row["status"] == "cancelled":
+        return error(409, f"job {row['id']} was cancelled", "cancelled")
+    status = {"content_policy_violation": 400, "invalid_request": 400, "deadline_exceeded": 504}.get(err.get("code"), 502)
+    extra = {"category": err["category"]} if "category" in err else {}
+    return error(status, err.get("message", "failed"), err.get("code"), err.get("param"), job_id=row["id"], **extra)
+
+
+def _job(row, worker: Worker, request: Request) -> Job:
+    prog = worker.progress.get(row["id"])
+    result = _render(row, request) if row["status"] == "succeeded" else None
+    return Job(id=row["id"], status=row["status"], created=row["created"], started=row["started"],
+               finished=row["finished"], deadline=row["deadline"], attempts=row["attempts"],
+               progress={k: prog[k] for k in ("stage", "step", "total", "eta")} if prog else None,
+               error=json.loads(row["error"]) if row["error"] else None, result=result)
+
+
+async def _events(store: Store, worker: Worker, job_id: str, request: Request):
+    """Server-Sent Events: `progress` on every change (status, stage, step, total, eta), then `done` with
+    the job (its result included), then the stream ends."""
+    last, beat = None, time.time()
+    while True:
+        row = store.job(job_id)
+        prog = worker.progress.get(job_id) or {}
+        now = (row["status"], prog.get("version"))
+        if now != last:
+            last = now
+            data = {"status": row["status"], **{k: prog.get(k) for k in ("stage", "step", "total", "eta")}}
+            yield f"event: progress\ndata: {json.dumps(data)}\n\n"
+        if row["status"] in TERMINAL:
+            yield f"event: done\ndata: {_job(row, worker, request).model_dump_json()}\n\n"
+            return
+        if time.time() - beat > 15:
+            beat = time.time()
+            yield ": keep-alive\n\n"
+        if await request.is_disconnected():
+            return
+        await asyncio.sleep(0.1)
+
+
+def _install_guards(app: FastAPI, config: ServeConfig) -> None:
+    keys = tuple(k for k in config.api_keys if k)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if keys and request.url.path not in PUBLIC:
+            auth = request.headers.get("authorization", "")
+            token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+            if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+                return error(401, "a valid API key is required: Authorization: Bearer <key>", "invalid_api_key")
+            request.state.key_id = _key_id(token)
+        if request.method in ("POST", "PUT", "PATCH"):
+            n = request.headers.get("content-length")
+            if n is None or not n.isdigit():
+                return error(411, "a Content-Length header is required", "length_required")
+            if int(n) > config.max_body_bytes:
+                return error(413, f"body of {n} bytes: the limit is {config.max_body_bytes}", "body_too_large")
+        return await call_next(request)
+
+
+def _install_errors(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):
+        return error(exc.status_code, str(exc.detail), None)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        msgs = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ())[1:])}: {e.get('msg')}" for e in exc.errors())
+        return error(400, msgs or "invalid request", "invalid_request", where)

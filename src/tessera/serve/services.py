@@ -1,0 +1,141 @@
+"""The three stage services of seed 000 Figure 16 as their own HTTP apps, so that each scales apart:
+
+    tessera serve generation --port 8101   POST /v1/generate  JSON {paradigm, prompts, settings}
+                                           -> NDJSON stream: {"step", "total"} lines, then {"params", "tensor"}
+    tessera serve decoding   --port 8102   POST /v1/decode?paradigm=P  safetensors {"out"} -> {"images" uint8}
+    tessera serve superres   --port 8103   POST /v1/upscale?size=N     safetensors {"images"} -> {"images"}
+
+Each wraps the same LocalStages method the in-process gateway calls; one request computes at a time
+per process (the work is CPU-bound), others wait. They bind 127.0.0.1 unless told otherwise."""
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import queue
+import threading
+from typing import Literal
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
+
+from tessera.pipelines.text2image import PARADIGMS, LocalStages
+from tessera.serve.schemas import MAX_N, SIZES, Strict
+from tessera.serve.wire import images_to_tensor, pack, tensor_to_images, unpack
+
+STAGES = ("generation", "decoding", "superres")
+MAX_BODY = 256 * 2**20
+OCTET = "application/octet-stream"
+
+
+class GenerateRequest(Strict):
+    paradigm: Literal[PARADIGMS]
+    prompts: list[str] = Field(min_length=1, max_length=4 * MAX_N)
+    settings: dict = Field(default_factory=dict)
+
+
+class Health(BaseModel):
+    status: str
+    stage: str
+    models: dict[str, str]
+
+
+async def _body(request: Request) -> bytes:
+    n = request.headers.get("content-length")
+    if n is None or not n.isdigit() or int(n) > MAX_BODY:
+        raise HTTPException(413 if n and n.isdigit() else 411, f"body: a Content-Length up to {MAX_BODY} bytes is required")
+    return await request.body()
+
+
+def _generate_stream(stages: LocalStages, lock: threading.Lock, req: GenerateRequest):
+    """Run generation in a thread; yield its progress and then its result as NDJSON lines."""
+    q: queue.Queue = queue.Queue()
+
+    def work():
+        try:
+            with lock:
+                out, params = stages.generate(req.paradigm, req.prompts, req.settings,
+                                              lambda i, total: q.put({"step": i, "total": total}))
+            q.put({"params": params, "tensor": base64.b64encode(pack({"out": out})).decode()})
+        except ValueError as e:
+            q.put({"error": {"type": "invalid_request", "message": str(e)}})
+        except Exception as e:  # reported in the stream; the gateway fails the job visibly
+            q.put({"error": {"type": "internal", "message": repr(e)}})
+
+    threading.Thread(target=work, daemon=True).start()
+    while True:
+        item = q.get()
+        yield json.dumps(item) + "\n"
+        if "step" not in item:
+            return
+
+
+def create_stage_app(stage: str, stages: LocalStages | None = None, preload: tuple[str, ...] = ()) -> FastAPI:
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r}: must be one of {STAGES}")
+    stages = stages or LocalStages()
+    lock = threading.Lock()
+    state = {"ready": False}
+
+    def warm() -> None:
+        for p in preload:
+            stages.loaded(p)
+        state["ready"] = True
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        threading.Thread(target=warm, daemon=True).start()
+        yield
+
+    app = FastAPI(title=f"Tessera {stage} service", version="1", lifespan=lifespan)
+
+    @app.get("/healthz", response_model=Health)
+    def healthz():
+        return Health(status="ok", stage=stage, models=stages.models)
+
+    @app.get("/readyz", response_model=Health)
+    def readyz():
+        if not state["ready"]:
+            raise HTTPException(503, "models are loading")
+        return Health(status="ready", stage=stage, models=stages.models)
+
+    if stage == "generation":
+        @app.post("/v1/generate")
+        def generate(req: GenerateRequest):
+            return StreamingResponse(_generate_stream(stages, lock, req), media_type="application/x-ndjson")
+
+    if stage == "decoding":
+        @app.post("/v1/decode")
+        async def decode(request: Request, paradigm: Literal[PARADIGMS] = Query(...)):
+            tensors, _ = _unpack_or_400(await _body(request))
+            if "out" not in tensors:
+                raise HTTPException(422, "body: the safetensors file needs a tensor named 'out'")
+            images = await run_in_threadpool(_locked, lock, stages.decode, paradigm, tensors["out"])
+            return Response(pack({"images": images_to_tensor(images)}), media_type=OCTET)
+
+    if stage == "superres":
+        @app.post("/v1/upscale")
+        async def upscale(request: Request, size: int = Query(..., ge=64, le=int(SIZES[-1].split("x")[0]))):
+            tensors, _ = _unpack_or_400(await _body(request))
+            try:
+                images = tensor_to_images(tensors["images"])
+            except (KeyError, ValueError) as e:
+                raise HTTPException(422, f"body: {e}") from e
+            images = await run_in_threadpool(_locked, lock, stages.upscale, images, size)
+            return Response(pack({"images": images_to_tensor(images)}), media_type=OCTET)
+
+    return app
+
+
+def _locked(lock: threading.Lock, fn, *args):
+    with lock:
+        return fn(*args)
+
+
+def _unpack_or_400(data: bytes):
+    try:
+        return unpack(data)
+    except ValueError as e:
+        raise HTTPException(400, str(e)) from e
