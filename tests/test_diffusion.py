@@ -100,7 +100,7 @@ def test_sampler_is_reproducible_and_reports_progress():
                generator=torch.Generator().manual_seed(9), callback=lambda i, n: seen.append((i, n)))
     b = sample(fn, s, torch.randn(1, 2, 3, 3, generator=torch.Generator().manual_seed(5)), 7, "ddpm",
                generator=torch.Generator().manual_seed(9))
-    assert torch.equal(a, b) and seen == [(i, 7) for i in range(7)]
+    assert torch.equal(a, b) and seen == [(i, 7) for i in range(1, 8)]
     with pytest.raises(ValueError, match="steps=0"):
         sample(fn, s, torch.zeros(1, 1), 0)
     with pytest.raises(ValueError, match="schedule='quadratic'"):

@@ -172,7 +172,7 @@ def sample(fn: Denoiser, schedule: Schedule, x_T: torch.Tensor, steps: int, meth
         else:
             x = ddpm_step(out, t, x, schedule, t - stride, noise)
         if callback is not None:
-            callback(i, len(timesteps))
+            callback(i + 1, len(timesteps))  # steps done
     return x
 
 

@@ -74,7 +74,7 @@ def sample(logits_fn: LogitsFn, tokens: torch.Tensor, mask_id: int, steps: int =
         remask = rank < counts[:, i:i + 1]  # the m least confident still-masked positions
         x = torch.where(remask, torch.full_like(x, mask_id), drawn)
         if callback is not None:
-            callback(i, steps)
+            callback(i + 1, steps)  # steps done
     return x
 
 

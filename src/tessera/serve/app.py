@@ -256,26 +256,27 @@ def _failure(row) -> JSONResponse:
 
 
 def _job(row, worker: Worker, request: Request) -> Job:
-    prog = worker.progress.get(row["id"])
+    prog = worker.progress(row["id"])
     result = _render(row, request) if row["status"] == "succeeded" else None
     return Job(id=row["id"], status=row["status"], created=row["created"], started=row["started"],
                finished=row["finished"], deadline=row["deadline"], attempts=row["attempts"],
-               progress={k: prog[k] for k in ("stage", "step", "total", "eta")} if prog else None,
+               progress=prog,
                error=json.loads(row["error"]) if row["error"] else None, result=result)
 
 
 async def _events(store: Store, worker: Worker, job_id: str, request: Request):
-    """Server-Sent Events: `progress` on every change (status, stage, step, total, eta), then `done` with
-    the job (its result included), then the stream ends."""
-    last, beat = None, time.time()
+    """Server-Sent Events: every `progress` event of the job in order (status, stage, step, total, eta),
+    then `done` with the job (its result included), then the stream ends."""
+    sent, status, beat = 0, None, time.time()
     while True:
         row = store.job(job_id)
-        prog = worker.progress.get(job_id) or {}
-        now = (row["status"], prog.get("version"))
-        if now != last:
-            last = now
-            data = {"status": row["status"], **{k: prog.get(k) for k in ("stage", "step", "total", "eta")}}
-            yield f"event: progress\ndata: {json.dumps(data)}\n\n"
+        events = worker.events.get(job_id, [])
+        if row["status"] != status and not events[sent:]:
+            status = row["status"]
+            yield f"event: progress\ndata: {json.dumps({'status': status, **(worker.progress(job_id) or {})})}\n\n"
+        for ev in events[sent:]:
+            yield f"event: progress\ndata: {json.dumps({'status': row['status'], **ev})}\n\n"
+        sent, status = len(events), row["status"]
         if row["status"] in TERMINAL:
             yield f"event: done\ndata: {_job(row, worker, request).model_dump_json()}\n\n"
             return
@@ -284,7 +285,7 @@ async def _events(store: Store, worker: Worker, job_id: str, request: Request):
             yield ": keep-alive\n\n"
         if await request.is_disconnected():
             return
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.05)
 
 
 def _install_guards(app: FastAPI, config: ServeConfig) -> None:

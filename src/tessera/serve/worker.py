@@ -10,6 +10,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 
 from tessera.pipelines.ar import png_info
 from tessera.safety import UnsafePromptError
@@ -18,6 +19,7 @@ from tessera.serve.store import Store, new_id
 
 log = logging.getLogger("tessera.serve")
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+MAX_TRACKED = 10000
 
 
 class JobAborted(Exception):
@@ -28,7 +30,7 @@ class Worker:
     def __init__(self, pipeline, store: Store, max_batch: int = 8, max_images: int = 16, poll_s: float = 0.2):
         self.pipeline, self.store = pipeline, store
         self.max_batch, self.max_images, self.poll_s = max_batch, max_images, poll_s
-        self.progress: dict[str, dict] = {}   # job id -> {"stage", "step", "total", "eta", "version"}
+        self.events: OrderedDict[str, list[dict]] = OrderedDict()  # job id -> its progress events, in order
         self.cancelled: set[str] = set()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -38,6 +40,7 @@ class Worker:
 
     # -- control --------------------------------------------------------------------------------------------
     def start(self) -> None:
+        self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="tessera-worker", daemon=True)
         self._thread.start()
 
@@ -86,9 +89,16 @@ class Worker:
                 self.cancelled.discard(j["id"])
                 self._publish(j["id"], stage="done")
 
-    def _publish(self, job_id: str, **fields) -> None:
-        cur = self.progress.get(job_id, {"stage": None, "step": 0, "total": 0, "eta": None, "version": 0})
-        self.progress[job_id] = {**cur, **fields, "version": cur["version"] + 1}
+    def _publish(self, job_id: str, stage: str, step: int = 0, total: int = 0, eta: float | None = None) -> None:
+        """Append a progress event; the events of the last MAX_TRACKED jobs are kept in memory."""
+        self.events.setdefault(job_id, []).append({"stage": stage, "step": step, "total": total, "eta": eta})
+        self.events.move_to_end(job_id)
+        while len(self.events) > MAX_TRACKED:
+            self.events.popitem(last=False)
+
+    def progress(self, job_id: str) -> dict | None:
+        events = self.events.get(job_id)
+        return events[-1] if events else None
 
     def _run(self, jobs) -> None:
         ids = [j["id"] for j in jobs]

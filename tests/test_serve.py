@@ -1,0 +1,204 @@
+"""The gateway: OpenAI-compatible API (with the real openai client), async jobs + SSE, queue bounds, restart,
+dynamic batching, auth and limits, auto-complete, feedback and metrics — on the bundled models."""
+import base64
+import contextlib
+import io
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from tessera.pipelines.text2image import TextToImage
+from tessera.serve.app import ServeConfig, create_app
+from tessera.serve.complete import Completer
+from tessera.serve.store import Store
+
+FAST = {"size": "128x128", "steps": 3}
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    return TextToImage()
+
+
+@contextlib.contextmanager
+def client(tmp_path, pipeline, start_worker=True, **config):
+    app = create_app(ServeConfig(data_dir=str(tmp_path / "serve"), **config), pipeline)
+    with TestClient(app) as c:
+        if not start_worker:
+            app.state.worker.stop()
+        yield c
+
+
+def wait_done(c, job_id, timeout=120, headers=None):
+    end = time.time() + timeout
+    while time.time() < end:
+        j = c.get(f"/v1/jobs/{job_id}", headers=headers).json()
+        if j["status"] in ("succeeded", "failed", "cancelled"):
+            return j
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def decode_b64(item) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def uvicorn_server(app):
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        t.join(10)
+
+
+def test_openai_client_against_the_server(tmp_path, pipeline):
+    import openai
+
+    app = create_app(ServeConfig(data_dir=str(tmp_path / "serve")), pipeline)
+    with uvicorn_server(app) as url:
+        oc = openai.OpenAI(base_url=f"{url}/v1", api_key="unused-on-localhost", max_retries=0)
+        r = oc.images.generate(prompt="grinning face emoji", n=2, size="256x256",
+                               extra_body={"seed": 3, "steps": 3, "paradigm": "diffusion"})
+        assert len(r.data) == 2 and r.data[0].revised_prompt == "grinning face emoji"
+        im = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json)))
+        assert im.size == (256, 256) and json.loads(im.text["tessera"])["seed"] == 3
+        r = oc.images.generate(prompt="a red apple", size="128x128", response_format="url", extra_body={"steps": 2})
+        assert r.data[0].url.startswith(url + "/v1/images/") and r.data[0].revised_prompt == "A red apple."
+        with pytest.raises(openai.BadRequestError) as e:
+            oc.images.generate(prompt="how to build a bomb to kill people", size="128x128")
+        assert e.value.code == "content_policy_violation" and e.value.body["category"] in ("violence", "illegal")
+        with pytest.raises(openai.BadRequestError, match="size"):
+            oc.images.generate(prompt="a cat", size="300x300")
+
+
+def test_async_job_streams_progress_then_result(tmp_path, pipeline):
+    with client(tmp_path, pipeline) as c:
+        r = c.post("/v1/images/generations", json={"prompt": "red apple emoji", **FAST, "steps": 5, "seed": 2},
+                   headers={"Prefer": "respond-async"})
+        assert r.status_code == 202 and r.headers["location"] == f"/v1/jobs/{r.json()['id']}"
+        events = []
+        with c.stream("GET", r.headers["location"], headers={"Accept": "text/event-stream"}) as s:
+            assert s.headers["content-type"].startswith("text/event-stream")
+            name = None
+            for line in s.iter_lines():
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: "):
+                    events.append((name, json.loads(line[6:])))
+        steps = [d for n, d in events if n == "progress" and d["stage"] == "generate" and d["total"]]
+        assert [d["step"] for d in steps] == [1, 2, 3, 4, 5]  # every step, in order
+        assert all(d["total"] == 5 and d["eta"] >= 0 for d in steps) and steps[-1]["eta"] == 0
+        stages = [d["stage"] for n, d in events if n == "progress"]
+        assert stages.index("generate") < stages.index("decode") < stages.index("upscale")
+        name, job = events[-1]
+        assert name == "done" and job["status"] == "succeeded" and len(job["result"]["data"]) == 1
+        assert decode_b64(job["result"]["data"][0]).size == (128, 128)
+
+
+def test_full_queue_answers_429_cancel_and_restart_lose_nothing(tmp_path, pipeline):
+    with client(tmp_path, pipeline, start_worker=False, max_queue=3) as c:
+        ids = [c.post("/v1/images/generations", json={"prompt": f"cat face emoji {i}", **FAST, "seed": i},
+                      headers={"Prefer": "respond-async"}).json()["id"] for i in range(3)]
+        full = c.post("/v1/images/generations", json={"prompt": "one too many", **FAST})
+        assert full.status_code == 429 and int(full.headers["retry-after"]) >= 1
+        assert full.json()["error"]["code"] == "queue_full"
+        assert c.post(f"/v1/jobs/{ids[1]}/cancel").json()["status"] == "cancelled"
+        assert c.post(f"/v1/jobs/{ids[1]}/cancel").status_code == 409
+        assert c.get(f"/v1/jobs/{'0' * 32}").status_code == 404
+    # the process "stops" with two jobs queued; one job is left running as if killed mid-way
+    store = Store(tmp_path / "serve")
+    store._tx(lambda db: db.execute("UPDATE jobs SET status='running', attempts=1 WHERE id=?", (ids[2],)))
+    with client(tmp_path, pipeline) as c:
+        jobs = [wait_done(c, i) for i in ids]
+    assert [j["status"] for j in jobs] == ["succeeded", "cancelled", "succeeded"]
+    assert jobs[2]["attempts"] == 2  # re-queued after the restart and run again
+
+
+def test_dynamic_batching_keeps_each_request_its_own_seed(tmp_path):
+    """Queued compatible requests run as one batch, and each gets the images it gets alone (fp32: up to
+    float rounding; under bf16 autocast a different batch shape changes rounding: mean |diff| ~4/255)."""
+    pipeline = TextToImage(bf16=False)
+    prompts = ["grinning face emoji", "snowman emoji", "red apple emoji"]
+    with client(tmp_path, pipeline, start_worker=False) as c:
+        ids = [c.post("/v1/images/generations", json={"prompt": p, **FAST, "seed": 10 + i},
+                      headers={"Prefer": "respond-async"}).json()["id"] for i, p in enumerate(prompts)]
+        c.app.state.worker.start()
+        batched = [wait_done(c, i) for i in ids]
+        c.app.state.worker.stop()
+    assert [j["result"]["tessera"]["batch"] for j in batched] == [3, 3, 3]
+    with client(tmp_path / "solo", pipeline) as c:
+        for p, i, job in zip(prompts, range(3), batched):
+            solo = c.post("/v1/images/generations", json={"prompt": p, **FAST, "seed": 10 + i}).json()
+            assert solo["tessera"]["batch"] == 1
+            d = np.abs(np.asarray(decode_b64(solo["data"][0]), float) - np.asarray(decode_b64(job["result"]["data"][0]), float))
+            assert d.max() <= 2 and d.mean() < 0.01, (p, d.max(), d.mean())  # seen: one pixel off by 1 level
+
+
+def test_api_keys_limits_and_images_by_id_only(tmp_path, pipeline):
+    with client(tmp_path, pipeline, api_keys=("s3cret",), max_body_bytes=2048) as c:
+        assert c.get("/").status_code == 200  # the page holds no data
+        assert c.get("/v1/metrics").status_code == 401
+        assert c.get("/healthz", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        auth = {"Authorization": "Bearer s3cret"}
+        assert c.get("/healthz", headers=auth).status_code == 200
+        r = c.post("/v1/images/generations", json={"prompt": "x" * 3000}, headers=auth)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+        r = c.post("/v1/images/generations", json={"prompt": "a cat", "n": 50}, headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+        r = c.post("/v1/images/generations", json={"prompt": "a cat", "steps": 5, "paradigm": "ar", "size": "128x128"}, headers=auth)
+        assert r.status_code == 200  # steps do not apply to AR: ignored, not an error
+        ok = c.post("/v1/images/generations", json={"prompt": "sunflower emoji", **FAST}, headers=auth).json()
+        image_id = ok["tessera"]["image_ids"][0]
+        assert c.get(f"/v1/images/{image_id}", headers=auth).headers["content-type"] == "image/png"
+        for bad in ("..%2F..%2Fserve.sqlite", "../serve.sqlite", image_id + ".png", "0" * 32):
+            assert c.get(f"/v1/images/{bad}", headers=auth).status_code in (404, 400)
+        usage = c.get("/v1/metrics", headers=auth).json()["usage"]["by_key"]
+        assert list(usage) == ["key-" + __import__("hashlib").sha256(b"s3cret").hexdigest()[:12]]
+        assert "s3cret" not in json.dumps(usage)
+
+
+def test_feedback_metrics_and_autocomplete_learning(tmp_path, pipeline):
+    with client(tmp_path, pipeline) as c:
+        assert "red apple emoji" in c.get("/v1/prompts/complete", params={"q": "red app"}).json()["suggestions"]
+        assert "zebra stripes on a mug" not in c.get("/v1/prompts/complete", params={"q": "zebra str"}).json()["suggestions"]
+        r = c.post("/v1/images/generations", json={"prompt": "zebra stripes on a mug", **FAST, "n": 2}).json()
+        assert c.get("/v1/prompts/complete", params={"q": "zebra str"}).json()["suggestions"][0] == "zebra stripes on a mug"
+        a, b = r["tessera"]["image_ids"]
+        assert c.post("/v1/feedback", json={"image_id": a, "rating": 5}).status_code == 200
+        assert c.post("/v1/feedback", json={"image_id": b, "rating": 2, "comment": "blurry"}).status_code == 200
+        assert c.post("/v1/feedback", json={"image_id": "f" * 32, "rating": 2}).status_code == 404
+        assert c.post("/v1/feedback", json={"image_id": a, "rating": 9}).status_code == 400
+        m = c.get("/v1/metrics").json()
+    assert m["feedback"]["count"] == 2 and m["feedback"]["mean_rating"] == 3.5
+    assert m["feedback"]["by_rating"]["5"] == 1 and m["jobs"]["succeeded"] == 1
+    assert m["usage"]["by_paradigm"]["diffusion"] == {"jobs": 1, "images": 2}
+    assert m["latency_s"]["count"] == 1 and m["throughput"]["images"] == 2
+
+
+def test_completer_ranks_accepted_prompts_first():
+    comp = Completer({"red apple emoji": 3, "red apple": 5, "red car": 1}, {"apple": 9, "apricot": 1, "red": 4},
+                     accepted=["red apple on a blue plate"] * 2)
+    assert comp.suggest("red ap", 3) == ["red apple on a blue plate", "red apple", "red apple emoji"]
+    assert comp.suggest("red apr") == ["red apricot"]
+    assert comp.suggest("   ") == []
