@@ -4,15 +4,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-# Debian packages: real photos for training/evaluation data (tuxpaint stamps, MATE backgrounds).
+# Debian packages: real photos for training/evaluation data (tuxpaint stamps, MATE backgrounds); Chromium for
+# the web page's end-to-end test (driven by Playwright's Python package, no browser download).
 if [ "${TESSERA_SKIP_APT:-0}" != "1" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
   need=""
-  for p in tuxpaint-stamps-default mate-backgrounds; do
+  for p in tuxpaint-stamps-default mate-backgrounds chromium; do
     dpkg -s "$p" >/dev/null 2>&1 || need="$need $p"
   done
   if [ -n "$need" ]; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need) >/dev/null \
-      || echo "warning: could not install Debian packages:$need (only the training data needs them)" >&2
+      || echo "warning: could not install Debian packages:$need (training data / the browser test need them)" >&2
   fi
 fi
 

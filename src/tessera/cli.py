@@ -488,7 +488,7 @@ def serve(stage, host, port, data_dir, api_keys, max_queue, max_batch, deadline,
     if stage != "gateway":
         from tessera.serve.services import create_stage_app
 
-        app = create_stage_app(stage, preload=paradigms if stage == "generation" else ())
+        app = create_stage_app(stage, preload=paradigms if stage != "superres" else ())
         port = port or {"generation": 8101, "decoding": 8102, "superres": 8103}[stage]
     else:
         from tessera.serve.app import ServeConfig, create_app

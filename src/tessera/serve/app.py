@@ -91,12 +91,12 @@ def create_app(config: ServeConfig | None = None, pipeline: TextToImage | None =
         try:
             pipeline.prepare(PipelineRequest("a red apple"))       # prompt safety + enhancement
             stages = pipeline.stages
-            if hasattr(stages, "wait_ready"):
+            if hasattr(stages, "wait_ready"):  # services / Ray replicas load their own models
                 if not stages.wait_ready():
                     raise RuntimeError(f"stage services not ready: {stages.ready()}")
-            for p in config.preload:
-                if not getattr(stages, "urls", {}).get("generation"):
-                    (getattr(stages, "local", None) or stages).loaded(p)
+            else:
+                for p in config.preload:
+                    stages.loaded(p)
             state["ready"] = True
         except Exception as e:  # /readyz reports it; the server stays up
             log.exception("warm-up failed")

@@ -47,22 +47,9 @@ class RemoteStages:
                 if r.status_code != 200:
                     r.read()
                     _raise_for("generation", url, r)
-                for line in r.iter_lines():
-                    item = json.loads(line)
-                    if "step" in item:
-                        if callback is not None:
-                            callback(item["step"], item["total"])
-                    elif "error" in item:
-                        err = item["error"]
-                        if err["type"] == "invalid_request":
-                            raise ValueError(err["message"])
-                        raise StageError(f"the generation service at {url} failed: {err['message']}")
-                    else:
-                        tensors, _ = unpack(base64.b64decode(item["tensor"]))
-                        return tensors["out"], item["params"]
+                return consume_generation(r.iter_lines(), callback, f"the generation service at {url}")
         except httpx.HTTPError as e:
             raise StageError(f"the generation service at {url} failed: {e!r}") from e
-        raise StageError(f"the generation service at {url} closed the stream without a result")
 
     def decode(self, paradigm: str, out):
         if "decoding" not in self.urls:
@@ -95,6 +82,24 @@ class RemoteStages:
                 return True
             time.sleep(0.5)
         return False
+
+
+def consume_generation(lines, callback, where: str):
+    """Read the generation stream (services._generate_stream): progress to `callback`, then the result."""
+    for line in lines:
+        item = json.loads(line)
+        if "step" in item:
+            if callback is not None:
+                callback(item["step"], item["total"])
+        elif "error" in item:
+            err = item["error"]
+            if err["type"] == "invalid_request":
+                raise ValueError(err["message"])
+            raise StageError(f"{where} failed: {err['message']}")
+        else:
+            tensors, _ = unpack(base64.b64decode(item["tensor"]))
+            return tensors["out"], item["params"]
+    raise StageError(f"{where} closed the stream without a result")
 
 
 def _raise_for(stage: str, url: str, r: httpx.Response) -> None:
