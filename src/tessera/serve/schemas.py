@@ -39,7 +39,7 @@ class ImageGenerationRequest(Strict):
     cfg_scale: float | None = Field(None, ge=0, le=30, allow_inf_nan=False)
     enhance: bool = True
     diversify: bool = False
-    deadline_seconds: float | None = Field(None, gt=0, le=MAX_DEADLINE_S, allow_inf_nan=False)
+    deadline_seconds: float | None = Field(None, ge=1, le=MAX_DEADLINE_S, allow_inf_nan=False)
 
     def chosen_paradigm(self) -> str:
         """`paradigm` wins; else `model` names a paradigm or its default model; else diffusion."""
