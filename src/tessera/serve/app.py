@@ -21,21 +21,21 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import hmac
 import json
 import logging
 import math
-import threading
 import time
 from importlib import resources
+from typing import Callable
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tessera.pipelines.text2image import Request as PipelineRequest
 from tessera.pipelines.text2image import TextToImage, batch_key
 from tessera.serve.complete import Completer
 from tessera.serve.schemas import (Completions, FeedbackRequest, FeedbackResponse, ImageData, ImageGenerationRequest,
@@ -73,47 +73,30 @@ def _key_id(token: str) -> str:
     return "key-" + hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
-def create_app(config: ServeConfig | None = None, pipeline: TextToImage | None = None) -> FastAPI:
+def create_app(config: ServeConfig | None = None,
+               pipeline: TextToImage | Callable[[], TextToImage] | None = None) -> FastAPI:
+    """`pipeline`: a built TextToImage, or a function that builds one (default: TextToImage over local
+    stages, or over the stage services when config.stage_urls is set). A function is called on the
+    worker thread, which then does all the torch work of this process (see serve.worker)."""
     config = config or ServeConfig()
     store = Store(config.data_dir, max_queue=config.max_queue)
     recovered = store.recover()
     if pipeline is None:
-        stages = None
-        if config.stage_urls:
-            from tessera.serve.remote import RemoteStages
-            stages = RemoteStages(config.stage_urls)
-        pipeline = TextToImage(stages=stages)
-    worker = Worker(pipeline, store, config.max_batch, config.max_batch_images)
+        pipeline = functools.partial(default_pipeline, dict(config.stage_urls))
+    worker = Worker(pipeline, store, config.max_batch, config.max_batch_images, preload=config.preload)
     completer = Completer.from_vocab(store.accepted_prompts())
-    state = {"ready": False, "warm_error": None}
-
-    def warm() -> None:
-        try:
-            pipeline.prepare(PipelineRequest("a red apple"))       # prompt safety + enhancement
-            stages = pipeline.stages
-            if hasattr(stages, "wait_ready"):  # services / Ray replicas load their own models
-                if not stages.wait_ready():
-                    raise RuntimeError(f"stage services not ready: {stages.ready()}")
-            else:
-                for p in config.preload:
-                    stages.loaded(p)
-            state["ready"] = True
-        except Exception as e:  # /readyz reports it; the server stays up
-            log.exception("warm-up failed")
-            state["warm_error"] = repr(e)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         if recovered["requeued"] or recovered["failed"]:
             log.warning("after restart: %s", recovered)
-        threading.Thread(target=warm, daemon=True).start()
         worker.start()
         yield
         worker.stop()
 
     app = FastAPI(title="Tessera images API", version="1", lifespan=lifespan,
                   description="OpenAI-compatible image generation with async jobs and live progress.")
-    app.state.store, app.state.worker, app.state.pipeline, app.state.config = store, worker, pipeline, config
+    app.state.store, app.state.worker, app.state.config = store, worker, config
     _install_guards(app, config)
     _install_errors(app)
 
@@ -130,9 +113,9 @@ def create_app(config: ServeConfig | None = None, pipeline: TextToImage | None =
 
     @app.get("/readyz", responses={503: {"description": "models are loading"}})
     def readyz():
-        if not state["ready"]:
-            return error(503, state["warm_error"] or "models are loading", "not_ready")
-        return {"status": "ready", "models": pipeline.models, "queued": store.queued()}
+        if not worker.ready:
+            return error(503, worker.warm_error or "models are loading", "not_ready")
+        return {"status": "ready", "models": worker.pipeline.models, "queued": store.queued()}
 
     @app.post("/v1/images/generations", response_model=ImagesResponse,
               responses={202: {"model": Job}, 400: {}, 401: {}, 413: {}, 429: {}, 502: {}, 504: {}})
@@ -208,6 +191,13 @@ def create_app(config: ServeConfig | None = None, pipeline: TextToImage | None =
     return app
 
 
+def default_pipeline(stage_urls: dict) -> TextToImage:
+    if not stage_urls:
+        return TextToImage()
+    from tessera.serve.remote import RemoteStages
+    return TextToImage(stages=RemoteStages(stage_urls))
+
+
 def _id_param():
     from fastapi import Path
     return Path(..., pattern=ID)
@@ -273,7 +263,8 @@ async def _events(store: Store, worker: Worker, job_id: str, request: Request):
         events = worker.events.get(job_id, [])
         if row["status"] != status and not events[sent:]:
             status = row["status"]
-            yield f"event: progress\ndata: {json.dumps({'status': status, **(worker.progress(job_id) or {})})}\n\n"
+            last = worker.progress(job_id) or {"stage": None, "step": 0, "total": 0, "eta": None}
+            yield f"event: progress\ndata: {json.dumps({'status': status, **last})}\n\n"
         for ev in events[sent:]:
             yield f"event: progress\ndata: {json.dumps({'status': row['status'], **ev})}\n\n"
         sent, status = len(events), row["status"]

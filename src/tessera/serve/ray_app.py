@@ -10,7 +10,7 @@ generation streams its progress back. Tensors and images cross as safetensors by
 Ray's dashboard and Serve's HTTP proxy stay off: the gateway is the only HTTP entry point."""
 from __future__ import annotations
 
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from tessera.pipelines.text2image import LocalStages, TextToImage
 from tessera.serve.remote import StageError, consume_generation
@@ -22,13 +22,13 @@ APPS = {"generation": "tessera-generation", "decoding": "tessera-decoding", "sup
 
 class GenerationReplica:
     def __init__(self, models: dict | None = None, preload: tuple[str, ...] = ()):
-        self.stages, self.lock = LocalStages(models), threading.Lock()
+        self.stages, self.torch_thread = LocalStages(models), ThreadPoolExecutor(1)
         for p in preload:
             self.stages.loaded(p)
 
     def generate(self, paradigm: str, prompts: list[str], settings: dict):
         """A generator: the same NDJSON lines as the HTTP generation service (progress, then the result)."""
-        yield from _generate_stream(self.stages, self.lock, GenerateRequest(paradigm=paradigm, prompts=prompts,
+        yield from _generate_stream(self.stages, self.torch_thread, GenerateRequest(paradigm=paradigm, prompts=prompts,
                                                                             settings=settings))
 
 

@@ -5,20 +5,21 @@
     tessera serve decoding   --port 8102   POST /v1/decode?paradigm=P  safetensors {"out"} -> {"images" uint8}
     tessera serve superres   --port 8103   POST /v1/upscale?size=N     safetensors {"images"} -> {"images"}
 
-Each wraps the same LocalStages method the in-process gateway calls; one request computes at a time
-per process (the work is CPU-bound), others wait. They bind 127.0.0.1 unless told otherwise."""
+Each wraps the same LocalStages method the in-process gateway calls. All torch work of a service runs on
+one thread (see serve.worker on why): one request computes at a time per process (the work is CPU-bound),
+others wait. They bind 127.0.0.1 unless told otherwise."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
 import queue
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from tessera.pipelines.text2image import PARADIGMS, LocalStages
@@ -49,22 +50,21 @@ async def _body(request: Request) -> bytes:
     return await request.body()
 
 
-def _generate_stream(stages: LocalStages, lock: threading.Lock, req: GenerateRequest):
-    """Run generation in a thread; yield its progress and then its result as NDJSON lines."""
+def _generate_stream(stages: LocalStages, torch_thread: ThreadPoolExecutor, req: GenerateRequest):
+    """Run generation on the torch thread; yield its progress and then its result as NDJSON lines."""
     q: queue.Queue = queue.Queue()
 
     def work():
         try:
-            with lock:
-                out, params = stages.generate(req.paradigm, req.prompts, req.settings,
-                                              lambda i, total: q.put({"step": i, "total": total}))
+            out, params = stages.generate(req.paradigm, req.prompts, req.settings,
+                                          lambda i, total: q.put({"step": i, "total": total}))
             q.put({"params": params, "tensor": base64.b64encode(pack({"out": out})).decode()})
         except ValueError as e:
             q.put({"error": {"type": "invalid_request", "message": str(e)}})
         except Exception as e:  # reported in the stream; the gateway fails the job visibly
             q.put({"error": {"type": "internal", "message": repr(e)}})
 
-    threading.Thread(target=work, daemon=True).start()
+    torch_thread.submit(work)
     while True:
         item = q.get()
         yield json.dumps(item) + "\n"
@@ -76,7 +76,7 @@ def create_stage_app(stage: str, stages: LocalStages | None = None, preload: tup
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r}: must be one of {STAGES}")
     stages = stages or LocalStages()
-    lock = threading.Lock()
+    torch_thread = ThreadPoolExecutor(1, thread_name_prefix=f"tessera-{stage}")
     state = {"ready": False}
 
     def warm() -> None:
@@ -84,10 +84,14 @@ def create_stage_app(stage: str, stages: LocalStages | None = None, preload: tup
             stages.loaded(p)
         state["ready"] = True
 
+    def run(fn, *args):
+        return asyncio.wrap_future(torch_thread.submit(fn, *args))
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        threading.Thread(target=warm, daemon=True).start()
+        torch_thread.submit(warm)
         yield
+        torch_thread.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title=f"Tessera {stage} service", version="1", lifespan=lifespan)
 
@@ -104,7 +108,7 @@ def create_stage_app(stage: str, stages: LocalStages | None = None, preload: tup
     if stage == "generation":
         @app.post("/v1/generate")
         def generate(req: GenerateRequest):
-            return StreamingResponse(_generate_stream(stages, lock, req), media_type="application/x-ndjson")
+            return StreamingResponse(_generate_stream(stages, torch_thread, req), media_type="application/x-ndjson")
 
     if stage == "decoding":
         @app.post("/v1/decode")
@@ -112,7 +116,7 @@ def create_stage_app(stage: str, stages: LocalStages | None = None, preload: tup
             tensors, _ = _unpack_or_400(await _body(request))
             if "out" not in tensors:
                 raise HTTPException(422, "body: the safetensors file needs a tensor named 'out'")
-            images = await run_in_threadpool(_locked, lock, stages.decode, paradigm, tensors["out"])
+            images = await run(stages.decode, paradigm, tensors["out"])
             return Response(pack({"images": images_to_tensor(images)}), media_type=OCTET)
 
     if stage == "superres":
@@ -123,15 +127,10 @@ def create_stage_app(stage: str, stages: LocalStages | None = None, preload: tup
                 images = tensor_to_images(tensors["images"])
             except (KeyError, ValueError) as e:
                 raise HTTPException(422, f"body: {e}") from e
-            images = await run_in_threadpool(_locked, lock, stages.upscale, images, size)
+            images = await run(stages.upscale, images, size)
             return Response(pack({"images": images_to_tensor(images)}), media_type=OCTET)
 
     return app
-
-
-def _locked(lock: threading.Lock, fn, *args):
-    with lock:
-        return fn(*args)
 
 
 def _unpack_or_400(data: bytes):
