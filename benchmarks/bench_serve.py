@@ -144,7 +144,7 @@ def main() -> None:
                 proc.terminate()
                 proc.wait(30)
         print(json.dumps(rows[-1]), file=sys.stderr)
-    print(f"| max_batch | accepted | succeeded | lost | duplicated | 429s | images/s | p50 s | p99 s | mean batch |")
+    print("| max_batch | accepted | succeeded | lost | duplicated | 429s | images/s | p50 s | p99 s | mean batch |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['max_batch']} | {r['jobs_accepted']} | {r['succeeded']} | {r['lost']} | {r['duplicated']} | "
