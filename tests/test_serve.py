@@ -202,3 +202,13 @@ def test_completer_ranks_accepted_prompts_first():
     assert comp.suggest("red ap", 3) == ["red apple on a blue plate", "red apple", "red apple emoji"]
     assert comp.suggest("red apr") == ["red apricot"]
     assert comp.suggest("   ") == []
+
+
+def test_serve_refuses_a_public_address_without_api_keys(monkeypatch):
+    from click.testing import CliRunner
+
+    from tessera.cli import main
+
+    monkeypatch.delenv("TESSERA_API_KEYS", raising=False)
+    r = CliRunner().invoke(main, ["serve", "--host", "0.0.0.0"])
+    assert r.exit_code != 0 and "requires API keys" in r.output

@@ -10,6 +10,7 @@ generation streams its progress back. Tensors and images cross as safetensors by
 Ray's dashboard and Serve's HTTP proxy stay off: the gateway is the only HTTP entry point."""
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 from tessera.pipelines.text2image import LocalStages, TextToImage
@@ -114,6 +115,7 @@ class RayStages:
         return tensor_to_images(unpack(packed)[0]["images"])
 
 
-def ray_pipeline(generation: int = 1, decoding: int = 1, superres: int = 1, **kw) -> TextToImage:
-    """The gateway's pipeline with its stages on Ray Serve (prompt / image safety stay in the gateway)."""
-    return TextToImage(stages=RayStages(deploy((generation, decoding, superres), **kw)))
+def ray_pipeline(generation: int = 1, decoding: int = 1, superres: int = 1, **kw):
+    """Deploy the stages; -> a function that builds the gateway's pipeline over them (prompt / image
+    safety stay in the gateway), for create_app to call on its worker thread."""
+    return functools.partial(TextToImage, stages=RayStages(deploy((generation, decoding, superres), **kw)))
