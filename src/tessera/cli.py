@@ -105,10 +105,12 @@ def train_masked(data_dir, run_dir, preset, max_steps, resume, overrides, tokeni
 
 
 def _train_token_generator(task, data_dir, run_dir, preset, max_steps, resume, overrides, tokenizer, text_encoder):
+    from tessera.train.distributed import rank0_first
     from tessera.train.runs import prepare_token_inputs, run_training
 
     try:
-        model_updates, task_updates = ({}, {}) if resume else prepare_token_inputs(data_dir, tokenizer, text_encoder)
+        model_updates, task_updates = ({}, {}) if resume else rank0_first(prepare_token_inputs, data_dir, tokenizer,
+                                                                           text_encoder)
         logs = run_training(task, data_dir, run_dir, preset, max_steps, resume, list(overrides),
                             model_updates, task_updates)
     except (ValueError, KeyError, FileNotFoundError) as e:
@@ -126,11 +128,12 @@ def _train_token_generator(task, data_dir, run_dir, preset, max_steps, resume, o
 def train_diffusion(data_dir, run_dir, preset, max_steps, resume, overrides, arch, tokenizer, space,
                     text_encoder) -> None:
     """Train a diffusion denoiser (DDPM objective) on cached latents (+ cached caption embeddings)."""
+    from tessera.train.distributed import rank0_first
     from tessera.train.runs import prepare_diffusion_inputs, run_training
 
     try:
-        model_updates, task_updates = ({}, {}) if resume else prepare_diffusion_inputs(
-            data_dir, tokenizer, text_encoder, space)
+        model_updates, task_updates = ({}, {}) if resume else rank0_first(
+            prepare_diffusion_inputs, data_dir, tokenizer, text_encoder, space)
         logs = run_training("diffusion", data_dir, run_dir, preset or f"{arch}-s", max_steps, resume,
                             list(overrides), model_updates, task_updates)
     except (ValueError, KeyError, FileNotFoundError) as e:
@@ -159,10 +162,11 @@ def train_sr(data_dir, run_dir, preset, max_steps, resume, overrides, tokenizer)
 @click.option("--text-encoder", default="minilm", show_default=True, help="the frozen prompt encoder")
 def train_contrastive(data_dir, run_dir, preset, max_steps, resume, overrides, text_encoder) -> None:
     """Train the contrastive image-text model (offline CLIPScore) on a captioned prepared folder."""
+    from tessera.train.distributed import rank0_first
     from tessera.train.runs import prepare_contrastive_inputs, run_training
 
     try:
-        model_updates, task_updates = prepare_contrastive_inputs(data_dir, text_encoder)
+        model_updates, task_updates = rank0_first(prepare_contrastive_inputs, data_dir, text_encoder)
         logs = run_training("contrastive", data_dir, run_dir, preset or "clip-xs", max_steps, resume,
                             list(overrides), model_updates, task_updates)
     except (ValueError, KeyError, FileNotFoundError) as e:

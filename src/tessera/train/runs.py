@@ -117,9 +117,11 @@ def run_training(task_name: str, data_dir: str, run_dir: str, preset: str, max_s
     torch.manual_seed(train_cfg.seed)
     model = cls(cfg_cls.from_dict(spec["model"]))
     task = task_cls(model, data_dir, task_cfg_cls.from_dict(spec["task"]))
-    run.mkdir(parents=True, exist_ok=True)
-    spec_path.write_text(json.dumps(spec, indent=2) + "\n")
-    return Trainer(task, train_cfg, run).fit(max_steps=max_steps, resume=resume)
+    trainer = Trainer(task, train_cfg, run)
+    if trainer.rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        spec_path.write_text(json.dumps(spec, indent=2) + "\n")
+    return trainer.fit(max_steps=max_steps, resume=resume)
 
 
 def export_run(run_dir: str, out: str, dtype: str = "float32") -> Path:

@@ -1,6 +1,8 @@
 """One training loop for every model kind: bf16 autocast, AdamW + warmup/cosine, grad clipping, EMA,
 atomic checkpoints with exact resume, validation, scalar logs, progress bar; data parallel under
-torchrun (gloo): each rank takes its own slice of every global batch and gradients are all-reduced.
+torchrun (train/distributed.py: torch DDP by default, FSDP2 with train.strategy=fsdp): each rank takes
+its own slice of every global batch; rank 0 alone logs and writes checkpoints, which load at any world
+size.
 
 A *task* (one file per model kind in this package) supplies the model, the data and the losses:
 
@@ -31,6 +33,7 @@ from torch import nn
 
 from tessera.checkpoint import load_training_state, save_training_state
 from tessera.config import Config
+from tessera.train import distributed as ddp
 
 
 @dataclasses.dataclass
@@ -51,6 +54,7 @@ class TrainConfig(Config):
     seed: int = 0
     num_workers: int = 0
     tensorboard: bool = False
+    strategy: str = "ddp"        # under torchrun: ddp | fsdp (FSDP2)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -72,8 +76,9 @@ class EMA:
     def update(self, model: nn.Module, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
         for e, p in zip(self.model.state_dict().values(), model.state_dict().values()):
+            p = ddp.full(p.detach())  # an FSDP2 shard -> the whole tensor (the EMA copy is not sharded)
             if e.dtype.is_floating_point:
-                e.lerp_(p.detach(), 1.0 - d)
+                e.lerp_(p, 1.0 - d)
             else:
                 e.copy_(p)
 
@@ -128,79 +133,71 @@ class _StopOnSignal:
             signal.signal(sig, handler)
 
 
-def _dist_info() -> tuple[int, int]:
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class Trainer:
     def __init__(self, task: Any, cfg: TrainConfig, run_dir: str | Path):
         self.task, self.cfg, self.run_dir = task, cfg, Path(run_dir)
-        self.rank, self.world = _dist_info()
+        if cfg.strategy not in ddp.STRATEGIES:
+            raise ValueError(f"train.strategy={cfg.strategy!r}: must be one of {ddp.STRATEGIES}")
+        self.rank, self.world = ddp.init_distributed()
+        self.strategy = cfg.strategy if self.world > 1 else None
         torch.manual_seed(cfg.seed + self.rank)
         self.model: nn.Module = task.model
         self.ema = EMA(self.model, cfg.ema_decay)
+        if self.strategy:  # same start everywhere, then DDP / FSDP2 in place (optimizers see the result)
+            for module in self.task.trainable_modules().values():
+                ddp.broadcast_from_rank0(module)
+                if ddp.has_params(module):
+                    ddp.wrap(module, self.strategy)
         self.groups = task.optim_groups()
         self.optims = {name: torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
                        for name, params in self.groups.items()}
         self.step = 0
         self._tb = None
-        if self.world > 1:
-            self._broadcast_from_rank0()
-
-    # ---- data parallel (torchrun, gloo): same init everywhere, gradients averaged after backward --
-    def _broadcast_from_rank0(self) -> None:
-        for module in self.task.trainable_modules().values():
-            for t in module.state_dict().values():
-                dist.broadcast(t, src=0)
-
-    def _average_gradients(self, params: list[torch.Tensor]) -> None:
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.flatten() for g in grads])  # one all-reduce per optimizer
-        dist.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
 
     # ---- checkpointing -------------------------------------------------------------------
     @property
     def ckpt_path(self) -> Path:
         return self.run_dir / "state.pt"
 
+    def _optim_module(self, name: str) -> nn.Module:
+        return self.task.trainable_modules()[name]  # each optimizer holds one module's parameters
+
     def state_dict(self) -> dict[str, Any]:
+        """Full (unsharded) state in the single-process format; every rank must call it (collective)."""
         return {
             "step": self.step,
-            "task": {k: v.state_dict() for k, v in self.task.trainable_modules().items()},
+            "task": {k: ddp.model_state(v, self.strategy) for k, v in self.task.trainable_modules().items()},
             "ema": self.ema.model.state_dict(),
-            "optim": {k: o.state_dict() for k, o in self.optims.items()},
+            "optim": {k: ddp.optim_state(self._optim_module(k), o, self.strategy) for k, o in self.optims.items()},
             "rng": torch.get_rng_state(),
+            "rng_ranks": ddp.gather_rng(self.rank, self.world),
             "train_config": self.cfg.to_dict(),
         }
 
     def save(self) -> None:
+        state = self.state_dict()
         if self.rank == 0:
-            save_training_state(self.state_dict(), self.ckpt_path)
+            save_training_state(state, self.ckpt_path)
         if self.world > 1:
             dist.barrier()
 
     def resume(self) -> bool:
+        """Load the checkpoint if there is one (on every rank, whatever world size wrote it). The RNG
+        continues exactly at the same world size; at another, each rank is re-seeded from (seed, rank, step)."""
         if not self.ckpt_path.exists():
             return False
         state = load_training_state(self.ckpt_path)
         for k, m in self.task.trainable_modules().items():
-            m.load_state_dict(state["task"][k], strict=True)
+            ddp.load_model_state(m, state["task"][k], self.strategy)
         self.ema.model.load_state_dict(state["ema"], strict=True)
         for k, o in self.optims.items():
-            o.load_state_dict(state["optim"][k])
-        torch.set_rng_state(state["rng"])
+            ddp.load_optim_state(self._optim_module(k), o, state["optim"][k], self.strategy)
         self.step = int(state["step"])
+        ranks = state.get("rng_ranks", [state["rng"]])
+        if len(ranks) == self.world:
+            torch.set_rng_state(ranks[self.rank])
+        else:
+            torch.manual_seed(self.cfg.seed * 1_000_003 + self.step * 1009 + self.rank)
         return True
 
     # ---- logging ----------------------------------------------------------------------------
@@ -244,10 +241,9 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             params = [p for g in opt.param_groups for p in g["params"]]
-            if self.world > 1:
-                self._average_gradients(params)
             if self.cfg.grad_clip > 0:
-                logs[f"grad_norm_{name}"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+                norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+                logs[f"grad_norm_{name}"] = float(ddp.full(norm))
             opt.step()
         if hasattr(self.task, "after_step"):  # parameter surgery that must not precede backward()
             logs.update(self.task.after_step(batch, self.step))
@@ -284,6 +280,7 @@ class Trainer:
         self.step += 1
         bar.update(1)
         if self.step % self.cfg.log_every == 0 or self.step == max_steps:
+            logs = self._mean_over_ranks(logs)  # the global batch's loss, not rank 0's share
             logs["it_s"] = (self.step - n0) / max(1e-9, time.time() - t0)
             self.log(logs)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("rec", "loss", "perc", "it_s")})
@@ -292,6 +289,14 @@ class Trainer:
         if self.cfg.val_every and (self.step % self.cfg.val_every == 0 or self.step == max_steps):
             self.validate()
         return logs
+
+    def _mean_over_ranks(self, logs: dict[str, float]) -> dict[str, float]:
+        if self.world == 1:
+            return logs
+        keys = sorted(logs)  # every rank logs the same keys at the same steps
+        t = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64)
+        dist.all_reduce(t)
+        return {k: float(v) / self.world for k, v in zip(keys, t.tolist())}
 
     def validate(self) -> dict[str, float]:
         if self.rank != 0 or not hasattr(self.task, "validate"):
