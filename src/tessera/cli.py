@@ -36,8 +36,10 @@ def data() -> None:
 @click.option("--phash-distance", default=6, show_default=True, help="near-duplicate Hamming threshold")
 @click.option("--max-pixels", default=64_000_000, show_default=True, help="decompression-bomb cap")
 @click.option("--scorer", "scorers", multiple=True, help="plug-in scorer 'module:factory' (repeatable)")
+@click.option("--engine", default="local", type=click.Choice(["local", "ray"]), show_default=True,
+              help="ray: Ray Data map_batches stages (the ray extra); same shards and catalog")
 def data_prepare(sources, out, size, image_format, val_fraction, workers, min_size, phash_distance, max_pixels,
-                 scorers) -> None:
+                 scorers, engine) -> None:
     """Decode, filter, deduplicate and shard SOURCES (folders, .tar shards, .parquet files) into OUT."""
     from tessera.data.filters import FilterConfig
     from tessera.data.prepare import PrepareConfig, prepare
@@ -47,7 +49,7 @@ def data_prepare(sources, out, size, image_format, val_fraction, workers, min_si
         cfg = PrepareConfig(size=size, image_format=image_format, val_fraction=val_fraction, workers=workers,
                             max_pixels=max_pixels, scorers=tuple(scorers),
                             filters=FilterConfig(min_size=min_size, phash_distance=phash_distance))
-        report = prepare(list(sources), out, cfg)
+        report = prepare(list(sources), out, cfg, engine=engine)
     except (SourceError, ValueError) as e:
         _fail(str(e))
     click.echo(json.dumps({k: report[k] for k in ("kept", "kept_by_split", "rejected", "rejected_by_reason",

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import multiprocessing as mp
+import re
 import tarfile
 import time
 from pathlib import Path
@@ -52,6 +53,9 @@ class PrepareConfig(Config):
             raise ValueError(f"size must be >= 8, got {self.size}")
 
 
+ENGINES = ("local", "ray")
+
+
 def split_of(sha256: str, val_fraction: float) -> str:
     return "val" if int(sha256[:8], 16) / 2**32 < val_fraction else "train"
 
@@ -74,47 +78,83 @@ def _encode(im, cfg: PrepareConfig) -> bytes:
     return buf.getvalue()
 
 
-def process_item(item: Item, cfg: PrepareConfig) -> dict:
-    """Never raises: an unexpected failure on one image is recorded as reason 'error'."""
-    try:
-        return _process_item(item, cfg)
-    except Exception as e:  # noqa: BLE001 - one bad image must not stop the run
-        return {"source": item.source, "caption": item.caption, "meta": item.meta, "sha256": None, "phash": None,
-                "width": None, "height": None, "verdicts": {"error": f"{type(e).__name__}: {e}"},
-                "status": "rejected", "reason": "error", "data": None}
+# ---- the per-item stages (the same functions in every engine) ----------------------------------------
+def _new_row(item: Item) -> dict:
+    return {"source": item.source, "caption": item.caption, "meta": item.meta, "sha256": None, "phash": None,
+            "width": None, "height": None, "verdicts": {}, "status": "pending", "reason": None, "data": None,
+            "raw": None}
 
 
-def _process_item(item: Item, cfg: PrepareConfig) -> dict:
-    row = {"source": item.source, "caption": item.caption, "meta": item.meta, "sha256": None, "phash": None,
-           "width": None, "height": None, "verdicts": {}, "status": "rejected", "reason": None, "data": None}
+def _reject(row: dict, reason: str, error: str | None = None) -> dict:
+    row.update(status="rejected", reason=reason, raw=None, data=None)
+    row.pop("_image", None)
+    if error:  # without object addresses ("<... at 0x7f...>"), so that reruns record the same text
+        row["verdicts"]["error"] = re.sub(r" at 0x[0-9a-f]+", "", error)
+    return row
+
+
+def _image(row: dict, cfg: "PrepareConfig"):
+    """The decoded image: kept in the row in-process, decoded again from the raw bytes across processes."""
+    if row.get("_image") is None:
+        row["_image"] = decode_image(row["raw"], cfg.max_pixels)
+    return row["_image"]
+
+
+def decode_stage(item: Item, cfg: "PrepareConfig") -> dict:
+    """Read, hash, decode safely, measure; the quality filters."""
+    row = _new_row(item)
     try:
-        data = read_item(item)
+        row["raw"] = read_item(item)
     except Exception as e:  # unreadable file / member: recorded, never fatal
-        row["reason"] = "unreadable"
-        row["verdicts"]["error"] = f"{type(e).__name__}: {e}"
-        return row
-    row["sha256"] = hashlib.sha256(data).hexdigest()
+        return _reject(row, "unreadable", f"{type(e).__name__}: {e}")
+    row["sha256"] = hashlib.sha256(row["raw"]).hexdigest()
     try:
-        im = decode_image(data, cfg.max_pixels)
+        im = _image(row, cfg)
     except Rejected as r:
-        row["reason"], row["verdicts"]["error"] = r.reason, r.detail
-        return row
+        return _reject(row, r.reason, r.detail)
     row["width"], row["height"] = im.size
     stats = image_stats(im)
     row["verdicts"].update(stats)
     reason = quality_reason(im, cfg.filters, stats)
-    if reason is None and _SCORERS:
-        scores = {s.name: float(s.score(im, item.caption)) for s in _SCORERS}
-        row["verdicts"].update(scores)
-        reason = score_reason(scores, _SCORERS)
-    if reason:
-        row["reason"] = reason
+    return _reject(row, reason) if reason else row
+
+
+def score_stage(row: dict, cfg: "PrepareConfig", scorers: list[Scorer]) -> dict:
+    """The scorer plug-ins (aesthetics, CLIP match, NSFW, ...) on what passed the quality filters."""
+    if row["status"] != "pending" or not scorers:
         return row
-    out = resize_center_crop(im, cfg.size)
+    im = _image(row, cfg)
+    scores = {s.name: float(s.score(im, row["caption"])) for s in scorers}
+    row["verdicts"].update(scores)
+    reason = score_reason(scores, scorers)
+    return _reject(row, reason) if reason else row
+
+
+def transform_stage(row: dict, cfg: "PrepareConfig") -> dict:
+    """Standardize (resize the shorter side, center crop), perceptual hash, encode."""
+    if row["status"] != "pending":
+        return row
+    out = resize_center_crop(_image(row, cfg), cfg.size)
     row["phash"] = f"{phash(out):016x}"
     row["data"] = _encode(out, cfg)
-    row["status"] = "kept"
+    row.update(status="kept", raw=None)
+    row.pop("_image", None)
     return row
+
+
+def guarded(stage, row_or_item, *args) -> dict:
+    """A stage that never raises: an unexpected failure on one image is recorded as reason 'error'."""
+    try:
+        return stage(row_or_item, *args)
+    except Exception as e:  # noqa: BLE001 - one bad image must not stop the run
+        row = row_or_item if isinstance(row_or_item, dict) else _new_row(row_or_item)
+        return _reject(row, "error", f"{type(e).__name__}: {e}")
+
+
+def process_item(item: Item, cfg: PrepareConfig) -> dict:
+    row = guarded(decode_stage, item, cfg)
+    row = guarded(score_stage, row, cfg, _SCORERS)
+    return guarded(transform_stage, row, cfg)
 
 
 def process_chunk(args: tuple[int, list[Item], PrepareConfig]) -> tuple[int, list[dict]]:
@@ -191,8 +231,12 @@ def _check_settings(cat: Catalog, cfg: PrepareConfig, sources: list[str]) -> Non
 
 
 def prepare(sources: list[str | Path], out: str | Path, cfg: PrepareConfig | None = None,
-            progress: bool = True, on_chunk: Callable[[int], None] | None = None) -> dict:
-    """Run (or resume) the pipeline; returns the report dict (also written to OUT/report.json)."""
+            progress: bool = True, on_chunk: Callable[[int], None] | None = None, engine: str = "local") -> dict:
+    """Run (or resume) the pipeline; returns the report dict (also written to OUT/report.json).
+    engine "local": a process pool of cfg.workers; "ray": Ray Data map_batches stages (data/ray_engine.py).
+    Both run the same stage functions and write the same shards and catalog."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}: must be one of {ENGINES}")
     from tqdm import tqdm
 
     cfg = cfg or PrepareConfig()
@@ -209,10 +253,16 @@ def prepare(sources: list[str | Path], out: str | Path, cfg: PrepareConfig | Non
         bar = tqdm(total=len(items), initial=len(items) - sum(len(c[1]) for c in todo), unit="img",
                    disable=not progress, desc="prepare")
         t0, n_new = time.time(), 0
-        pool = mp.get_context("fork").Pool(cfg.workers, _init_worker, (cfg.scorers,)) if cfg.workers > 1 else None
-        _init_worker(cfg.scorers)
-        try:
+        pool = None
+        if engine == "ray":
+            from tessera.data.ray_engine import process_chunks
+
+            results = process_chunks(todo, cfg)
+        else:
+            pool = mp.get_context("fork").Pool(cfg.workers, _init_worker, (cfg.scorers,)) if cfg.workers > 1 else None
+            _init_worker(cfg.scorers)
             results = pool.imap(process_chunk, todo) if pool else map(process_chunk, todo)
+        try:
             for chunk, rows in results:
                 _finish_chunk(chunk, rows, dedup, cfg, out, cat)
                 n_new += len(rows)

@@ -22,6 +22,9 @@ class TokenizerTaskConfig(Config):
     usage_window: int = 100         # steps over which codebook usage is measured
     dead_code_restart: bool = True  # re-seed codes unused for a whole window from encoder outputs
     val_images: int = 64
+    stream: str = ""                # WebDataset shard URLs to stream instead of DATA's shards (data/stream.py)
+    stream_epoch: int = 0           # samples per streamed epoch (0: DATA's train-split size)
+    stream_resampled: bool = True   # resampled shards (ranks stay even) or each shard once (split by node/worker)
     loss: VQLossConfig = dataclasses.field(default_factory=VQLossConfig)
 
 
@@ -80,7 +83,13 @@ class TokenizerTask:
         self.model, self.cfg = model, cfg
         self.loss = VQLoss(cfg.loss, pretrained_perceptual)
         self.usage = UsageTracker(model.config.codebook_size, cfg.usage_window)
-        self.dataset = CropDataset(ShardImages(data_dir, "train"), cfg.crop, cfg.flip)
+        if cfg.stream:
+            from tessera.data.stream import ImageStream
+
+            epoch = cfg.stream_epoch or len(ShardImages(data_dir, "train"))
+            self.dataset = ImageStream(cfg.stream, epoch, cfg.crop, cfg.flip, resampled=cfg.stream_resampled)
+        else:
+            self.dataset = CropDataset(ShardImages(data_dir, "train"), cfg.crop, cfg.flip)
         val = ShardImages(data_dir, "val")
         if len(val) == 0:
             raise ValueError(f"{data_dir}: the val split is empty; prepare with a larger --val-fraction")

@@ -216,6 +216,8 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------
     def _loader(self) -> Iterator[Any]:
+        if isinstance(self.task.dataset, torch.utils.data.IterableDataset):
+            return self._stream()
         sampler = StepBatchSampler(len(self.task.dataset), self.cfg.batch_size, self.cfg.seed,
                                    self.step, self.rank, self.world)
         loader = torch.utils.data.DataLoader(self.task.dataset, batch_sampler=sampler,
@@ -225,6 +227,14 @@ class Trainer:
                                              generator=torch.Generator().manual_seed(self.cfg.seed + self.step),
                                              persistent_workers=self.cfg.num_workers > 0)
         return iter(loader)
+
+    def _stream(self) -> Iterator[Any]:
+        """Batches from a streaming dataset (data/stream.py), epoch after epoch; re-seeded from the step."""
+        self.task.dataset.reseed(self.cfg.seed * 1_000_003 + self.step)
+        while True:
+            loader = torch.utils.data.DataLoader(self.task.dataset, batch_size=self.cfg.batch_size, drop_last=True,
+                                                 num_workers=self.cfg.num_workers)
+            yield from loader
 
     def train_step(self, batch: Any) -> dict[str, float]:
         self.model.train()
