@@ -463,6 +463,30 @@ def generate(prompt, out, paradigm, model, size, n, seed, steps, cfg_scale, temp
                f"{json.dumps(result.timings)}")
 
 
+@main.group("pipeline")
+def pipeline_() -> None:
+    """The training pipeline: data -> train -> evaluate -> gate -> promote."""
+
+
+@pipeline_.command("run")
+@click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--run-id", default=None, help="run folder name under the config's workdir (default: a timestamp)")
+def pipeline_run(config_file, run_id) -> None:
+    """Run the pipeline described by CONFIG_FILE (JSON); writes report.json / report.md in the run folder.
+    Exit code 0 when the candidate was promoted, 3 when the gate rejected it."""
+    from tessera.train.workflow import PipelineConfig, run_pipeline
+
+    try:
+        cfg = PipelineConfig.from_dict(json.loads(Path(config_file).read_text()))
+        report = run_pipeline(cfg, run_id)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        _fail(str(e))
+    click.echo(json.dumps({k: report[k] for k in ("run", "promoted", "metrics")}, indent=2))
+    click.echo("\n".join(report["decision"]["reasons"]))
+    if not report["promoted"]:
+        sys.exit(3)
+
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 

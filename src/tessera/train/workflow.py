@@ -1,0 +1,195 @@
+"""The training pipeline (seed 004 "Overall ML System Design"): data -> train -> evaluate -> gate -> promote.
+
+    tessera pipeline run CONFIG.json
+
+Every run leaves WORKDIR/RUN_ID/ with the training run, the exported candidate, a sample grid and
+report.json + report.md: the metrics of candidate and deployed model on the same held-out split, the
+gate's verdict on each metric, and the decision. The deployed model is replaced only when the gate
+passes (the previous one is kept beside it as DEPLOYED.previous).
+
+The config (JSON, strict: an unknown key is an error):
+
+    {"name": "ar-refresh", "workdir": "runs/pipeline", "deployed": "models/deployed-ar",
+     "data":  {"prepared": "data/demo128"}                      # or "sources": [...], "out": "data/new"
+     "train": {"task": "ar", "preset": "ar-xs", "max_steps": 1500, "overrides": ["train.lr=6e-4"]},
+     "evaluate": {"limit": 0},
+     "gate": {"tolerances": {"nll_true": 0.02, "frac_true_better": 0.02}}}
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+from tessera.config import Config
+from tessera.eval.gate import Decision, gate
+
+GENERATORS = ("ar", "masked", "diffusion")
+
+
+@dataclasses.dataclass
+class DataStep(Config):
+    prepared: str = ""                 # an already prepared folder, or:
+    sources: tuple[str, ...] = ()      # inputs of `data prepare` (folders, shards, Parquet; the flywheel's export)
+    out: str = ""                      # ... prepared into this folder (resumable)
+    size: int = 128
+    val_fraction: float = 0.1
+    min_size: int = 64
+    scorers: tuple[str, ...] = ()      # e.g. "tessera.safety.image:nsfw_filter?max_score=0.8"
+    engine: str = "local"              # local | ray
+
+
+@dataclasses.dataclass
+class TrainStep(Config):
+    task: str = "ar"                   # tokenizer | ar | masked | diffusion | sr | contrastive
+    preset: str = ""
+    max_steps: int = 1000
+    overrides: tuple[str, ...] = ()    # --set KEY=VALUE
+    tokenizer: str = "vq-f8"
+    text_encoder: str = "minilm"
+
+
+@dataclasses.dataclass
+class EvalStep(Config):
+    limit: int = 0                     # held-out images to score (0: all)
+    prompts: tuple[str, ...] = ("red apple emoji", "grinning face emoji", "snowman emoji", "a frog")
+
+
+@dataclasses.dataclass
+class GateStep(Config):
+    tolerances: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"nll_true": 0.02, "frac_true_better": 0.02})
+
+
+@dataclasses.dataclass
+class PipelineConfig(Config):
+    name: str = "pipeline"
+    workdir: str = "runs/pipeline"
+    deployed: str = "models/deployed"
+    data: DataStep = dataclasses.field(default_factory=DataStep)
+    train: TrainStep = dataclasses.field(default_factory=TrainStep)
+    evaluate: EvalStep = dataclasses.field(default_factory=EvalStep)
+    gate: GateStep = dataclasses.field(default_factory=GateStep)
+
+
+def data_step(cfg: DataStep) -> str:
+    if cfg.prepared:
+        if not (Path(cfg.prepared) / "catalog.sqlite").is_file():
+            raise FileNotFoundError(f"data.prepared={cfg.prepared!r}: not a prepared folder (no catalog.sqlite)")
+        return cfg.prepared
+    if not cfg.sources or not cfg.out:
+        raise ValueError("data: give `prepared`, or `sources` and `out`")
+    from tessera.data.filters import FilterConfig
+    from tessera.data.prepare import PrepareConfig, prepare
+
+    pcfg = PrepareConfig(size=cfg.size, val_fraction=cfg.val_fraction, scorers=cfg.scorers,
+                         filters=FilterConfig(min_size=cfg.min_size))
+    prepare(list(cfg.sources), cfg.out, pcfg, progress=False, engine=cfg.engine)
+    return cfg.out
+
+
+def train_step(cfg: TrainStep, data_dir: str, run: Path) -> Path:
+    """Train (caches first, as the CLI does), export the EMA weights -> the candidate model folder."""
+    from tessera.train import runs
+
+    model_updates, task_updates = {}, {}
+    if cfg.task in ("ar", "masked"):
+        model_updates, task_updates = runs.prepare_token_inputs(data_dir, cfg.tokenizer, cfg.text_encoder)
+    elif cfg.task == "diffusion":
+        model_updates, task_updates = runs.prepare_diffusion_inputs(data_dir, cfg.tokenizer, cfg.text_encoder, "latent")
+    elif cfg.task == "contrastive":
+        model_updates, task_updates = runs.prepare_contrastive_inputs(data_dir, cfg.text_encoder)
+    elif cfg.task == "sr":
+        task_updates = {"tokenizer": cfg.tokenizer}
+    defaults = {"tokenizer": "vq-f8", "ar": "ar-s", "masked": "masked-s", "diffusion": "unet-s",
+                "sr": "sr-compact-x4", "contrastive": "clip-xs"}
+    runs.run_training(cfg.task, data_dir, str(run / "train"), cfg.preset or defaults[cfg.task], cfg.max_steps,
+                      False, list(cfg.overrides), model_updates, task_updates)
+    return runs.export_run(str(run / "train"), str(run / "candidate"))
+
+
+def evaluate(model_dir: str | Path, data_dir: str, cfg: EvalStep) -> dict[str, float]:
+    """Held-out metrics the gate compares: the caption test for generators, reconstruction for tokenizers."""
+    import tessera
+
+    model = tessera.load(str(model_dir))
+    kind = model.meta.get("kind")
+    limit = cfg.limit or None
+    if kind == "vq":
+        from tessera.eval.reconstruction import evaluate_reconstruction
+
+        out = evaluate_reconstruction(model, data_dir, "val", limit=limit)
+        return {k: out[k] for k in ("psnr", "ssim", "codebook_usage")}
+    if kind in ("ar", "masked", "unet", "dit"):
+        from tessera.eval.captions import caption_margin
+
+        out = caption_margin(model, data_dir, limit=limit)
+        return {k: out[k] for k in ("nll_true", "margin", "frac_true_better")}
+    raise ValueError(f"{model_dir}: no gate metrics for a {kind!r} model")
+
+
+def sample_grid(model_dir: Path, train: TrainStep, prompts: tuple[str, ...], out: Path) -> str | None:
+    """Two samples per prompt from the candidate (generators only), one row per prompt."""
+    import tessera
+    from tessera.pipelines.ar import grid
+    from tessera.pipelines.load import load_pipeline
+
+    if tessera.load(str(model_dir)).meta.get("kind") not in ("ar", "masked", "unet", "dit"):
+        return None
+    lp = load_pipeline(str(model_dir), tokenizer=train.tokenizer, text_encoder=train.text_encoder)
+    images = lp.pipe([p for p in prompts for _ in range(2)], lp.params(seed=0, n=2 * len(prompts)))
+    grid(images, cols=2).save(out)
+    return out.name
+
+
+def promote(candidate: Path, deployed: Path) -> None:
+    """Copy the candidate into place atomically; the replaced model stays as DEPLOYED.previous."""
+    tmp = deployed.with_name(deployed.name + ".incoming")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(candidate, tmp)
+    previous = deployed.with_name(deployed.name + ".previous")
+    if deployed.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        deployed.rename(previous)
+    tmp.rename(deployed)
+
+
+def run_pipeline(cfg: PipelineConfig, run_id: str | None = None) -> dict:
+    run = Path(cfg.workdir) / (run_id or time.strftime("%Y%m%d-%H%M%S"))
+    if run.exists():
+        raise ValueError(f"{run} exists: every pipeline run gets its own folder")
+    run.mkdir(parents=True)
+    t0 = time.time()
+    data_dir = data_step(cfg.data)
+    candidate = train_step(cfg.train, data_dir, run)
+    deployed = Path(cfg.deployed)
+    metrics = {"candidate": evaluate(candidate, data_dir, cfg.evaluate),
+               "deployed": evaluate(deployed, data_dir, cfg.evaluate) if deployed.exists() else None}
+    decision = gate(metrics["candidate"], metrics["deployed"], cfg.gate.tolerances)
+    grid_file = sample_grid(candidate, cfg.train, cfg.evaluate.prompts, run / "samples.png")
+    if decision.promote:
+        promote(candidate, deployed)
+    report = {"name": cfg.name, "run": str(run), "data": data_dir, "candidate": str(candidate),
+              "deployed": str(deployed), "metrics": metrics, "decision": dataclasses.asdict(decision),
+              "promoted": decision.promote, "samples": grid_file, "seconds": round(time.time() - t0, 1),
+              "config": cfg.to_dict()}
+    (run / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (run / "report.md").write_text(report_md(report, decision))
+    return report
+
+
+def report_md(report: dict, decision: Decision) -> str:
+    lines = [f"# Pipeline run {report['name']}: {'PROMOTED' if decision.promote else 'REJECTED'}", "",
+             f"run `{report['run']}`, data `{report['data']}`, deployed `{report['deployed']}`, "
+             f"{report['seconds']} s", "", "## Gate", ""]
+    lines += [f"- {r}" for r in decision.reasons]
+    lines += ["", "## Metrics (held-out split)", "", "| metric | candidate | deployed |", "| --- | ---: | ---: |"]
+    deployed = report["metrics"]["deployed"] or {}
+    for k, v in report["metrics"]["candidate"].items():
+        d = deployed.get(k)
+        lines.append(f"| {k} | {v:.5g} | {'-' if d is None else f'{d:.5g}'} |")
+    if report["samples"]:
+        lines += ["", f"![samples]({report['samples']})"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,71 @@
+"""The training pipeline: data -> train -> evaluate -> gate -> promote; a deliberately degraded candidate is
+rejected with a report saying why, and the deployed model stays."""
+import hashlib
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tessera.cli import main
+from tessera.eval.gate import gate
+
+
+def test_gate_compares_each_metric_in_its_direction():
+    deployed = {"nll_true": 4.0, "frac_true_better": 0.70}
+    ok = gate({"nll_true": 4.01, "frac_true_better": 0.75}, deployed, {"nll_true": 0.02, "frac_true_better": 0.02})
+    assert ok.promote and all(c["ok"] for c in ok.compared.values())
+    bad = gate({"nll_true": 4.5, "frac_true_better": 0.69}, deployed, {"nll_true": 0.02, "frac_true_better": 0.02})
+    assert not bad.promote and bad.reasons[0].startswith("nll_true: candidate 4.5 vs deployed 4 (worse by 0.5")
+    assert bad.compared["frac_true_better"]["ok"]  # 0.01 worse: within its tolerance
+    assert gate({"nll_true": 9.0}, None, {"nll_true": 0.0}).promote  # nothing deployed yet
+    with pytest.raises(ValueError, match="unknown metrics"):
+        gate(deployed, deployed, {"fid": 1.0})
+    with pytest.raises(ValueError, match="missing from the candidate"):
+        gate({}, deployed, {"nll_true": 0.1})
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory):
+    from tessera.checkpoint import export_model
+    from tessera.registry import build
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tok") / "vq-tiny"
+    export_model(build("vq-tiny"), "vq", out)
+    return out
+
+
+def config(tmp_path, data, tok, steps):
+    return {"name": "tiny-ar", "workdir": str(tmp_path / "runs"), "deployed": str(tmp_path / "deployed"),
+            "data": {"prepared": str(data)},
+            "train": {"task": "ar", "preset": "ar-tiny", "max_steps": steps, "tokenizer": str(tok),
+                      "text_encoder": "tiny", "overrides": ["train.batch_size=8", "train.lr=0.003",
+                                                            "train.warmup_steps=2", "train.val_every=0"]},
+            "evaluate": {"prompts": ["a synthetic picture number 1", "a red apple"]},
+            "gate": {"tolerances": {"nll_true": 0.05, "frac_true_better": 0.5}}}
+
+
+def test_pipeline_promotes_then_rejects_a_degraded_candidate(tiny_dataset, tiny_tokenizer, tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(config(tmp_path, tiny_dataset, tiny_tokenizer, 40)))
+    r = CliRunner().invoke(main, ["pipeline", "run", str(good), "--run-id", "first"])
+    assert r.exit_code == 0, r.output
+    first = json.loads((tmp_path / "runs" / "first" / "report.json").read_text())
+    assert first["promoted"] and first["metrics"]["deployed"] is None
+    assert (tmp_path / "runs" / "first" / "samples.png").is_file()
+    weights = tmp_path / "deployed" / "model.safetensors"
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+
+    degraded = tmp_path / "degraded.json"
+    degraded.write_text(json.dumps(config(tmp_path, tiny_dataset, tiny_tokenizer, 1)))  # one step: barely trained
+    r = CliRunner().invoke(main, ["pipeline", "run", str(degraded), "--run-id", "second"])
+    assert r.exit_code == 3, r.output
+    report = json.loads((tmp_path / "runs" / "second" / "report.json").read_text())
+    assert not report["promoted"] and report["decision"]["compared"]["nll_true"]["ok"] is False
+    assert report["metrics"]["candidate"]["nll_true"] > report["metrics"]["deployed"]["nll_true"] + 0.05
+    md = (tmp_path / "runs" / "second" / "report.md").read_text()
+    assert md.startswith("# Pipeline run tiny-ar: REJECTED") and "- nll_true: candidate" in md and "worse by" in md
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == sha  # the deployed model did not change
+    r = CliRunner().invoke(main, ["pipeline", "run", str(degraded), "--run-id", "second"])
+    assert r.exit_code != 0 and "own folder" in r.output
