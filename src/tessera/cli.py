@@ -56,6 +56,26 @@ def data_prepare(sources, out, size, image_format, val_fraction, workers, min_si
                                                   "images_per_second")}, indent=2))
 
 
+@data.command("from-serving")
+@click.option("--serve-dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="the --data-dir of `tessera serve`")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="source folder for `data prepare`")
+@click.option("--min-rating", type=float, default=None, help="leave out images rated below this (mean of 1-5)")
+@click.option("--rated-only", is_flag=True, help="leave out images nobody rated")
+@click.option("--nsfw-threshold", type=float, default=0.8, show_default=True, help="open_nsfw score that leaves an image out")
+def data_from_serving(serve_dir, out, min_rating, rated_only, nsfw_threshold) -> None:
+    """The data flywheel: served images + their prompts (+ ratings) -> a folder `data prepare` takes."""
+    from tessera.data.flywheel import export_from_serving
+    from tessera.safety.image import ImageSafety
+
+    try:
+        report = export_from_serving(serve_dir, out, min_rating, not rated_only,
+                                     image_safety=ImageSafety(nsfw_threshold))
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    click.echo(json.dumps(report, indent=2))
+
+
 # ---- training -----------------------------------------------------------------------------------------
 @main.group()
 def train() -> None:
