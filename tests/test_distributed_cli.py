@@ -116,3 +116,25 @@ def test_checkpoint_of_two_processes_resumes_in_one(token_data, single, tmp_path
     one, mixed = losses(single), losses(run)
     assert all(abs(one[s] - mixed[s]) < 1e-4 * max(1.0, one[s]) for s in range(1, STEPS + 1)), (one, mixed)
     assert max_diff(weights(single), weights(run)) < 1e-4
+
+
+@pytest.mark.parametrize("task,strategy", [("masked", "fsdp"), ("diffusion", "fsdp"), ("sr", "ddp"),
+                                           ("tokenizer", "ddp")])
+def test_every_trainer_runs_under_torchrun(token_data, tmp_path, task, strategy):
+    """masked / diffusion / SR / the GAN tokenizer (two optimizers, discriminator on from step 0) on 2 ranks."""
+    data, tok = token_data
+    common = ["--data", str(data), "--out", str(tmp_path / "run"), "--max-steps", "2", "--set", "train.batch_size=2",
+              "--set", "train.val_every=0", "--set", "train.log_every=1", "--set", f"train.strategy=\"{strategy}\""]
+    extra = {"masked": ["--preset", "masked-tiny", "--tokenizer", str(tok), "--text-encoder", "tiny"],
+             "diffusion": ["--preset", "unet-tiny", "--tokenizer", str(tok), "--text-encoder", "tiny"],
+             "sr": ["--preset", "sr-tiny", "--tokenizer", "", "--set", "task.crop=16"],
+             "tokenizer": ["--preset", "vq-tiny", "--set", "task.crop=32", "--set", "task.val_images=2",
+                           "--set", "task.loss.perceptual_backbone=\"none\"", "--set", "task.loss.disc_start=0"]}[task]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={free_port()}", "-m", "tessera.cli", "train", task, *common, *extra],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2] and all(row["loss"] == row["loss"] for row in log)
+    if task == "tokenizer":
+        assert all(row["grad_norm_disc"] > 0 for row in log)  # the discriminator trained too

@@ -3,7 +3,7 @@
     strategy "ddp"   torch DDP (its composable form, `replicate`, so the task keeps calling its modules):
                      parameters broadcast from rank 0, gradients all-reduced in buckets during backward
     strategy "fsdp"  FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded across
-                     ranks; each block of a ModuleList is its own unit, then the root
+                     ranks; each block of every ModuleList is its own unit (inner ones first), then the root
 
 gloo on CPU, nccl where there are GPUs. Checkpoints hold FULL (unsharded) model and optimizer state in
 the single-process format, so a run saved at any world size resumes at any other.
@@ -57,11 +57,10 @@ def wrap(module: nn.Module, strategy: str) -> None:
         return
     from torch.distributed.fsdp import fully_shard
 
-    for sub in module.modules():
-        if isinstance(sub, nn.ModuleList):
-            for block in sub:
-                if has_params(block):
-                    fully_shard(block)
+    blocks = [(f"{name}.{i}", block) for name, sub in module.named_modules() if isinstance(sub, nn.ModuleList)
+              for i, block in enumerate(sub) if has_params(block)]
+    for _, block in sorted(blocks, key=lambda nb: -nb[0].count(".")):  # inner units before the ones holding them
+        fully_shard(block)
     fully_shard(module)
 
 
