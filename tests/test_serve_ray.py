@@ -67,4 +67,7 @@ def test_backpressure_rejects_beyond_the_deployment_queue(handles):
             outcomes.append("ok")
         except BackPressureError:
             outcomes.append("rejected")
-    assert outcomes.count("ok") >= 2 and outcomes.count("rejected") >= 1, outcomes
+    # 1 running + 1 queued fit (the router may count a call in flight as queued: at least one ok); the rest are
+    # rejected at once instead of waiting, and the deployment goes on serving afterwards
+    assert outcomes.count("ok") >= 1 and outcomes.count("rejected") >= 3, outcomes
+    assert handles["superres"].upscale.remote(body, 256).result(timeout_s=120)

@@ -80,3 +80,18 @@ def test_tokenizer_trains_on_a_stream_under_torchrun(tiny_dataset, shards, tmp_p
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     # epoch of 8 = 2 steps x 2 ranks x batch 2: step 3 runs in the second epoch on both ranks
     assert [row["step"] for row in log] == [1, 2, 3] and all(row["loss"] > 0 for row in log)
+
+
+def test_sr_trains_on_a_stream_and_refuses_the_tokenizer_degradation(tiny_dataset, shards, tmp_path):
+    from click.testing import CliRunner
+
+    from tessera.cli import main
+
+    args = ["train", "sr", "--data", str(tiny_dataset), "--out", str(tmp_path / "sr"), "--preset", "sr-tiny",
+            "--max-steps", "2", "--set", "task.crop=16", "--set", "train.batch_size=4", "--set", "train.val_every=0",
+            "--set", f"task.stream=\"{shards}\"", "--set", "task.stream_epoch=8"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code != 0 and "bicubic only" in r.output  # the default --tokenizer vq-f8 is refused
+    r = CliRunner().invoke(main, [*args, "--tokenizer", ""])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "sr" / "log.jsonl").read_text().splitlines()[-1])["step"] == 2

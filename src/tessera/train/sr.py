@@ -25,10 +25,16 @@ class SRTaskConfig(Config):
     tokenizer_fraction: float = 0.5
     val_images: int = 20
     border: int = 4                 # pixels ignored at the image border in validation PSNR / SSIM
+    stream: str = ""                # WebDataset shard URLs to stream instead of DATA's shards (data/stream.py);
+    stream_epoch: int = 0           #   bicubic degradation only (tokenizer_fraction must be 0); 0: DATA's train size
+    stream_resampled: bool = True
 
     def __post_init__(self):
         if not 0 <= self.tokenizer_fraction <= 1:
             raise ValueError(f"tokenizer_fraction={self.tokenizer_fraction} must be in [0, 1]")
+        if self.stream and self.tokenizer and self.tokenizer_fraction > 0:
+            raise ValueError("a streamed SR run degrades by bicubic only: set task.tokenizer=\"\" or "
+                             "task.tokenizer_fraction=0")
 
 
 def degraded_pairs(images: ShardImages, scale: int, tokenizer: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -70,12 +76,38 @@ class PairCrops(torch.utils.data.Dataset):
         return lr.float() / 255, hr.float() / 255
 
 
+class StreamPairs(torch.utils.data.IterableDataset):
+    """(lr, hr) in [0, 1] from streamed high-resolution crops, degraded on the fly (bicubic)."""
+
+    def __init__(self, crops, scale: int):
+        self.crops, self.scale = crops, scale
+
+    def reseed(self, seed: int) -> None:
+        self.crops.reseed(seed)
+
+    def __iter__(self):
+        from tessera.data.dataset import to_pil
+
+        for x in self.crops:  # [3,c,c] in [-1, 1]
+            hr = to_pil(x)
+            yield to_uint8(bicubic_down(hr, self.scale)).float() / 255, to_uint8(hr).float() / 255
+
+
 class SRTask:
     def __init__(self, model: nn.Module, data_dir: str | Path, cfg: SRTaskConfig):
         self.model, self.cfg = model, cfg
         s = model.scale
-        hr, lr, tok = degraded_pairs(ShardImages(data_dir, "train"), s, cfg.tokenizer)
-        self.dataset = PairCrops(hr, lr, tok, s, cfg)
+        if cfg.crop % s:
+            raise ValueError(f"crop={cfg.crop} must be a multiple of the model's scale {s}")
+        if cfg.stream:
+            from tessera.data.stream import ImageStream
+
+            epoch = cfg.stream_epoch or len(ShardImages(data_dir, "train"))
+            crops = ImageStream(cfg.stream, epoch, cfg.crop, cfg.flip, resampled=cfg.stream_resampled)
+            self.dataset = StreamPairs(crops, s)
+        else:
+            hr, lr, tok = degraded_pairs(ShardImages(data_dir, "train"), s, cfg.tokenizer)
+            self.dataset = PairCrops(hr, lr, tok, s, cfg)
         val = ShardImages(data_dir, "val")
         if len(val) == 0:
             raise ValueError(f"{data_dir}: the val split is empty; prepare with a larger --val-fraction")
