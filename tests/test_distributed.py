@@ -22,6 +22,8 @@ tr = Trainer(task, cfg, out)
 tr.fit(progress=False, resume=False)
 if tr.rank == 0:
     save_file({k: v.contiguous() for k, v in tr.model.state_dict().items()}, out + "/final.safetensors")
+from tessera.train.distributed import shutdown
+shutdown()
 '''
 
 

@@ -69,3 +69,24 @@ def test_pipeline_promotes_then_rejects_a_degraded_candidate(tiny_dataset, tiny_
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == sha  # the deployed model did not change
     r = CliRunner().invoke(main, ["pipeline", "run", str(degraded), "--run-id", "second"])
     assert r.exit_code != 0 and "own folder" in r.output
+
+
+def test_pipeline_under_torchrun_trains_on_two_ranks_and_rank0_reports(tiny_dataset, tiny_tokenizer, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from test_serve import free_port
+
+    cfg = config(tmp_path, tiny_dataset, tiny_tokenizer, 6)
+    cfg["train"]["overrides"] = ["train.batch_size=4", "train.val_every=0", "train.strategy=\"fsdp\""]
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={free_port()}", "-m", "tessera.cli", "pipeline", "run", str(path),
+                        "--run-id", "dist"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "runs" / "dist" / "report.json").read_text())
+    assert report["promoted"] and (tmp_path / "deployed" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "runs" / "dist" / "train" / "run.json").read_text())["train"]["strategy"] == "fsdp"

@@ -501,6 +501,8 @@ def pipeline_run(config_file, run_id) -> None:
         report = run_pipeline(cfg, run_id)
     except (ValueError, KeyError, FileNotFoundError) as e:
         _fail(str(e))
+    if "promoted" not in report:  # a rank > 0 under torchrun: rank 0 reports
+        return
     click.echo(json.dumps({k: report[k] for k in ("run", "promoted", "metrics")}, indent=2))
     click.echo("\n".join(report["decision"]["reasons"]))
     if not report["promoted"]:

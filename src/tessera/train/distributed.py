@@ -30,6 +30,15 @@ def init_distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def shutdown() -> None:
+    """After a run: every rank reaches here, then the process group (and gloo's threads) goes away before
+    the interpreter exits (left alive, a rank may abort at exit: 'terminate called without an active
+    exception')."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank0_first(fn, *args, **kwargs):
     """Run `fn` on rank 0 first, then on the other ranks (which find its caches complete): for the
     cache-building steps before training, which must not write the same files from two processes."""

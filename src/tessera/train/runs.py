@@ -13,6 +13,7 @@ import torch
 
 from tessera.checkpoint import export_model, load_training_state
 from tessera.registry import model_class, preset_config
+from tessera.train.distributed import shutdown
 from tessera.train.trainer import TrainConfig, Trainer
 
 # default trainer settings per model kind (CLI --set overrides them)
@@ -121,7 +122,9 @@ def run_training(task_name: str, data_dir: str, run_dir: str, preset: str, max_s
     if trainer.rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         spec_path.write_text(json.dumps(spec, indent=2) + "\n")
-    return trainer.fit(max_steps=max_steps, resume=resume)
+    logs = trainer.fit(max_steps=max_steps, resume=resume)
+    shutdown()
+    return logs
 
 
 def export_run(run_dir: str, out: str, dtype: str = "float32") -> Path:

@@ -90,24 +90,25 @@ def data_step(cfg: DataStep) -> str:
     return cfg.out
 
 
-def train_step(cfg: TrainStep, data_dir: str, run: Path) -> Path:
-    """Train (caches first, as the CLI does), export the EMA weights -> the candidate model folder."""
+def train_step(cfg: TrainStep, data_dir: str, run: Path) -> None:
+    """Train (caches first, rank 0 before the others, as the CLI does); under torchrun every rank calls it."""
     from tessera.train import runs
+    from tessera.train.distributed import rank0_first
 
     model_updates, task_updates = {}, {}
     if cfg.task in ("ar", "masked"):
-        model_updates, task_updates = runs.prepare_token_inputs(data_dir, cfg.tokenizer, cfg.text_encoder)
+        model_updates, task_updates = rank0_first(runs.prepare_token_inputs, data_dir, cfg.tokenizer, cfg.text_encoder)
     elif cfg.task == "diffusion":
-        model_updates, task_updates = runs.prepare_diffusion_inputs(data_dir, cfg.tokenizer, cfg.text_encoder, "latent")
+        model_updates, task_updates = rank0_first(runs.prepare_diffusion_inputs, data_dir, cfg.tokenizer,
+                                                  cfg.text_encoder, "latent")
     elif cfg.task == "contrastive":
-        model_updates, task_updates = runs.prepare_contrastive_inputs(data_dir, cfg.text_encoder)
+        model_updates, task_updates = rank0_first(runs.prepare_contrastive_inputs, data_dir, cfg.text_encoder)
     elif cfg.task == "sr":
         task_updates = {"tokenizer": cfg.tokenizer}
     defaults = {"tokenizer": "vq-f8", "ar": "ar-s", "masked": "masked-s", "diffusion": "unet-s",
                 "sr": "sr-compact-x4", "contrastive": "clip-xs"}
     runs.run_training(cfg.task, data_dir, str(run / "train"), cfg.preset or defaults[cfg.task], cfg.max_steps,
                       False, list(cfg.overrides), model_updates, task_updates)
-    return runs.export_run(str(run / "train"), str(run / "candidate"))
 
 
 def evaluate(model_dir: str | Path, data_dir: str, cfg: EvalStep) -> dict[str, float]:
@@ -157,13 +158,28 @@ def promote(candidate: Path, deployed: Path) -> None:
 
 
 def run_pipeline(cfg: PipelineConfig, run_id: str | None = None) -> dict:
+    """The whole pipeline; under torchrun the data and train steps run on every rank and rank 0 alone
+    exports, evaluates, gates and promotes (the other ranks return {"rank": r} after training)."""
+    from tessera.train import runs
+    from tessera.train.distributed import init_distributed, rank0_first
+
+    rank, world = init_distributed()
     run = Path(cfg.workdir) / (run_id or time.strftime("%Y%m%d-%H%M%S"))
-    if run.exists():
+    if run_id is None and world > 1:
+        raise ValueError("under torchrun, give --run-id (the ranks must agree on the run folder)")
+    exists = run.exists()
+    if world > 1:  # every rank looks before rank 0 creates it
+        import torch.distributed as dist
+        dist.barrier()
+    if exists:
         raise ValueError(f"{run} exists: every pipeline run gets its own folder")
-    run.mkdir(parents=True)
+    rank0_first(lambda: run.mkdir(parents=True, exist_ok=rank != 0))
     t0 = time.time()
-    data_dir = data_step(cfg.data)
-    candidate = train_step(cfg.train, data_dir, run)
+    data_dir = rank0_first(data_step, cfg.data)
+    train_step(cfg.train, data_dir, run)
+    if rank != 0:
+        return {"rank": rank, "run": str(run)}
+    candidate = runs.export_run(str(run / "train"), str(run / "candidate"))
     deployed = Path(cfg.deployed)
     metrics = {"candidate": evaluate(candidate, data_dir, cfg.evaluate),
                "deployed": evaluate(deployed, data_dir, cfg.evaluate) if deployed.exists() else None}
