@@ -212,3 +212,19 @@ def test_serve_refuses_a_public_address_without_api_keys(monkeypatch):
     monkeypatch.delenv("TESSERA_API_KEYS", raising=False)
     r = CliRunner().invoke(main, ["serve", "--host", "0.0.0.0"])
     assert r.exit_code != 0 and "requires API keys" in r.output
+
+
+def test_models_that_fail_to_load_are_reported_not_hung_on(tmp_path):
+    def broken():
+        raise FileNotFoundError("models/unet-xs: model.safetensors is missing")
+
+    app = create_app(ServeConfig(data_dir=str(tmp_path / "serve")), broken)
+    with TestClient(app) as c:
+        end = time.time() + 30
+        while app.state.worker.alive() and time.time() < end:
+            time.sleep(0.05)
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and "model.safetensors is missing" in ready.json()["error"]["message"]
+        assert c.get("/healthz").status_code == 503
+        r = c.post("/v1/images/generations", json={"prompt": "a cat", **FAST})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"

@@ -46,6 +46,7 @@ from tessera.serve.worker import Worker
 log = logging.getLogger("tessera.serve")
 ID = r"^[0-9a-f]{32}$"
 MEDIA = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+WAIT_GRACE_S = 30.0
 PUBLIC = ("/", "/favicon.ico")  # the page itself holds no data; it sends the key with every API call
 
 
@@ -109,6 +110,8 @@ def create_app(config: ServeConfig | None = None,
 
     @app.get("/healthz")
     def healthz():
+        if not worker.alive():
+            return error(503, f"the job worker is not running ({worker.warm_error or 'stopped'})", "worker_down")
         return {"status": "ok"}
 
     @app.get("/readyz", responses={503: {"description": "models are loading"}})
@@ -120,6 +123,8 @@ def create_app(config: ServeConfig | None = None,
     @app.post("/v1/images/generations", response_model=ImagesResponse,
               responses={202: {"model": Job}, 400: {}, 401: {}, 413: {}, 429: {}, 502: {}, 504: {}})
     async def generations(body: ImageGenerationRequest, request: Request):
+        if worker.warm_error:
+            return error(503, f"the models failed to load: {worker.warm_error}", "not_ready")
         try:
             body.to_pipeline().validate()
         except ValueError as e:
@@ -135,7 +140,10 @@ def create_app(config: ServeConfig | None = None,
         if "respond-async" in request.headers.get("prefer", ""):
             return JSONResponse(_job(store.job(job_id), worker, request).model_dump(), status_code=202,
                                 headers={"Location": f"/v1/jobs/{job_id}", "Preference-Applied": "respond-async"})
-        row = await _wait(store, job_id)
+        row = await _wait(store, job_id, deadline + WAIT_GRACE_S)
+        if row["status"] not in TERMINAL:  # the worker never finished it: say so instead of hanging
+            return error(504, f"job {job_id} did not finish by its deadline; see /v1/jobs/{job_id}",
+                         "deadline_exceeded", job_id=job_id)
         if row["status"] == "succeeded":
             completer.add(body.prompt)
             return _render(row, request)
@@ -210,10 +218,12 @@ def _row_or_404(store: Store, job_id: str):
     return row
 
 
-async def _wait(store: Store, job_id: str):
+async def _wait(store: Store, job_id: str, until: float):
+    """The job once finished, or as it is at `until` (its deadline plus a grace: the worker enforces
+    deadlines between sampling steps, so a live worker has finished it by then)."""
     while True:
         row = store.job(job_id)
-        if row["status"] in TERMINAL:
+        if row["status"] in TERMINAL or time.time() > until:
             return row
         await asyncio.sleep(0.05)
 

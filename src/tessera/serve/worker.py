@@ -60,6 +60,9 @@ class Worker:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def notify(self) -> None:
         self._wake.set()
 
