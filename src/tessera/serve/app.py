@@ -31,7 +31,7 @@ import time
 from importlib import resources
 from typing import Callable
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -97,30 +97,46 @@ def create_app(config: ServeConfig | None = None,
 
     app = FastAPI(title="Tessera images API", version="1", lifespan=lifespan,
                   description="OpenAI-compatible image generation with async jobs and live progress.")
-    app.state.store, app.state.worker, app.state.config = store, worker, config
+    app.state.store, app.state.worker, app.state.config, app.state.completer = store, worker, config, completer
     _install_guards(app, config)
     _install_errors(app)
-
-    def retry_after(queued: int) -> int:
-        return max(1, math.ceil(queued * worker.seconds_per_job() / max(1, config.max_batch // 2)))
+    page_html = resources.files("tessera.serve").joinpath("static/index.html").read_text()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page():
-        return resources.files("tessera.serve").joinpath("static/index.html").read_text()
+        return page_html
 
-    @app.get("/healthz")
+    for routes in (_health_routes(store, worker), _generation_routes(config, store, worker, completer),
+                   _job_routes(store, worker, completer), _data_routes(config, store, worker, completer)):
+        app.include_router(routes)
+    return app
+
+
+def _health_routes(store: Store, worker: Worker) -> APIRouter:
+    r = APIRouter()
+
+    @r.get("/healthz")
     def healthz():
         if not worker.alive():
             return error(503, f"the job worker is not running ({worker.warm_error or 'stopped'})", "worker_down")
         return {"status": "ok"}
 
-    @app.get("/readyz", responses={503: {"description": "models are loading"}})
+    @r.get("/readyz", responses={503: {"description": "models are loading"}})
     def readyz():
         if not worker.ready:
             return error(503, worker.warm_error or "models are loading", "not_ready")
         return {"status": "ready", "models": worker.pipeline.models, "queued": store.queued()}
 
-    @app.post("/v1/images/generations", response_model=ImagesResponse,
+    return r
+
+
+def _generation_routes(config: ServeConfig, store: Store, worker: Worker, completer: Completer) -> APIRouter:
+    r = APIRouter()
+
+    def retry_after(queued: int) -> int:
+        return max(1, math.ceil(queued * worker.seconds_per_job() / max(1, config.max_batch // 2)))
+
+    @r.post("/v1/images/generations", response_model=ImagesResponse,
               responses={202: {"model": Job}, 400: {}, 401: {}, 413: {}, 429: {}, 502: {}, 504: {}})
     async def generations(body: ImageGenerationRequest, request: Request):
         if worker.warm_error:
@@ -149,7 +165,13 @@ def create_app(config: ServeConfig | None = None,
             return _render(row, request)
         return _failure(row)
 
-    @app.get("/v1/jobs/{job_id}", response_model=Job, responses={404: {}})
+    return r
+
+
+def _job_routes(store: Store, worker: Worker, completer: Completer) -> APIRouter:
+    r = APIRouter()
+
+    @r.get("/v1/jobs/{job_id}", response_model=Job, responses={404: {}})
     async def job(request: Request, job_id: str = _id_param()):
         row = _row_or_404(store, job_id)
         if "text/event-stream" in request.headers.get("accept", ""):
@@ -159,20 +181,27 @@ def create_app(config: ServeConfig | None = None,
             completer.add(json.loads(row["request"])["prompt"])
         return _job(row, worker, request)
 
-    @app.get("/v1/jobs/{job_id}/events", responses={200: {"content": {"text/event-stream": {}}}, 404: {}})
+    @r.get("/v1/jobs/{job_id}/events", responses={200: {"content": {"text/event-stream": {}}}, 404: {}})
     async def job_events(request: Request, job_id: str = _id_param()):
         _row_or_404(store, job_id)
         return StreamingResponse(_events(store, worker, job_id, request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store"})
 
-    @app.post("/v1/jobs/{job_id}/cancel", response_model=Job, responses={404: {}, 409: {}})
+    @r.post("/v1/jobs/{job_id}/cancel", response_model=Job, responses={404: {}, 409: {}})
     def cancel(request: Request, job_id: str = _id_param()):
         _row_or_404(store, job_id)
         if not worker.cancel(job_id):
             return error(409, f"job {job_id} has already finished", "job_finished")
         return _job(store.job(job_id), worker, request)
 
-    @app.get("/v1/images/{image_id}", response_class=FileResponse,
+    return r
+
+
+def _data_routes(config: ServeConfig, store: Store, worker: Worker, completer: Completer) -> APIRouter:
+    """Images by id, auto-complete, feedback, metrics."""
+    r = APIRouter()
+
+    @r.get("/v1/images/{image_id}", response_class=FileResponse,
              responses={200: {"content": {m: {} for m in MEDIA.values()}}, 404: {}})
     def image(image_id: str = _id_param()):
         row = store.image(image_id)
@@ -180,23 +209,23 @@ def create_app(config: ServeConfig | None = None,
             raise HTTPException(404, f"image {image_id} not found")
         return FileResponse(store.images_dir / row["file"], media_type=MEDIA[row["format"]])
 
-    @app.get("/v1/prompts/complete", response_model=Completions)
+    @r.get("/v1/prompts/complete", response_model=Completions)
     def complete(q: str = Query("", max_length=200), k: int = Query(8, ge=1, le=20)):
         return Completions(q=q, suggestions=completer.suggest(q, k))
 
-    @app.post("/v1/feedback", response_model=FeedbackResponse, responses={404: {}})
+    @r.post("/v1/feedback", response_model=FeedbackResponse, responses={404: {}})
     def feedback(body: FeedbackRequest, request: Request):
         if store.image(body.image_id) is None:
             raise HTTPException(404, f"image {body.image_id} not found")
         fid = store.add_feedback(body.image_id, body.rating, body.comment, getattr(request.state, "key_id", None))
         return FeedbackResponse(id=fid, image_id=body.image_id, rating=body.rating)
 
-    @app.get("/v1/metrics")
+    @r.get("/v1/metrics")
     def metrics():
         return {**store.metrics(), "worker": {"busy_s": round(worker.busy_s, 3), "jobs": worker.jobs_done,
                                               "max_batch": config.max_batch}}
 
-    return app
+    return r
 
 
 def default_pipeline(stage_urls: dict) -> TextToImage:
