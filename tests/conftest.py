@@ -1,5 +1,6 @@
 import io
 import os
+import socket
 
 import numpy as np
 import pytest
@@ -56,3 +57,21 @@ def tiny_dataset(tmp_path_factory):
                      progress=False)
     assert report["kept_by_split"].get("val", 0) >= 2, report
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """An exported, randomly initialised vq-tiny tokenizer (seed 0)."""
+    from tessera.checkpoint import export_model
+    from tessera.registry import build
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("model") / "vq-tiny"
+    export_model(build("vq-tiny"), "vq", out)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -9,15 +9,6 @@ from PIL import Image
 from conftest import photo_like
 from tessera.checkpoint import export_model
 from tessera.cli import main
-from tessera.registry import build
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("model") / "vq-tiny"
-    export_model(build("vq-tiny"), "vq", out)
-    return out
 
 
 def run(*args):

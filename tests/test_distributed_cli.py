@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from test_serve import free_port
+from conftest import free_port
 
 STEPS, BATCH = 4, 4
 # kills rank 1 right after step KILL_AT (the checkpoint of step 2 is on disk; step 3 is lost)
@@ -30,16 +30,11 @@ sys.exit(main())
 
 
 @pytest.fixture(scope="module")
-def token_data(tiny_dataset, tmp_path_factory):
-    from tessera.checkpoint import export_model
-    from tessera.registry import build
+def token_data(tiny_dataset, tiny_model):
     from tessera.train.runs import prepare_token_inputs
 
-    torch.manual_seed(0)
-    tok = tmp_path_factory.mktemp("model") / "vq-tiny"
-    export_model(build("vq-tiny"), "vq", tok)
-    prepare_token_inputs(str(tiny_dataset), str(tok), "tiny")  # caches once, before any torchrun
-    return tiny_dataset, tok
+    prepare_token_inputs(str(tiny_dataset), str(tiny_model), "tiny")  # caches once, before any torchrun
+    return tiny_dataset, tiny_model
 
 
 def train(token_data, out, nproc=1, strategy="ddp", steps=STEPS, resume=False, script=None, env=None):

@@ -4,7 +4,6 @@ import base64
 import contextlib
 import io
 import json
-import socket
 import threading
 import time
 
@@ -13,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from conftest import free_port
 from tessera.pipelines.text2image import TextToImage
 from tessera.serve.app import ServeConfig, create_app
 from tessera.serve.complete import Completer
@@ -47,12 +47,6 @@ def wait_done(c, job_id, timeout=120, headers=None):
 
 def decode_b64(item) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -11,7 +11,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from test_serve import FAST, decode_b64, free_port, wait_done
+from conftest import free_port
+from test_serve import FAST, decode_b64, wait_done
 from tessera.serve.app import ServeConfig, create_app
 
 

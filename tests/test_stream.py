@@ -12,7 +12,7 @@ import torch
 
 from conftest import photo_like
 from tessera.data.stream import ImageStream, shard_samples
-from test_serve import free_port
+from conftest import free_port
 
 
 @pytest.fixture(scope="module")

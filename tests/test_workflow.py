@@ -4,7 +4,6 @@ import hashlib
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from tessera.cli import main
@@ -25,17 +24,6 @@ def test_gate_compares_each_metric_in_its_direction():
         gate({}, deployed, {"nll_true": 0.1})
 
 
-@pytest.fixture(scope="module")
-def tiny_tokenizer(tmp_path_factory):
-    from tessera.checkpoint import export_model
-    from tessera.registry import build
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tok") / "vq-tiny"
-    export_model(build("vq-tiny"), "vq", out)
-    return out
-
-
 def config(tmp_path, data, tok, steps):
     return {"name": "tiny-ar", "workdir": str(tmp_path / "runs"), "deployed": str(tmp_path / "deployed"),
             "data": {"prepared": str(data)},
@@ -46,9 +34,9 @@ def config(tmp_path, data, tok, steps):
             "gate": {"tolerances": {"nll_true": 0.05, "frac_true_better": 0.5}}}
 
 
-def test_pipeline_promotes_then_rejects_a_degraded_candidate(tiny_dataset, tiny_tokenizer, tmp_path):
+def test_pipeline_promotes_then_rejects_a_degraded_candidate(tiny_dataset, tiny_model, tmp_path):
     good = tmp_path / "good.json"
-    good.write_text(json.dumps(config(tmp_path, tiny_dataset, tiny_tokenizer, 40)))
+    good.write_text(json.dumps(config(tmp_path, tiny_dataset, tiny_model, 40)))
     r = CliRunner().invoke(main, ["pipeline", "run", str(good), "--run-id", "first"])
     assert r.exit_code == 0, r.output
     first = json.loads((tmp_path / "runs" / "first" / "report.json").read_text())
@@ -58,7 +46,7 @@ def test_pipeline_promotes_then_rejects_a_degraded_candidate(tiny_dataset, tiny_
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
 
     degraded = tmp_path / "degraded.json"
-    degraded.write_text(json.dumps(config(tmp_path, tiny_dataset, tiny_tokenizer, 1)))  # one step: barely trained
+    degraded.write_text(json.dumps(config(tmp_path, tiny_dataset, tiny_model, 1)))  # one step: barely trained
     r = CliRunner().invoke(main, ["pipeline", "run", str(degraded), "--run-id", "second"])
     assert r.exit_code == 3, r.output
     report = json.loads((tmp_path / "runs" / "second" / "report.json").read_text())
@@ -71,14 +59,14 @@ def test_pipeline_promotes_then_rejects_a_degraded_candidate(tiny_dataset, tiny_
     assert r.exit_code != 0 and "own folder" in r.output
 
 
-def test_pipeline_under_torchrun_trains_on_two_ranks_and_rank0_reports(tiny_dataset, tiny_tokenizer, tmp_path):
+def test_pipeline_under_torchrun_trains_on_two_ranks_and_rank0_reports(tiny_dataset, tiny_model, tmp_path):
     import os
     import subprocess
     import sys
 
-    from test_serve import free_port
+    from conftest import free_port
 
-    cfg = config(tmp_path, tiny_dataset, tiny_tokenizer, 6)
+    cfg = config(tmp_path, tiny_dataset, tiny_model, 6)
     cfg["train"]["overrides"] = ["train.batch_size=4", "train.val_every=0", "train.strategy=\"fsdp\""]
     path = tmp_path / "c.json"
     path.write_text(json.dumps(cfg))

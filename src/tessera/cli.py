@@ -62,7 +62,8 @@ def data_prepare(sources, out, size, image_format, val_fraction, workers, min_si
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="source folder for `data prepare`")
 @click.option("--min-rating", type=float, default=None, help="leave out images rated below this (mean of 1-5)")
 @click.option("--rated-only", is_flag=True, help="leave out images nobody rated")
-@click.option("--nsfw-threshold", type=float, default=0.8, show_default=True, help="open_nsfw score that leaves an image out")
+@click.option("--nsfw-threshold", type=float, default=0.8, show_default=True,
+              help="open_nsfw score that leaves an image out")
 def data_from_serving(serve_dir, out, min_rating, rated_only, nsfw_threshold) -> None:
     """The data flywheel: served images + their prompts (+ ratings) -> a folder `data prepare` takes."""
     from tessera.data.flywheel import export_from_serving
@@ -100,7 +101,7 @@ def train_tokenizer(data_dir, run_dir, preset, max_steps, resume, overrides) -> 
     from tessera.train.runs import run_training
 
     try:
-        logs = run_training("tokenizer", data_dir, run_dir, preset or "vq-f8", max_steps, resume, list(overrides))
+        logs = run_training("tokenizer", data_dir, run_dir, preset, max_steps, resume, list(overrides))
     except (ValueError, KeyError, FileNotFoundError) as e:
         _fail(str(e))
     click.echo(json.dumps(logs))
@@ -112,7 +113,7 @@ def train_tokenizer(data_dir, run_dir, preset, max_steps, resume, overrides) -> 
 @click.option("--text-encoder", default="minilm", show_default=True, help="prompt encoder ('none': unconditional)")
 def train_ar(data_dir, run_dir, preset, max_steps, resume, overrides, tokenizer, text_encoder) -> None:
     """Train the autoregressive generator on cached token grids (+ cached caption embeddings)."""
-    _train_token_generator("ar", data_dir, run_dir, preset or "ar-s", max_steps, resume, overrides, tokenizer,
+    _train_token_generator("ar", data_dir, run_dir, preset, max_steps, resume, overrides, tokenizer,
                            text_encoder)
 
 
@@ -122,17 +123,15 @@ def train_ar(data_dir, run_dir, preset, max_steps, resume, overrides, tokenizer,
 @click.option("--text-encoder", default="minilm", show_default=True, help="prompt encoder ('none': unconditional)")
 def train_masked(data_dir, run_dir, preset, max_steps, resume, overrides, tokenizer, text_encoder) -> None:
     """Train the masked generator (Muse / MaskGIT) on cached token grids (+ cached caption embeddings)."""
-    _train_token_generator("masked", data_dir, run_dir, preset or "masked-s", max_steps, resume, overrides,
+    _train_token_generator("masked", data_dir, run_dir, preset, max_steps, resume, overrides,
                            tokenizer, text_encoder)
 
 
 def _train_token_generator(task, data_dir, run_dir, preset, max_steps, resume, overrides, tokenizer, text_encoder):
-    from tessera.train.distributed import rank0_first
-    from tessera.train.runs import prepare_token_inputs, run_training
+    from tessera.train.runs import prepare_inputs, run_training
 
     try:
-        model_updates, task_updates = ({}, {}) if resume else rank0_first(prepare_token_inputs, data_dir, tokenizer,
-                                                                           text_encoder)
+        model_updates, task_updates = ({}, {}) if resume else prepare_inputs(task, data_dir, tokenizer, text_encoder)
         logs = run_training(task, data_dir, run_dir, preset, max_steps, resume, list(overrides),
                             model_updates, task_updates)
     except (ValueError, KeyError, FileNotFoundError) as e:
@@ -150,12 +149,11 @@ def _train_token_generator(task, data_dir, run_dir, preset, max_steps, resume, o
 def train_diffusion(data_dir, run_dir, preset, max_steps, resume, overrides, arch, tokenizer, space,
                     text_encoder) -> None:
     """Train a diffusion denoiser (DDPM objective) on cached latents (+ cached caption embeddings)."""
-    from tessera.train.distributed import rank0_first
-    from tessera.train.runs import prepare_diffusion_inputs, run_training
+    from tessera.train.runs import prepare_inputs, run_training
 
     try:
-        model_updates, task_updates = ({}, {}) if resume else rank0_first(
-            prepare_diffusion_inputs, data_dir, tokenizer, text_encoder, space)
+        model_updates, task_updates = ({}, {}) if resume else prepare_inputs("diffusion", data_dir, tokenizer,
+                                                                              text_encoder, space)
         logs = run_training("diffusion", data_dir, run_dir, preset or f"{arch}-s", max_steps, resume,
                             list(overrides), model_updates, task_updates)
     except (ValueError, KeyError, FileNotFoundError) as e:
@@ -169,11 +167,12 @@ def train_diffusion(data_dir, run_dir, preset, max_steps, resume, overrides, arc
               help="tokenizer whose round trip degrades half of the low-resolution inputs ('' = bicubic only)")
 def train_sr(data_dir, run_dir, preset, max_steps, resume, overrides, tokenizer) -> None:
     """Train a super-resolution model (L1) on crops of a prepared high-resolution folder."""
-    from tessera.train.runs import run_training
+    from tessera.train.runs import prepare_inputs, run_training
 
     try:
-        logs = run_training("sr", data_dir, run_dir, preset or "sr-compact-x4", max_steps, resume, list(overrides),
-                            task_updates={"tokenizer": tokenizer})
+        model_updates, task_updates = prepare_inputs("sr", data_dir, tokenizer)
+        logs = run_training("sr", data_dir, run_dir, preset, max_steps, resume, list(overrides),
+                            model_updates, task_updates)
     except (ValueError, KeyError, FileNotFoundError) as e:
         _fail(str(e))
     click.echo(json.dumps(logs))
@@ -184,12 +183,11 @@ def train_sr(data_dir, run_dir, preset, max_steps, resume, overrides, tokenizer)
 @click.option("--text-encoder", default="minilm", show_default=True, help="the frozen prompt encoder")
 def train_contrastive(data_dir, run_dir, preset, max_steps, resume, overrides, text_encoder) -> None:
     """Train the contrastive image-text model (offline CLIPScore) on a captioned prepared folder."""
-    from tessera.train.distributed import rank0_first
-    from tessera.train.runs import prepare_contrastive_inputs, run_training
+    from tessera.train.runs import prepare_inputs, run_training
 
     try:
-        model_updates, task_updates = rank0_first(prepare_contrastive_inputs, data_dir, text_encoder)
-        logs = run_training("contrastive", data_dir, run_dir, preset or "clip-xs", max_steps, resume,
+        model_updates, task_updates = prepare_inputs("contrastive", data_dir, text_encoder=text_encoder)
+        logs = run_training("contrastive", data_dir, run_dir, preset, max_steps, resume,
                             list(overrides), model_updates, task_updates)
     except (ValueError, KeyError, FileNotFoundError) as e:
         _fail(str(e))

@@ -23,6 +23,18 @@ def to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(a, "RGB")
 
 
+def random_crop_flip(x: torch.Tensor, crop: int, flip: bool, g: torch.Generator) -> torch.Tensor:
+    """A random `crop` x `crop` window (0: the whole image) and a coin-flip mirror, drawn from `g`."""
+    if crop:
+        _, h, w = x.shape
+        top = int(torch.randint(0, h - crop + 1, (1,), generator=g))
+        left = int(torch.randint(0, w - crop + 1, (1,), generator=g))
+        x = x[:, top:top + crop, left:left + crop]
+    if flip and bool(torch.rand((), generator=g) < 0.5):
+        x = x.flip(-1)
+    return x
+
+
 class ShardImages(torch.utils.data.Dataset):
     """Kept images of one split of a prepared folder, in catalog key order. Items: (image, caption, key)."""
 

@@ -20,6 +20,8 @@ import json
 
 import torch
 
+from tessera.data.dataset import random_crop_flip
+
 
 def shard_samples(urls: str | list[str], seed: int = 0, split: str | None = "train", resampled: bool = True):
     """The webdataset pipeline: (image [3,H,W] in [-1,1], caption, key) from the shards, one split."""
@@ -73,19 +75,7 @@ class ImageStream(torch.utils.data.IterableDataset):
         for x, _, _ in samples:
             if self.resampled and n == per_stream:
                 return
-            x = self._augment(x, g)
-            if x is not None:
-                n += 1
-                yield x
-
-    def _augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor | None:
-        if self.crop:
-            _, h, w = x.shape
-            if h < self.crop or w < self.crop:
-                return None
-            top = int(torch.randint(0, h - self.crop + 1, (1,), generator=g))
-            left = int(torch.randint(0, w - self.crop + 1, (1,), generator=g))
-            x = x[:, top:top + self.crop, left:left + self.crop]
-        if self.flip and bool(torch.rand((), generator=g) < 0.5):
-            x = x.flip(-1)
-        return x
+            if self.crop and min(x.shape[1:]) < self.crop:
+                continue  # smaller than the crop: skipped
+            n += 1
+            yield random_crop_flip(x, self.crop, self.flip, g)

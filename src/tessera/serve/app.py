@@ -279,7 +279,8 @@ def _failure(row) -> JSONResponse:
     err = json.loads(row["error"]) if row["error"] else {}
     if row["status"] == "cancelled":
         return error(409, f"job {row['id']} was cancelled", "cancelled")
-    status = {"content_policy_violation": 400, "invalid_request": 400, "deadline_exceeded": 504}.get(err.get("code"), 502)
+    codes = {"content_policy_violation": 400, "invalid_request": 400, "deadline_exceeded": 504}
+    status = codes.get(err.get("code"), 502)
     extra = {"category": err["category"]} if "category" in err else {}
     return error(status, err.get("message", "failed"), err.get("code"), err.get("param"), job_id=row["id"], **extra)
 

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tessera.pipelines.text2image import LocalStages, TextToImage
 from tessera.serve.remote import StageError, consume_generation
-from tessera.serve.services import GenerateRequest, _generate_stream
+from tessera.serve.services import GenerateRequest, generate_stream
 from tessera.serve.wire import images_to_tensor, pack, tensor_to_images, unpack
 
 APPS = {"generation": "tessera-generation", "decoding": "tessera-decoding", "superres": "tessera-superres"}
@@ -29,8 +29,8 @@ class GenerationReplica:
 
     def generate(self, paradigm: str, prompts: list[str], settings: dict):
         """A generator: the same NDJSON lines as the HTTP generation service (progress, then the result)."""
-        yield from _generate_stream(self.stages, self.torch_thread, GenerateRequest(paradigm=paradigm, prompts=prompts,
-                                                                            settings=settings))
+        req = GenerateRequest(paradigm=paradigm, prompts=prompts, settings=settings)
+        yield from generate_stream(self.stages, self.torch_thread, req)
 
 
 class DecodingReplica:

@@ -62,7 +62,8 @@ class RemoteStages:
             return self.local.upscale(images, size)
         if not images or not size or all(im.size == (size, size) for im in images):
             return images
-        r = self._post("superres", "/v1/upscale", params={"size": size}, content=pack({"images": images_to_tensor(images)}))
+        body = pack({"images": images_to_tensor(images)})
+        r = self._post("superres", "/v1/upscale", params={"size": size}, content=body)
         return tensor_to_images(unpack(r.content)[0]["images"])
 
     def ready(self) -> dict[str, bool]:
@@ -85,7 +86,7 @@ class RemoteStages:
 
 
 def consume_generation(lines, callback, where: str):
-    """Read the generation stream (services._generate_stream): progress to `callback`, then the result."""
+    """Read the generation stream (services.generate_stream): progress to `callback`, then the result."""
     for line in lines:
         item = json.loads(line)
         if "step" in item:

@@ -46,11 +46,12 @@ class Health(BaseModel):
 async def _body(request: Request) -> bytes:
     n = request.headers.get("content-length")
     if n is None or not n.isdigit() or int(n) > MAX_BODY:
-        raise HTTPException(413 if n and n.isdigit() else 411, f"body: a Content-Length up to {MAX_BODY} bytes is required")
+        raise HTTPException(413 if n and n.isdigit() else 411,
+                            f"body: a Content-Length up to {MAX_BODY} bytes is required")
     return await request.body()
 
 
-def _generate_stream(stages: LocalStages, torch_thread: ThreadPoolExecutor, req: GenerateRequest):
+def generate_stream(stages: LocalStages, torch_thread: ThreadPoolExecutor, req: GenerateRequest):
     """Run generation on the torch thread; yield its progress and then its result as NDJSON lines."""
     q: queue.Queue = queue.Queue()
 
@@ -108,7 +109,7 @@ def create_stage_app(stage: str, stages: LocalStages | None = None, preload: tup
     if stage == "generation":
         @app.post("/v1/generate")
         def generate(req: GenerateRequest):
-            return StreamingResponse(_generate_stream(stages, torch_thread, req), media_type="application/x-ndjson")
+            return StreamingResponse(generate_stream(stages, torch_thread, req), media_type="application/x-ndjson")
 
     if stage == "decoding":
         @app.post("/v1/decode")

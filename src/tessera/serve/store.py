@@ -97,11 +97,14 @@ class Store:
     # -- jobs -----------------------------------------------------------------------------------------------
     def recover(self) -> dict[str, int]:
         """After a restart: jobs left running are queued again, or failed after max_attempts."""
+        gave_up = json.dumps({"code": "server_restarted",
+                              "message": f"the server stopped during this job {self.max_attempts} times; "
+                                         "not retried again"})
+
         def fix(db):
             failed = db.execute(
                 "UPDATE jobs SET status='failed', finished=?, error=? WHERE status='running' AND attempts>=?",
-                (time.time(), json.dumps({"code": "server_restarted", "message": "the server stopped during this job "
-                                          f"{self.max_attempts} times; not retried again"}), self.max_attempts)).rowcount
+                (time.time(), gave_up, self.max_attempts)).rowcount
             requeued = db.execute("UPDATE jobs SET status='queued', started=NULL WHERE status='running'").rowcount
             return {"requeued": requeued, "failed": failed}
         return self._tx(fix)

@@ -36,6 +36,10 @@ TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+DEFAULT_PRESETS = {"tokenizer": "vq-f8", "ar": "ar-s", "masked": "masked-s", "diffusion": "unet-s",
+                   "sr": "sr-compact-x4", "contrastive": "clip-xs"}
+
+
 def _task_classes(task_name: str):
     if task_name == "tokenizer":
         from tessera.train.tokenizer import TokenizerTask, TokenizerTaskConfig
@@ -96,11 +100,12 @@ def new_spec(task_name: str, preset: str, overrides: list[str], model_updates: d
     return spec
 
 
-def run_training(task_name: str, data_dir: str, run_dir: str, preset: str, max_steps: int | None, resume: bool,
+def run_training(task_name: str, data_dir: str, run_dir: str, preset: str | None, max_steps: int | None, resume: bool,
                  overrides: list[str], model_updates: dict | None = None,
                  task_updates: dict | None = None) -> dict[str, float]:
-    """Fresh run: build the spec from the preset (+ updates, + overrides) and write OUT/run.json.
-    --resume: read OUT/run.json (overrides still apply, e.g. a new train.max_steps) and continue."""
+    """Fresh run: build the spec from the preset (None: the task's DEFAULT_PRESETS entry; + updates,
+    + overrides) and write OUT/run.json. --resume: read OUT/run.json (overrides still apply, e.g. a new
+    train.max_steps) and continue."""
     run = Path(run_dir)
     spec_path = run / "run.json"
     if resume and spec_path.exists():
@@ -111,7 +116,7 @@ def run_training(task_name: str, data_dir: str, run_dir: str, preset: str, max_s
     else:
         if (run / "state.pt").exists():
             raise ValueError(f"{run} already holds a training state; pass --resume or choose a new --out")
-        spec = new_spec(task_name, preset, overrides, model_updates, task_updates)
+        spec = new_spec(task_name, preset or DEFAULT_PRESETS[task_name], overrides, model_updates, task_updates)
     task_cls, task_cfg_cls = _task_classes(task_name)
     cls, cfg_cls = model_class(spec["kind"])
     train_cfg = TrainConfig.from_dict(spec["train"])
@@ -158,6 +163,23 @@ def _prepare_text(data_dir: str, text_encoder: str) -> tuple[dict, dict]:
     text_dir = embed_captions(data_dir, enc, text_encoder)
     tindex = json.loads((text_dir / "index.json").read_text())
     return {"cond_dim": enc.dim, "max_text_tokens": max(tindex["length"], 64)}, {"text": text_dir.name}
+
+
+def prepare_inputs(task_name: str, data_dir: str, tokenizer: str = "vq-f8", text_encoder: str = "minilm",
+                   space: str = "latent") -> tuple[dict, dict]:
+    """The caches a task trains on (built on rank 0 first under torchrun, then found complete by the
+    others) -> (model_updates, task_updates) for `run_training`."""
+    from tessera.train.distributed import rank0_first
+
+    if task_name in ("ar", "masked"):
+        return rank0_first(prepare_token_inputs, data_dir, tokenizer, text_encoder)
+    if task_name == "diffusion":
+        return rank0_first(prepare_diffusion_inputs, data_dir, tokenizer, text_encoder, space)
+    if task_name == "contrastive":
+        return rank0_first(prepare_contrastive_inputs, data_dir, text_encoder)
+    if task_name == "sr":
+        return {}, {"tokenizer": tokenizer}
+    return {}, {}
 
 
 def prepare_contrastive_inputs(data_dir: str, text_encoder: str) -> tuple[dict, dict]:

@@ -37,6 +37,11 @@ class SRTaskConfig(Config):
                              "task.tokenizer_fraction=0")
 
 
+def check_crop(crop: int, scale: int) -> None:
+    if crop % scale:
+        raise ValueError(f"crop={crop} must be a multiple of the model's scale {scale}")
+
+
 def degraded_pairs(images: ShardImages, scale: int, tokenizer: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """uint8 HR [N,3,H,W], bicubic LR [N,3,H/s,W/s] and, with a tokenizer, its round-tripped LR."""
     pil = [images.image(i) for i in range(len(images))]
@@ -54,8 +59,7 @@ class PairCrops(torch.utils.data.Dataset):
     """(index, aug_seed) -> (lr [3,c/s,c/s], hr [3,c,c]) in [0, 1], aligned crops, reproducible from the seed."""
 
     def __init__(self, hr, lr, tok, scale: int, cfg: SRTaskConfig):
-        if cfg.crop % scale:
-            raise ValueError(f"crop={cfg.crop} must be a multiple of the model's scale {scale}")
+        check_crop(cfg.crop, scale)
         self.hr, self.lr, self.tok, self.scale, self.cfg = hr, lr, tok, scale, cfg
 
     def __len__(self) -> int:
@@ -97,12 +101,11 @@ class SRTask:
     def __init__(self, model: nn.Module, data_dir: str | Path, cfg: SRTaskConfig):
         self.model, self.cfg = model, cfg
         s = model.scale
-        if cfg.crop % s:
-            raise ValueError(f"crop={cfg.crop} must be a multiple of the model's scale {s}")
         if cfg.stream:
             from tessera.data.stream import ImageStream
 
             epoch = cfg.stream_epoch or len(ShardImages(data_dir, "train"))
+            check_crop(cfg.crop, s)
             crops = ImageStream(cfg.stream, epoch, cfg.crop, cfg.flip, resampled=cfg.stream_resampled)
             self.dataset = StreamPairs(crops, s)
         else:

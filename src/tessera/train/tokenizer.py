@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tessera.config import Config
-from tessera.data.dataset import ShardImages, to_pil
+from tessera.data.dataset import ShardImages, random_crop_flip, to_pil
 from tessera.eval.metrics import psnr, ssim
 from tessera.tokenizer.losses import VQLoss, VQLossConfig
 from tessera.tokenizer.vq import VQModel
@@ -39,16 +39,7 @@ class CropDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
         i, seed = item
-        x = self.images[i][0]
-        g = torch.Generator().manual_seed(seed)
-        if self.crop:
-            _, h, w = x.shape
-            top = int(torch.randint(0, h - self.crop + 1, (1,), generator=g))
-            left = int(torch.randint(0, w - self.crop + 1, (1,), generator=g))
-            x = x[:, top:top + self.crop, left:left + self.crop]
-        if self.flip and bool(torch.rand((), generator=g) < 0.5):
-            x = x.flip(-1)
-        return x
+        return random_crop_flip(self.images[i][0], self.crop, self.flip, torch.Generator().manual_seed(seed))
 
 
 class UsageTracker(nn.Module):

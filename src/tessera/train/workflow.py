@@ -93,22 +93,10 @@ def data_step(cfg: DataStep) -> str:
 def train_step(cfg: TrainStep, data_dir: str, run: Path) -> None:
     """Train (caches first, rank 0 before the others, as the CLI does); under torchrun every rank calls it."""
     from tessera.train import runs
-    from tessera.train.distributed import rank0_first
 
-    model_updates, task_updates = {}, {}
-    if cfg.task in ("ar", "masked"):
-        model_updates, task_updates = rank0_first(runs.prepare_token_inputs, data_dir, cfg.tokenizer, cfg.text_encoder)
-    elif cfg.task == "diffusion":
-        model_updates, task_updates = rank0_first(runs.prepare_diffusion_inputs, data_dir, cfg.tokenizer,
-                                                  cfg.text_encoder, "latent")
-    elif cfg.task == "contrastive":
-        model_updates, task_updates = rank0_first(runs.prepare_contrastive_inputs, data_dir, cfg.text_encoder)
-    elif cfg.task == "sr":
-        task_updates = {"tokenizer": cfg.tokenizer}
-    defaults = {"tokenizer": "vq-f8", "ar": "ar-s", "masked": "masked-s", "diffusion": "unet-s",
-                "sr": "sr-compact-x4", "contrastive": "clip-xs"}
-    runs.run_training(cfg.task, data_dir, str(run / "train"), cfg.preset or defaults[cfg.task], cfg.max_steps,
-                      False, list(cfg.overrides), model_updates, task_updates)
+    model_updates, task_updates = runs.prepare_inputs(cfg.task, data_dir, cfg.tokenizer, cfg.text_encoder)
+    runs.run_training(cfg.task, data_dir, str(run / "train"), cfg.preset or None, cfg.max_steps, False,
+                      list(cfg.overrides), model_updates, task_updates)
 
 
 def evaluate(model_dir: str | Path, data_dir: str, cfg: EvalStep) -> dict[str, float]:
