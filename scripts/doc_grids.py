@@ -14,7 +14,7 @@ import json
 from PIL import Image, ImageDraw
 
 import tessera
-from tessera.pipelines.ar import grid
+from tessera.pipelines.records import grid
 from tessera.text import load_text_encoder
 from tessera.tokenizer.tools import load_tokenizer
 

@@ -1,6 +1,7 @@
 import io
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +9,27 @@ import torch
 from PIL import Image
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# the tiny test presets live here, not among the users' presets: registered in-process for the tests,
+# passed as files (tiny_preset("ar-tiny")) to the CLI under torchrun
+PRESETS = Path(__file__).parent / "presets"
+
+
+def tiny_preset(name: str) -> str:
+    return str(PRESETS / f"{name}.json")
+
+
+def _register_tiny_presets() -> None:
+    import json
+
+    from tessera.registry import register_preset
+
+    for f in sorted(PRESETS.glob("*.json")):
+        spec = json.loads(f.read_text())
+        register_preset(f.stem, spec["kind"], **spec["config"])
+
+
+_register_tiny_presets()
 
 
 def photo_like(seed: int, size=(96, 80), mode="RGB") -> Image.Image:
@@ -67,7 +89,7 @@ def tiny_model(tmp_path_factory):
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("model") / "vq-tiny"
-    export_model(build("vq-tiny"), "vq", out)
+    export_model(build("vq-tiny"), out)
     return out
 
 

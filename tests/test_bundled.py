@@ -13,7 +13,7 @@ from tessera.eval.metrics import psnr
 
 def test_bundled_vq_f8_loads_and_round_trips(tmp_path):
     vq = tessera.load("vq-f8")
-    assert vq.meta["kind"] == "vq" and vq.factor == 8 and vq.config.codebook_size == 8192
+    assert vq.kind == "vq" and vq.factor == 8 and vq.config.codebook_size == 8192
     smooth = photo_like(3, (128, 128)).resize((32, 32)).resize((128, 128), Image.Resampling.BICUBIC)
     x = to_tensor(smooth)[None]
     tokens = vq.encode(x)
@@ -37,7 +37,7 @@ def test_bundled_ar_xs_samples_follow_the_prompt_colour():
     from tessera.pipelines.ar import ARPipeline, ARSampleParams
     from tessera.text import load_text_encoder
     ar = tessera.load("ar-xs")
-    assert ar.meta["kind"] == "ar" and ar.meta["task"]["tokens"].startswith("vq-f8")
+    assert ar.kind == "ar" and ar.meta.task["tokens"].startswith("vq-f8")
     pipe = ARPipeline(ar, tessera.load("vq-f8"), load_text_encoder("minilm"))
     params = ARSampleParams(seed=0, n=2, cfg_scale=3.0)
     apple, face = pipe("red apple emoji", params), pipe("grinning face emoji", params)
@@ -52,7 +52,7 @@ def test_bundled_unet_xs_samples_follow_the_prompt_colour():
     from tessera.pipelines.diffusion import DiffusionPipeline, DiffusionSampleParams
     from tessera.text import load_text_encoder
     unet = tessera.load("unet-xs")
-    assert unet.meta["kind"] == "unet" and unet.meta["task"]["space"] == "latent"
+    assert unet.kind == "unet" and unet.meta.task["space"] == "latent"
     pipe = DiffusionPipeline(unet, tessera.load("vq-f8"), load_text_encoder("minilm"))
     params = DiffusionSampleParams(seed=0, n=2, steps=10, cfg_scale=5.0)
     face, snow = pipe("grinning face emoji", params), pipe("snowman emoji", params)
@@ -65,7 +65,7 @@ def test_bundled_masked_xxs_samples_follow_the_prompt_colour():
     from tessera.pipelines.masked import MaskedPipeline, MaskedSampleParams
     from tessera.text import load_text_encoder
     m = tessera.load("masked-xxs")
-    assert m.meta["kind"] == "masked" and m.config.depth == 4
+    assert m.kind == "masked" and m.config.depth == 4
     pipe = MaskedPipeline(m, tessera.load("vq-f8"), load_text_encoder("minilm"))
     params = MaskedSampleParams(seed=0, n=2, steps=8, cfg_scale=3.0)
     apple, face, snow = (pipe(p, params) for p in ("red apple emoji", "grinning face emoji", "snowman emoji"))
@@ -94,7 +94,7 @@ def test_bundled_fast_sr_beats_bicubic_on_held_out_photos(tmp_path):
     if not paths:
         pytest.skip("tuxpaint-stamps-default is not installed (scripts/setup.sh installs it as root)")
     models = load_sr_models("fast")
-    assert set(models) == {2, 4} and models[4].meta["kind"] == "srvgg"
+    assert set(models) == {2, 4} and models[4].kind == "srvgg"
     gains = []
     for p in paths:
         hr = resize_center_crop(decode_image(open(p, "rb").read()), 256)

@@ -29,7 +29,7 @@ def test_reconstruct_bad_inputs_are_clear_errors(tmp_path, tiny_model):
     assert r.exit_code != 0 and "not_an_image" in r.output
     photo_like(5, (20, 20)).save(tmp_path / "ok.png")
     r = run("reconstruct", tmp_path / "ok.png", "-o", tmp_path / "o.png", "--model", tmp_path / "nomodel")
-    assert r.exit_code != 0 and "neither a model folder nor a preset" in r.output
+    assert r.exit_code != 0 and "is neither a model / pipeline folder nor a bundled model" in r.output
 
 
 def test_tokenize_writes_and_resumes(tiny_dataset, tiny_model):
@@ -121,7 +121,7 @@ def test_sample_ar_writes_grid_with_parameters(tiny_dataset, tiny_model, tmp_pat
 
     torch.manual_seed(0)
     gen = ARTransformer(ARConfig(vocab_size=64, grid=(8, 8), dim=32, depth=1, heads=2, cond_dim=16))
-    export_model(gen, "ar", tmp_path / "gen")
+    export_model(gen, tmp_path / "gen")
     args = ["sample", "ar", "a red fox", "--model", tmp_path / "gen", "--tokenizer", tiny_model,
             "--text-encoder", "tiny", "-n", "2", "--seed", "3", "--top-k", "10"]
     r = run(*args, "-o", tmp_path / "a.png")

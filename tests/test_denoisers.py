@@ -72,7 +72,7 @@ def test_export_round_trip_and_unconditional_pixels(kind, tmp_path, seeded):
         m = DiT(DiTConfig(in_channels=3, sample_size=8, patch_size=4, dim=32, depth=1, heads=2, cond_dim=0))
     m = perturbed(m)
     x, t = torch.randn(2, 3, 8, 8, generator=seeded), torch.tensor([1, 2])
-    export_model(m, kind, tmp_path / "u")
+    export_model(m, tmp_path / "u")
     m2 = load_model(tmp_path / "u")
     assert m2.config == m.config and torch.equal(m(x, t), m2(x, t))
 

@@ -17,7 +17,7 @@ torch.manual_seed(0)
 task_cfg = TokenizerTaskConfig.from_dict({"crop": 16, "dead_code_restart": False, "val_images": 2,
                                           "loss": {"perceptual_backbone": "none", "disc_weight": 0.0}})
 task = TokenizerTask(build("vq-tiny"), data, task_cfg)
-cfg = TrainConfig(batch_size=batch, max_steps=3, warmup_steps=1, ckpt_every=100, val_every=0, bf16=False)
+cfg = TrainConfig(batch_size=batch, max_steps=3, warmup_steps=1, ckpt_every=100, val_every=0, dtype="float32")
 tr = Trainer(task, cfg, out)
 tr.fit(progress=False, resume=False)
 if tr.rank == 0:

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import free_port
+from conftest import free_port, tiny_preset
 
 STEPS, BATCH = 4, 4
 # kills rank 1 right after step KILL_AT (the checkpoint of step 2 is on disk; step 3 is lost)
@@ -39,10 +39,10 @@ def token_data(tiny_dataset, tiny_model):
 
 def train(token_data, out, nproc=1, strategy="ddp", steps=STEPS, resume=False, script=None, env=None):
     data, tok = token_data
-    args = ["train", "ar", "--data", str(data), "--out", str(out), "--preset", "ar-tiny", "--tokenizer", str(tok),
+    args = ["train", "ar", "--data", str(data), "--out", str(out), "--preset", tiny_preset("ar-tiny"), "--tokenizer", str(tok),
             "--text-encoder", "tiny", "--max-steps", str(steps), "--set", f"train.batch_size={BATCH // nproc}",
             "--set", f"train.strategy=\"{strategy}\"", "--set", "train.val_every=0", "--set", "train.log_every=1",
-            "--set", "train.ckpt_every=2", "--set", "train.bf16=false", "--set", "train.warmup_steps=1",
+            "--set", "train.ckpt_every=2", "--set", "train.dtype=\"float32\"", "--set", "train.warmup_steps=1",
             "--set", "train.lr=0.003", "--set", "task.cond_drop=0.0"] + (["--resume"] if resume else [])
     target = [str(script)] if script else ["-m", "tessera.cli"]
     launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
@@ -120,10 +120,10 @@ def test_every_trainer_runs_under_torchrun(token_data, tmp_path, task, strategy)
     data, tok = token_data
     common = ["--data", str(data), "--out", str(tmp_path / "run"), "--max-steps", "2", "--set", "train.batch_size=2",
               "--set", "train.val_every=0", "--set", "train.log_every=1", "--set", f"train.strategy=\"{strategy}\""]
-    extra = {"masked": ["--preset", "masked-tiny", "--tokenizer", str(tok), "--text-encoder", "tiny"],
-             "diffusion": ["--preset", "unet-tiny", "--tokenizer", str(tok), "--text-encoder", "tiny"],
-             "sr": ["--preset", "sr-tiny", "--tokenizer", "", "--set", "task.crop=16"],
-             "tokenizer": ["--preset", "vq-tiny", "--set", "task.crop=32", "--set", "task.val_images=2",
+    extra = {"masked": ["--preset", tiny_preset("masked-tiny"), "--tokenizer", str(tok), "--text-encoder", "tiny"],
+             "diffusion": ["--preset", tiny_preset("unet-tiny"), "--tokenizer", str(tok), "--text-encoder", "tiny"],
+             "sr": ["--preset", tiny_preset("sr-tiny"), "--tokenizer", "", "--set", "task.crop=16"],
+             "tokenizer": ["--preset", tiny_preset("vq-tiny"), "--set", "task.crop=32", "--set", "task.val_images=2",
                            "--set", "task.loss.perceptual_backbone=\"none\"", "--set", "task.loss.disc_start=0"]}[task]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                         f"--master_port={free_port()}", "-m", "tessera.cli", "train", task, *common, *extra],

@@ -28,11 +28,9 @@ def models(tmp_path_factory, tiny_dataset):
 
     root = tmp_path_factory.mktemp("eval_models")
     torch.manual_seed(0)
-    export_model(build("vq-tiny"), "vq", root / "vq")
-    export_model(ARTransformer(ARConfig(vocab_size=64, grid=(8, 8), dim=32, depth=1, heads=2, cond_dim=16)),
-                 "ar", root / "ar")
-    export_model(MaskedTransformer(MaskedConfig(vocab_size=64, grid=(8, 8), dim=32, depth=1, heads=2, cond_dim=16)),
-                 "masked", root / "masked")
+    export_model(build("vq-tiny"), root / "vq")
+    export_model(ARTransformer(ARConfig(vocab_size=64, grid=(8, 8), dim=32, depth=1, heads=2, cond_dim=16)), root / "ar")
+    export_model(MaskedTransformer(MaskedConfig(vocab_size=64, grid=(8, 8), dim=32, depth=1, heads=2, cond_dim=16)), root / "masked")
     model_updates, task_updates = prepare_diffusion_inputs(str(tiny_dataset), "", "tiny", "pixel")
     run_training("diffusion", str(tiny_dataset), str(root / "d-run"), "dit-tiny", 1, False, ["train.batch_size=4"],
                  {**model_updates, "sample_size": 32, "patch_size": 4}, task_updates)
@@ -334,7 +332,7 @@ def test_prompts_longer_than_the_generator_takes_are_skipped_and_listed(models, 
 
     torch.manual_seed(0)
     export_model(MaskedTransformer(MaskedConfig(vocab_size=64, grid=(8, 8), dim=32, depth=1, heads=2, cond_dim=16,
-                                                max_text_tokens=4)), "masked", tmp_path / "m")
+                                                max_text_tokens=4)), tmp_path / "m")
     prompts = [Prompt("a red fox"), Prompt("one two three four five six", "long"), Prompt("a cat")]
     rec = generate_samples(str(tmp_path / "m"), prompts, tmp_path / "s", {"steps": 2}, batch_size=2,
                            tokenizer=str(models / "vq"), text_encoder="tiny", progress=False)

@@ -42,11 +42,10 @@ def tiny_models(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("pipe_models")
     torch.manual_seed(0)
-    export_model(build("vq-tiny"), "vq", root / "vq")
-    export_model(ARTransformer(ARConfig(vocab_size=64, grid=(8, 8), dim=32, depth=1, heads=2, cond_dim=16)), "ar",
+    export_model(build("vq-tiny"), root / "vq")
+    export_model(ARTransformer(ARConfig(vocab_size=64, grid=(8, 8), dim=32, depth=1, heads=2, cond_dim=16)),
                  root / "ar")
-    export_model(MaskedTransformer(MaskedConfig(vocab_size=64, grid=(8, 8), dim=32, depth=1, heads=2, cond_dim=16)),
-                 "masked", root / "masked")
+    export_model(MaskedTransformer(MaskedConfig(vocab_size=64, grid=(8, 8), dim=32, depth=1, heads=2, cond_dim=16)), root / "masked")
     return root
 
 

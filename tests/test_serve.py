@@ -132,7 +132,7 @@ def test_full_queue_answers_429_cancel_and_restart_lose_nothing(tmp_path, pipeli
 def test_dynamic_batching_keeps_each_request_its_own_seed(tmp_path):
     """Queued compatible requests run as one batch, and each gets the images it gets alone (fp32: up to
     float rounding; under bf16 autocast a different batch shape changes rounding: mean |diff| ~4/255)."""
-    pipeline = TextToImage(bf16=False)
+    pipeline = TextToImage(dtype="float32")
     prompts = ["grinning face emoji", "snowman emoji", "red apple emoji"]
     with client(tmp_path, pipeline, start_worker=False) as c:
         ids = [c.post("/v1/images/generations", json={"prompt": p, **FAST, "seed": 10 + i},

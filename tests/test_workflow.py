@@ -6,6 +6,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from conftest import tiny_preset
 from tessera.cli import main
 from tessera.eval.gate import gate
 
@@ -27,7 +28,7 @@ def test_gate_compares_each_metric_in_its_direction():
 def config(tmp_path, data, tok, steps):
     return {"name": "tiny-ar", "workdir": str(tmp_path / "runs"), "deployed": str(tmp_path / "deployed"),
             "data": {"prepared": str(data)},
-            "train": {"task": "ar", "preset": "ar-tiny", "max_steps": steps, "tokenizer": str(tok),
+            "train": {"task": "ar", "preset": tiny_preset("ar-tiny"), "max_steps": steps, "tokenizer": str(tok),
                       "text_encoder": "tiny", "overrides": ["train.batch_size=8", "train.lr=0.003",
                                                             "train.warmup_steps=2", "train.val_every=0"]},
             "evaluate": {"prompts": ["a synthetic picture number 1", "a red apple"]},
@@ -37,7 +38,7 @@ def config(tmp_path, data, tok, steps):
 def test_pipeline_promotes_then_rejects_a_degraded_candidate(tiny_dataset, tiny_model, tmp_path):
     good = tmp_path / "good.json"
     good.write_text(json.dumps(config(tmp_path, tiny_dataset, tiny_model, 40)))
-    r = CliRunner().invoke(main, ["pipeline", "run", str(good), "--run-id", "first"])
+    r = CliRunner().invoke(main, ["workflow", "run", str(good), "--run-id", "first"])
     assert r.exit_code == 0, r.output
     first = json.loads((tmp_path / "runs" / "first" / "report.json").read_text())
     assert first["promoted"] and first["metrics"]["deployed"] is None
@@ -47,7 +48,7 @@ def test_pipeline_promotes_then_rejects_a_degraded_candidate(tiny_dataset, tiny_
 
     degraded = tmp_path / "degraded.json"
     degraded.write_text(json.dumps(config(tmp_path, tiny_dataset, tiny_model, 1)))  # one step: barely trained
-    r = CliRunner().invoke(main, ["pipeline", "run", str(degraded), "--run-id", "second"])
+    r = CliRunner().invoke(main, ["workflow", "run", str(degraded), "--run-id", "second"])
     assert r.exit_code == 3, r.output
     report = json.loads((tmp_path / "runs" / "second" / "report.json").read_text())
     assert not report["promoted"] and report["decision"]["compared"]["nll_true"]["ok"] is False
@@ -55,7 +56,7 @@ def test_pipeline_promotes_then_rejects_a_degraded_candidate(tiny_dataset, tiny_
     md = (tmp_path / "runs" / "second" / "report.md").read_text()
     assert md.startswith("# Pipeline run tiny-ar: REJECTED") and "- nll_true: candidate" in md and "worse by" in md
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == sha  # the deployed model did not change
-    r = CliRunner().invoke(main, ["pipeline", "run", str(degraded), "--run-id", "second"])
+    r = CliRunner().invoke(main, ["workflow", "run", str(degraded), "--run-id", "second"])
     assert r.exit_code != 0 and "own folder" in r.output
 
 
@@ -71,7 +72,7 @@ def test_pipeline_under_torchrun_trains_on_two_ranks_and_rank0_reports(tiny_data
     path = tmp_path / "c.json"
     path.write_text(json.dumps(cfg))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        f"--master_port={free_port()}", "-m", "tessera.cli", "pipeline", "run", str(path),
+                        f"--master_port={free_port()}", "-m", "tessera.cli", "workflow", "run", str(path),
                         "--run-id", "dist"], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]

@@ -1,15 +1,17 @@
 """Model export folders and training state.
 
-Export folder (what `tessera.load` reads; needs nothing else):
+Model folder (what `tessera.load` reads; needs nothing else):
     config.json        the model's config dataclass
     model.safetensors  weights
-    meta.json          {"kind", "tessera_version", "sha256" of model.safetensors, "created", extra...}
+    meta.json          ModelMeta: {"kind", "tessera_version", "sha256" of model.safetensors, "created", ...}
+A pipeline folder (`tessera.pipelines.folder`) holds model_index.json and one model folder per component.
 
 Training state (`state.pt`): model(s), EMA, optimizers, schedulers, step, RNG. Written atomically
 (temp file + fsync + rename) and read with `torch.load(weights_only=True)`: no arbitrary unpickling.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -21,13 +23,43 @@ from typing import Any
 import torch
 from torch import nn
 
+from tessera.errors import ModelNotFoundError, TesseraError
+
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 META = "meta.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(TesseraError, RuntimeError):
     """A model folder or training state is missing, corrupt or does not match."""
+
+
+@dataclasses.dataclass
+class ModelMeta:
+    """What a model folder says about its weights (meta.json); `model.meta` after loading."""
+
+    kind: str
+    sha256: str | None = None
+    tessera_version: str | None = None
+    stored_dtype: str | None = None
+    created: str | None = None
+    trained_steps: int | None = None
+    preset: str | None = None
+    train: dict | None = None        # the trainer config it was trained with
+    task: dict | None = None         # the training task's config (caches, text encoder, process)
+    source: str | None = None        # where imported weights came from
+    extra: dict = dataclasses.field(default_factory=dict)  # any other recorded field (reports, ...)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelMeta":
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        return cls(**known, extra={**data.get("extra", {}), **{k: v for k, v in data.items()
+                                                               if k not in names and k != "extra"}})
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**{k: v for k, v in out.items() if v is not None}, **self.extra}
 
 
 def sha256_file(path: str | Path) -> str:
@@ -75,16 +107,18 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read training state {path}: {e}") from e
 
 
-def export_model(model: nn.Module, kind: str, out_dir: str | Path, extra_meta: dict | None = None,
+def export_model(model: nn.Module, out_dir: str | Path, extra_meta: dict | None = None,
                  dtype: torch.dtype | None = None) -> Path:
-    """Write config.json + model.safetensors + meta.json. `model.config` must be a Config.
+    """Write config.json + model.safetensors + meta.json; the kind comes from the model's registered family.
 
     `dtype` (e.g. torch.float16) stores floating-point weights smaller; loading casts them back to the
     model's own dtype."""
     from safetensors.torch import save_file
 
     import tessera
+    from tessera.registry import family_of
 
+    kind = family_of(model).kind
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -95,33 +129,45 @@ def export_model(model: nn.Module, kind: str, out_dir: str | Path, extra_meta: d
     save_file(state, tmp, metadata={"kind": kind})
     os.replace(tmp, out / WEIGHTS)
     atomic_write_bytes(out / CONFIG, (model.config.to_json() + "\n").encode())
-    meta = {
+    meta = ModelMeta.from_dict({
         "kind": kind,
         "tessera_version": tessera.__version__,
         "sha256": sha256_file(out / WEIGHTS),
         "stored_dtype": str(dtype or next(iter(state.values())).dtype).removeprefix("torch."),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **(extra_meta or {}),
-    }
-    atomic_write_bytes(out / META, (json.dumps(meta, indent=2) + "\n").encode())
+    })
+    atomic_write_bytes(out / META, (json.dumps(meta.to_dict(), indent=2) + "\n").encode())
+    model.meta = meta
     return out
+
+
+def is_model_folder(path: str | Path) -> bool:
+    return all((Path(path) / name).is_file() for name in (CONFIG, WEIGHTS, META))
+
+
+def read_meta(folder: str | Path) -> ModelMeta:
+    try:
+        return ModelMeta.from_dict(json.loads((Path(folder) / META).read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{Path(folder) / META}: not a readable model record ({e})") from None
 
 
 def load_model(path: str | Path, verify: bool = True) -> nn.Module:
     """Rebuild a model from an export folder: class from meta.kind, config from config.json, strict weights."""
     from safetensors.torch import load_file
 
-    from tessera.registry import model_class
+    from tessera.registry import family
 
     folder = Path(path)
     for name in (CONFIG, WEIGHTS, META):
         if not (folder / name).is_file():
-            raise CheckpointError(f"{folder} is not a Tessera model folder: {name} is missing")
-    meta = json.loads((folder / META).read_text())
-    if verify and sha256_file(folder / WEIGHTS) != meta.get("sha256"):
+            raise ModelNotFoundError(f"{folder} is not a Tessera model folder: {name} is missing")
+    meta = read_meta(folder)
+    if verify and sha256_file(folder / WEIGHTS) != meta.sha256:
         raise CheckpointError(f"{folder / WEIGHTS}: sha256 does not match meta.json (corrupt or replaced)")
-    cls, cfg_cls = model_class(meta["kind"])
-    model = cls(cfg_cls.load(folder / CONFIG))
+    fam = family(meta.kind)
+    model = fam.model(fam.config.load(folder / CONFIG))
     model.load_state_dict(load_file(str(folder / WEIGHTS)), strict=True)
     model.meta = meta
     return model.eval()

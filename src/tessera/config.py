@@ -13,10 +13,12 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tessera.errors import InvalidInputError
+
 C = TypeVar("C", bound="Config")
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidInputError):
     """A config dict or file does not match its dataclass."""
 
 
@@ -111,3 +113,17 @@ class Config:
     @classmethod
     def load(cls: type[C], path: str | Path) -> C:
         return cls.from_json(Path(path).read_text())
+
+
+def parse_settings(pairs, option: str = "--set") -> dict[str, Any]:
+    """('steps=10', 'cfg_scale=3') -> {'steps': 10, 'cfg_scale': 3} (values are JSON, else strings)."""
+    out = {}
+    for kv in pairs:
+        key, eq, raw = kv.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"{option} {kv!r}: must be KEY=VALUE")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out

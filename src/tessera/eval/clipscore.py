@@ -101,7 +101,7 @@ def load_image_text_model(spec: str = "clip-xs"):
     import tessera
 
     model = tessera.load(spec)
-    if getattr(model, "meta", {}).get("kind") != "contrastive":
+    if getattr(model, "kind", None) != "contrastive":
         raise ValueError(f"{spec} is not an image-text model (a contrastive export or a CLIP folder)")
     return OwnContrastive(model, spec)
 

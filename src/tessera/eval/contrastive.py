@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tessera.registry import register_family, register_preset
 from tessera.config import Config
 
 
@@ -53,6 +54,10 @@ class ResBlock(nn.Module):
         return F.silu(self.norm2(self.conv2(h)) + self.skip(x))
 
 
+@register_family("contrastive", ContrastiveConfig, role="scorer", task="contrastive",
+                 cache="tessera.train.runs:prepare_contrastive_inputs",
+                 train=dict(batch_size=128, lr=1e-3, betas=(0.9, 0.98), weight_decay=0.1, warmup_steps=100, ema_decay=0.995,
+                            max_steps=2000, val_every=250))
 class ImageTextModel(nn.Module):
     def __init__(self, config: ContrastiveConfig):
         super().__init__()
@@ -91,3 +96,7 @@ def clip_loss(logits: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE: image i's caption is text i and vice versa."""
     target = torch.arange(logits.shape[0])
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+# contrastive image-text model over frozen MiniLM sentence vectors: offline CLIPScore, caption filtering
+register_preset("clip-xs", "contrastive", weights=True, image_size=64, channels=(32, 64, 128, 256), text_dim=384,
+                embed_dim=256)

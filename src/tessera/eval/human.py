@@ -154,3 +154,9 @@ def make_app(a: str | Path, b: str | Path, db: str | Path, seed: int | None = No
         return store.report()
 
     return app
+
+
+def serve_votes(app, host: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level="warning")

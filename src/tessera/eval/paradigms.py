@@ -192,3 +192,15 @@ def plot(rows: list[dict], path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def bench_paradigms(data_dir: str | Path, out: str | Path, configs: list[str] | None = None, split: str = "val",
+                    limit: int | None = None, batch_size: int = 16, clip_model: str = "clip-xs",
+                    text_encoder: str = "minilm") -> str:
+    """`tessera bench paradigms`: run, then write OUT/results.md and OUT/paradigms.png; returns the table."""
+    chosen = [parse_config(c) for c in configs or ()] or DEFAULT_CONFIGS
+    rows = run_paradigms(data_dir, out, chosen, split, limit, batch_size, clip_model, text_encoder)
+    table = markdown(rows)
+    Path(out, "results.md").write_text(table)
+    plot(rows, Path(out, "paradigms.png"))
+    return table

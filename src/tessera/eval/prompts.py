@@ -87,3 +87,37 @@ def markdown_table(rows: dict[str, dict], space: str) -> str:
         lines.append(f"| {cat} | {r['images']} | {r['clipscore']:.2f} ± {r['clipscore_sem']:.2f} | "
                      f"{r['seconds_per_image']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def prompt_benchmark(prompt_file: str, model: str, out: str, settings: dict | None = None, batch_size: int = 16,
+                     tokenizer: str | None = None, text_encoder: str | None = None, per_category: int | None = None,
+                     categories: list[str] | None = None, clip_model: str = "clip-xs", price_per_hour: float = 0.10,
+                     device: str | None = None, dtype: str | None = None) -> str:
+    """`tessera eval prompts`: generate for each prompt, then CLIPScore and seconds per image per category;
+    writes OUT/report.json and OUT/report.md and returns the table."""
+    import json
+
+    from tessera.eval.clipscore import load_image_text_model
+    from tessera.eval.samples import generate_samples, timing_summary
+
+    prompts = read_prompts(prompt_file, per_category, categories or None)
+    scorer = load_image_text_model(clip_model)
+    generate_samples(model, prompts, out, settings, batch_size, tokenizer, text_encoder, device=device, dtype=dtype)
+    record, scores = score_samples(out, scorer)
+    rows = per_category(record, scores)
+    report = {"prompts": prompt_file, "skipped": record.get("skipped", []), "models": record["models"],
+              "settings": record["settings"], "feature_space": scorer.space,
+              "timing": timing_summary(record, price_per_hour), "per_category": rows}
+    Path(out, "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown_table(rows, scorer.space)
+    Path(out, "report.md").write_text(table)
+    return table
+
+
+def clipscore_report(samples: str, clip_model: str = "clip-xs") -> dict:
+    """`tessera eval clipscore`: per-category CLIPScore of a samples folder, with the feature space named."""
+    from tessera.eval.clipscore import load_image_text_model
+
+    scorer = load_image_text_model(clip_model)
+    record, scores = score_samples(samples, scorer)
+    return {"feature_space": scorer.space, "per_category": per_category(record, scores)}

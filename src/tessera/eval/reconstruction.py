@@ -5,13 +5,14 @@ import time
 
 import torch
 
+from tessera.device import Placement
 from tessera.data.dataset import ShardImages, to_pil
 from tessera.eval.metrics import psnr, ssim
 
 
 @torch.no_grad()
 def evaluate_reconstruction(model, data_dir: str, split: str | None = "val", batch_size: int = 16,
-                            bf16: bool = False, limit: int | None = None, rfd: bool = False) -> dict:
+                            placement=None, limit: int | None = None, rfd: bool = False) -> dict:
     """Round-trip every image of `split` through encode -> decode_tokens; images never seen in training
     when split='val' (the split is fixed by each image's sha256 at prepare time)."""
     ds = ShardImages(data_dir, split)
@@ -19,15 +20,17 @@ def evaluate_reconstruction(model, data_dir: str, split: str | None = "val", bat
     if n == 0:
         raise ValueError(f"{data_dir}: split {split!r} has no images")
     model.eval()
+    place = placement or Placement(next(model.parameters()).device)
     k = model.config.codebook_size
     counts = torch.zeros(k, dtype=torch.int64)
     p_all, s_all, t0 = [], [], time.time()
     originals, recons = [], []
     for start in range(0, n, batch_size):
         x = torch.stack([ds[i][0] for i in range(start, min(n, start + batch_size))])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            tokens = model.encode(x)
-            rec = model.decode_tokens(tokens).float().clamp(-1, 1)
+        with place.autocast():
+            tokens = model.encode(x.to(place.device))
+            rec = model.decode_tokens(tokens).float().clamp(-1, 1).cpu()
+        tokens = tokens.cpu()
         counts += torch.bincount(tokens.flatten(), minlength=k)
         p_all.append(psnr(rec, x))
         s_all.append(ssim(rec, x))
@@ -46,3 +49,15 @@ def evaluate_reconstruction(model, data_dir: str, split: str | None = "val", bat
             "ssim": float(s.mean()), "codebook_usage": float((counts > 0).double().mean()),
             "perplexity": float(torch.exp(-(prob * prob.clamp_min(1e-12).log()).sum())),
             "tokens": int(counts.sum()), "seconds": round(time.time() - t0, 2)}
+
+
+def evaluate_tokenizer(model: str, data_dir: str, split: str = "val", limit: int | None = None, rfd: bool = False,
+                       device: str | None = None, dtype: str | None = None) -> dict:
+    """`tessera eval reconstruction`: a tokenizer by folder or preset, on a split ('all': every image);
+    float32 on the CPU unless --device / --dtype say otherwise (the measured quality is float32's)."""
+    from tessera.device import placement
+    from tessera.tokenizer.tools import load_tokenizer
+
+    place = placement(device or "cpu", dtype or "float32")
+    return evaluate_reconstruction(load_tokenizer(model).to(place.device), data_dir, None if split == "all" else split,
+                                   placement=place, limit=limit, rfd=rfd)

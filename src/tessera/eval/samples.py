@@ -40,12 +40,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _header(loaded, params, batch_size: int) -> dict:
-    from tessera.pipelines.load import SAMPLERS
+def _header(pipe, params, batch_size: int) -> dict:
+    from tessera.registry import family
 
     settings = {k: v for k, v in dataclasses.asdict(params).items() if k != "n"}
-    settings["sampler"] = SAMPLERS[loaded.kind] or settings.get("method")
-    return {"format": FORMAT, "kind": loaded.kind, "models": loaded.models, "settings": settings,
+    settings["sampler"] = settings.get("method") or family(pipe.generator.kind).sampler
+    return {"format": FORMAT, "kind": pipe.paradigm, "models": pipe.models, "settings": settings,
             "batch_size": batch_size}
 
 
@@ -67,12 +67,12 @@ def _resume(out: Path, header: dict, prompts: list[Prompt]) -> dict:
 def write_samples(loaded, prompts: list[Prompt], out: str | Path, params, batch_size: int = 16,
                   load_seconds: float | None = None, progress: bool = True,
                   on_batch: Callable[[int, int], None] | None = None, skipped: list[dict] | None = None) -> dict:
-    """Draw one image per prompt with `loaded` (pipelines.load.LoadedPipeline) and `params` (its sampling
+    """Draw one image per prompt with `loaded` (a pipelines.Pipeline) and `params` (its sampling
     parameters; `n` is ignored) into OUT; returns the samples.json record. `skipped` (prompts the caller
     left out, with the reason) is recorded as such."""
     from tqdm import tqdm
 
-    from tessera.pipelines.ar import png_info
+    from tessera.pipelines.records import png_info
 
     if not prompts:
         raise ValueError("no prompts to sample")
@@ -90,7 +90,7 @@ def write_samples(loaded, prompts: list[Prompt], out: str | Path, params, batch_
         chunk = prompts[b * batch_size:(b + 1) * batch_size]
         p = dataclasses.replace(params, seed=params.seed + b)
         t0 = time.perf_counter()
-        images = loaded.pipe([c.prompt for c in chunk], p)
+        images = loaded.run([c.prompt for c in chunk], p)
         seconds = time.perf_counter() - t0
         rows = []
         for j, (im, c) in enumerate(zip(images, chunk)):
@@ -155,15 +155,15 @@ def dataset_prompts(data_dir: str | Path, split: str = "val", limit: int | None 
 
 
 def generate_samples(model: str, prompts: list[Prompt], out: str | Path, settings: dict | None = None,
-                     batch_size: int = 16, tokenizer: str | None = None, text_encoder: str = "minilm",
-                     progress: bool = True) -> dict:
+                     batch_size: int = 16, tokenizer: str | None = None, text_encoder: str | None = None,
+                     progress: bool = True, device: str | None = None, dtype: str | None = None) -> dict:
     """Load `model` (any generator kind), build its sampling parameters from `settings` (unknown keys are
     an error) and write the samples folder. Prompts longer than the generator takes are left out and
     listed under "skipped" with the reason (a benchmark run is not lost to one long prompt)."""
-    from tessera.pipelines.load import load_pipeline
+    from tessera.pipelines.folder import load_pipeline
 
     t0 = time.perf_counter()
-    loaded = load_pipeline(model, tokenizer, text_encoder)
+    loaded = load_pipeline(model, tokenizer, text_encoder, device=device, dtype=dtype)
     load_seconds = time.perf_counter() - t0
     params = loaded.params(**(settings or {}))
     reasons = loaded.too_long([p.prompt for p in prompts])
@@ -174,3 +174,19 @@ def generate_samples(model: str, prompts: list[Prompt], out: str | Path, setting
     if skipped and progress:
         print(f"skipping {len(skipped)} prompt(s) the generator cannot take, e.g. {skipped[0]['reason']}")
     return write_samples(loaded, kept, out, params, batch_size, load_seconds, progress, skipped=skipped)
+
+
+def generate_prompt_samples(model: str, out: str, prompt_file: str | None = None, data_dir: str | None = None,
+                            split: str = "val", limit: int | None = None, settings: dict | None = None,
+                            batch_size: int = 16, tokenizer: str | None = None, text_encoder: str | None = None,
+                            device: str | None = None, dtype: str | None = None) -> dict:
+    """`tessera eval sample`: the prompts of a file (PartiPrompts TSV or one per line) or of a prepared
+    folder's split, sampled into OUT."""
+    from tessera.errors import InvalidInputError
+    from tessera.eval.prompts import read_prompts
+
+    if (prompt_file is None) == (data_dir is None):
+        raise InvalidInputError("give exactly one of --prompts FILE or --data DIR")
+    prompts = read_prompts(prompt_file)[:limit] if prompt_file else dataset_prompts(data_dir, split, limit)
+    return generate_samples(model, prompts, out, settings, batch_size, tokenizer, text_encoder, device=device,
+                            dtype=dtype)

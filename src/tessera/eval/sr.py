@@ -20,11 +20,11 @@ def pillow_upscaler(scale: int, method: Image.Resampling) -> Upscaler:
     return lambda im: im.resize((im.width * scale, im.height * scale), method)
 
 
-def model_upscaler(model, scale: int, bf16: bool = False, tile: int = 192) -> Upscaler:
+def model_upscaler(model, scale: int, placement=None, tile: int = 192) -> Upscaler:
     from tessera.superres.cascade import from_unit, to_unit
     from tessera.superres.tiling import upscale_tiled
 
-    return lambda im: from_unit(upscale_tiled(model, to_unit(im), scale, tile=tile, bf16=bf16))
+    return lambda im: from_unit(upscale_tiled(model, to_unit(im), scale, tile=tile, placement=placement))
 
 
 def tokenizer_degrader(vq) -> Callable[[Image.Image], Image.Image]:
@@ -64,3 +64,26 @@ def evaluate_sr(methods: dict[str, Upscaler], data_dir: str, scale: int = 4, spl
             scores[name]["ssim"].append(float(ssim(x, ref)))
     return {name: {"images": n, **{k: sum(v) / n for k, v in s.items()},
                    "psnr_min": min(s["psnr"]), "psnr_max": max(s["psnr"])} for name, s in scores.items()}
+
+
+def evaluate_sr_models(data_dir: str, models: tuple[str, ...] = ("fast",), scale: int = 4, split: str = "val",
+                       limit: int | None = None, degrade: str = "bicubic", tokenizer: str = "vq-f8",
+                       device: str | None = None, dtype: str | None = None) -> dict[str, dict[str, float]]:
+    """`tessera eval sr`: bicubic and Lanczos baselines beside each SR model (by name, folder or preset)."""
+    import tessera
+    from tessera.device import placement as make_placement
+    from tessera.errors import InvalidInputError
+    from tessera.superres.cascade import load_sr_models
+
+    if degrade not in ("bicubic", "tokenizer"):
+        raise InvalidInputError(f"--degrade {degrade}: must be bicubic or tokenizer")
+    placement = make_placement(device or "cpu", dtype or "float32")
+    degrader = tokenizer_degrader(tessera.load(tokenizer)) if degrade == "tokenizer" else None
+    methods = {"bicubic": pillow_upscaler(scale, Image.Resampling.BICUBIC),
+               "lanczos": pillow_upscaler(scale, Image.Resampling.LANCZOS)}
+    for name in models:
+        found = load_sr_models(name, placement.device)
+        if scale not in found:
+            raise InvalidInputError(f"--model {name}: has no x{scale} model (has x{sorted(found)})")
+        methods[name] = model_upscaler(found[scale], scale, placement)
+    return evaluate_sr(methods, data_dir, scale, split, limit=limit, degrade=degrader)

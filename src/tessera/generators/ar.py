@@ -16,6 +16,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from tessera.registry import register_family, register_preset
 from tessera.config import Config
 from tessera.nn.attention import Block, KVCache
 
@@ -44,6 +45,11 @@ class ARConfig(Config):
         return self.max_text_tokens + self.num_tokens if self.conditional else self.num_tokens - 1
 
 
+@register_family("ar", ARConfig, role="generator", paradigm="ar", sampler="ar-kv-cache", pipeline="tessera.pipelines.ar:ARPipeline",
+                 task="ar",
+                 cache="tessera.train.runs:prepare_token_inputs",
+                 train=dict(batch_size=32, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=500, ema_decay=0.999,
+                            max_steps=20000))
 class ARTransformer(nn.Module):
     def __init__(self, cfg: ARConfig):
         super().__init__()
@@ -73,7 +79,7 @@ class ARTransformer(nn.Module):
     def image_embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
         """tokens [B,T] at grid indices start..start+T-1 -> [B,T,D] with 2-D positions."""
         w = self.config.grid[1]
-        idx = torch.arange(start, start + tokens.shape[1])
+        idx = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         pos = self.row_emb[idx // w] + self.col_emb[idx % w]  # (T, D)
         return self.tok_emb(tokens) + pos
 
@@ -94,7 +100,7 @@ class ARTransformer(nn.Module):
             first[:, 0] = True
             mask = torch.where(d, first, mask)
         soi = self.soi.expand(b, 1, -1)
-        return torch.cat([text, soi], 1), torch.cat([mask, torch.ones(b, 1, dtype=torch.bool)], 1)
+        return torch.cat([text, soi], 1), torch.cat([mask, torch.ones(b, 1, dtype=torch.bool, device=mask.device)], 1)
 
     # ---- full pass (training, and the recompute-everything sampling path) ---------------------------
     def forward(self, tokens: torch.Tensor, cond: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None,
@@ -108,11 +114,11 @@ class ARTransformer(nn.Module):
             pre, key_valid = self.prefix(cond, cond_mask, drop)
             n_pre = pre.shape[1]
             x = torch.cat([pre, x], 1)
-            key_valid = torch.cat([key_valid, torch.ones(tokens.shape, dtype=torch.bool)], 1)
+            key_valid = torch.cat([key_valid, torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)], 1)
         else:
-            n_pre, key_valid = 0, torch.ones(tokens.shape, dtype=torch.bool)
+            n_pre, key_valid = 0, torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
         s = x.shape[1]
-        causal = torch.ones(s, s, dtype=torch.bool).tril()
+        causal = torch.ones(s, s, dtype=torch.bool, device=tokens.device).tril()
         mask = causal[None, None] & key_valid[:, None, None, :]  # (B, 1, S, S)
         for block in self.blocks:
             x = block(x, mask)
@@ -120,9 +126,10 @@ class ARTransformer(nn.Module):
         return self.head(self.norm(x[:, start:]))
 
     # ---- KV-cached decoding --------------------------------------------------------------------------
-    def new_cache(self, batch: int, dtype: torch.dtype = torch.float32, max_len: int | None = None) -> KVCache:
+    def new_cache(self, batch: int, dtype: torch.dtype = torch.float32, max_len: int | None = None,
+                  device: torch.device | str = "cpu") -> KVCache:
         c = self.config
-        return KVCache(c.depth, batch, c.heads, max_len or c.max_len(), c.dim // c.heads, dtype)
+        return KVCache(c.depth, batch, c.heads, max_len or c.max_len(), c.dim // c.heads, dtype, device)
 
     def _run_cached(self, x: torch.Tensor, new_valid: torch.Tensor, cache: KVCache) -> torch.Tensor:
         b, t, _ = x.shape
@@ -130,7 +137,7 @@ class ARTransformer(nn.Module):
         if start + t > cache.max_len:
             raise ValueError(f"KV cache of {cache.max_len} positions is full")
         cache.key_valid[:, start:start + t] = new_valid
-        causal = torch.ones(t, start + t, dtype=torch.bool).tril(diagonal=start)  # (T, S)
+        causal = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)  # (T, S)
         mask = causal[None, None] & cache.key_valid[:, None, None, :start + t]  # (B, 1, T, S)
         for i, block in enumerate(self.blocks):
             x = block(x, mask, cache, i)
@@ -146,10 +153,17 @@ class ARTransformer(nn.Module):
             return self._run_cached(pre, valid, cache)
         if first_token is None:
             raise ValueError("an unconditional model starts from a first token")
-        return self._run_cached(self.image_embed(first_token.view(-1, 1)), torch.ones(cache.key_valid.shape[0], 1,
+        return self._run_cached(self.image_embed(first_token.view(-1, 1)), torch.ones(cache.key_valid.shape[0], 1, device=first_token.device,
                                                                                        dtype=torch.bool), cache)
 
     def decode_step(self, token: torch.Tensor, index: int, cache: KVCache) -> torch.Tensor:
         """Feed image token s_index [B]; returns the logits [B,V] of s_{index+1}."""
         x = self.image_embed(token.view(-1, 1), start=index)
-        return self._run_cached(x, torch.ones(x.shape[0], 1, dtype=torch.bool), cache)
+        return self._run_cached(x, torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device), cache)
+
+# decoder-only Transformers over 16x16 vq-f8 tokens, MiniLM (384-d) prompt prefix
+register_preset("ar-s", "ar", dim=384, depth=8, heads=6, cond_dim=384, max_text_tokens=64)
+register_preset("ar-m", "ar", dim=512, depth=12, heads=8, cond_dim=384, max_text_tokens=64)
+# the bundled default: small enough (~5.8M parameters, 12 MB fp16) to sit beside the tokenizer
+register_preset("ar-xs", "ar", default=True, dim=192, depth=6, heads=6, dropout=0.1, cond_dim=384, max_text_tokens=64)
+register_preset("ar-s-uncond", "ar", dim=384, depth=8, heads=6, cond_dim=0)

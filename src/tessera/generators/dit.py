@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tessera.registry import register_family, register_preset
 from tessera.config import Config
 from tessera.nn.attention import MLP, Attention, CrossAttention
 from tessera.nn.conditioning import timestep_embedding, with_null_condition
@@ -89,6 +90,11 @@ class DiTBlock(nn.Module):
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
+@register_family("dit", DiTConfig, role="generator", paradigm="diffusion", sampler="ddim", pipeline="tessera.pipelines.diffusion:DiffusionPipeline",
+                 task="diffusion",
+                 cache="tessera.train.runs:prepare_diffusion_inputs",
+                 train=dict(batch_size=32, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=500, ema_decay=0.999,
+                            max_steps=20000))
 class DiT(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -134,3 +140,7 @@ class DiT(nn.Module):
             h = block(h, mod, ctx, mask)
         shift, scale = (c[:, None] + self.table_out).unbind(1)  # each (B, D)
         return self.unpatchify(self.out(modulate(self.norm_out(h), shift, scale)))
+
+# latent-diffusion Transformers: 16x16x8 latents in 2x2 patches = 64 tokens
+register_preset("dit-s", "dit", dim=256, depth=8, heads=4, patch_size=2)
+register_preset("dit-xs", "dit", dim=192, depth=6, heads=4, patch_size=2)

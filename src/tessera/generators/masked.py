@@ -16,6 +16,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from tessera.registry import register_family, register_preset
 from tessera.config import Config
 from tessera.nn.attention import CrossBlock
 from tessera.nn.conditioning import with_null_condition
@@ -46,6 +47,11 @@ class MaskedConfig(Config):
         return self.cond_dim > 0
 
 
+@register_family("masked", MaskedConfig, role="generator", paradigm="masked", sampler="maskgit-cosine", pipeline="tessera.pipelines.masked:MaskedPipeline",
+                 task="masked",
+                 cache="tessera.train.runs:prepare_token_inputs",
+                 train=dict(batch_size=32, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=500, ema_decay=0.999,
+                            max_steps=20000))
 class MaskedTransformer(nn.Module):
     def __init__(self, cfg: MaskedConfig):
         super().__init__()
@@ -80,7 +86,7 @@ class MaskedTransformer(nn.Module):
         if n != cfg.num_tokens:
             raise ValueError(f"expected {cfg.num_tokens} tokens (grid {cfg.grid}), got {n}")
         w = cfg.grid[1]
-        idx = torch.arange(n)
+        idx = torch.arange(n, device=tokens.device)
         x = self.tok_emb(tokens) + self.row_emb[idx // w] + self.col_emb[idx % w]  # (B, N, D)
         if cfg.conditional:
             ctx, mask = with_null_condition(cond, mask, drop, self.null_text, b, cfg.max_text_tokens)
@@ -89,3 +95,11 @@ class MaskedTransformer(nn.Module):
         for block in self.blocks:
             x = block(x, ctx, mask)
         return self.head(self.norm(x))
+
+# bidirectional masked Transformers over 16x16 vq-f8 tokens (Muse), MiniLM cross-attention;
+# masked-xs matches ar-xs in width / depth / heads for the side-by-side comparison
+register_preset("masked-s", "masked", dim=384, depth=8, heads=6, cond_dim=384, max_text_tokens=64)
+register_preset("masked-xs", "masked", dim=192, depth=6, heads=6, dropout=0.1, cond_dim=384, max_text_tokens=64)
+# the bundled masked default: masked-xs with 4 blocks (5.8 M parameters, 11.7 MB fp16) to fit the 60 MB budget
+register_preset("masked-xxs", "masked", default=True, dim=192, depth=4, heads=6, dropout=0.1, cond_dim=384,
+                max_text_tokens=64)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tessera.registry import register_family, register_preset
 from tessera.config import Config
 from tessera.nn.attention import CrossBlock
 from tessera.nn.conditioning import timestep_embedding, with_null_condition
@@ -78,6 +79,11 @@ class _Level(nn.Module):
         self.attn = nn.ModuleList(SpatialTransformer(o, heads, cond_dim) for _, o in chans) if attn else None
 
 
+@register_family("unet", UNetConfig, role="generator", paradigm="diffusion", sampler="ddim", pipeline="tessera.pipelines.diffusion:DiffusionPipeline",
+                 task="diffusion",
+                 cache="tessera.train.runs:prepare_diffusion_inputs",
+                 train=dict(batch_size=32, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=500, ema_decay=0.999,
+                            max_steps=20000))
 class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -155,3 +161,7 @@ class UNet(nn.Module):
         for level, up in zip(self.up, self.upsample):
             h = up(self._level(level, h, temb, ctx, mask, skips=skips))
         return self.conv_out(F.silu(self.norm_out(h)))
+
+# latent-diffusion U-Nets over 16x16x8 vq-f8 latents, MiniLM (384-d) cross-attention
+register_preset("unet-s", "unet", base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, heads=4)
+register_preset("unet-xs", "unet", default=True, base_channels=48, channel_mult=(1, 2, 2), num_res_blocks=1, heads=4)

@@ -11,11 +11,11 @@ class KVCache:
     """Static, preallocated keys/values per layer: (B, heads, max_len, head_dim), written by index."""
 
     def __init__(self, layers: int, batch: int, heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         shape = (batch, heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(layers)]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(layers)]
-        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool)  # padding mask of cached keys
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # padding mask of cached keys
         self.length = 0  # positions filled so far
         self.max_len = max_len
 

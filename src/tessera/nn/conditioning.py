@@ -10,7 +10,7 @@ import torch
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps [B] -> [B, dim] (Transformer / DDPM)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]  # (B, half)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
@@ -20,8 +20,9 @@ def with_null_condition(cond: torch.Tensor | None, mask: torch.Tensor | None, dr
     """Prompt states [B,L,C] + key mask [B,L] for cross-attention. Rows with `drop` set (and every row
     when there is no prompt) see the learned `null` vector [C] as their only valid token."""
     if cond is None:
-        cond, mask = torch.zeros(batch, 1, null.shape[0]), torch.ones(batch, 1, dtype=torch.bool)
-        drop = torch.ones(batch, dtype=torch.bool)
+        dev = null.device
+        cond, mask = torch.zeros(batch, 1, null.shape[0], device=dev), torch.ones(batch, 1, dtype=torch.bool, device=dev)
+        drop = torch.ones(batch, dtype=torch.bool, device=dev)
     if cond.shape[1] > max_tokens:
         raise ValueError(f"prompt has {cond.shape[1]} tokens; this model takes at most {max_tokens}")
     mask = mask.bool()

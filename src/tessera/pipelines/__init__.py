@@ -1,15 +1,7 @@
-"""Inference pipelines: prompt -> image for each generator kind (ar.py, masked.py, diffusion.py), the
-`tessera generate` cascade (generate.py) and one loader over all kinds (load.py)."""
-from __future__ import annotations
+"""Inference pipelines: one protocol (base.py: encode prompt, generate, decode; diffusers-style call),
+a pipeline per paradigm (ar.py, masked.py, diffusion.py), pipeline folders and the one loader
+(folder.py), PNG records (records.py), and the system pipeline of `tessera generate` (text2image.py)."""
+from tessera.pipelines.base import Pipeline, PipelineOutput, prompt_batch
+from tessera.pipelines.folder import is_pipeline_folder, load_pipeline, save_pipeline
 
-
-def prompt_batch(prompt: str | list[str], n: int) -> list[str]:
-    """One prompt drawn `n` times, or a list of prompts (one image each; `n` is then ignored)."""
-    if isinstance(prompt, str):
-        if n < 1:
-            raise ValueError(f"n={n} must be >= 1")
-        return [prompt] * n
-    prompts = list(prompt)
-    if not prompts:
-        raise ValueError("the prompt list is empty")
-    return prompts
+__all__ = ["Pipeline", "PipelineOutput", "prompt_batch", "is_pipeline_folder", "load_pipeline", "save_pipeline"]

@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Callable
 
 import torch
-from PIL import Image, PngImagePlugin
 
-from tessera.data.dataset import to_pil
-from tessera.pipelines import prompt_batch
+from tessera.errors import InvalidInputError, WrongModelError
+from tessera.pipelines.base import Pipeline
 from tessera.sampling.ar import cached_logits_fn, sample
 
 
@@ -22,63 +20,59 @@ class ARSampleParams:
     top_p: float = 1.0
     cfg_scale: float = 3.0
     cfg_interval: int = -1
-    bf16: bool = True
+
+    def validate(self) -> None:
+        if not 0 < self.temperature:
+            raise InvalidInputError(f"temperature={self.temperature}: must be > 0")
+        if self.top_k < 0:
+            raise InvalidInputError(f"top_k={self.top_k}: must be >= 0 (0: off)")
+        if not 0 < self.top_p <= 1:
+            raise InvalidInputError(f"top_p={self.top_p}: must be in (0, 1] (1: off)")
 
 
-class ARPipeline:
-    def __init__(self, generator, tokenizer, text_encoder=None):
-        self.generator, self.tokenizer, self.text_encoder = generator.eval(), tokenizer.eval(), text_encoder
-        if generator.config.vocab_size != tokenizer.config.codebook_size:
-            raise ValueError(f"generator vocabulary {generator.config.vocab_size} != tokenizer codebook "
-                             f"{tokenizer.config.codebook_size}: they were not trained together")
-        if generator.config.conditional and text_encoder is None:
-            raise ValueError("a text-conditioned generator needs a text encoder")
-        if text_encoder is not None and generator.config.conditional and text_encoder.dim != generator.config.cond_dim:
-            raise ValueError(f"text encoder is {text_encoder.dim}-d, generator expects {generator.config.cond_dim}")
+class ARPipeline(Pipeline):
+    paradigm = "ar"
+    Params = ARSampleParams
+    CALL_NAMES = {"guidance_scale": "cfg_scale"}  # one step per token: no num_inference_steps
+
+    def __init__(self, generator, tokenizer, text_encoder=None, **kw):
+        cfg = generator.config
+        if cfg.vocab_size != tokenizer.config.codebook_size:
+            raise WrongModelError(f"generator vocabulary {cfg.vocab_size} != tokenizer codebook "
+                                  f"{tokenizer.config.codebook_size}: they were not trained together")
+        if cfg.conditional and text_encoder is None:
+            raise InvalidInputError("a text-conditioned generator needs a text encoder")
+        if text_encoder is not None and cfg.conditional and text_encoder.dim != cfg.cond_dim:
+            raise WrongModelError(f"text encoder is {text_encoder.dim}-d, generator expects {cfg.cond_dim}")
+        super().__init__(generator, tokenizer, text_encoder, **kw)
+
+    @property
+    def native_size(self) -> int:
+        return self.generator.config.grid[0] * self.tokenizer.factor
 
     @torch.no_grad()
-    def tokens(self, prompt: str | list[str], p: ARSampleParams,
-               callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """-> [n,h,w] token ids; a list of prompts draws one image per prompt."""
+    def generate(self, prompts: list[str], p: ARSampleParams, generator: torch.Generator | None = None,
+                 latents: torch.Tensor | None = None, callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """-> token grids [n,h,w], one per prompt."""
+        if latents is not None:
+            raise InvalidInputError("latents: the AR paradigm draws its tokens one by one (no initial latents)")
+        p.validate()
         cfg = self.generator.config
-        prompts = prompt_batch(prompt, p.n)
         n = len(prompts)
-        g = torch.Generator().manual_seed(p.seed)
-        cond = mask = first = None
+        g = generator or torch.Generator().manual_seed(p.seed)
         guided = cfg.conditional and p.cfg_scale != 1.0
-        if cfg.conditional:
-            enc = self.text_encoder.encode(prompts)
-            cond, mask = enc.tokens, enc.mask
-        else:
-            first = torch.randint(0, cfg.vocab_size, (n,), generator=g)  # seed 000: random first token
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p.bf16):
+        cond, mask = self.encode_prompt(prompts)
+        first = None
+        if not cfg.conditional:
+            first = torch.randint(0, cfg.vocab_size, (n,), generator=g).to(self.device)  # seed 000: random first token
+        with self.placement.autocast():
             fn = cached_logits_fn(self.generator, n, cond, mask, guided)
             toks = sample(fn, n, cfg.num_tokens, generator=g, temperature=p.temperature, top_k=p.top_k,
                           top_p=p.top_p, cfg_scale=p.cfg_scale if guided else 1.0, cfg_interval=p.cfg_interval,
-                          first_tokens=first, callback=callback)
-        return toks.view(n, *cfg.grid)
+                          first_tokens=first, callback=callback, device=self.device)
+        return toks.view(n, *cfg.grid)  # (n, h, w)
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], p: ARSampleParams, callback=None) -> list[Image.Image]:
-        toks = self.tokens(prompt, p, callback)
-        images = self.tokenizer.decode_tokens(toks).float().clamp(-1, 1)
-        return [to_pil(x) for x in images]
-
-
-def png_info(prompt: str, params: dict) -> PngImagePlugin.PngInfo:
-    """A1111-style `parameters` text chunk + a JSON chunk with every parameter."""
-    info = PngImagePlugin.PngInfo()
-    kv = ", ".join(f"{k}: {v}" for k, v in params.items())
-    info.add_text("parameters", f"{prompt}\n{kv}")
-    info.add_text("tessera", json.dumps({"prompt": prompt, **params}))
-    return info
-
-
-def grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
-    cols = cols or min(4, len(images))
-    rows = (len(images) + cols - 1) // cols
-    w, h = images[0].size
-    out = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        out.paste(im, ((i % cols) * w, (i // cols) * h))
-    return out
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        with self.placement.autocast():
+            return self.tokenizer.decode_tokens(tokens.to(self.device)).float().clamp(-1, 1)

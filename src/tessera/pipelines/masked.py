@@ -9,8 +9,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tessera.data.dataset import to_pil, to_tensor
-from tessera.pipelines import prompt_batch
+from tessera.data.dataset import to_tensor
+from tessera.errors import InvalidInputError, WrongModelError
+from tessera.pipelines.base import Pipeline, prompt_batch, to_images
 from tessera.sampling.masked import guided_logits_fn, sample
 
 
@@ -22,52 +23,63 @@ class MaskedSampleParams:
     temperature: float = 1.0
     choice_temperature: float = 4.5
     cfg_scale: float = 3.0
-    bf16: bool = True
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise InvalidInputError(f"steps={self.steps}: must be >= 1")
+        if not 0 < self.temperature:
+            raise InvalidInputError(f"temperature={self.temperature}: must be > 0")
 
 
-class MaskedPipeline:
-    def __init__(self, generator, tokenizer, text_encoder=None):
-        self.generator, self.tokenizer, self.text_encoder = generator.eval(), tokenizer.eval(), text_encoder
+class MaskedPipeline(Pipeline):
+    paradigm = "masked"
+    Params = MaskedSampleParams
+
+    def __init__(self, generator, tokenizer, text_encoder=None, **kw):
         cfg = generator.config
         if cfg.vocab_size != tokenizer.config.codebook_size:
-            raise ValueError(f"generator vocabulary {cfg.vocab_size} != tokenizer codebook "
-                             f"{tokenizer.config.codebook_size}")
+            raise WrongModelError(f"generator vocabulary {cfg.vocab_size} != tokenizer codebook "
+                                  f"{tokenizer.config.codebook_size}")
         if cfg.conditional and (text_encoder is None or text_encoder.dim != cfg.cond_dim):
-            raise ValueError(f"the generator expects a {cfg.cond_dim}-d prompt encoder")
+            raise WrongModelError(f"the generator expects a {cfg.cond_dim}-d prompt encoder")
+        super().__init__(generator, tokenizer, text_encoder, **kw)
+
+    @property
+    def native_size(self) -> int:
+        return self.generator.config.grid[0] * self.tokenizer.factor
 
     @torch.no_grad()
-    def tokens(self, prompt: str | list[str], p: MaskedSampleParams, known: torch.Tensor | None = None,
-               callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """known [h,w] token ids with -1 where unknown (None: generate everything) -> [n,h,w]; a list of
-        prompts draws one image per prompt."""
+    def generate(self, prompts: list[str], p: MaskedSampleParams, generator: torch.Generator | None = None,
+                 latents: torch.Tensor | None = None, callback: Callable[[int, int], None] | None = None,
+                 known: torch.Tensor | None = None) -> torch.Tensor:
+        """-> token grids [n,h,w], one per prompt. `known` [h,w] token ids with -1 where unknown (None:
+        generate everything); `latents` [n,h,w] starting ids (mask_id where unknown) instead."""
+        p.validate()
         cfg = self.generator.config
-        prompts = prompt_batch(prompt, p.n)
         n = len(prompts)
         start = torch.full((n, cfg.num_tokens), cfg.mask_id, dtype=torch.long)
+        if latents is not None:
+            if latents.shape[0] != n or latents[0].numel() != cfg.num_tokens:
+                raise InvalidInputError(f"latents: expected {n} token grids of {cfg.grid}, got {tuple(latents.shape)}")
+            start = latents.reshape(n, -1).long().cpu()
         if known is not None:
-            flat = known.reshape(-1)
+            flat = known.reshape(-1).cpu()
             start = torch.where(flat >= 0, flat, start)  # (n, N)
-        cond = mask = None
-        if cfg.conditional:
-            enc = self.text_encoder.encode(prompts)
-            cond, mask = enc.tokens, enc.mask
+        cond, mask = self.encode_prompt(prompts)
         fn = guided_logits_fn(self.generator, cond, mask, p.cfg_scale)
 
         def fp32_logits(x):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p.bf16):
-                return fn(x).float()
+            with self.placement.autocast():
+                return fn(x.to(self.device)).float().cpu()
 
-        g = torch.Generator().manual_seed(p.seed)
+        g = generator or torch.Generator().manual_seed(p.seed)
         out = sample(fp32_logits, start, cfg.mask_id, p.steps, g, p.temperature, p.choice_temperature, callback)
-        return out.view(n, *cfg.grid)
+        return out.view(n, *cfg.grid)  # (n, h, w)
 
-    def decode(self, tokens: torch.Tensor) -> list[Image.Image]:
-        with torch.no_grad():
-            images = self.tokenizer.decode_tokens(tokens).float().clamp(-1, 1)
-        return [to_pil(x) for x in images]
-
-    def __call__(self, prompt: str | list[str], p: MaskedSampleParams, callback=None) -> list[Image.Image]:
-        return self.decode(self.tokens(prompt, p, None, callback))
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        with self.placement.autocast():
+            return self.tokenizer.decode_tokens(tokens.to(self.device)).float().clamp(-1, 1)
 
     def inpaint(self, image: Image.Image, region: Image.Image, prompt: str, p: MaskedSampleParams,
                 callback=None) -> list[Image.Image]:
@@ -77,18 +89,19 @@ class MaskedPipeline:
         h, w = self.generator.config.grid
         f = self.tokenizer.factor
         if image.size != (w * f, h * f):
-            raise ValueError(f"image is {image.size[0]}x{image.size[1]}; this generator works at {w * f}x{h * f}")
+            raise InvalidInputError(f"image is {image.size[0]}x{image.size[1]}; this generator works at {w * f}x{h * f}")
         if region.size != image.size:
-            raise ValueError(f"mask is {region.size[0]}x{region.size[1]}, image {image.size[0]}x{image.size[1]}; "
+            raise InvalidInputError(f"mask is {region.size[0]}x{region.size[1]}, image {image.size[0]}x{image.size[1]}; "
                              f"they must match")
         pix = np.asarray(region.convert("L")) > 127  # (H, W) True = regenerate
         if not pix.any():
-            raise ValueError("the mask is empty (no white pixels): nothing to inpaint")
+            raise InvalidInputError("the mask is empty (no white pixels): nothing to inpaint")
         cells = torch.from_numpy(pix.reshape(h, f, w, f).any(axis=(1, 3)))  # (h, w)
         x = to_tensor(image.convert("RGB"))[None]
         with torch.no_grad():
-            known = self.tokenizer.encode(x)[0]
+            known = self.tokenizer.encode(x.to(self.device))[0].cpu()
         known = torch.where(cells, torch.full_like(known, -1), known)
-        out = self.decode(self.tokens(prompt, p, known, callback))
+        out = to_images(self.decode(self.generate(prompt_batch(prompt, p.n), p, callback=callback,
+                                                  known=known)))
         keep = Image.fromarray(((~pix) * 255).astype(np.uint8))  # original pixels outside the region
         return [Image.composite(image.convert("RGB"), o, keep) for o in out]

@@ -22,13 +22,28 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from tessera.data.dataset import to_pil
+from tessera.errors import InvalidInputError
+from tessera.registry import default_model, paradigms
 from tessera.safety import UnsafePromptError, Verdict
 from tessera.text import check_prompts
 
-PARADIGMS = ("ar", "masked", "diffusion")
-DEFAULT_MODELS = {"ar": "ar-xs", "masked": "masked-xxs", "diffusion": "unet-xs"}
-MAX_SIZE, MAX_N, MAX_STEPS = 2048, 8, 1000
+PARADIGMS = paradigms()
+DEFAULT_MODELS = {p: default_model(p) for p in PARADIGMS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """The request limits: the one source of truth for the CLI, the pipeline and the HTTP schemas."""
+
+    max_size: int = 2048
+    max_n: int = 8
+    max_steps: int = 1000
+    max_seed: int = 2**63 - 1
+    max_cfg_scale: float = 30.0
+
+
+LIMITS = Limits()
+MAX_SIZE, MAX_N, MAX_STEPS = LIMITS.max_size, LIMITS.max_n, LIMITS.max_steps
 
 
 @dataclasses.dataclass
@@ -50,7 +65,7 @@ class Request:
     def validate(self) -> None:
         """Every rule up front, with the field and the rule in the message."""
         def bad(field, rule):
-            raise ValueError(f"{field}={getattr(self, field)!r}: {rule}")
+            raise InvalidInputError(f"{field}={getattr(self, field)!r}: {rule}")
 
         check_prompts([self.prompt, self.negative_prompt])
         if not self.prompt.strip():
@@ -61,13 +76,13 @@ class Request:
             bad("size", f"must be 0 (native) or between 64 and {MAX_SIZE}")
         if not 1 <= self.n <= MAX_N:
             bad("n", f"must be between 1 and {MAX_N}")
-        if not -1 <= self.seed < 2**63:
+        if not -1 <= self.seed <= LIMITS.max_seed:
             bad("seed", "must be -1 (random) or a non-negative integer")
         if self.steps is not None and (self.paradigm == "ar" or not 1 <= self.steps <= MAX_STEPS):
             bad("steps", "the AR paradigm draws one step per token" if self.paradigm == "ar"
                 else f"must be between 1 and {MAX_STEPS}")
-        if self.cfg_scale is not None and not 0 <= self.cfg_scale <= 30:
-            bad("cfg_scale", "must be between 0 and 30")
+        if self.cfg_scale is not None and not 0 <= self.cfg_scale <= LIMITS.max_cfg_scale:
+            bad("cfg_scale", f"must be between 0 and {LIMITS.max_cfg_scale:g}")
         if self.temperature is not None and (self.paradigm == "diffusion" or not 0 < self.temperature <= 5):
             bad("temperature", "applies to ar / masked only, in (0, 5]")
         if self.top_k is not None and (self.paradigm != "ar" or self.top_k < 0):
@@ -114,45 +129,46 @@ def sampling_settings(req: Request) -> dict:
 
 class LocalStages:
     """Generation, decoding and super-resolution in this process (seed 000 Figure 16's three services).
-    `serve.services` puts each method behind its own HTTP API; `serve.remote` calls them by URL."""
+    `serve.services` puts each method behind its own HTTP API; `serve.remote` calls them by URL.
+    `models`: per paradigm a pipeline folder, a generator folder or bundled preset (default: the bundled one)."""
 
-    def __init__(self, models: dict[str, str] | None = None, sr_model: str = "fast", text_encoder: str = "minilm",
-                 bf16: bool = True):
-        self.models = {**DEFAULT_MODELS, **(models or {})}
-        self.sr_model, self.text_encoder, self.bf16 = sr_model, text_encoder, bf16
+    def __init__(self, models: dict[str, str] | None = None, sr_model: str = "fast", text_encoder: str | None = None,
+                 device: str | None = None, dtype: str | None = None):
+        from tessera.device import placement
+
+        self.models = {**DEFAULT_MODELS, **{k: str(v) for k, v in (models or {}).items() if v}}
+        unknown = sorted(set(self.models) - set(PARADIGMS))
+        if unknown:
+            raise InvalidInputError(f"models: unknown paradigm(s) {unknown}; known: {PARADIGMS}")
+        self.sr_model, self.text_encoder = sr_model, text_encoder
+        self.placement = placement(device, dtype)
         self._loaded: dict[str, object] = {}
         self._sr = None
 
     def loaded(self, paradigm: str):
         if paradigm not in self._loaded:
-            from tessera.pipelines.load import load_pipeline
+            from tessera.pipelines.folder import load_pipeline
 
-            self._loaded[paradigm] = load_pipeline(self.models[paradigm], text_encoder=self.text_encoder)
+            self._loaded[paradigm] = load_pipeline(self.models[paradigm], text_encoder=self.text_encoder,
+                                                   device=self.placement, paradigm=paradigm)
         return self._loaded[paradigm]
 
     def generate(self, paradigm: str, prompts: list[str], settings: dict,
                  callback: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, dict]:
         """Text encoding + sampling -> (token grids [n,h,w] or latents [n,C,H,W], {"model", **sampling
         parameters}). `settings` are the paradigm's sampling parameters (seed included)."""
-        lp = self.loaded(paradigm)
-        params = lp.params(n=len(prompts), bf16=self.bf16, **settings)
-        too_long = [r for r in lp.too_long(prompts) if r]
+        pipe = self.loaded(paradigm)
+        params = pipe.params(n=len(prompts), **settings)
+        too_long = [r for r in pipe.too_long(prompts) if r]
         if too_long:
-            raise ValueError(f"prompt: {too_long[0]}")
-        if paradigm == "diffusion":
-            out = lp.pipe.latents(prompts, params, callback)
-        else:
-            out = lp.pipe.tokens(prompts, params, callback=callback)
-        return out, {"model": self.models[paradigm], **dataclasses.asdict(params)}
+            raise InvalidInputError(f"prompt: {too_long[0]}")
+        out = pipe.generate(prompts, params, callback=callback)
+        return out.cpu(), {"model": self.models[paradigm], **dataclasses.asdict(params)}
 
     def decode(self, paradigm: str, out: torch.Tensor) -> list[Image.Image]:
-        pipe = self.loaded(paradigm).pipe
-        with torch.no_grad():
-            if paradigm == "diffusion":
-                x = pipe.tokenizer.decode_latents(out / pipe.scale, quantize=True) if pipe.space == "latent" else out
-            else:
-                x = pipe.tokenizer.decode_tokens(out)
-        return [to_pil(im) for im in x.float().clamp(-1, 1)]
+        from tessera.pipelines.base import to_images
+
+        return to_images(self.loaded(paradigm).decode(out))
 
     def upscale(self, images: list[Image.Image], size: int) -> list[Image.Image]:
         from tessera.superres.cascade import load_sr_models, upscale
@@ -161,7 +177,7 @@ class LocalStages:
             return images
         if self._sr is None:
             self._sr = load_sr_models(self.sr_model)
-        return [upscale(im, (size, size), self._sr, bf16=self.bf16) for im in images]
+        return [upscale(im, (size, size), self._sr, placement=self.placement) for im in images]
 
 
 @dataclasses.dataclass
@@ -184,14 +200,15 @@ def _timed(timings: dict, name: str, fn, *args):
 
 class TextToImage:
     def __init__(self, models: dict[str, str] | None = None, sr_model: str = "fast", prompt_safety=None,
-                 image_safety=None, text_encoder: str = "minilm", bf16: bool = True, stages=None):
+                 image_safety=None, text_encoder: str | None = None, device: str | None = None,
+                 dtype: str | None = None, stages=None):
         """`prompt_safety` / `image_safety`: checkers (safety.prompt.PromptSafety / safety.image.ImageSafety);
         None builds the defaults. Both are always on: there is no request field that turns them off.
         `stages`: generation / decoding / super-resolution (default: LocalStages over `models`)."""
         from tessera.safety.image import ImageSafety
         from tessera.safety.prompt import PromptSafety
 
-        self.stages = stages or LocalStages(models, sr_model, text_encoder, bf16)
+        self.stages = stages or LocalStages(models, sr_model, text_encoder, device, dtype)
         self.prompt_safety = prompt_safety or PromptSafety()
         self.image_safety = image_safety or ImageSafety()
 
@@ -311,3 +328,47 @@ class TextToImage:
                     **{k: v for k, v in params.items() if k not in drop}, "seed": p.seed, "n": p.req.n}
         return Result(kept, p.revised, p.prompts, p.changes, p.seed, timings, p.verdict, verdicts, withheld,
                       settings, batch)
+
+
+@dataclasses.dataclass
+class FileResult:
+    path: str
+    size: tuple[int, int]
+    seed: int
+    revised_prompt: str
+    timings: dict
+    withheld: list[dict]
+
+
+def generate_file(prompt: str, out: str, paradigm: str | None = None, model: str | None = None, size: int = 1024,
+                  n: int = 1, seed: int = -1, steps: int | None = None, cfg_scale: float | None = None,
+                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                  negative_prompt: str = "", no_enhance: bool = False, diversify: bool = False,
+                  device: str | None = None, dtype: str | None = None, progress: bool = True) -> tuple[str, FileResult]:
+    """`tessera generate`: the system pipeline for one request, written as one PNG (a grid when n > 1)
+    with its record. `model` (a pipeline folder, generator or preset) decides the paradigm unless given."""
+    from tqdm import tqdm
+
+    from tessera.pipelines.folder import paradigm_of
+    from tessera.pipelines.records import save_png
+
+    paradigm = paradigm or (paradigm_of(model) if model else "diffusion")
+    req = Request(prompt, paradigm, size, n, seed, steps, cfg_scale, temperature, top_k, top_p, negative_prompt,
+                  not no_enhance, diversify)
+    req.validate()
+    pipe = TextToImage({paradigm: model} if model else None, device=device, dtype=dtype)
+    pipe.stages.loaded(paradigm)  # a model of the wrong kind fails here, before any work
+    bar = tqdm(desc=paradigm, unit="step", disable=not progress)
+    try:
+        result = pipe(req, callback=lambda i, total: (setattr(bar, "total", total), bar.update(1)))
+    except UnsafePromptError as e:
+        raise UnsafePromptError(0, e.verdict, e.timings, suffix=" — nothing was generated") from None
+    finally:
+        bar.close()
+    if not result.images:
+        raise InvalidInputError("every image was withheld by harm detection; nothing was written")
+    record = {**result.settings, **pipe.stages.placement.to_dict(), "seed": result.seed,
+              "revised_prompt": result.revised_prompt, "prompts": result.prompts, "changes": result.changes,
+              "withheld": result.withheld, "seconds": result.timings}
+    image = save_png(result.images, out, prompt, record)
+    return out, FileResult(out, image.size, result.seed, result.revised_prompt, result.timings, result.withheld)

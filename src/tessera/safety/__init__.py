@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from tessera.errors import UnsafePromptRejected
+
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
@@ -17,10 +19,10 @@ class Verdict:
     signals: dict = dataclasses.field(default_factory=dict)  # every signal's score, for the record
 
 
-class UnsafePromptError(ValueError):
+class UnsafePromptError(UnsafePromptRejected):
     """A prompt violates the usage policy; `verdict.category` says which part."""
 
-    def __init__(self, prompt_index: int, verdict: Verdict, timings: dict | None = None):
+    def __init__(self, prompt_index: int, verdict: Verdict, timings: dict | None = None, suffix: str = ""):
         self.verdict, self.timings = verdict, timings or {}
         super().__init__(f"prompt #{prompt_index} was rejected by the usage policy: category "
-                         f"{verdict.category!r} (score {verdict.score:.2f})")
+                         f"{verdict.category!r} (score {verdict.score:.2f}){suffix}")

@@ -11,6 +11,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from tessera.registry import register_family, register_preset
 from tessera.config import Config
 
 POLICY = ("violence", "sexual", "hate", "self_harm", "illegal")
@@ -33,6 +34,7 @@ class PromptSafetyConfig(Config):
         return ("benign", *self.categories)
 
 
+@register_family("prompt-safety", PromptSafetyConfig, role="safety")
 class PromptSafetyClassifier(nn.Module):
     def __init__(self, config: PromptSafetyConfig):
         super().__init__()
@@ -43,3 +45,6 @@ class PromptSafetyClassifier(nn.Module):
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """[B,D] pooled sentence vectors -> [B, 1+K] logits."""
         return self.net(pooled)
+
+# the prompt-policy classifier over MiniLM sentence vectors (safety/)
+register_preset("prompt-safety", "prompt-safety", weights=True, text_dim=384, hidden=128)

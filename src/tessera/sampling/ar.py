@@ -45,14 +45,15 @@ def sample_next(logits: torch.Tensor, generator: torch.Generator, temperature: f
 def sample(logits_fn: LogitsFn, batch: int, num_tokens: int, *, generator: torch.Generator,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg_scale: float = 1.0,
            cfg_interval: int = -1, first_tokens: torch.Tensor | None = None,
-           callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Returns tokens [batch, num_tokens]. `first_tokens` [batch] starts the sequence (unconditional
+           callback: Callable[[int, int], None] | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Returns tokens [batch, num_tokens] on `device` (where the logits_fn's network runs; draws stay on the
+    CPU generator). `first_tokens` [batch] starts the sequence (unconditional
     models: drawn at random from the codebook by the caller). With cfg_scale != 1 the logits_fn must
     serve 2*batch rows, conditional rows first."""
     guided = cfg_scale != 1.0
-    tokens = torch.zeros(batch, 0, dtype=torch.long)
+    tokens = torch.zeros(batch, 0, dtype=torch.long, device=device)
     if first_tokens is not None:
-        tokens = first_tokens.view(batch, 1).long()
+        tokens = first_tokens.view(batch, 1).long().to(device)
     while tokens.shape[1] < num_tokens:
         t = tokens.shape[1]
         logits = logits_fn(torch.cat([tokens, tokens]) if guided else tokens).float()
@@ -60,7 +61,7 @@ def sample(logits_fn: LogitsFn, batch: int, num_tokens: int, *, generator: torch
             cond, uncond = logits.chunk(2)
             scale = cfg_scale if (cfg_interval < 0 or t < cfg_interval) else 1.0
             logits = uncond + scale * (cond - uncond)
-        nxt = sample_next(logits, generator, temperature, top_k, top_p)
+        nxt = sample_next(logits.cpu(), generator, temperature, top_k, top_p).to(device)
         tokens = torch.cat([tokens, nxt[:, None]], 1)
         if callback is not None:
             callback(t + 1, num_tokens)
@@ -71,10 +72,10 @@ def _cond_rows(cond, cond_mask, batch: int, guided: bool):
     """Conditional rows, and with CFG the same prompts again marked 'dropped' (null condition)."""
     if cond is None:
         return None, None, None
-    drop = torch.zeros(batch, dtype=torch.bool)
+    drop = torch.zeros(batch, dtype=torch.bool, device=cond.device)
     if guided:
         cond, cond_mask = torch.cat([cond, cond]), torch.cat([cond_mask, cond_mask])
-        drop = torch.cat([drop, torch.ones(batch, dtype=torch.bool)])
+        drop = torch.arange(2 * batch, device=cond.device) >= batch  # (2B,) the second half: null condition
     return cond, cond_mask, drop
 
 
@@ -83,7 +84,7 @@ def cached_logits_fn(model, batch: int, cond=None, cond_mask=None, guided: bool 
     """KV-cached: the first call fills the prefix, every later call feeds only the newest token."""
     cond, cond_mask, drop = _cond_rows(cond, cond_mask, batch, guided)
     rows = batch * (2 if guided else 1)
-    cache = model.new_cache(rows, dtype)
+    cache = model.new_cache(rows, dtype, device=next(model.parameters()).device)
     state = {"started": False, "fed": 0}  # fed = image tokens already in the cache
 
     def fn(tokens: torch.Tensor) -> torch.Tensor:

@@ -70,9 +70,9 @@ class Schedule:
 
     def abar(self, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
         """abar_t broadcast against `like` [B,...]; t < 0 means 'before the first step' (abar = 1)."""
-        t = torch.as_tensor(t).long()
+        t = torch.as_tensor(t).long().cpu()
         a = torch.where(t >= 0, self.alphas_cumprod[t.clamp(min=0)], torch.ones(()))
-        a = a.to(like.dtype)
+        a = a.to(like.device, like.dtype)
         return a.reshape(a.shape + (1,) * (like.dim() - a.dim()))
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -110,9 +110,9 @@ def diffusion_loss(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sch
     """Per-sample MSE between the network's output at x_t and its target (eps or v) [B]."""
     b = x0.shape[0]
     if t is None:
-        t = torch.randint(0, schedule.num_steps, (b,), generator=generator)
+        t = torch.randint(0, schedule.num_steps, (b,), generator=generator).to(x0.device)
     if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
     out = fn(schedule.add_noise(x0, noise, t), t)
     return F.mse_loss(out.float(), schedule.target(x0, noise, t).float(), reduction="none").flatten(1).mean(1)
 
@@ -153,13 +153,16 @@ def ddim_step(output: torch.Tensor, t: int, x_t: torch.Tensor, schedule: Schedul
 
 
 # ---- samplers over a denoiser ---------------------------------------------------------------------------
+METHODS = ("ddim", "ddpm")
+
+
 def sample(fn: Denoiser, schedule: Schedule, x_T: torch.Tensor, steps: int, method: str = "ddim", eta: float = 0.0,
            generator: torch.Generator | None = None,
            callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Run the reverse process from noise x_T over `steps` timesteps ('leading' spacing).
     method 'ddim' (deterministic at eta=0) or 'ddpm' (ancestral). Returns x_0 (network's space)."""
-    if method not in ("ddim", "ddpm"):
-        raise ValueError(f"method={method!r}: expected 'ddim' or 'ddpm'")
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: expected one of {METHODS}")
     timesteps = schedule.inference_timesteps(steps).tolist()
     stride = schedule.num_steps // steps
     x = x_T
@@ -189,10 +192,10 @@ def guided_denoiser(model, cond: torch.Tensor | None, mask: torch.Tensor | None,
         if neg_cond is not None:
             c = _pad_cat(cond, neg_cond)
             m = _pad_cat(mask, neg_mask)
-            drop = torch.zeros(2 * b, dtype=torch.bool)
+            drop = torch.zeros(2 * b, dtype=torch.bool, device=x.device)
         else:
             c, m = torch.cat([cond, cond]), torch.cat([mask, mask])
-            drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)])
+            drop = torch.arange(2 * b, device=x.device) >= b  # (2B,) the second half: null condition
         out = model(torch.cat([x, x]), torch.cat([t, t]), c, m, drop)  # (2B, ...)
         c_out, u_out = out.chunk(2)
         return u_out + cfg_scale * (c_out - u_out)

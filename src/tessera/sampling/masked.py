@@ -86,7 +86,7 @@ def guided_logits_fn(model, cond: torch.Tensor | None, mask: torch.Tensor | None
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)])
+        drop = torch.arange(2 * b, device=x.device) >= b  # (2B,) the second half: null condition
         out = model(torch.cat([x, x]), torch.cat([cond, cond]), torch.cat([mask, mask]), drop)  # (2B, N, V)
         c, u = out.float().chunk(2)
         return u + cfg_scale * (c - u)

@@ -61,6 +61,9 @@ class ServeConfig:
     deadline_s: float = 600.0            # default per-request deadline
     stage_urls: dict = dataclasses.field(default_factory=dict)  # generation / decoding / superres -> URL
     preload: tuple[str, ...] = ("diffusion",)
+    models: dict = dataclasses.field(default_factory=dict)      # paradigm -> pipeline / generator folder or preset
+    device: str | None = None                                   # tessera.device: cpu | cuda[:N] | auto
+    dtype: str | None = None
 
 
 def error(status: int, message: str, code: str | None = None, param: str | None = None, headers=None, **extra):
@@ -83,7 +86,8 @@ def create_app(config: ServeConfig | None = None,
     store = Store(config.data_dir, max_queue=config.max_queue)
     recovered = store.recover()
     if pipeline is None:
-        pipeline = functools.partial(default_pipeline, dict(config.stage_urls))
+        pipeline = functools.partial(default_pipeline, dict(config.stage_urls), dict(config.models), config.device,
+                                     config.dtype)
     worker = Worker(pipeline, store, config.max_batch, config.max_batch_images, preload=config.preload)
     completer = Completer.from_vocab(store.accepted_prompts())
 
@@ -228,11 +232,44 @@ def _data_routes(config: ServeConfig, store: Store, worker: Worker, completer: C
     return r
 
 
-def default_pipeline(stage_urls: dict) -> TextToImage:
+def default_pipeline(stage_urls: dict, models: dict | None = None, device: str | None = None,
+                     dtype: str | None = None) -> TextToImage:
     if not stage_urls:
-        return TextToImage()
+        return TextToImage(models, device=device, dtype=dtype)
+    from tessera.pipelines.text2image import LocalStages
     from tessera.serve.remote import RemoteStages
-    return TextToImage(stages=RemoteStages(stage_urls))
+    return TextToImage(stages=RemoteStages(stage_urls, LocalStages(models, device=device, dtype=dtype)))
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+STAGE_PORTS = {"gateway": 8000, "generation": 8101, "decoding": 8102, "superres": 8103}
+
+
+def build_server(stage: str = "gateway", host: str = "127.0.0.1", port: int | None = None, api_keys=(),
+                 models: dict | None = None, device: str | None = None, dtype: str | None = None,
+                 use_ray: bool = False, replicas: str = "1,1,1", preload: tuple[str, ...] = ("diffusion",),
+                 **config) -> tuple[FastAPI, int]:
+    """The app `tessera serve` runs (gateway or one stage service) and its port. A public address needs keys."""
+    from tessera.errors import InvalidInputError
+
+    keys = tuple(k for arg in api_keys for k in arg.split())
+    if host not in LOOPBACK and not keys:
+        raise InvalidInputError(f"--host {host}: serving beyond this machine requires API keys "
+                                f"(--api-key or TESSERA_API_KEYS)")
+    config["stage_urls"] = {k: v for k, v in config.get("stage_urls", {}).items() if v}
+    if stage != "gateway":
+        from tessera.pipelines.text2image import LocalStages
+        from tessera.serve.services import create_stage_app
+
+        stages = LocalStages(models, device=device, dtype=dtype)
+        return create_stage_app(stage, stages, preload if stage != "superres" else ()), port or STAGE_PORTS[stage]
+    cfg = ServeConfig(api_keys=keys, preload=preload, models=dict(models or {}), device=device, dtype=dtype, **config)
+    pipeline = None
+    if use_ray:
+        from tessera.serve.ray_app import ray_pipeline
+
+        pipeline = ray_pipeline(*[int(r) for r in replicas.split(",")])
+    return create_app(cfg, pipeline), port or STAGE_PORTS["gateway"]
 
 
 def _id_param():

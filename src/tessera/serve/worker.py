@@ -16,7 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 
-from tessera.pipelines.ar import png_info
+from tessera.pipelines.records import png_info
 from tessera.pipelines.text2image import Request as PipelineRequest
 from tessera.safety import UnsafePromptError
 from tessera.serve.schemas import ImageGenerationRequest

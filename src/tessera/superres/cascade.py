@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from tessera.errors import WrongModelError
 from tessera.data.dataset import to_pil, to_tensor
 from tessera.superres.tiling import upscale_tiled
 
@@ -80,15 +81,15 @@ def upscale(img: Image.Image, target: Size, models: dict[int, nn.Module], **tili
     return out if p.post is None else out.resize(p.post, Image.Resampling.LANCZOS)
 
 
-def load_sr_models(name: str) -> dict[int, nn.Module]:
+def load_sr_models(name: str, device: torch.device | str = "cpu") -> dict[int, nn.Module]:
     """{scale: model} for a cascade. 'fast': Tessera's bundled sr-compact-x4 + sr-compact-x2;
     'x4plus': the imported Real-ESRGAN x4plus (x2 stages = x4 then halve); anything else: one model
     folder or preset (its own scale)."""
-    from tessera.registry import load
+    from tessera import load
     from tessera.superres.pretrained import NCNN_MODELS, load_pretrained
 
     if name == "fast":
-        return {4: load("sr-compact-x4"), 2: load("sr-compact-x2")}
+        return {4: load("sr-compact-x4", device), 2: load("sr-compact-x2", device)}
     if name == "x4plus":
         name = "realesrgan-x4plus"
     if name in NCNN_MODELS:
@@ -96,8 +97,8 @@ def load_sr_models(name: str) -> dict[int, nn.Module]:
     else:
         m = load(name)
     if not hasattr(m, "scale"):
-        raise ValueError(f"{name!r} is not a super-resolution model (it is a {type(m).__name__})")
-    return {m.scale: m}
+        raise WrongModelError(f"{name!r} is not a super-resolution model (it is a {type(m).__name__})")
+    return {m.scale: m.to(device)}
 
 
 def parse_size(text: str) -> Size:
@@ -129,7 +130,8 @@ def upscale_file(src: str, out: str, size: Size | None = None, scale: int | None
         if scale not in (2, 4):
             raise ValueError(f"--scale {scale}: must be 2 or 4")
         size = (img.width * scale, img.height * scale)
-    result = upscale(img, size, load_sr_models(model), **tiling)
+    place = tiling.get("placement")
+    result = upscale(img, size, load_sr_models(model, place.device if place else "cpu"), **tiling)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     result.save(out)
     return result

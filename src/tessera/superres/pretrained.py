@@ -58,7 +58,7 @@ def import_ncnn(name: str, out_dir: str | Path, models_dir: str | Path | None = 
             raise CheckpointError(f"{f} is missing: reinstall {PACKAGE}")
     cls, cfg_cls = model_class(kind)
     model = load_into(cls(cfg_cls.from_dict(cfg_kw)), read_model(param, weights))
-    return export_model(model, kind, out_dir, extra_meta={
+    return export_model(model, out_dir, extra_meta={
         "source": f"{PACKAGE}: models/{stem}.param + .bin (Real-ESRGAN, BSD-3-Clause, Xintao Wang et al.)",
         "source_sha256": sha256_file(weights)})
 

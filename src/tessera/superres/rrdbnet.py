@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tessera.registry import register_family, register_preset
 from tessera.config import Config
 
 
@@ -68,6 +69,9 @@ class RRDB(nn.Module):
         return self.rdb3(self.rdb2(self.rdb1(x))) * 0.2 + x
 
 
+@register_family("rrdbnet", RRDBNetConfig, role="superres", task="sr",
+                 train=dict(batch_size=16, lr=2e-4, betas=(0.9, 0.99), weight_decay=0.0, warmup_steps=200, ema_decay=0.999,
+                            max_steps=20000, val_every=500))
 class RRDBNet(nn.Module):
     def __init__(self, cfg: RRDBNetConfig):
         super().__init__()
@@ -95,3 +99,6 @@ class RRDBNet(nn.Module):
         feat = lrelu(self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")))
         feat = lrelu(self.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")))
         return self.conv_last(lrelu(self.conv_hr(feat)))
+
+# Real-ESRGAN's x4plus architecture (pretrained weights: superres.pretrained)
+register_preset("rrdb-x4", "rrdbnet", num_block=23, scale=4)

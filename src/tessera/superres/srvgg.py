@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tessera.registry import register_family, register_preset
 from tessera.config import Config
 
 
@@ -41,6 +42,9 @@ def activation(kind: str, channels: int) -> nn.Module:
     return nn.LeakyReLU(0.1) if kind == "lrelu" else nn.ReLU()
 
 
+@register_family("srvgg", SRVGGConfig, role="superres", task="sr",
+                 train=dict(batch_size=16, lr=5e-4, betas=(0.9, 0.99), weight_decay=0.0, warmup_steps=200, ema_decay=0.999,
+                            max_steps=20000, val_every=500))
 class SRVGGNetCompact(nn.Module):
     def __init__(self, cfg: SRVGGConfig):
         super().__init__()
@@ -63,3 +67,7 @@ class SRVGGNetCompact(nn.Module):
             out = layer(out)
         out = F.pixel_shuffle(out, self.config.upscale)  # (B, C*s*s, H, W) -> (B, C, H*s, W*s)
         return out + F.interpolate(x, scale_factor=self.config.upscale, mode="nearest")
+
+# compact residual nets for Tessera's own fast x4 / x2 models
+register_preset("sr-compact-x4", "srvgg", weights=True, num_feat=48, num_conv=12, upscale=4)
+register_preset("sr-compact-x2", "srvgg", weights=True, num_feat=32, num_conv=8, upscale=2)

@@ -5,10 +5,11 @@ memory is one tile's activations plus the output canvas, whatever the image size
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 from torch import nn
+
+from tessera.device import Placement
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -33,14 +34,13 @@ def feather(length: int, ramp: int, fade_in: bool, fade_out: bool) -> torch.Tens
     return w
 
 
-def _autocast(bf16: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-
 @torch.no_grad()
 def upscale_tiled(model: nn.Module, x: torch.Tensor, scale: int, tile: int = 192, pad: int = 16,
-                  overlap: int = 8, bf16: bool = False) -> torch.Tensor:
-    """x [B,C,H,W] in [0,1] -> model(x) [B,C,H*scale,W*scale], computed tile by tile and clamped to [0,1]."""
+                  overlap: int = 8, placement: Placement | None = None) -> torch.Tensor:
+    """x [B,C,H,W] in [0,1] -> model(x) [B,C,H*scale,W*scale], computed tile by tile and clamped to [0,1].
+    Each tile runs on `placement`'s device and dtype (default: float32 where the model is); the
+    blended output stays on the CPU, so only one tile's activations are ever on the device."""
+    place = placement or Placement(next(model.parameters()).device)
     if x.dim() != 4:
         raise ValueError(f"expected an image batch [B,C,H,W], got shape {tuple(x.shape)}")
     b, c, h, w = x.shape
@@ -55,9 +55,9 @@ def upscale_tiled(model: nn.Module, x: torch.Tensor, scale: int, tile: int = 192
             wx = feather(tw * scale, overlap * scale, x0 > 0, x0 + tw < w)
             cy0, cx0 = max(0, y0 - pad), max(0, x0 - pad)  # tile plus its context, clamped to the image
             cy1, cx1 = min(h, y0 + th + pad), min(w, x0 + tw + pad)
-            inp = x[:, :, cy0:cy1, cx0:cx1].contiguous(memory_format=torch.channels_last)
-            with _autocast(bf16):
-                pred = model(inp).float()  # (B, C, (cy1-cy0)*s, (cx1-cx0)*s)
+            inp = x[:, :, cy0:cy1, cx0:cx1].to(place.device).contiguous(memory_format=torch.channels_last)
+            with place.autocast():
+                pred = model(inp).float().cpu()  # (B, C, (cy1-cy0)*s, (cx1-cx0)*s)
             oy, ox = (y0 - cy0) * scale, (x0 - cx0) * scale
             core = pred[:, :, oy:oy + th * scale, ox:ox + tw * scale]  # the tile itself, context cut away
             wt = wy[:, None] * wx[None, :]  # (th*s, tw*s)

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tessera.device import Placement
+from tessera.errors import WrongModelError
 from tessera.data.dataset import ShardImages, to_pil, to_tensor
 from tessera.data.decode import Rejected, decode_image
 from tessera.eval.metrics import psnr, ssim
@@ -18,7 +20,7 @@ def load_tokenizer(model: str):
 
     m = tessera.load(model)
     if not hasattr(m, "encode") or not hasattr(m, "decode_tokens"):
-        raise ValueError(f"{model} is not an image tokenizer (kind {getattr(m, 'meta', {}).get('kind')})")
+        raise WrongModelError(f"{model} is not an image tokenizer (kind {getattr(m, 'kind', None)!r})")
     return m
 
 
@@ -32,15 +34,24 @@ def crop_to_multiple(im: Image.Image, factor: int) -> Image.Image:
 
 
 @torch.no_grad()
-def roundtrip(model, x: torch.Tensor, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        tokens = model.encode(x)
+def roundtrip(model, x: torch.Tensor, placement: Placement | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B,3,H,W] (CPU) -> (tokens [B,h,w], reconstruction [B,3,H,W] float in [-1,1]) on the CPU; computed
+    on `placement` (default: float32 where the model is)."""
+    place = placement or Placement(next(model.parameters()).device)
+    with place.autocast():
+        tokens = model.encode(x.to(place.device))
         rec = model.decode_tokens(tokens).float().clamp(-1, 1)
-    return tokens, rec
+    return tokens.cpu(), rec.cpu()
 
 
-def reconstruct_files(inputs: list[str], out: str, model: str = "vq-f8") -> list[dict]:
-    m = load_tokenizer(model)
+def reconstruct_files(inputs: list[str], out: str, model: str = "vq-f8", device: str | None = None,
+                      dtype: str | None = None) -> list[dict]:
+    """`tessera reconstruct`: each image through encode -> decode at its own size (float32 on the CPU by
+    default, so the printed PSNR / SSIM are float32's)."""
+    from tessera.device import placement
+
+    place = placement(device or "cpu", dtype or "float32")
+    m = load_tokenizer(model).to(place.device)
     out_path = Path(out)
     single = len(inputs) == 1 and out_path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")
     if not single:
@@ -53,7 +64,7 @@ def reconstruct_files(inputs: list[str], out: str, model: str = "vq-f8") -> list
             raise ValueError(f"{inp}: cannot be used ({r})") from None
         im = crop_to_multiple(im, m.factor)
         x = to_tensor(im)[None]
-        tokens, rec = roundtrip(m, x)
+        tokens, rec = roundtrip(m, x, place)
         dest = out_path if single else out_path / (Path(inp).stem + ".png")
         to_pil(rec[0]).save(dest)
         rows.append({"input": inp, "output": str(dest), "width": im.size[0], "height": im.size[1],
@@ -82,7 +93,7 @@ def cache_dataset(data_dir: str, model: str, what: str, batch_size: int = 32, pr
     ds = ShardImages(data_dir, split=None)
     if len(ds) == 0:
         raise ValueError(f"{data_dir}: no kept images to encode")
-    sha = getattr(m, "meta", {}).get("sha256", "random")[:12]
+    sha = (m.meta.sha256 if m.meta is not None else "random")[:12]
     out = Path(data_dir) / what / f"{Path(model).name}-{sha}"
     out.mkdir(parents=True, exist_ok=True)
     x0 = ds[0][0]

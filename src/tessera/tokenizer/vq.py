@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tessera.registry import register_family, register_preset
 from tessera.config import Config
 from tessera.nn import AttnBlock2d, Downsample, ResBlock2d, Upsample, group_norm
 
@@ -128,6 +129,8 @@ class VectorQuantizer(nn.Module):
         return q, loss, tokens
 
 
+@register_family("vq", VQConfig, role="tokenizer", task="tokenizer",
+                 train=dict(batch_size=16, lr=2e-4, betas=(0.5, 0.9), warmup_steps=500, ema_decay=0.999, max_steps=20000))
 class VQModel(nn.Module):
     """Encoder + quantizer + decoder. Images are float tensors in [-1, 1]."""
 
@@ -186,3 +189,8 @@ class VQModel(nn.Module):
     def last_layer(self) -> torch.Tensor:
         """The decoder's last weight, where VQGAN's adaptive GAN weight is measured."""
         return self.decoder.conv_out.weight
+
+# 128 px -> 16x16 tokens, 8192 codes of dim 8 (seed 000 "Image tokenizer"); the bundled default
+register_preset("vq-f8", "vq", default=True, base_channels=32, channel_mult=(1, 2, 4, 8), codebook_size=8192)
+# 256 px -> 16x16 tokens
+register_preset("vq-f16", "vq", resolution=256, base_channels=32, channel_mult=(1, 2, 2, 4, 8), codebook_size=8192)

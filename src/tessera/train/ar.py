@@ -108,7 +108,7 @@ class ARTask:
     def losses(self, batch, step: int):
         if self.model.config.conditional:
             tokens, cond, mask = batch
-            drop = torch.rand(tokens.shape[0]) < self.cfg.cond_drop
+            drop = (torch.rand(tokens.shape[0]) < self.cfg.cond_drop).to(tokens.device)
             loss = self._nll(self.model, tokens, cond, mask, drop).mean()
         else:
             loss = self._nll(self.model, batch).mean()
@@ -143,3 +143,7 @@ class ARTask:
             return {}
         m = self.caption_margin(model)
         return {k: v for k, v in m.items() if k != "images"}
+
+
+# what `tessera train ar` runs (train/runs.py finds it by the task name)
+Task, TaskConfig, DEFAULT_PRESET = ARTask, ARTaskConfig, "ar-s"

@@ -112,3 +112,7 @@ class ContrastiveTask:
         img = torch.cat([model.encode_image(x.float().div(127.5).sub(1)) for x in self.val_images.split(128)])
         txt = model.encode_text(self.val_pooled)
         return retrieval_metrics(img, txt, self.val_captions)
+
+
+# what `tessera train contrastive` runs (train/runs.py finds it by the task name)
+Task, TaskConfig, DEFAULT_PRESET = ContrastiveTask, ContrastiveTaskConfig, "clip-xs"

@@ -125,7 +125,7 @@ class DiffusionTask:
         if self.model.config.conditional:
             x0, cond, mask = batch
             cond, mask = trim_padding(cond, mask)
-            drop = torch.rand(x0.shape[0]) < self.cfg.cond_drop
+            drop = (torch.rand(x0.shape[0]) < self.cfg.cond_drop).to(x0.device)
             loss = diffusion_loss(lambda x, t: self.model(x, t, cond, mask, drop), self.schedule, x0).mean()
         else:
             loss = diffusion_loss(lambda x, t: self.model(x, t), self.schedule, batch).mean()
@@ -161,3 +161,7 @@ class DiffusionTask:
         if not model.config.conditional or len(self.val_idx) < 2:
             return {}
         return {k: v for k, v in self.caption_margin(model).items() if k != "images"}
+
+
+# what `tessera train diffusion` runs (train/runs.py finds it by the task name)
+Task, TaskConfig, DEFAULT_PRESET = DiffusionTask, DiffusionTaskConfig, "unet-s"

@@ -5,7 +5,8 @@
     strategy "fsdp"  FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded across
                      ranks; each block of every ModuleList is its own unit (inner ones first), then the root
 
-gloo on CPU, nccl where there are GPUs. Checkpoints hold FULL (unsharded) model and optimizer state in
+The process group has gloo for CPU tensors and NCCL for CUDA tensors where CUDA exists ("cpu:gloo,cuda:nccl"),
+so the CPU-side collectives (barriers, RNG gathers, log means) work beside GPU training. Checkpoints hold FULL (unsharded) model and optimizer state in
 the single-process format, so a run saved at any world size resumes at any other.
 
     torchrun --nproc_per_node=2 -m tessera.cli train ar --data D --out R --set train.strategy=fsdp
@@ -18,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tessera.device import Placement, placement
+
 STRATEGIES = ("ddp", "fsdp")
 
 
@@ -25,9 +28,20 @@ def init_distributed() -> tuple[int, int]:
     """(rank, world size); joins the process group torchrun describes (nothing to do without it)."""
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def rank_placement(device: str = "auto", dtype: str = "auto") -> Placement:
+    """This rank's device: under torchrun an 'auto' / 'cuda' device is cuda:LOCAL_RANK."""
+    spec = device
+    if "LOCAL_RANK" in os.environ and device in ("auto", "cuda") and torch.cuda.is_available():
+        spec = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    place = placement(spec, dtype)
+    if place.device.type == "cuda":
+        torch.cuda.set_device(place.device)
+    return place
 
 
 def shutdown() -> None:

@@ -30,7 +30,7 @@ class MaskedTaskConfig(Config):
 def random_mask(b: int, n: int, ratio: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """[B,N] bool with ceil(ratio_b * N) (at least 1) random positions True per row."""
     k = torch.ceil(ratio * n).long().clamp(1, n)  # (B,)
-    scores = torch.rand(b, n, generator=generator)
+    scores = torch.rand(b, n, generator=generator).to(ratio.device)
     rank = scores.argsort(1).argsort(1)  # (B, N): a random permutation rank per position
     return rank < k[:, None]
 
@@ -61,9 +61,9 @@ class MaskedTask:
     def losses(self, batch, step: int):
         tokens, cond, mask = batch if self.model.config.conditional else (batch, None, None)
         b, n = tokens.shape
-        ratio = torch.cos(torch.rand(b) * math.pi / 2)  # r ~ p(r) = 2/pi (1 - r^2)^(-1/2)
+        ratio = torch.cos(torch.rand(b) * math.pi / 2).to(tokens.device)  # r ~ p(r) = 2/pi (1 - r^2)^(-1/2)
         masked = random_mask(b, n, ratio)
-        drop = torch.rand(b) < self.cfg.cond_drop if cond is not None else None
+        drop = (torch.rand(b) < self.cfg.cond_drop).to(tokens.device) if cond is not None else None
         loss = self._nll(self.model, tokens, masked, cond, mask, drop).mean()
         return {"model": loss}, {"loss": float(loss.detach()), "mask_ratio": float(ratio.mean())}
 
@@ -95,3 +95,7 @@ class MaskedTask:
         if not model.config.conditional or len(self.val_idx) < 2:
             return {}
         return {k: v for k, v in self.caption_margin(model).items() if k != "images"}
+
+
+# what `tessera train masked` runs (train/runs.py finds it by the task name)
+Task, TaskConfig, DEFAULT_PRESET = MaskedTask, MaskedTaskConfig, "masked-s"

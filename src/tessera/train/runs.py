@@ -5,6 +5,7 @@ and `tessera export` need nothing but the folder.
 """
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -12,60 +13,30 @@ from typing import Any
 import torch
 
 from tessera.checkpoint import export_model, load_training_state
-from tessera.registry import model_class, preset_config
+from tessera.errors import InvalidInputError, WrongModelError
+from tessera.registry import families, family, get_preset, model_class, preset_config
 from tessera.train.distributed import shutdown
 from tessera.train.trainer import TrainConfig, Trainer
 
-# default trainer settings per model kind (CLI --set overrides them)
-TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
-    "vq": dict(batch_size=16, lr=2e-4, betas=(0.5, 0.9), warmup_steps=500, ema_decay=0.999, max_steps=20000),
-    "ar": dict(batch_size=32, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=500, ema_decay=0.999,
-               max_steps=20000),
-    "masked": dict(batch_size=32, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=500,
-                   ema_decay=0.999, max_steps=20000),
-    "unet": dict(batch_size=32, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=500, ema_decay=0.999,
-                 max_steps=20000),
-    "srvgg": dict(batch_size=16, lr=5e-4, betas=(0.9, 0.99), weight_decay=0.0, warmup_steps=200, ema_decay=0.999,
-                  max_steps=20000, val_every=500),
-    "rrdbnet": dict(batch_size=16, lr=2e-4, betas=(0.9, 0.99), weight_decay=0.0, warmup_steps=200,
-                    ema_decay=0.999, max_steps=20000, val_every=500),
-    "contrastive": dict(batch_size=128, lr=1e-3, betas=(0.9, 0.98), weight_decay=0.1, warmup_steps=100,
-                        ema_decay=0.995, max_steps=2000, val_every=250),
-    "dit": dict(batch_size=32, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=500, ema_decay=0.999,
-                max_steps=20000),
-}
-
-
-DEFAULT_PRESETS = {"tokenizer": "vq-f8", "ar": "ar-s", "masked": "masked-s", "diffusion": "unet-s",
-                   "sr": "sr-compact-x4", "contrastive": "clip-xs"}
+def task_module(task_name: str):
+    """The training task `tessera.train.<task_name>`: its `Task` class, `TaskConfig` and `DEFAULT_PRESET`."""
+    tasks = sorted({f.task for f in families().values() if f.task})
+    if task_name not in tasks:
+        raise InvalidInputError(f"unknown training task {task_name!r}; known: {tasks}")
+    return importlib.import_module(f"tessera.train.{task_name}")
 
 
 def _task_classes(task_name: str):
-    if task_name == "tokenizer":
-        from tessera.train.tokenizer import TokenizerTask, TokenizerTaskConfig
+    mod = task_module(task_name)
+    return mod.Task, mod.TaskConfig
 
-        return TokenizerTask, TokenizerTaskConfig
-    if task_name == "ar":
-        from tessera.train.ar import ARTask, ARTaskConfig
 
-        return ARTask, ARTaskConfig
-    if task_name == "masked":
-        from tessera.train.masked import MaskedTask, MaskedTaskConfig
-
-        return MaskedTask, MaskedTaskConfig
-    if task_name == "diffusion":
-        from tessera.train.diffusion import DiffusionTask, DiffusionTaskConfig
-
-        return DiffusionTask, DiffusionTaskConfig
-    if task_name == "sr":
-        from tessera.train.sr import SRTask, SRTaskConfig
-
-        return SRTask, SRTaskConfig
-    if task_name == "contrastive":
-        from tessera.train.contrastive import ContrastiveTask, ContrastiveTaskConfig
-
-        return ContrastiveTask, ContrastiveTaskConfig
-    raise KeyError(f"unknown training task {task_name!r}")
+def check_preset(task_name: str, preset: str) -> None:
+    """A preset of a family that the task does not train is an error before any cache is built."""
+    kind = get_preset(preset).kind
+    if family(kind).task != task_name:
+        raise WrongModelError(f"--preset {preset}: a {kind!r} model, which `tessera train {task_name}` does not "
+                              f"train (it trains {', '.join(k for k, f in families().items() if f.task == task_name)})")
 
 
 def apply_overrides(sections: dict[str, dict], overrides: list[str]) -> None:
@@ -91,10 +62,11 @@ def apply_overrides(sections: dict[str, dict], overrides: list[str]) -> None:
 
 def new_spec(task_name: str, preset: str, overrides: list[str], model_updates: dict | None = None,
              task_updates: dict | None = None) -> dict:
+    check_preset(task_name, preset)
     kind, model_cfg = preset_config(preset, **(model_updates or {}))
     _, task_cfg_cls = _task_classes(task_name)
-    spec = {"task_name": task_name, "kind": kind, "preset": preset, "model": model_cfg.to_dict(),
-            "train": TrainConfig.from_dict({**TrainConfig().to_dict(), **TRAIN_DEFAULTS[kind]}).to_dict(),
+    spec = {"task_name": task_name, "kind": kind, "preset": str(preset), "model": model_cfg.to_dict(),
+            "train": TrainConfig.from_dict({**TrainConfig().to_dict(), **family(kind).train}).to_dict(),
             "task": task_cfg_cls.from_dict(task_updates or {}).to_dict()}
     apply_overrides(spec, overrides)
     return spec
@@ -103,7 +75,7 @@ def new_spec(task_name: str, preset: str, overrides: list[str], model_updates: d
 def run_training(task_name: str, data_dir: str, run_dir: str, preset: str | None, max_steps: int | None, resume: bool,
                  overrides: list[str], model_updates: dict | None = None,
                  task_updates: dict | None = None) -> dict[str, float]:
-    """Fresh run: build the spec from the preset (None: the task's DEFAULT_PRESETS entry; + updates,
+    """Fresh run: build the spec from the preset (None: the task module's DEFAULT_PRESET; + updates,
     + overrides) and write OUT/run.json. --resume: read OUT/run.json (overrides still apply, e.g. a new
     train.max_steps) and continue."""
     run = Path(run_dir)
@@ -116,7 +88,7 @@ def run_training(task_name: str, data_dir: str, run_dir: str, preset: str | None
     else:
         if (run / "state.pt").exists():
             raise ValueError(f"{run} already holds a training state; pass --resume or choose a new --out")
-        spec = new_spec(task_name, preset or DEFAULT_PRESETS[task_name], overrides, model_updates, task_updates)
+        spec = new_spec(task_name, preset or task_module(task_name).DEFAULT_PRESET, overrides, model_updates, task_updates)
     task_cls, task_cfg_cls = _task_classes(task_name)
     cls, cfg_cls = model_class(spec["kind"])
     train_cfg = TrainConfig.from_dict(spec["train"])
@@ -142,7 +114,7 @@ def export_run(run_dir: str, out: str, dtype: str = "float32") -> Path:
     model = cls(cfg_cls.from_dict(spec["model"]))
     state = load_training_state(run / "state.pt")
     model.load_state_dict(state["ema"], strict=True)
-    return export_model(model, spec["kind"], out, {"trained_steps": int(state["step"]), "preset": spec["preset"],
+    return export_model(model, out, {"trained_steps": int(state["step"]), "preset": spec["preset"],
                                                    "train": spec["train"], "task": spec["task"]},
                         dtype=_DTYPES[dtype])
 
@@ -166,23 +138,22 @@ def _prepare_text(data_dir: str, text_encoder: str) -> tuple[dict, dict]:
 
 
 def prepare_inputs(task_name: str, data_dir: str, tokenizer: str = "vq-f8", text_encoder: str = "minilm",
-                   space: str = "latent") -> tuple[dict, dict]:
-    """The caches a task trains on (built on rank 0 first under torchrun, then found complete by the
-    others) -> (model_updates, task_updates) for `run_training`."""
+                   space: str = "latent", preset: str | None = None) -> tuple[dict, dict]:
+    """The caches a task trains on, built by the `cache` function its model family registers (on rank 0
+    first under torchrun, then found complete by the others) -> (model_updates, task_updates) for
+    `run_training`. A preset the task does not train fails here, before any cache is built."""
+    from tessera.registry import _import
     from tessera.train.distributed import rank0_first
 
-    if task_name in ("ar", "masked"):
-        return rank0_first(prepare_token_inputs, data_dir, tokenizer, text_encoder)
-    if task_name == "diffusion":
-        return rank0_first(prepare_diffusion_inputs, data_dir, tokenizer, text_encoder, space)
-    if task_name == "contrastive":
-        return rank0_first(prepare_contrastive_inputs, data_dir, text_encoder)
-    if task_name == "sr":
-        return {}, {"tokenizer": tokenizer}
-    return {}, {}
+    preset = preset or task_module(task_name).DEFAULT_PRESET
+    check_preset(task_name, preset)
+    fam = family(get_preset(preset).kind)
+    if fam.cache is None:
+        return {}, ({"tokenizer": tokenizer} if task_name == "sr" else {})
+    return rank0_first(_import(fam.cache), data_dir, tokenizer=tokenizer, text_encoder=text_encoder, space=space)
 
 
-def prepare_contrastive_inputs(data_dir: str, text_encoder: str) -> tuple[dict, dict]:
+def prepare_contrastive_inputs(data_dir: str, text_encoder: str = "minilm", **_) -> tuple[dict, dict]:
     """The caption cache (pooled sentence vectors) of the frozen text tower."""
     if text_encoder == "none":
         raise ValueError("the contrastive model needs a text encoder")
@@ -190,7 +161,7 @@ def prepare_contrastive_inputs(data_dir: str, text_encoder: str) -> tuple[dict, 
     return {"text_encoder": text_encoder, "text_dim": model_updates["cond_dim"]}, task_updates
 
 
-def prepare_token_inputs(data_dir: str, tokenizer: str, text_encoder: str) -> tuple[dict, dict]:
+def prepare_token_inputs(data_dir: str, tokenizer: str = "vq-f8", text_encoder: str = "minilm", **_) -> tuple[dict, dict]:
     """For the token generators (AR, masked): make sure the token and caption caches exist (both
     resumable / skip when complete) and derive the model's vocabulary, grid and condition width."""
     from tessera.tokenizer.tools import tokenize_dataset
@@ -203,7 +174,8 @@ def prepare_token_inputs(data_dir: str, tokenizer: str, text_encoder: str) -> tu
     return model_updates, task_updates
 
 
-def prepare_diffusion_inputs(data_dir: str, tokenizer: str, text_encoder: str, space: str) -> tuple[dict, dict]:
+def prepare_diffusion_inputs(data_dir: str, tokenizer: str = "vq-f8", text_encoder: str = "minilm",
+                             space: str = "latent", **_) -> tuple[dict, dict]:
     """Latent space: cache the tokenizer's latents and measure the scale that gives them unit variance
     on the train split (LDM's scale factor, stored in the run). Pixel space: the images themselves."""
     model_updates, task_updates = _prepare_text(data_dir, text_encoder)
@@ -223,3 +195,18 @@ def prepare_diffusion_inputs(data_dir: str, tokenizer: str, text_encoder: str, s
     model_updates.update(in_channels=index["channels"], sample_size=index["grid"][0])
     task_updates.update(tokenizer=tokenizer, latents=lat_dir.name, latent_scale=float(1.0 / train.std()))
     return model_updates, task_updates
+
+
+def train_command(task_name: str, data_dir: str, run_dir: str, preset: str | None = None, max_steps: int | None = None,
+                  resume: bool = False, overrides: list[str] | None = None, tokenizer: str = "vq-f8",
+                  text_encoder: str = "minilm", space: str = "latent", device: str | None = None,
+                  dtype: str | None = None) -> dict[str, float]:
+    """`tessera train TASK`: the caches it needs (a fresh run), then the run. --device / --dtype become
+    train.device / train.dtype overrides (stored in run.json, so --resume keeps them unless given again)."""
+    overrides = list(overrides or [])
+    overrides += [f'train.{k}="{v}"' for k, v in (("device", device), ("dtype", dtype)) if v is not None]
+    if resume and (Path(run_dir) / "run.json").exists() and task_name != "sr":
+        updates: tuple[dict, dict] = ({}, {})
+    else:
+        updates = prepare_inputs(task_name, data_dir, tokenizer, text_encoder, space, preset)
+    return run_training(task_name, data_dir, run_dir, preset, max_steps, resume, overrides, *updates)

@@ -72,3 +72,12 @@ def train_prompt_safety(path: str | Path = POLICY_PROMPTS, text_encoder: str = "
     report = {"train": accuracy_report(model, x[train], y[train]), "held_out": accuracy_report(model, x[held], y[held]),
               "rows": len(texts), "held_out_rows": int(held.sum()), "steps": steps, "final_loss": float(loss.detach())}
     return model.eval(), report
+
+
+def train_and_export(prompt_file: str | None, text_encoder: str, steps: int, out: str | Path) -> dict:
+    """`tessera train safety`: train the classifier and export it with its held-out report."""
+    from tessera.checkpoint import export_model
+
+    model, report = train_prompt_safety(prompt_file or POLICY_PROMPTS, text_encoder, steps)
+    export_model(model, out, {"report": report, "prompts": str(prompt_file or "policy_prompts.tsv")})
+    return report

@@ -140,3 +140,7 @@ class SRTask:
         crop = (slice(None), slice(None), slice(b, -b or None), slice(b, -b or None))
         return {"psnr": float(psnr(sr[crop], hr[crop]).mean()), "ssim": float(ssim(sr[crop], hr[crop]).mean()),
                 "psnr_bicubic": float(psnr(up[crop], hr[crop]).mean())}
+
+
+# what `tessera train sr` runs (train/runs.py finds it by the task name)
+Task, TaskConfig, DEFAULT_PRESET = SRTask, SRTaskConfig, "sr-compact-x4"

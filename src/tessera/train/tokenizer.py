@@ -123,8 +123,8 @@ class TokenizerTask:
         if dead.numel() == 0:
             return 0
         z = self.model.encode_latents(x).permute(0, 2, 3, 1).reshape(-1, self.model.config.codebook_dim)
-        pick = torch.randint(0, z.shape[0], (dead.numel(),))
-        new = z[pick] + 0.01 * torch.randn(dead.numel(), z.shape[1])
+        pick = torch.randint(0, z.shape[0], (dead.numel(),)).to(z.device)
+        new = z[pick] + 0.01 * torch.randn(dead.numel(), z.shape[1]).to(z.device)
         self.model.quantizer.embedding.weight[dead] = new.to(self.model.quantizer.embedding.weight.dtype)
         self.usage.counts[:, dead] = 1  # give restarted codes one window to get used
         return int(dead.numel())
@@ -138,3 +138,7 @@ class TokenizerTask:
         grid = torch.cat([torch.cat(list(self.val_batch[:n]), -1), torch.cat(list(recs[:n]), -1)], -2)
         to_pil(grid).save(out_dir / f"step_{step:07d}.png")
         return metrics
+
+
+# what `tessera train tokenizer` runs (train/runs.py finds it by the task name)
+Task, TaskConfig, DEFAULT_PRESET = TokenizerTask, TokenizerTaskConfig, "vq-f8"

@@ -1,4 +1,4 @@
-"""One training loop for every model kind: bf16 autocast, AdamW + warmup/cosine, grad clipping, EMA,
+"""One training loop for every model kind: autocast on the chosen device (tessera.device), AdamW + warmup/cosine, grad clipping, EMA,
 atomic checkpoints with exact resume, validation, scalar logs, progress bar; data parallel under
 torchrun (train/distributed.py: torch DDP by default, FSDP2 with train.strategy=fsdp): each rank takes
 its own slice of every global batch; rank 0 alone logs and writes checkpoints, which load at any world
@@ -46,7 +46,8 @@ class TrainConfig(Config):
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    bf16: bool = True
+    device: str = "auto"         # cpu | cuda | cuda:N | auto (under torchrun with CUDA: cuda:LOCAL_RANK)
+    dtype: str = "auto"          # autocast dtype: float32 | bfloat16 | float16 | auto (tessera.device)
     ckpt_every: int = 500
     log_every: int = 20
     val_every: int = 1000
@@ -54,6 +55,13 @@ class TrainConfig(Config):
     num_workers: int = 0
     tensorboard: bool = False
     strategy: str = "ddp"        # under torchrun: ddp | fsdp (FSDP2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        data = dict(data)
+        if "bf16" in data:  # runs written before `dtype`: bf16 true/false
+            data.setdefault("dtype", "bfloat16" if data.pop("bf16") else "float32")
+        return super().from_dict(data)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -138,9 +146,14 @@ class Trainer:
         if cfg.strategy not in ddp.STRATEGIES:
             raise ValueError(f"train.strategy={cfg.strategy!r}: must be one of {ddp.STRATEGIES}")
         self.rank, self.world = ddp.init_distributed()
+        self.placement = ddp.rank_placement(cfg.device, cfg.dtype)
         self.strategy = cfg.strategy if self.world > 1 else None
         torch.manual_seed(cfg.seed + self.rank)
-        self.model: nn.Module = task.model
+        self.model: nn.Module = task.model.to(self.placement.device)
+        for module in task.trainable_modules().values():
+            module.to(self.placement.device)
+        if hasattr(task, "to"):  # frozen helpers of a task (perceptual network, ...)
+            task.to(self.placement.device)
         self.ema = EMA(self.model, cfg.ema_decay)
         if self.strategy:  # same start everywhere, then DDP / FSDP2 in place (optimizers see the result)
             for module in self.task.trainable_modules().values():
@@ -241,7 +254,8 @@ class Trainer:
         for opt in self.optims.values():
             for group in opt.param_groups:
                 group["lr"] = lr
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16):
+        batch = self.placement.to(batch)
+        with self.placement.autocast():
             losses, logs = self.task.losses(batch, self.step)
         for name, loss in losses.items():
             if not torch.isfinite(loss):

@@ -25,6 +25,8 @@ from pathlib import Path
 
 from tessera.config import Config
 from tessera.eval.gate import Decision, gate
+from tessera.errors import InvalidInputError
+from tessera.registry import family
 
 GENERATORS = ("ar", "masked", "diffusion")
 
@@ -64,7 +66,7 @@ class GateStep(Config):
 
 
 @dataclasses.dataclass
-class PipelineConfig(Config):
+class WorkflowConfig(Config):
     name: str = "pipeline"
     workdir: str = "runs/pipeline"
     deployed: str = "models/deployed"
@@ -94,7 +96,8 @@ def train_step(cfg: TrainStep, data_dir: str, run: Path) -> None:
     """Train (caches first, rank 0 before the others, as the CLI does); under torchrun every rank calls it."""
     from tessera.train import runs
 
-    model_updates, task_updates = runs.prepare_inputs(cfg.task, data_dir, cfg.tokenizer, cfg.text_encoder)
+    model_updates, task_updates = runs.prepare_inputs(cfg.task, data_dir, cfg.tokenizer, cfg.text_encoder,
+                                                       preset=cfg.preset or None)
     runs.run_training(cfg.task, data_dir, str(run / "train"), cfg.preset or None, cfg.max_steps, False,
                       list(cfg.overrides), model_updates, task_updates)
 
@@ -104,14 +107,14 @@ def evaluate(model_dir: str | Path, data_dir: str, cfg: EvalStep) -> dict[str, f
     import tessera
 
     model = tessera.load(str(model_dir))
-    kind = model.meta.get("kind")
+    kind = model.kind
     limit = cfg.limit or None
     if kind == "vq":
         from tessera.eval.reconstruction import evaluate_reconstruction
 
         out = evaluate_reconstruction(model, data_dir, "val", limit=limit)
         return {k: out[k] for k in ("psnr", "ssim", "codebook_usage")}
-    if kind in ("ar", "masked", "unet", "dit"):
+    if family(kind).role == "generator":
         from tessera.eval.captions import caption_margin
 
         out = caption_margin(model, data_dir, limit=limit)
@@ -122,13 +125,13 @@ def evaluate(model_dir: str | Path, data_dir: str, cfg: EvalStep) -> dict[str, f
 def sample_grid(model_dir: Path, train: TrainStep, prompts: tuple[str, ...], out: Path) -> str | None:
     """Two samples per prompt from the candidate (generators only), one row per prompt."""
     import tessera
-    from tessera.pipelines.ar import grid
-    from tessera.pipelines.load import load_pipeline
+    from tessera.pipelines.records import grid
+    from tessera.pipelines.folder import load_pipeline
 
-    if tessera.load(str(model_dir)).meta.get("kind") not in ("ar", "masked", "unet", "dit"):
+    if family(tessera.load(str(model_dir)).kind).role != "generator":
         return None
     lp = load_pipeline(str(model_dir), tokenizer=train.tokenizer, text_encoder=train.text_encoder)
-    images = lp.pipe([p for p in prompts for _ in range(2)], lp.params(seed=0, n=2 * len(prompts)))
+    images = lp.run([p for p in prompts for _ in range(2)], lp.params(seed=0, n=2 * len(prompts)))
     grid(images, cols=2).save(out)
     return out.name
 
@@ -145,7 +148,7 @@ def promote(candidate: Path, deployed: Path) -> None:
     tmp.rename(deployed)
 
 
-def run_pipeline(cfg: PipelineConfig, run_id: str | None = None) -> dict:
+def run_workflow(cfg: WorkflowConfig, run_id: str | None = None) -> dict:
     """The whole pipeline; under torchrun the data and train steps run on every rank and rank 0 alone
     exports, evaluates, gates and promotes (the other ranks return {"rank": r} after training)."""
     from tessera.train import runs
@@ -197,3 +200,12 @@ def report_md(report: dict, decision: Decision) -> str:
     if report["samples"]:
         lines += ["", f"![samples]({report['samples']})"]
     return "\n".join(lines) + "\n"
+
+
+def run_file(config_file: str | Path, run_id: str | None = None) -> dict:
+    """`tessera workflow run CONFIG.json`."""
+    try:
+        data = json.loads(Path(config_file).read_text())
+    except ValueError as e:
+        raise InvalidInputError(f"{config_file}: not valid JSON ({e})") from None
+    return run_workflow(WorkflowConfig.from_dict(data), run_id)

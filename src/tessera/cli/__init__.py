@@ -1,0 +1,307 @@
+"""`tessera` command: argument parsing and formatting only; every command calls one library function.
+
+Errors: a `TesseraError` (or another ValueError / OSError a user's input caused) becomes one line on
+stderr and a non-zero exit (`handle_errors`); Ctrl-C in training says what was saved and how to resume."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from tessera.errors import TesseraError
+
+P = click.Path
+DIR, FILE, NEWDIR, PNG_OUT = P(exists=True, file_okay=False), P(exists=True, dir_okay=False), P(file_okay=False), P(dir_okay=False)
+
+def handle_errors(invoke):
+    """Wraps the root group's invoke: every sub-command's user error becomes a one-line message."""
+    @functools.wraps(invoke)
+    def wrapper(self, ctx):
+        try:
+            return invoke(self, ctx)
+        except TesseraError as e:
+            _exit(str(e), e.exit_code)
+        except (ValueError, OSError) as e:
+            _exit(str(e) or type(e).__name__, 2)
+        except KeyboardInterrupt as e:
+            detail = f"{e}; rerun the same command with --resume to continue" if str(e) else "nothing was saved"
+            _exit(f"interrupted: {detail}", 130)
+    return wrapper
+
+def _exit(message: str, code: int) -> None:
+    click.echo(f"Error: {' '.join(message.split())}", err=True)
+    sys.exit(code)
+
+class Group(click.Group):
+    invoke = handle_errors(click.Group.invoke)
+
+def echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+def O(*names, **kw):
+    """One option spec: O("--size", default=128, help=...) for `options`."""
+    return (*names, kw)
+
+def options(*specs):
+    """Stack click options given as (names..., kwargs) tuples, top to bottom."""
+    def deco(f):
+        for *names, kw in reversed(specs):
+            f = click.option(*names, **kw)(f)
+        return f
+    return deco
+
+DEVICE_OPTS = (O("--device", help="cpu | cuda | cuda:N | auto (default: auto)"),
+               O("--dtype", help="autocast dtype: float32 | bfloat16 | float16 | auto (default: auto)"))
+DEVICE = options(*DEVICE_OPTS)
+
+def group(parent, name: str, doc: str):
+    """A sub-command group with its help text."""
+    return parent.group(name, cls=Group, help=doc)(lambda: None)
+
+@click.group(cls=Group, context_settings={"show_default": True})
+@click.version_option(package_name="tessera")
+def main() -> None:
+    """Tessera: curate data, train a tokenizer and generators, generate, upscale, evaluate, serve."""
+
+data = group(main, "data", "Data curation.")
+
+@data.command("prepare")
+@click.argument("sources", nargs=-1, required=True)
+@options(O("--out", required=True, type=NEWDIR), O("--size", default=128, help="output side in pixels"),
+         O("--format", "image_format", default="png", type=click.Choice(["png", "jpg"])),
+         O("--val-fraction", default=0.05), O("--workers", default=2), O("--min-size", default=64, help="shorter side"),
+         O("--phash-distance", default=6, help="near-duplicate Hamming threshold"),
+         O("--max-pixels", default=64_000_000, help="decompression-bomb cap"),
+         O("--scorer", "scorers", multiple=True, help="plug-in scorer 'module:factory'"),
+         O("--engine", default="local", type=click.Choice(["local", "ray"]), help="ray: Ray Data stages (same output)"))
+def data_prepare(sources, out, size, image_format, val_fraction, workers, min_size, phash_distance, max_pixels,
+                 scorers, engine) -> None:
+    """Decode, filter, deduplicate and shard SOURCES (folders, .tar shards, .parquet files) into OUT."""
+    from tessera.data.filters import FilterConfig
+    from tessera.data.prepare import PrepareConfig, prepare
+    cfg = PrepareConfig(size=size, image_format=image_format, val_fraction=val_fraction, workers=workers,
+                        max_pixels=max_pixels, scorers=tuple(scorers),
+                        filters=FilterConfig(min_size=min_size, phash_distance=phash_distance))
+    report = prepare(list(sources), out, cfg, engine=engine)
+    echo_json({k: report[k] for k in ("kept", "kept_by_split", "rejected", "rejected_by_reason", "images_per_second")})
+
+@data.command("from-serving")
+@options(O("--serve-dir", required=True, type=DIR, help="`tessera serve --data-dir`"), O("--out", required=True, type=NEWDIR),
+         O("--min-rating", type=float, help="leave out images rated below this (mean of 1-5)"),
+         O("--rated-only", is_flag=True, help="leave out unrated images"), O("--nsfw-threshold", default=0.8))
+def data_from_serving(serve_dir, out, min_rating, rated_only, nsfw_threshold) -> None:
+    """The data flywheel: served images + their prompts (+ ratings) -> a folder `data prepare` takes."""
+    from tessera.data.flywheel import export_from_serving
+    from tessera.safety.image import ImageSafety
+    echo_json(export_from_serving(serve_dir, out, min_rating, not rated_only, image_safety=ImageSafety(nsfw_threshold)))
+
+@data.command("embed-captions")
+@options(O("--data", "data_dir", required=True, type=DIR), O("--encoder", default="minilm", help="minilm | tiny | HF name"))
+def data_embed_captions(data_dir, encoder) -> None:
+    """Cache every kept image's caption embedding beside the shards (DATA/text/<encoder>/)."""
+    from tessera.text import load_text_encoder
+    from tessera.text.cache import embed_captions
+    click.echo(str(embed_captions(data_dir, load_text_encoder(encoder), encoder)))
+
+train = group(main, "train", "Train a model (every trainer takes the same options).")
+
+TRAIN = options(O("--data", "data_dir", required=True, type=DIR), O("--out", "run_dir", required=True, type=NEWDIR),
+                O("--preset", help="model preset name or preset JSON file"), O("--max-steps", type=int),
+                O("--resume/--no-resume", default=False, help="continue from OUT/state.pt"),
+                O("--set", "overrides", multiple=True, help="override KEY=JSON, e.g. train.lr=1e-4"), *DEVICE_OPTS)
+TOKENIZER = O("--tokenizer", default="vq-f8", help="tokenizer whose caches to train on")
+TEXT = O("--text-encoder", default="minilm", help="prompt encoder ('none': unconditional)")
+TRAIN_EXTRA = {"tokenizer": [], "ar": [TOKENIZER, TEXT], "masked": [TOKENIZER, TEXT], "contrastive": [TEXT],
+               "diffusion": [O("--arch", default="unet", type=click.Choice(["unet", "dit"]), help="default preset: ARCH-s"),
+                             TOKENIZER, O("--space", default="latent", type=click.Choice(["latent", "pixel"])), TEXT],
+               "sr": [O("--tokenizer", default="vq-f8", help="round trip degrading half of the inputs ('': bicubic)")]}
+TRAIN_HELP = {"tokenizer": "Train the VQ tokenizer on a prepared folder.",
+              "ar": "Train the autoregressive generator on cached token grids (+ cached caption embeddings).",
+              "masked": "Train the masked generator (Muse / MaskGIT) on cached token grids (+ captions).",
+              "diffusion": "Train a diffusion denoiser (DDPM objective) on cached latents (+ captions).",
+              "sr": "Train a super-resolution model (L1) on crops of a prepared high-resolution folder.",
+              "contrastive": "Train the contrastive image-text model (offline CLIPScore) on a captioned folder."}
+
+def _train_command(task: str):
+    @TRAIN
+    @options(*TRAIN_EXTRA[task])
+    def command(data_dir, run_dir, preset, max_steps, resume, overrides, device, dtype, arch=None, **kw) -> None:
+        from tessera.train.runs import train_command
+
+        preset = preset or (f"{arch}-s" if arch else None)
+        echo_json(train_command(task, data_dir, run_dir, preset, max_steps, resume, list(overrides),
+                                device=device, dtype=dtype, **kw))
+    command.__doc__ = TRAIN_HELP[task]
+    return train.command(task)(command)
+
+for _task in TRAIN_HELP:
+    _train_command(_task)
+
+@train.command("safety")
+@options(O("--prompts", "prompt_file", type=FILE, help="labelled TSV (text, label)"),
+         TEXT[:1] + (dict(default="minilm"),), O("--steps", default=400),
+         O("-o", "--out", required=True, type=NEWDIR, help="export folder"))
+def train_safety(prompt_file, text_encoder, steps, out) -> None:
+    """Train the prompt-policy classifier (seconds) and export it with its held-out report."""
+    from tessera.train.safety import train_and_export
+    echo_json(train_and_export(prompt_file, text_encoder, steps, out))
+
+@main.command("export")
+@click.argument("run_dir", type=DIR)
+@options(O("-o", "--out", required=True, type=NEWDIR),
+         O("--dtype", default="float32", type=click.Choice(["float32", "float16", "bfloat16"]), help="storage dtype"))
+def export(run_dir, out, dtype) -> None:
+    """Export a run's EMA weights as a model folder (config.json + model.safetensors + meta.json)."""
+    from tessera.train.runs import export_run
+    click.echo(str(export_run(run_dir, out, dtype)))
+
+@main.command("reconstruct")
+@click.argument("inputs", nargs=-1, required=True, type=FILE)
+@options(O("-o", "--out", required=True, type=P(), help="output file (one input) or folder"), O("--model", default="vq-f8"),
+         *DEVICE_OPTS)
+def reconstruct(inputs, out, model, device, dtype) -> None:
+    """Round-trip images through the tokenizer at their own size; prints PSNR and SSIM."""
+    from tessera.tokenizer.tools import reconstruct_files
+    for r in reconstruct_files(list(inputs), out, model, device, dtype):
+        click.echo(f"{r['input']} -> {r['output']}  {r['width']}x{r['height']}  {r['tokens']} tokens  "
+                   f"PSNR {r['psnr']:.2f} dB  SSIM {r['ssim']:.4f}")
+
+@main.command("tokenize")
+@options(O("--data", "data_dir", required=True, type=DIR), O("--model", default="vq-f8"), O("--batch-size", default=32))
+def tokenize(data_dir, model, batch_size) -> None:
+    """Cache every kept image's token grid beside the shards (DATA/tokens/<model-sha>/)."""
+    from tessera.tokenizer.tools import tokenize_dataset
+    click.echo(str(tokenize_dataset(data_dir, model, batch_size)))
+
+SAMPLE = options(O("--model", help="pipeline folder, generator folder or preset (default: bundled)"),
+                 O("--tokenizer", help="default: the generator's"), O("--text-encoder", help="default: the pipeline's"),
+                 O("--seed", default=0), O("-n", default=4), O("--cfg", "cfg_scale", type=float, help="guidance scale"),
+                 O("-o", "--out", required=True, type=PNG_OUT, help="grid PNG"))
+SAMPLE_EXTRA = {
+    "ar": [O("--temperature", type=float), O("--top-k", type=int), O("--top-p", type=float),
+           O("--cfg-interval", type=int, help="guide only the first K tokens (-1: all)")],
+    "masked": [O("--steps", type=int, help="decoding steps (8-24)"), O("--temperature", type=float),
+               O("--choice-temperature", type=float, help="Gumbel noise on confidences, annealed to 0")],
+    "diffusion": [O("--steps", type=int), O("--sampler", "method", type=click.Choice(["ddim", "ddpm"])),
+                  O("--eta", type=float, help="DDIM noise (0: deterministic)"), O("--negative-prompt")]}
+
+sample_ = group(main, "sample", "Sample images from a bare generator pipeline (no safety, no SR).")
+
+def _sample_command(paradigm: str):
+    @click.argument("prompt", default="")
+    @SAMPLE
+    @options(*SAMPLE_EXTRA[paradigm], *DEVICE_OPTS)
+    def command(prompt, model, tokenizer, text_encoder, out, device, dtype, **settings) -> None:
+        from tessera.pipelines.sample import sample_to_file
+        click.echo(str(sample_to_file(paradigm, prompt, out, model, tokenizer, text_encoder, device, dtype, settings)))
+    command.__doc__ = f"Sample N images for PROMPT with a {paradigm} pipeline; a grid PNG with its parameters."
+    return sample_.command(paradigm)(command)
+
+for _paradigm in SAMPLE_EXTRA:
+    _sample_command(_paradigm)
+
+@main.command("inpaint")
+@click.argument("image", type=FILE)
+@click.option("--mask", "mask_path", required=True, type=FILE, help="same size: white = regenerate, black = keep")
+@click.argument("prompt", default="")
+@SAMPLE
+@options(*SAMPLE_EXTRA["masked"], *DEVICE_OPTS)
+def inpaint(image, mask_path, prompt, model, tokenizer, text_encoder, out, device, dtype, **settings) -> None:
+    """Regenerate the white region of MASK in IMAGE with a masked pipeline (outpainting: mask the border)."""
+    from tessera.pipelines.sample import sample_to_file
+    click.echo(str(sample_to_file("masked", prompt, out, model, tokenizer, text_encoder, device, dtype, settings,
+                                  inpaint=(image, mask_path))))
+
+@main.command("generate")
+@click.argument("prompt")
+@options(O("-o", "--out", required=True, type=PNG_OUT, help="output PNG (a grid when -n > 1)"),
+         O("--paradigm", type=click.Choice(["diffusion", "ar", "masked"]), help="default: the --model's, else diffusion"),
+         O("--model", help="pipeline folder, generator folder or preset (default: the bundled one)"),
+         O("--size", default=1024, help="output side, up to 2048 (0: native 128)"), O("-n", default=1, help="1-8"),
+         O("--seed", default=-1, help="-1: random (printed and stored in the PNG)"),
+         O("--steps", type=int, help="masked / diffusion steps"), O("--cfg", "cfg_scale", type=float),
+         O("--temperature", type=float, help="ar / masked"), O("--top-k", type=int, help="ar"),
+         O("--top-p", type=float, help="ar"), O("--negative-prompt", default="", help="diffusion"),
+         O("--no-enhance", is_flag=True, help="use the prompt as written"),
+         O("--diversify", is_flag=True, help="vary skin tone / gender across the images of a people prompt"), *DEVICE_OPTS)
+def generate(prompt, out, **kw) -> None:
+    """Generate images for PROMPT: prompt safety, enhancement, generation, decoding, harm detection,
+    super-resolution to --size."""
+    from tessera.pipelines.text2image import generate_file
+    path, result = generate_file(prompt, out, **kw)
+    for w in result.withheld:
+        click.echo(f"image {w['index']} withheld by harm detection: {w['category']} (score {w['score']})", err=True)
+    click.echo(f"{path}  {result.size[0]}x{result.size[1]}  seed {result.seed}  revised: {result.revised_prompt!r}  "
+               f"{json.dumps(result.timings)}")
+
+pipeline_ = group(main, "pipeline", "Inference pipeline folders (model_index.json + one folder per component).")
+
+@pipeline_.command("save")
+@options(O("--paradigm", required=True, type=click.Choice(["ar", "masked", "diffusion"])),
+         O("--model", help="generator folder or preset (default: the paradigm's bundled one)"),
+         O("--tokenizer", help="default: the generator's"), O("--text-encoder", help="default: minilm"),
+         O("-o", "--out", required=True, type=NEWDIR, help="new pipeline folder"))
+def pipeline_save(paradigm, model, tokenizer, text_encoder, out) -> None:
+    """Write the pipeline folder of the bundled default of PARADIGM (or of the given components)."""
+    from tessera.pipelines.folder import save_default_pipeline
+    click.echo(str(save_default_pipeline(paradigm, out, model, tokenizer, text_encoder)))
+
+workflow = group(main, "workflow", "The training workflow: data -> train -> evaluate -> gate -> promote.")
+
+@workflow.command("run")
+@click.argument("config_file", type=FILE)
+@click.option("--run-id", help="run folder name under the config's workdir (default: a timestamp)")
+def workflow_run(config_file, run_id) -> None:
+    """Run the workflow CONFIG_FILE (JSON) describes; writes report.json / report.md in the run folder.
+    Exit code 0 when the candidate was promoted, 3 when the gate rejected it."""
+    from tessera.train.workflow import run_file
+    report = run_file(config_file, run_id)
+    if "promoted" not in report:  # a rank > 0 under torchrun: rank 0 reports
+        return
+    echo_json({k: report[k] for k in ("run", "promoted", "metrics")})
+    click.echo("\n".join(report["decision"]["reasons"]))
+    if not report["promoted"]:
+        sys.exit(3)
+
+@main.command("serve")
+@click.argument("stage", default="gateway", type=click.Choice(["gateway", "generation", "decoding", "superres"]))
+@options(O("--host", default="127.0.0.1", help="another address requires --api-key"),
+         O("--port", type=int, help="default: 8000 gateway, 8101-8103 stages"),
+         O("--model", "models", multiple=True, help="pipeline / generator to serve for its paradigm (repeatable)"),
+         O("--data-dir", default="tessera-serve", help="jobs, images, feedback"),
+         O("--api-key", "api_keys", multiple=True, envvar="TESSERA_API_KEYS", help="accepted Bearer key"),
+         O("--max-queue", default=64, help="queued jobs before 429"), O("--max-batch", default=8, help="jobs per batch"),
+         O("--deadline", "deadline_s", default=600.0, help="per-request deadline (s)"),
+         O("--generation-url", help="default: in-process"), O("--decoding-url", help="default: in-process"),
+         O("--superres-url", help="default: in-process"), O("--preload", default="diffusion", help="paradigms to load"),
+         O("--ray", "use_ray", is_flag=True, help="the stages as Ray Serve deployments (the ray extra)"),
+         O("--replicas", default="1,1,1", help="--ray: generation,decoding,superres replicas"), *DEVICE_OPTS)
+def serve(stage, host, port, models, generation_url, decoding_url, superres_url, preload, **kw) -> None:
+    """The HTTP server: the gateway (OpenAI-compatible images API, jobs, web page at /) or one stage service."""
+    import uvicorn
+    from tessera.pipelines.folder import models_by_paradigm
+    from tessera.serve.app import build_server
+    urls = {"generation": generation_url, "decoding": decoding_url, "superres": superres_url}
+    app, port = build_server(stage, host, port, models=models_by_paradigm(models), stage_urls=urls,
+                             preload=tuple(p for p in preload.split(",") if p), **kw)
+    click.echo(f"tessera {stage} on http://{host}:{port}/  (Ctrl-C to stop)")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+@main.command("upscale")
+@click.argument("src", type=FILE)
+@options(O("-o", "--out", required=True, type=PNG_OUT),
+         O("--size", help="exact output size: N (square) or WxH, e.g. 1024 or 2048"),
+         O("--scale", type=int, help="2 or 4 (instead of --size)"),
+         O("--model", default="fast", help="fast | x4plus (Real-ESRGAN) | a model folder or preset"),
+         O("--tile", default=192, help="tile side in input pixels"), *DEVICE_OPTS)
+def upscale(src, out, size, scale, model, tile, device, dtype) -> None:
+    """Super-resolve SRC to exactly --size through the x4 / x2 cascade (tiled, bounded memory)."""
+    from tessera.device import placement
+    from tessera.superres.cascade import parse_size, upscale_file
+    img = upscale_file(src, out, parse_size(size) if size else None, scale, model, tile=tile,
+                       placement=placement(device, dtype))
+    click.echo(f"{out}  {img.width}x{img.height}")
+
+from tessera.cli import evaluation  # noqa: E402,F401  (registers `tessera eval` and `tessera bench`)

@@ -1,0 +1,252 @@
+"""Pipeline folders (the diffusers convention) and the one loader of inference pipelines.
+
+    DIR/model_index.json     {"_class_name": "MaskedPipeline", "_tessera_version", "paradigm": "masked",
+                              "generator": ["tessera", "MaskedTransformer"], "tokenizer": ["tessera", "VQModel"],
+                              "text_encoder": ["tessera", "TextEncoder"], "scheduler": [...] (diffusion),
+                              "sampler": {default sampling parameters}, "latent_scale", "space" (diffusion)}
+    DIR/generator/           a model folder (config.json + model.safetensors + meta.json)
+    DIR/tokenizer/           a model folder (absent for a pixel-space denoiser)
+    DIR/text_encoder/        text_encoder.json {"name": "minilm" | a Hugging Face name or path}: the
+                             weights come from their installed package, never copied here
+    DIR/scheduler/           scheduler_config.json (diffusion: the noise schedule)
+
+`load_pipeline(spec)` takes a pipeline folder, a generator's model folder or bundled preset (its pipeline
+is assembled from the training record: tokenizer, schedule, latent scale), or a paradigm name for the
+bundled default pipeline.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tessera.checkpoint import atomic_write_bytes, export_model, is_model_folder, read_meta
+from tessera.device import Placement, placement
+from tessera.errors import InvalidInputError, ModelNotFoundError, WrongModelError
+from tessera.registry import _import, default_model, family, paradigms, resolve
+
+INDEX = "model_index.json"
+TEXT_ENCODER_JSON = "text_encoder.json"
+SCHEDULER_JSON = "scheduler_config.json"
+
+
+def is_pipeline_folder(path: str | Path) -> bool:
+    return (Path(path) / INDEX).is_file()
+
+
+def _pipeline_class(kind: str):
+    fam = family(kind)
+    if fam.role != "generator" or not fam.pipeline:
+        raise WrongModelError(f"a {kind!r} model is not a generator (generators: "
+                              f"{', '.join(k for k, f in _generator_families())})")
+    return _import(fam.pipeline)
+
+
+def _generator_families():
+    from tessera.registry import families
+
+    return [(k, f) for k, f in families().items() if f.role == "generator"]
+
+
+def _identity(name: str, model) -> dict:
+    meta = model.meta
+    return {"name": name, "kind": model.kind, "sha256": meta.sha256 if meta else None,
+            "trained_steps": meta.trained_steps if meta else None}
+
+
+def _load_model(spec: str | Path, role: str, device: torch.device):
+    """A component by folder or bundled preset name, checked for its role."""
+    from tessera.checkpoint import load_model
+
+    model = load_model(resolve(spec))
+    if family(model.kind).role != role:
+        raise WrongModelError(f"{spec} is a {model.kind!r} model, not a {role}")
+    return model.to(device)
+
+
+def _text_encoder(name: str | None, conditional: bool):
+    if not conditional:
+        return None
+    from tessera.text import load_text_encoder
+
+    return load_text_encoder(name or "minilm")
+
+
+def assemble(generator, generator_name: str, tokenizer: str | None = None, text_encoder: str | None = None,
+             device: Placement | None = None, **pipeline_kw):
+    """The pipeline of a loaded generator. What the caller does not give comes from the generator's
+    training record: the tokenizer it was trained with, and for diffusion its schedule and latent scale."""
+    device = device or Placement()
+    cls = _pipeline_class(generator.kind)
+    task = (generator.meta.task if generator.meta else None) or {}
+    kw = dict(pipeline_kw)
+    if cls.paradigm == "diffusion":
+        from tessera.sampling.diffusion import DiffusionConfig
+
+        kw.setdefault("space", task.get("space", "latent"))
+        kw.setdefault("scheduler", DiffusionConfig.from_dict(task.get("diffusion", {})))
+        kw.setdefault("latent_scale", float(task.get("latent_scale", 1.0)))
+    needs_tokenizer = cls.paradigm != "diffusion" or kw.get("space") == "latent"
+    tok_name = tokenizer or task.get("tokenizer") or default_model("tokenizer")
+    tok = _load_model(tok_name, "tokenizer", device.device) if needs_tokenizer else None
+    enc = _text_encoder(text_encoder, generator.config.conditional)
+    pipe = cls(generator, tok, enc, text_encoder_name=text_encoder or ("minilm" if enc else None), device=device, **kw)
+    pipe.models = {"generator": _identity(generator_name, generator)}
+    if tok is not None:
+        pipe.models["tokenizer"] = _identity(str(tok_name), tok)
+    if enc is not None:
+        pipe.models["text_encoder"] = {"name": pipe.text_encoder_name}
+    return pipe
+
+
+def load_pipeline(spec: str | Path | None = None, tokenizer: str | None = None, text_encoder: str | None = None,
+                  device: str | None = None, dtype: str | None = None, paradigm: str | None = None):
+    """A pipeline from a pipeline folder, a generator (folder or bundled preset) or a paradigm name
+    ("ar" | "masked" | "diffusion": the bundled default). `paradigm` checks what was found."""
+    from tessera.checkpoint import load_model
+
+    place = device if isinstance(device, Placement) else placement(device, dtype)
+    spec = spec if spec is not None else paradigm
+    if spec is None:
+        raise InvalidInputError("give a pipeline folder, a generator or a paradigm")
+    found = paradigm_of(spec)  # reads records only: a model of the wrong kind fails before anything loads
+    if paradigm is not None and found != paradigm:
+        raise WrongModelError(f"{spec} is a {found} model, not {paradigm}; pass a {paradigm} pipeline or generator "
+                              f"(the bundled one: {default_model(paradigm)})")
+    if str(spec) in paradigms():
+        spec = default_model(str(spec))
+    if is_pipeline_folder(spec):
+        if tokenizer is not None:
+            raise InvalidInputError(f"--tokenizer: {spec} is a pipeline folder, which holds its own tokenizer")
+        pipe = load_pipeline_folder(spec, place, text_encoder)
+    else:
+        generator = load_model(resolve(spec)).to(place.device)
+        pipe = assemble(generator, str(spec), tokenizer, text_encoder, place)
+    return pipe
+
+
+def load_pipeline_folder(folder: str | Path, device: Placement | None = None, text_encoder: str | None = None):
+    """Rebuild the pipeline a folder describes (every component strict, by its own model folder)."""
+    from tessera.checkpoint import load_model
+
+    folder = Path(folder)
+    device = device or Placement()
+    try:
+        index = json.loads((folder / INDEX).read_text())
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(f"{folder / INDEX}: not a readable pipeline index ({e})") from None
+    for comp in ("generator",) + (("tokenizer",) if "tokenizer" in index else ()):
+        if not is_model_folder(folder / comp):
+            raise ModelNotFoundError(f"{folder}: the {comp} component is missing ({folder / comp} is not a model folder)")
+    generator = load_model(folder / "generator").to(device.device)
+    cls = _pipeline_class(generator.kind)
+    if index.get("paradigm") != cls.paradigm:
+        raise WrongModelError(f"{folder / INDEX}: paradigm {index.get('paradigm')!r}, but its generator is a "
+                              f"{generator.kind!r} model ({cls.paradigm})")
+    kw = {}
+    if cls.paradigm == "diffusion":
+        from tessera.sampling.diffusion import DiffusionConfig
+
+        sched = json.loads((folder / "scheduler" / SCHEDULER_JSON).read_text())
+        kw = {"scheduler": DiffusionConfig.from_dict(sched), "latent_scale": float(index["latent_scale"]),
+              "space": index.get("space", "latent")}
+    enc_name = text_encoder
+    if enc_name is None and (folder / "text_encoder" / TEXT_ENCODER_JSON).is_file():
+        enc_name = json.loads((folder / "text_encoder" / TEXT_ENCODER_JSON).read_text())["name"]
+    tok = load_model(folder / "tokenizer").to(device.device) if "tokenizer" in index else None
+    enc = _text_encoder(enc_name, generator.config.conditional)
+    pipe = cls(generator, tok, enc, text_encoder_name=enc_name, sampler=index.get("sampler"), device=device, **kw)
+    pipe.models = {"generator": _identity(str(folder / "generator"), generator)}
+    if tok is not None:
+        pipe.models["tokenizer"] = _identity(str(folder / "tokenizer"), tok)
+    if enc is not None:
+        pipe.models["text_encoder"] = {"name": enc_name}
+    pipe.source = str(folder)
+    return pipe
+
+
+def _export_component(model, out: Path) -> None:
+    meta = model.meta.to_dict() if model.meta else {}
+    keep = {k: v for k, v in meta.items() if k not in ("kind", "sha256", "tessera_version", "stored_dtype", "created")}
+    stored = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(meta.get("stored_dtype"))
+    export_model(model, out, keep, dtype=stored)
+
+
+def save_pipeline(pipe, folder: str | Path, overwrite: bool = False) -> Path:
+    """Write `pipe` as a pipeline folder (built beside it, then moved into place: nothing half-written)."""
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise InvalidInputError(f"-o {folder}: the folder exists and is not empty (choose a new one)")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        _write_pipeline(pipe, tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _write_pipeline(pipe, out: Path) -> None:
+    import tessera
+
+    index = {"_class_name": type(pipe).__name__, "_tessera_version": tessera.__version__, "paradigm": pipe.paradigm,
+             "generator": ["tessera", type(pipe.generator).__name__]}
+    _export_component(pipe.generator, out / "generator")
+    if pipe.tokenizer is not None:
+        index["tokenizer"] = ["tessera", type(pipe.tokenizer).__name__]
+        _export_component(pipe.tokenizer, out / "tokenizer")
+    if pipe.text_encoder is not None:
+        index["text_encoder"] = ["tessera", "TextEncoder"]
+        atomic_write_bytes(out / "text_encoder" / TEXT_ENCODER_JSON,
+                           (json.dumps({"name": pipe.text_encoder_name}, indent=2) + "\n").encode())
+    if pipe.paradigm == "diffusion":
+        index["scheduler"] = ["tessera", "DDIMScheduler"]
+        index.update(latent_scale=pipe.scale, space=pipe.space)
+        atomic_write_bytes(out / "scheduler" / SCHEDULER_JSON, (pipe.scheduler.to_json() + "\n").encode())
+    index["sampler"] = {k: v for k, v in dataclasses.asdict(pipe.sampler).items() if k not in ("n", "noise_seeds")}
+    atomic_write_bytes(out / INDEX, (json.dumps(index, indent=2) + "\n").encode())
+
+
+def save_default_pipeline(paradigm: str, out: str | Path, generator: str | None = None, tokenizer: str | None = None,
+                          text_encoder: str | None = None) -> Path:
+    """`tessera pipeline save`: the bundled default of `paradigm`, or the given components, as a folder."""
+    if paradigm not in paradigms():
+        raise InvalidInputError(f"--paradigm {paradigm}: must be one of {paradigms()}")
+    pipe = load_pipeline(generator or paradigm, tokenizer, text_encoder, device="cpu", dtype="float32",
+                         paradigm=paradigm)
+    return save_pipeline(pipe, out)
+
+
+def paradigm_of(spec: str | Path) -> str:
+    """The paradigm a pipeline folder, generator (folder or preset) or paradigm name generates in."""
+    if str(spec) in paradigms():
+        return str(spec)
+    if is_pipeline_folder(spec):
+        try:
+            return json.loads((Path(spec) / INDEX).read_text())["paradigm"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelNotFoundError(f"{Path(spec) / INDEX}: not a readable pipeline index ({e})") from None
+    kind = read_meta(resolve(spec)).kind
+    paradigm = family(kind).paradigm
+    if paradigm is None:
+        raise WrongModelError(f"{spec} is a {kind!r} model, not a generator")
+    return paradigm
+
+
+def models_by_paradigm(specs) -> dict[str, str]:
+    """['DIR', 'ar-xs', ...] -> {paradigm: spec}; two for one paradigm is an error."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        p = paradigm_of(spec)
+        if p in out:
+            raise InvalidInputError(f"--model {spec}: {out[p]} already serves the {p} paradigm")
+        out[p] = str(spec)
+    return out
