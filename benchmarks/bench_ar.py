@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import torch
 
+import torch
 from common import timed
+
 from tessera.registry import build
 from tessera.sampling.ar import cached_logits_fn, recompute_logits_fn, sample
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import torch
 
+import torch
 from common import timed_pair
+
 from tessera.registry import build
 from tessera.sampling.diffusion import DiffusionConfig, Schedule, guided_denoiser, sample
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import torch
 
+import torch
 from common import timed
+
 from tessera.registry import build
 from tessera.sampling import ar as ar_sampling
 from tessera.sampling import masked as masked_sampling

@@ -2,8 +2,15 @@
 import pytest
 import torch
 
-from tessera.sampling.diffusion import (DiffusionConfig, Schedule, ddim_step, ddpm_step, diffusion_loss,
-                                        guided_denoiser, sample)
+from tessera.sampling.diffusion import (
+    DiffusionConfig,
+    Schedule,
+    ddim_step,
+    ddpm_step,
+    diffusion_loss,
+    guided_denoiser,
+    sample,
+)
 
 diffusers = pytest.importorskip("diffusers")
 

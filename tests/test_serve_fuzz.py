@@ -4,15 +4,15 @@ or not), and hypothesis on the request model (whatever it accepts, the pipeline 
 The fuzzed server runs the real gateway, job queue, prompt safety and harm detection; its generation /
 decoding / SR stages are a fast test double (plain images), because thousands of requests through the
 real generators would take hours on 2 cores. The real stages are exercised in test_serve.py."""
-import hypothesis.strategies as st
 import httpx
+import hypothesis.strategies as st
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from PIL import Image
 from schemathesis.checks import not_a_server_error
-
 from test_serve import uvicorn_server
+
 from tessera.pipelines.text2image import DEFAULT_MODELS, TextToImage
 from tessera.serve.app import ServeConfig, create_app
 from tessera.serve.schemas import ImageGenerationRequest

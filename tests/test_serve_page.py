@@ -5,8 +5,8 @@ import shutil
 
 import httpx
 import pytest
-
 from test_serve import uvicorn_server
+
 from tessera.serve.app import ServeConfig, create_app
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -5,7 +5,6 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
-
 from test_serve import decode_b64
 
 ray = pytest.importorskip("ray")
@@ -53,8 +52,8 @@ def test_deployments_scale_independently_and_the_gateway_serves_through_them(tmp
 
 
 def test_backpressure_rejects_beyond_the_deployment_queue(handles):
-    from ray.serve.exceptions import BackPressureError
     from PIL import Image
+    from ray.serve.exceptions import BackPressureError
 
     from tessera.serve.wire import images_to_tensor, pack
 

@@ -10,9 +10,9 @@ import time
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from test_serve import FAST, decode_b64, wait_done
 
 from conftest import free_port
-from test_serve import FAST, decode_b64, wait_done
 from tessera.serve.app import ServeConfig, create_app
 
 

@@ -10,9 +10,8 @@ import tarfile
 import pytest
 import torch
 
-from conftest import photo_like
+from conftest import free_port, photo_like, tiny_preset
 from tessera.data.stream import ImageStream, shard_samples
-from conftest import free_port, tiny_preset
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,7 @@ from safetensors.torch import save_file
 
 from tessera.registry import build
 from tessera.tokenizer.losses import PatchDiscriminator, VQLoss, VQLossConfig, adaptive_weight, hinge_d_loss
-from tessera.tokenizer.perceptual import (PerceptualLoss, VGG16Features, load_open_nsfw,
-                                          open_nsfw_onnx_path)
+from tessera.tokenizer.perceptual import PerceptualLoss, VGG16Features, load_open_nsfw, open_nsfw_onnx_path
 from tessera.tokenizer.vq import VectorQuantizer
 
 

@@ -1,7 +1,5 @@
 """`tessera` command: argument parsing and formatting only; every command calls one library function.
-
-Errors: a `TesseraError` (or another ValueError / OSError a user's input caused) becomes one line on
-stderr and a non-zero exit (`handle_errors`); Ctrl-C in training says what was saved and how to resume."""
+A user's error (`TesseraError`, ValueError, OSError) becomes one line and a non-zero exit (`handle_errors`)."""
 from __future__ import annotations
 
 import functools
@@ -13,7 +11,8 @@ import click
 from tessera.errors import TesseraError
 
 P = click.Path
-DIR, FILE, NEWDIR, PNG_OUT = P(exists=True, file_okay=False), P(exists=True, dir_okay=False), P(file_okay=False), P(dir_okay=False)
+DIR, FILE, NEWDIR, PNG_OUT = P(exists=True, file_okay=False), P(exists=True, dir_okay=False), P(file_okay=False), \
+    P(dir_okay=False)
 
 def handle_errors(invoke):
     """Wraps the root group's invoke: every sub-command's user error becomes a one-line message."""
@@ -40,8 +39,8 @@ class Group(click.Group):
 def echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
-def O(*names, **kw):
-    """One option spec: O("--size", default=128, help=...) for `options`."""
+def opt(*names, **kw):
+    """One option spec: opt("--size", default=128, help=...) for `options`."""
     return (*names, kw)
 
 def options(*specs):
@@ -52,8 +51,8 @@ def options(*specs):
         return f
     return deco
 
-DEVICE_OPTS = (O("--device", help="cpu | cuda | cuda:N | auto (default: auto)"),
-               O("--dtype", help="autocast dtype: float32 | bfloat16 | float16 | auto (default: auto)"))
+DEVICE_OPTS = (opt("--device", help="cpu | cuda | cuda:N | auto (default: auto)"),
+               opt("--dtype", help="autocast dtype: float32 | bfloat16 | float16 | auto (default: auto)"))
 DEVICE = options(*DEVICE_OPTS)
 
 def group(parent, name: str, doc: str):
@@ -69,13 +68,13 @@ data = group(main, "data", "Data curation.")
 
 @data.command("prepare")
 @click.argument("sources", nargs=-1, required=True)
-@options(O("--out", required=True, type=NEWDIR), O("--size", default=128, help="output side in pixels"),
-         O("--format", "image_format", default="png", type=click.Choice(["png", "jpg"])),
-         O("--val-fraction", default=0.05), O("--workers", default=2), O("--min-size", default=64, help="shorter side"),
-         O("--phash-distance", default=6, help="near-duplicate Hamming threshold"),
-         O("--max-pixels", default=64_000_000, help="decompression-bomb cap"),
-         O("--scorer", "scorers", multiple=True, help="plug-in scorer 'module:factory'"),
-         O("--engine", default="local", type=click.Choice(["local", "ray"]), help="ray: Ray Data stages (same output)"))
+@options(opt("--out", required=True, type=NEWDIR), opt("--size", default=128, help="output side in pixels"),
+         opt("--format", "image_format", default="png", type=click.Choice(["png", "jpg"])),
+         opt("--val-fraction", default=0.05), opt("--workers", default=2), opt("--min-size", default=64, help="shorter side"),
+         opt("--phash-distance", default=6, help="near-duplicate Hamming threshold"),
+         opt("--max-pixels", default=64_000_000, help="decompression-bomb cap"),
+         opt("--scorer", "scorers", multiple=True, help="plug-in scorer 'module:factory'"),
+         opt("--engine", default="local", type=click.Choice(["local", "ray"]), help="ray: Ray Data stages (same output)"))
 def data_prepare(sources, out, size, image_format, val_fraction, workers, min_size, phash_distance, max_pixels,
                  scorers, engine) -> None:
     """Decode, filter, deduplicate and shard SOURCES (folders, .tar shards, .parquet files) into OUT."""
@@ -88,9 +87,9 @@ def data_prepare(sources, out, size, image_format, val_fraction, workers, min_si
     echo_json({k: report[k] for k in ("kept", "kept_by_split", "rejected", "rejected_by_reason", "images_per_second")})
 
 @data.command("from-serving")
-@options(O("--serve-dir", required=True, type=DIR, help="`tessera serve --data-dir`"), O("--out", required=True, type=NEWDIR),
-         O("--min-rating", type=float, help="leave out images rated below this (mean of 1-5)"),
-         O("--rated-only", is_flag=True, help="leave out unrated images"), O("--nsfw-threshold", default=0.8))
+@options(opt("--serve-dir", required=True, type=DIR, help="`tessera serve --data-dir`"), opt("--out", required=True, type=NEWDIR),
+         opt("--min-rating", type=float, help="leave out images rated below this (mean of 1-5)"),
+         opt("--rated-only", is_flag=True, help="leave out unrated images"), opt("--nsfw-threshold", default=0.8))
 def data_from_serving(serve_dir, out, min_rating, rated_only, nsfw_threshold) -> None:
     """The data flywheel: served images + their prompts (+ ratings) -> a folder `data prepare` takes."""
     from tessera.data.flywheel import export_from_serving
@@ -98,7 +97,7 @@ def data_from_serving(serve_dir, out, min_rating, rated_only, nsfw_threshold) ->
     echo_json(export_from_serving(serve_dir, out, min_rating, not rated_only, image_safety=ImageSafety(nsfw_threshold)))
 
 @data.command("embed-captions")
-@options(O("--data", "data_dir", required=True, type=DIR), O("--encoder", default="minilm", help="minilm | tiny | HF name"))
+@options(opt("--data", "data_dir", required=True, type=DIR), opt("--encoder", default="minilm", help="minilm | tiny | HF name"))
 def data_embed_captions(data_dir, encoder) -> None:
     """Cache every kept image's caption embedding beside the shards (DATA/text/<encoder>/)."""
     from tessera.text import load_text_encoder
@@ -107,16 +106,16 @@ def data_embed_captions(data_dir, encoder) -> None:
 
 train = group(main, "train", "Train a model (every trainer takes the same options).")
 
-TRAIN = options(O("--data", "data_dir", required=True, type=DIR), O("--out", "run_dir", required=True, type=NEWDIR),
-                O("--preset", help="model preset name or preset JSON file"), O("--max-steps", type=int),
-                O("--resume/--no-resume", default=False, help="continue from OUT/state.pt"),
-                O("--set", "overrides", multiple=True, help="override KEY=JSON, e.g. train.lr=1e-4"), *DEVICE_OPTS)
-TOKENIZER = O("--tokenizer", default="vq-f8", help="tokenizer whose caches to train on")
-TEXT = O("--text-encoder", default="minilm", help="prompt encoder ('none': unconditional)")
+TRAIN = options(opt("--data", "data_dir", required=True, type=DIR), opt("--out", "run_dir", required=True, type=NEWDIR),
+                opt("--preset", help="model preset name or preset JSON file"), opt("--max-steps", type=int),
+                opt("--resume/--no-resume", default=False, help="continue from OUT/state.pt"),
+                opt("--set", "overrides", multiple=True, help="override KEY=JSON, e.g. train.lr=1e-4"), *DEVICE_OPTS)
+TOKENIZER = opt("--tokenizer", default="vq-f8", help="tokenizer whose caches to train on")
+TEXT = opt("--text-encoder", default="minilm", help="prompt encoder ('none': unconditional)")
 TRAIN_EXTRA = {"tokenizer": [], "ar": [TOKENIZER, TEXT], "masked": [TOKENIZER, TEXT], "contrastive": [TEXT],
-               "diffusion": [O("--arch", default="unet", type=click.Choice(["unet", "dit"]), help="default preset: ARCH-s"),
-                             TOKENIZER, O("--space", default="latent", type=click.Choice(["latent", "pixel"])), TEXT],
-               "sr": [O("--tokenizer", default="vq-f8", help="round trip degrading half of the inputs ('': bicubic)")]}
+               "diffusion": [opt("--arch", default="unet", type=click.Choice(["unet", "dit"]), help="default preset: ARCH-s"),
+                             TOKENIZER, opt("--space", default="latent", type=click.Choice(["latent", "pixel"])), TEXT],
+               "sr": [opt("--tokenizer", default="vq-f8", help="round trip degrading half of the inputs ('': bicubic)")]}
 TRAIN_HELP = {"tokenizer": "Train the VQ tokenizer on a prepared folder.",
               "ar": "Train the autoregressive generator on cached token grids (+ cached caption embeddings).",
               "masked": "Train the masked generator (Muse / MaskGIT) on cached token grids (+ captions).",
@@ -140,9 +139,9 @@ for _task in TRAIN_HELP:
     _train_command(_task)
 
 @train.command("safety")
-@options(O("--prompts", "prompt_file", type=FILE, help="labelled TSV (text, label)"),
-         TEXT[:1] + (dict(default="minilm"),), O("--steps", default=400),
-         O("-o", "--out", required=True, type=NEWDIR, help="export folder"))
+@options(opt("--prompts", "prompt_file", type=FILE, help="labelled TSV (text, label)"),
+         TEXT[:1] + (dict(default="minilm"),), opt("--steps", default=400),
+         opt("-o", "--out", required=True, type=NEWDIR, help="export folder"))
 def train_safety(prompt_file, text_encoder, steps, out) -> None:
     """Train the prompt-policy classifier (seconds) and export it with its held-out report."""
     from tessera.train.safety import train_and_export
@@ -150,8 +149,8 @@ def train_safety(prompt_file, text_encoder, steps, out) -> None:
 
 @main.command("export")
 @click.argument("run_dir", type=DIR)
-@options(O("-o", "--out", required=True, type=NEWDIR),
-         O("--dtype", default="float32", type=click.Choice(["float32", "float16", "bfloat16"]), help="storage dtype"))
+@options(opt("-o", "--out", required=True, type=NEWDIR),
+         opt("--dtype", default="float32", type=click.Choice(["float32", "float16", "bfloat16"]), help="storage dtype"))
 def export(run_dir, out, dtype) -> None:
     """Export a run's EMA weights as a model folder (config.json + model.safetensors + meta.json)."""
     from tessera.train.runs import export_run
@@ -159,7 +158,7 @@ def export(run_dir, out, dtype) -> None:
 
 @main.command("reconstruct")
 @click.argument("inputs", nargs=-1, required=True, type=FILE)
-@options(O("-o", "--out", required=True, type=P(), help="output file (one input) or folder"), O("--model", default="vq-f8"),
+@options(opt("-o", "--out", required=True, type=P(), help="output file (one input) or folder"), opt("--model", default="vq-f8"),
          *DEVICE_OPTS)
 def reconstruct(inputs, out, model, device, dtype) -> None:
     """Round-trip images through the tokenizer at their own size; prints PSNR and SSIM."""
@@ -169,23 +168,23 @@ def reconstruct(inputs, out, model, device, dtype) -> None:
                    f"PSNR {r['psnr']:.2f} dB  SSIM {r['ssim']:.4f}")
 
 @main.command("tokenize")
-@options(O("--data", "data_dir", required=True, type=DIR), O("--model", default="vq-f8"), O("--batch-size", default=32))
+@options(opt("--data", "data_dir", required=True, type=DIR), opt("--model", default="vq-f8"), opt("--batch-size", default=32))
 def tokenize(data_dir, model, batch_size) -> None:
     """Cache every kept image's token grid beside the shards (DATA/tokens/<model-sha>/)."""
     from tessera.tokenizer.tools import tokenize_dataset
     click.echo(str(tokenize_dataset(data_dir, model, batch_size)))
 
-SAMPLE = options(O("--model", help="pipeline folder, generator folder or preset (default: bundled)"),
-                 O("--tokenizer", help="default: the generator's"), O("--text-encoder", help="default: the pipeline's"),
-                 O("--seed", default=0), O("-n", default=4), O("--cfg", "cfg_scale", type=float, help="guidance scale"),
-                 O("-o", "--out", required=True, type=PNG_OUT, help="grid PNG"))
+SAMPLE = options(opt("--model", help="pipeline folder, generator folder or preset (default: bundled)"),
+                 opt("--tokenizer", help="default: the generator's"), opt("--text-encoder", help="default: the pipeline's"),
+                 opt("--seed", default=0), opt("-n", default=4), opt("--cfg", "cfg_scale", type=float, help="guidance scale"),
+                 opt("-o", "--out", required=True, type=PNG_OUT, help="grid PNG"))
 SAMPLE_EXTRA = {
-    "ar": [O("--temperature", type=float), O("--top-k", type=int), O("--top-p", type=float),
-           O("--cfg-interval", type=int, help="guide only the first K tokens (-1: all)")],
-    "masked": [O("--steps", type=int, help="decoding steps (8-24)"), O("--temperature", type=float),
-               O("--choice-temperature", type=float, help="Gumbel noise on confidences, annealed to 0")],
-    "diffusion": [O("--steps", type=int), O("--sampler", "method", type=click.Choice(["ddim", "ddpm"])),
-                  O("--eta", type=float, help="DDIM noise (0: deterministic)"), O("--negative-prompt")]}
+    "ar": [opt("--temperature", type=float), opt("--top-k", type=int), opt("--top-p", type=float),
+           opt("--cfg-interval", type=int, help="guide only the first K tokens (-1: all)")],
+    "masked": [opt("--steps", type=int, help="decoding steps (8-24)"), opt("--temperature", type=float),
+               opt("--choice-temperature", type=float, help="Gumbel noise on confidences, annealed to 0")],
+    "diffusion": [opt("--steps", type=int), opt("--sampler", "method", type=click.Choice(["ddim", "ddpm"])),
+                  opt("--eta", type=float, help="DDIM noise (0: deterministic)"), opt("--negative-prompt")]}
 
 sample_ = group(main, "sample", "Sample images from a bare generator pipeline (no safety, no SR).")
 
@@ -216,16 +215,16 @@ def inpaint(image, mask_path, prompt, model, tokenizer, text_encoder, out, devic
 
 @main.command("generate")
 @click.argument("prompt")
-@options(O("-o", "--out", required=True, type=PNG_OUT, help="output PNG (a grid when -n > 1)"),
-         O("--paradigm", type=click.Choice(["diffusion", "ar", "masked"]), help="default: the --model's, else diffusion"),
-         O("--model", help="pipeline folder, generator folder or preset (default: the bundled one)"),
-         O("--size", default=1024, help="output side, up to 2048 (0: native 128)"), O("-n", default=1, help="1-8"),
-         O("--seed", default=-1, help="-1: random (printed and stored in the PNG)"),
-         O("--steps", type=int, help="masked / diffusion steps"), O("--cfg", "cfg_scale", type=float),
-         O("--temperature", type=float, help="ar / masked"), O("--top-k", type=int, help="ar"),
-         O("--top-p", type=float, help="ar"), O("--negative-prompt", default="", help="diffusion"),
-         O("--no-enhance", is_flag=True, help="use the prompt as written"),
-         O("--diversify", is_flag=True, help="vary skin tone / gender across the images of a people prompt"), *DEVICE_OPTS)
+@options(opt("-o", "--out", required=True, type=PNG_OUT, help="output PNG (a grid when -n > 1)"),
+         opt("--paradigm", type=click.Choice(["diffusion", "ar", "masked"]), help="default: the --model's, else diffusion"),
+         opt("--model", help="pipeline folder, generator folder or preset (default: the bundled one)"),
+         opt("--size", default=1024, help="output side, up to 2048 (0: native 128)"), opt("-n", default=1, help="1-8"),
+         opt("--seed", default=-1, help="-1: random (printed and stored in the PNG)"),
+         opt("--steps", type=int, help="masked / diffusion steps"), opt("--cfg", "cfg_scale", type=float),
+         opt("--temperature", type=float, help="ar / masked"), opt("--top-k", type=int, help="ar"),
+         opt("--top-p", type=float, help="ar"), opt("--negative-prompt", default="", help="diffusion"),
+         opt("--no-enhance", is_flag=True, help="use the prompt as written"),
+         opt("--diversify", is_flag=True, help="vary skin tone / gender across the images of a people prompt"), *DEVICE_OPTS)
 def generate(prompt, out, **kw) -> None:
     """Generate images for PROMPT: prompt safety, enhancement, generation, decoding, harm detection,
     super-resolution to --size."""
@@ -239,10 +238,10 @@ def generate(prompt, out, **kw) -> None:
 pipeline_ = group(main, "pipeline", "Inference pipeline folders (model_index.json + one folder per component).")
 
 @pipeline_.command("save")
-@options(O("--paradigm", required=True, type=click.Choice(["ar", "masked", "diffusion"])),
-         O("--model", help="generator folder or preset (default: the paradigm's bundled one)"),
-         O("--tokenizer", help="default: the generator's"), O("--text-encoder", help="default: minilm"),
-         O("-o", "--out", required=True, type=NEWDIR, help="new pipeline folder"))
+@options(opt("--paradigm", required=True, type=click.Choice(["ar", "masked", "diffusion"])),
+         opt("--model", help="generator folder or preset (default: the paradigm's bundled one)"),
+         opt("--tokenizer", help="default: the generator's"), opt("--text-encoder", help="default: minilm"),
+         opt("-o", "--out", required=True, type=NEWDIR, help="new pipeline folder"))
 def pipeline_save(paradigm, model, tokenizer, text_encoder, out) -> None:
     """Write the pipeline folder of the bundled default of PARADIGM (or of the given components)."""
     from tessera.pipelines.folder import save_default_pipeline
@@ -267,20 +266,21 @@ def workflow_run(config_file, run_id) -> None:
 
 @main.command("serve")
 @click.argument("stage", default="gateway", type=click.Choice(["gateway", "generation", "decoding", "superres"]))
-@options(O("--host", default="127.0.0.1", help="another address requires --api-key"),
-         O("--port", type=int, help="default: 8000 gateway, 8101-8103 stages"),
-         O("--model", "models", multiple=True, help="pipeline / generator to serve for its paradigm (repeatable)"),
-         O("--data-dir", default="tessera-serve", help="jobs, images, feedback"),
-         O("--api-key", "api_keys", multiple=True, envvar="TESSERA_API_KEYS", help="accepted Bearer key"),
-         O("--max-queue", default=64, help="queued jobs before 429"), O("--max-batch", default=8, help="jobs per batch"),
-         O("--deadline", "deadline_s", default=600.0, help="per-request deadline (s)"),
-         O("--generation-url", help="default: in-process"), O("--decoding-url", help="default: in-process"),
-         O("--superres-url", help="default: in-process"), O("--preload", default="diffusion", help="paradigms to load"),
-         O("--ray", "use_ray", is_flag=True, help="the stages as Ray Serve deployments (the ray extra)"),
-         O("--replicas", default="1,1,1", help="--ray: generation,decoding,superres replicas"), *DEVICE_OPTS)
+@options(opt("--host", default="127.0.0.1", help="another address requires --api-key"),
+         opt("--port", type=int, help="default: 8000 gateway, 8101-8103 stages"),
+         opt("--model", "models", multiple=True, help="pipeline / generator to serve for its paradigm (repeatable)"),
+         opt("--data-dir", default="tessera-serve", help="jobs, images, feedback"),
+         opt("--api-key", "api_keys", multiple=True, envvar="TESSERA_API_KEYS", help="accepted Bearer key"),
+         opt("--max-queue", default=64, help="queued jobs before 429"), opt("--max-batch", default=8, help="jobs per batch"),
+         opt("--deadline", "deadline_s", default=600.0, help="per-request deadline (s)"),
+         opt("--generation-url", help="default: in-process"), opt("--decoding-url", help="default: in-process"),
+         opt("--superres-url", help="default: in-process"), opt("--preload", default="diffusion", help="paradigms to load"),
+         opt("--ray", "use_ray", is_flag=True, help="the stages as Ray Serve deployments (the ray extra)"),
+         opt("--replicas", default="1,1,1", help="--ray: generation,decoding,superres replicas"), *DEVICE_OPTS)
 def serve(stage, host, port, models, generation_url, decoding_url, superres_url, preload, **kw) -> None:
     """The HTTP server: the gateway (OpenAI-compatible images API, jobs, web page at /) or one stage service."""
     import uvicorn
+
     from tessera.pipelines.folder import models_by_paradigm
     from tessera.serve.app import build_server
     urls = {"generation": generation_url, "decoding": decoding_url, "superres": superres_url}
@@ -291,11 +291,11 @@ def serve(stage, host, port, models, generation_url, decoding_url, superres_url,
 
 @main.command("upscale")
 @click.argument("src", type=FILE)
-@options(O("-o", "--out", required=True, type=PNG_OUT),
-         O("--size", help="exact output size: N (square) or WxH, e.g. 1024 or 2048"),
-         O("--scale", type=int, help="2 or 4 (instead of --size)"),
-         O("--model", default="fast", help="fast | x4plus (Real-ESRGAN) | a model folder or preset"),
-         O("--tile", default=192, help="tile side in input pixels"), *DEVICE_OPTS)
+@options(opt("-o", "--out", required=True, type=PNG_OUT),
+         opt("--size", help="exact output size: N (square) or WxH, e.g. 1024 or 2048"),
+         opt("--scale", type=int, help="2 or 4 (instead of --size)"),
+         opt("--model", default="fast", help="fast | x4plus (Real-ESRGAN) | a model folder or preset"),
+         opt("--tile", default=192, help="tile side in input pixels"), *DEVICE_OPTS)
 def upscale(src, out, size, scale, model, tile, device, dtype) -> None:
     """Super-resolve SRC to exactly --size through the x4 / x2 cascade (tiled, bounded memory)."""
     from tessera.device import placement

@@ -3,24 +3,24 @@ from __future__ import annotations
 
 import click
 
-from tessera.cli import DEVICE, DEVICE_OPTS, DIR, FILE, NEWDIR, PNG_OUT, O, echo_json, group, main, options
+from tessera.cli import DEVICE, DEVICE_OPTS, DIR, FILE, NEWDIR, PNG_OUT, echo_json, group, main, opt, options
 from tessera.config import parse_settings
 
-DATA = O("--data", "data_dir", required=True, type=DIR)
-SPLIT = O("--split", default="val", type=click.Choice(["val", "train"]))
-LIMIT = O("--limit", type=int, help="only the first N images / prompts")
-CLIP = O("--clip", "clip_model", default="clip-xs", help="contrastive model or HF CLIP folder")
-SAMPLES = options(O("--model", required=True, help="pipeline folder, generator folder or preset"),
-                  O("--tokenizer", help="default: the one the generator was trained with"), O("--text-encoder"),
-                  O("--batch-size", default=16),
-                  O("--set", "settings", multiple=True, help="sampling setting KEY=VALUE, e.g. steps=10"),
-                  O("-o", "--out", required=True, type=NEWDIR, help="samples folder (resumable)"))
+DATA = opt("--data", "data_dir", required=True, type=DIR)
+SPLIT = opt("--split", default="val", type=click.Choice(["val", "train"]))
+LIMIT = opt("--limit", type=int, help="only the first N images / prompts")
+CLIP = opt("--clip", "clip_model", default="clip-xs", help="contrastive model or HF CLIP folder")
+SAMPLES = options(opt("--model", required=True, help="pipeline folder, generator folder or preset"),
+                  opt("--tokenizer", help="default: the one the generator was trained with"), opt("--text-encoder"),
+                  opt("--batch-size", default=16),
+                  opt("--set", "settings", multiple=True, help="sampling setting KEY=VALUE, e.g. steps=10"),
+                  opt("-o", "--out", required=True, type=NEWDIR, help="samples folder (resumable)"))
 
 eval_ = group(main, "eval", "Evaluation.")
 
 @eval_.command("reconstruction")
-@options(DATA, O("--model", default="vq-f8"), O("--split", default="val", type=click.Choice(["val", "train", "all"])),
-         LIMIT, O("--rfd", is_flag=True, help="also the Fréchet distance of reconstructions to originals"),
+@options(DATA, opt("--model", default="vq-f8"), opt("--split", default="val", type=click.Choice(["val", "train", "all"])),
+         LIMIT, opt("--rfd", is_flag=True, help="also the Fréchet distance of reconstructions to originals"),
          *DEVICE_OPTS)
 def eval_reconstruction(data_dir, model, split, limit, rfd, device, dtype) -> None:
     """PSNR / SSIM / codebook usage of a tokenizer on a prepared split (held-out: val)."""
@@ -28,9 +28,9 @@ def eval_reconstruction(data_dir, model, split, limit, rfd, device, dtype) -> No
     echo_json({"model": model, **evaluate_tokenizer(model, data_dir, split, limit, rfd, device, dtype)})
 
 @eval_.command("caption-margin")
-@options(DATA, O("--model", required=True, help="text-conditioned generator folder or preset"),
-         O("--cache", help="token/latent cache under DATA/tokens|latents (default: the model's)"),
-         O("--text", help="caption cache name under DATA/text (default: the model's)"), LIMIT)
+@options(DATA, opt("--model", required=True, help="text-conditioned generator folder or preset"),
+         opt("--cache", help="token/latent cache under DATA/tokens|latents (default: the model's)"),
+         opt("--text", help="caption cache name under DATA/text (default: the model's)"), LIMIT)
 def eval_caption_margin(data_dir, model, cache, text, limit) -> None:
     """Held-out NLL (AR / masked) or denoising loss (diffusion) with the true vs. a shuffled caption."""
     import tessera
@@ -38,9 +38,9 @@ def eval_caption_margin(data_dir, model, cache, text, limit) -> None:
     echo_json({"model": model, **caption_margin(tessera.load(model), data_dir, cache, text, limit)})
 
 @eval_.command("fid")
-@options(O("--real", required=True, type=DIR, help="folder of reference images"),
-         O("--fake", required=True, type=DIR, help="folder of generated images"), O("--kid-subsets", default=100),
-         O("--kid-subset-size", default=1000), O("--inception-weights", type=PNG_OUT,
+@options(opt("--real", required=True, type=DIR, help="folder of reference images"),
+         opt("--fake", required=True, type=DIR, help="folder of generated images"), opt("--kid-subsets", default=100),
+         opt("--kid-subset-size", default=1000), opt("--inception-weights", type=PNG_OUT,
                                       help="pt_inception-2015-12-05-6726825d.pth: real FID / KID / IS"))
 def eval_fid(real, fake, kid_subsets, kid_subset_size, inception_weights) -> None:
     """Fréchet distance and KID between two image folders (offline feature space: open_nsfw ResNet-50)."""
@@ -48,11 +48,11 @@ def eval_fid(real, fake, kid_subsets, kid_subset_size, inception_weights) -> Non
     echo_json({"real": real, "fake": fake, **compare_folders(real, fake, kid_subsets, kid_subset_size, inception_weights)})
 
 @eval_.command("sr")
-@options(O("--data", "data_dir", required=True, type=DIR, help="held-out HR photos"),
-         O("--model", "models", multiple=True, default=("fast",), help="fast | x4plus | folder"),
-         O("--scale", default=4), SPLIT, LIMIT,
-         O("--degrade", default="bicubic", type=click.Choice(["bicubic", "tokenizer"])),
-         O("--tokenizer", default="vq-f8", help="tokenizer for --degrade tokenizer"), *DEVICE_OPTS)
+@options(opt("--data", "data_dir", required=True, type=DIR, help="held-out HR photos"),
+         opt("--model", "models", multiple=True, default=("fast",), help="fast | x4plus | folder"),
+         opt("--scale", default=4), SPLIT, LIMIT,
+         opt("--degrade", default="bicubic", type=click.Choice(["bicubic", "tokenizer"])),
+         opt("--tokenizer", default="vq-f8", help="tokenizer for --degrade tokenizer"), *DEVICE_OPTS)
 def eval_sr(data_dir, models, scale, split, limit, degrade, tokenizer, device, dtype) -> None:
     """PSNR / SSIM of bicubic, Lanczos and SR models on bicubic-downscaled held-out photos."""
     from tessera.eval.sr import evaluate_sr_models
@@ -61,8 +61,8 @@ def eval_sr(data_dir, models, scale, split, limit, degrade, tokenizer, device, d
 
 @eval_.command("sample")
 @SAMPLES
-@options(O("--prompts", "prompt_file", type=PNG_OUT, help="TSV with a Prompt column or one per line"),
-         O("--data", "data_dir", type=DIR, help="or: a prepared folder's captions"), SPLIT, LIMIT)
+@options(opt("--prompts", "prompt_file", type=PNG_OUT, help="TSV with a Prompt column or one per line"),
+         opt("--data", "data_dir", type=DIR, help="or: a prepared folder's captions"), SPLIT, LIMIT)
 @DEVICE
 def eval_sample(model, tokenizer, text_encoder, batch_size, settings, out, prompt_file, data_dir, split, limit,
                 device, dtype) -> None:
@@ -93,9 +93,9 @@ def eval_latency(samples, price_per_hour) -> None:
 @eval_.command("prompts")
 @click.argument("prompt_file", type=FILE)
 @SAMPLES
-@options(O("--per-category", type=int, help="only the first N prompts of each category"),
-         O("--category", "categories", multiple=True, help="only this category (repeatable)"), CLIP,
-         O("--price-per-hour", default=0.10), *DEVICE_OPTS)
+@options(opt("--per-category", type=int, help="only the first N prompts of each category"),
+         opt("--category", "categories", multiple=True, help="only this category (repeatable)"), CLIP,
+         opt("--price-per-hour", default=0.10), *DEVICE_OPTS)
 def eval_prompts(prompt_file, model, tokenizer, text_encoder, batch_size, settings, out, per_category, categories,
                  clip_model, price_per_hour, device, dtype) -> None:
     """Prompt benchmark (e.g. PartiPrompts.tsv): CLIPScore and seconds per image per category -> OUT/report.*"""
@@ -104,11 +104,11 @@ def eval_prompts(prompt_file, model, tokenizer, text_encoder, batch_size, settin
                                 per_category, list(categories), clip_model, price_per_hour, device, dtype))
 
 @eval_.command("human")
-@options(O("--a", "a_dir", required=True, type=DIR, help="samples folder of model A"),
-         O("--b", "b_dir", required=True, type=DIR, help="model B or references"),
-         O("--db", required=True, type=PNG_OUT, help="SQLite file of votes (kept across runs)"),
-         O("--host", default="127.0.0.1"), O("--port", default=8765),
-         O("--report", is_flag=True, help="print the win rate of A with its 95%% interval and exit"))
+@options(opt("--a", "a_dir", required=True, type=DIR, help="samples folder of model A"),
+         opt("--b", "b_dir", required=True, type=DIR, help="model B or references"),
+         opt("--db", required=True, type=PNG_OUT, help="SQLite file of votes (kept across runs)"),
+         opt("--host", default="127.0.0.1"), opt("--port", default=8765),
+         opt("--report", is_flag=True, help="print the win rate of A with its 95%% interval and exit"))
 def eval_human(a_dir, b_dir, db, host, port, report) -> None:
     """Side-by-side human evaluation on a local web page; votes in SQLite; win rate with a confidence interval."""
     from tessera.eval.human import VoteStore, make_app, pair_folders, serve_votes
@@ -118,8 +118,8 @@ def eval_human(a_dir, b_dir, db, host, port, report) -> None:
     serve_votes(make_app(a_dir, b_dir, db), host, port)
 
 @eval_.command("safety")
-@options(O("--model", default="prompt-safety", help="prompt-policy classifier"),
-         O("--benign", "benign_file", type=FILE, help="prompts that must pass"), O("--threshold", default=0.5))
+@options(opt("--model", default="prompt-safety", help="prompt-policy classifier"),
+         opt("--benign", "benign_file", type=FILE, help="prompts that must pass"), opt("--threshold", default=0.5))
 def eval_safety(model, benign_file, threshold) -> None:
     """Block rate on the held-out unsafe policy prompts; false-positive rate on benign prompts."""
     from tessera.eval.safety import evaluate_prompt_safety
@@ -128,10 +128,10 @@ def eval_safety(model, benign_file, threshold) -> None:
 bench = group(main, "bench", "Benchmarks that compare models on this machine.")
 
 @bench.command("paradigms")
-@options(O("--data", "data_dir", default="data/demo128", type=DIR), SPLIT, LIMIT,
-         O("--config", "configs", multiple=True, help="PARADIGM=MODEL[:key=value,...] (repeatable)"),
-         O("--batch-size", default=16), CLIP, O("--text-encoder", default="minilm"),
-         O("-o", "--out", required=True, type=NEWDIR, help="samples, results.json/.md, paradigms.png"))
+@options(opt("--data", "data_dir", default="data/demo128", type=DIR), SPLIT, LIMIT,
+         opt("--config", "configs", multiple=True, help="PARADIGM=MODEL[:key=value,...] (repeatable)"),
+         opt("--batch-size", default=16), CLIP, opt("--text-encoder", default="minilm"),
+         opt("-o", "--out", required=True, type=NEWDIR, help="samples, results.json/.md, paradigms.png"))
 def bench_paradigms(data_dir, split, limit, configs, batch_size, clip_model, text_encoder, out) -> None:
     """AR vs masked vs diffusion: Fréchet distance, CLIPScore, R-precision and seconds per image."""
     from tessera.eval.paradigms import bench_paradigms as run

@@ -27,8 +27,16 @@ from tessera.checkpoint import atomic_write_bytes
 from tessera.config import Config
 from tessera.data.catalog import Catalog
 from tessera.data.decode import DEFAULT_MAX_PIXELS, Rejected, decode_image, resize_center_crop
-from tessera.data.filters import (FilterConfig, Scorer, hamming, image_stats, load_scorer, phash, quality_reason,
-                                  score_reason)
+from tessera.data.filters import (
+    FilterConfig,
+    Scorer,
+    hamming,
+    image_stats,
+    load_scorer,
+    phash,
+    quality_reason,
+    score_reason,
+)
 from tessera.data.sources import Item, list_source, read_item
 
 

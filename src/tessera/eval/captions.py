@@ -9,9 +9,13 @@ Reported as the mean margin with its spread (std, standard error) and the fracti
 true caption wins."""
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from torch import nn
+
+from tessera.errors import WrongModelError
+from tessera.registry import family
 
 
 def caption_margin(model: nn.Module, data_dir: str | Path, cache: str | None = None, text: str | None = None,
@@ -20,25 +24,17 @@ def caption_margin(model: nn.Module, data_dir: str | Path, cache: str | None = N
     was trained on (its meta.json), so the test scores the inputs the model expects."""
     if not model.config.conditional:
         raise ValueError("the caption test needs a text-conditioned model (cond_dim > 0)")
-    meta = getattr(model, "meta", {})
-    kind, task_meta = meta.get("kind"), dict(meta.get("task", {}))
+    kind = getattr(model, "kind", None)
+    task_meta = dict((model.meta.task if model.meta else None) or {})
     if text is not None:
         task_meta["text"] = text
     task_meta["val_images"] = limit if limit is not None else 1 << 30
-    if kind == "ar":
-        from tessera.train.ar import ARTask as Task, ARTaskConfig as TaskConfig
-
-        key = "tokens"
-    elif kind == "masked":
-        from tessera.train.masked import MaskedTask as Task, MaskedTaskConfig as TaskConfig
-
-        key = "tokens"
-    elif kind in ("unet", "dit"):
-        from tessera.train.diffusion import DiffusionTask as Task, DiffusionTaskConfig as TaskConfig
-
-        key = "latents"
-    else:
-        raise ValueError(f"no caption test for model kind {kind!r}")
+    fam = family(kind) if kind else None
+    if fam is None or fam.role != "generator":
+        raise WrongModelError(f"no caption test for model kind {kind!r} (it needs a text-conditioned generator)")
+    mod = importlib.import_module(f"tessera.train.{fam.task}")
+    Task, TaskConfig = mod.Task, mod.TaskConfig
+    key = "latents" if fam.paradigm == "diffusion" else "tokens"
     if cache is not None:
         task_meta[key] = cache
     cfg = TaskConfig.from_dict(task_meta)

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessera.registry import register_family, register_preset
 from tessera.config import Config
+from tessera.registry import register_family, register_preset
 
 
 @dataclasses.dataclass

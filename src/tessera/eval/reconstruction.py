@@ -5,8 +5,8 @@ import time
 
 import torch
 
-from tessera.device import Placement
 from tessera.data.dataset import ShardImages, to_pil
+from tessera.device import Placement
 from tessera.eval.metrics import psnr, ssim
 
 

@@ -16,9 +16,9 @@ import dataclasses
 import torch
 from torch import nn
 
-from tessera.registry import register_family, register_preset
 from tessera.config import Config
 from tessera.nn.attention import Block, KVCache
+from tessera.registry import register_family, register_preset
 
 
 @dataclasses.dataclass

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessera.registry import register_family, register_preset
 from tessera.config import Config
 from tessera.nn.attention import MLP, Attention, CrossAttention
 from tessera.nn.conditioning import timestep_embedding, with_null_condition
+from tessera.registry import register_family, register_preset
 
 
 @dataclasses.dataclass

@@ -16,10 +16,10 @@ import dataclasses
 import torch
 from torch import nn
 
-from tessera.registry import register_family, register_preset
 from tessera.config import Config
 from tessera.nn.attention import CrossBlock
 from tessera.nn.conditioning import with_null_condition
+from tessera.registry import register_family, register_preset
 
 
 @dataclasses.dataclass

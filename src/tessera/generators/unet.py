@@ -14,15 +14,16 @@ schedules; `tessera.sampling.diffusion` drives it.
 from __future__ import annotations
 
 import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessera.registry import register_family, register_preset
 from tessera.config import Config
 from tessera.nn.attention import CrossBlock
 from tessera.nn.conditioning import timestep_embedding, with_null_condition
 from tessera.nn.layers import Downsample, ResBlock2d, Upsample, group_norm
+from tessera.registry import register_family, register_preset
 
 
 @dataclasses.dataclass

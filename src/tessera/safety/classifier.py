@@ -11,8 +11,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from tessera.registry import register_family, register_preset
 from tessera.config import Config
+from tessera.registry import register_family, register_preset
 
 POLICY = ("violence", "sexual", "hate", "self_harm", "illegal")
 

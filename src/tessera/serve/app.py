@@ -38,8 +38,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tessera.pipelines.text2image import TextToImage, batch_key
 from tessera.serve.complete import Completer
-from tessera.serve.schemas import (Completions, FeedbackRequest, FeedbackResponse, ImageData, ImageGenerationRequest,
-                                   ImagesResponse, Job, TesseraInfo)
+from tessera.serve.schemas import (
+    Completions,
+    FeedbackRequest,
+    FeedbackResponse,
+    ImageData,
+    ImageGenerationRequest,
+    ImagesResponse,
+    Job,
+    TesseraInfo,
+)
 from tessera.serve.store import TERMINAL, QueueFull, Store
 from tessera.serve.worker import Worker
 

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from tessera.errors import WrongModelError
 from tessera.data.dataset import to_pil, to_tensor
+from tessera.errors import WrongModelError
 from tessera.superres.tiling import upscale_tiled
 
 Size = tuple[int, int]  # (width, height), as Pillow

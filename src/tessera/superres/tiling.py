@@ -5,7 +5,6 @@ memory is one tile's activations plus the output canvas, whatever the image size
 """
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 

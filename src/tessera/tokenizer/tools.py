@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tessera.device import Placement
-from tessera.errors import WrongModelError
 from tessera.data.dataset import ShardImages, to_pil, to_tensor
 from tessera.data.decode import Rejected, decode_image
+from tessera.device import Placement
+from tessera.errors import WrongModelError
 from tessera.eval.metrics import psnr, ssim
 
 

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessera.registry import register_family, register_preset
 from tessera.config import Config
 from tessera.nn import AttnBlock2d, Downsample, ResBlock2d, Upsample, group_norm
+from tessera.registry import register_family, register_preset
 
 
 @dataclasses.dataclass

@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -17,6 +16,7 @@ from tessera.errors import InvalidInputError, WrongModelError
 from tessera.registry import families, family, get_preset, model_class, preset_config
 from tessera.train.distributed import shutdown
 from tessera.train.trainer import TrainConfig, Trainer
+
 
 def task_module(task_name: str):
     """The training task `tessera.train.<task_name>`: its `Task` class, `TaskConfig` and `DEFAULT_PRESET`."""

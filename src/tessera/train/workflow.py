@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from tessera.config import Config
-from tessera.eval.gate import Decision, gate
 from tessera.errors import InvalidInputError
+from tessera.eval.gate import Decision, gate
 from tessera.registry import family
 
 GENERATORS = ("ar", "masked", "diffusion")
@@ -125,8 +125,8 @@ def evaluate(model_dir: str | Path, data_dir: str, cfg: EvalStep) -> dict[str, f
 def sample_grid(model_dir: Path, train: TrainStep, prompts: tuple[str, ...], out: Path) -> str | None:
     """Two samples per prompt from the candidate (generators only), one row per prompt."""
     import tessera
-    from tessera.pipelines.records import grid
     from tessera.pipelines.folder import load_pipeline
+    from tessera.pipelines.records import grid
 
     if family(tessera.load(str(model_dir)).kind).role != "generator":
         return None
