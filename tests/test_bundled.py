@@ -34,13 +34,12 @@ def _colourfulness(images) -> tuple[float, float]:
 
 
 def test_bundled_ar_xs_samples_follow_the_prompt_colour():
-    from tessera.pipelines.ar import ARPipeline, ARSampleParams
-    from tessera.text import load_text_encoder
+    from tessera.pipelines.ar import ARSampleParams
     ar = tessera.load("ar-xs")
     assert ar.kind == "ar" and ar.meta.task["tokens"].startswith("vq-f8")
-    pipe = ARPipeline(ar, tessera.load("vq-f8"), load_text_encoder("minilm"))
+    pipe = tessera.load("ar")  # the bundled ar pipeline: ar-xs + vq-f8 + MiniLM
     params = ARSampleParams(seed=0, n=2, cfg_scale=3.0)
-    apple, face = pipe("red apple emoji", params), pipe("grinning face emoji", params)
+    apple, face = pipe.run("red apple emoji", params), pipe.run("grinning face emoji", params)
     assert all(im.size == (128, 128) for im in apple + face)
     (apple_r, apple_g), (face_r, face_g) = _colourfulness(apple), _colourfulness(face)
     # The face prompt gives saturated yellow (green - blue ~150 at seeds 0-2), the apple prompt does not
@@ -49,26 +48,24 @@ def test_bundled_ar_xs_samples_follow_the_prompt_colour():
 
 
 def test_bundled_unet_xs_samples_follow_the_prompt_colour():
-    from tessera.pipelines.diffusion import DiffusionPipeline, DiffusionSampleParams
-    from tessera.text import load_text_encoder
+    from tessera.pipelines.diffusion import DiffusionSampleParams
     unet = tessera.load("unet-xs")
     assert unet.kind == "unet" and unet.meta.task["space"] == "latent"
-    pipe = DiffusionPipeline(unet, tessera.load("vq-f8"), load_text_encoder("minilm"))
+    pipe = tessera.load("diffusion")
     params = DiffusionSampleParams(seed=0, n=2, steps=10, cfg_scale=5.0)
-    face, snow = pipe("grinning face emoji", params), pipe("snowman emoji", params)
+    face, snow = pipe.run("grinning face emoji", params), pipe.run("snowman emoji", params)
     assert all(im.size == (128, 128) for im in face + snow)
     # yellow faces (green - blue high) vs a blue-white snowman (green - blue low or negative)
     assert _colourfulness(face)[1] - _colourfulness(snow)[1] > 40, (_colourfulness(face), _colourfulness(snow))
 
 
 def test_bundled_masked_xxs_samples_follow_the_prompt_colour():
-    from tessera.pipelines.masked import MaskedPipeline, MaskedSampleParams
-    from tessera.text import load_text_encoder
+    from tessera.pipelines.masked import MaskedSampleParams
     m = tessera.load("masked-xxs")
     assert m.kind == "masked" and m.config.depth == 4
-    pipe = MaskedPipeline(m, tessera.load("vq-f8"), load_text_encoder("minilm"))
+    pipe = tessera.load("masked")
     params = MaskedSampleParams(seed=0, n=2, steps=8, cfg_scale=3.0)
-    apple, face, snow = (pipe(p, params) for p in ("red apple emoji", "grinning face emoji", "snowman emoji"))
+    apple, face, snow = (pipe.run(p, params) for p in ("red apple emoji", "grinning face emoji", "snowman emoji"))
     (apple_r, apple_g), (face_r, face_g), (snow_r, snow_g) = map(_colourfulness, (apple, face, snow))
     # seeds 0-2: red apple (red ~180, green - blue ~30), yellow face (~200, ~180), pale snowman (~-20, ~-20)
     assert face_g - apple_g > 60 and apple_r - snow_r > 100, (apple_r, apple_g, face_r, face_g, snow_r, snow_g)

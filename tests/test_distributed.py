@@ -6,6 +6,8 @@ import sys
 import torch
 from safetensors.torch import load_file
 
+from conftest import tiny_preset
+
 SCRIPT = r'''
 import sys, torch
 from safetensors.torch import save_file
@@ -16,7 +18,7 @@ data, out, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch.manual_seed(0)
 task_cfg = TokenizerTaskConfig.from_dict({"crop": 16, "dead_code_restart": False, "val_images": 2,
                                           "loss": {"perceptual_backbone": "none", "disc_weight": 0.0}})
-task = TokenizerTask(build("vq-tiny"), data, task_cfg)
+task = TokenizerTask(build(sys.argv[4]), data, task_cfg)
 cfg = TrainConfig(batch_size=batch, max_steps=3, warmup_steps=1, ckpt_every=100, val_every=0, dtype="float32")
 tr = Trainer(task, cfg, out)
 tr.fit(progress=False, resume=False)
@@ -31,11 +33,11 @@ def test_torchrun_two_ranks_match_single_process(tiny_dataset, tmp_path):
     script = tmp_path / "job.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, str(script), str(tiny_dataset), str(tmp_path / "one"), "4"],
+    single = subprocess.run([sys.executable, str(script), str(tiny_dataset), str(tmp_path / "one"), "4", tiny_preset("vq-tiny")],
                             env=env, capture_output=True, text=True, timeout=240)
     assert single.returncode == 0, single.stderr[-2000:]
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-                          str(script), str(tiny_dataset), str(tmp_path / "two"), "2"],
+                          str(script), str(tiny_dataset), str(tmp_path / "two"), "2", tiny_preset("vq-tiny")],
                          env=env, capture_output=True, text=True, timeout=240)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     a = load_file(str(tmp_path / "one" / "final.safetensors"))

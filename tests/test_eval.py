@@ -87,7 +87,7 @@ def test_unknown_sampling_setting_is_named(models, tmp_path):
     with pytest.raises(ValueError, match="steps_typo"):
         _write(models, "dit", tmp_path / "x", steps_typo=3)
     with pytest.raises(ValueError, match="not a generator"):
-        from tessera.pipelines.load import load_pipeline
+        from tessera.pipelines.folder import load_pipeline
 
         load_pipeline(str(models / "vq"))
 

@@ -50,11 +50,11 @@ def tiny_models(tmp_path_factory):
 
 
 def _pipe(tiny_models, image_safety=None, monkeypatch=None):
-    from tessera.pipelines import load as load_mod
+    from tessera.pipelines import folder
 
-    real = load_mod.load_pipeline
-    monkeypatch.setattr(load_mod, "load_pipeline",
-                        lambda model, tokenizer=None, text_encoder="minilm": real(model, str(tiny_models / "vq"), "tiny"))
+    real = folder.load_pipeline
+    monkeypatch.setattr(folder, "load_pipeline", lambda model, tokenizer=None, text_encoder=None, **kw:
+                        real(model, str(tiny_models / "vq"), "tiny", **kw))
     return TextToImage({"ar": str(tiny_models / "ar"), "masked": str(tiny_models / "masked")}, sr_model="fast",
                        prompt_safety=StubPromptSafety(), image_safety=image_safety or StubImageSafety())
 

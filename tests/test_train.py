@@ -63,11 +63,11 @@ def test_load_fails_loudly(tmp_path):
     with pytest.raises(CheckpointError, match="sha256"):
         load_model(tmp_path / "m")
     (tmp_path / "m" / "meta.json").unlink()
-    with pytest.raises(CheckpointError, match="meta.json is missing"):
+    with pytest.raises(FileNotFoundError, match="meta.json is missing"):
         load_model(tmp_path / "m")
     import tessera
 
-    with pytest.raises(CheckpointError, match="neither a model folder nor a preset"):
+    with pytest.raises(FileNotFoundError, match="neither a model / pipeline folder nor a bundled model"):
         tessera.load(tmp_path / "nothing")
 
 

@@ -26,15 +26,15 @@ def sample_to_file(paradigm: str, prompt: str, out: str | Path, model: str | Non
     check_prompts([prompt])
     pipe = load_pipeline(model or paradigm, tokenizer, text_encoder, device, dtype, paradigm=paradigm)
     params = pipe.params(**{k: v for k, v in (settings or {}).items() if v is not None})
+    params.validate()  # before any progress bar or work
     too_long = [r for r in pipe.too_long([prompt]) if r]
     if too_long:
         raise InvalidInputError(f"prompt: {too_long[0]}")
     bar, cb = _progress(getattr(params, "steps", 0), "steps")
-    if inpaint is None:
-        images = pipe.run(prompt, params, callback=cb)
-    else:
-        images = _inpaint(pipe, inpaint, prompt, params, cb)
-    bar.close()
+    try:
+        images = pipe.run(prompt, params, callback=cb) if inpaint is None else _inpaint(pipe, inpaint, prompt, params, cb)
+    finally:
+        bar.close()
     record = {"paradigm": paradigm, "model": str(model or pipe.models["generator"]["name"]),
               "tokenizer": pipe.models.get("tokenizer", {}).get("name"), "text_encoder": pipe.text_encoder_name,
               **pipe.placement.to_dict(), **params.__dict__}
