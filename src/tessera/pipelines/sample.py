@@ -3,6 +3,7 @@
 carries every setting."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from tessera.errors import InvalidInputError, WrongModelError
@@ -37,7 +38,7 @@ def sample_to_file(paradigm: str, prompt: str, out: str | Path, model: str | Non
         bar.close()
     record = {"paradigm": paradigm, "model": str(model or pipe.models["generator"]["name"]),
               "tokenizer": pipe.models.get("tokenizer", {}).get("name"), "text_encoder": pipe.text_encoder_name,
-              **pipe.placement.to_dict(), **params.__dict__}
+              **pipe.placement.to_dict(), **dataclasses.asdict(params)}
     save_png(images, out, prompt, record)
     return Path(out)
 

@@ -7,12 +7,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tessera.pipelines.text2image import DEFAULT_MODELS, Request
+from tessera.pipelines.text2image import DEFAULT_MODELS, LIMITS, Request
 
 SIZES = ("128x128", "256x256", "512x512", "1024x1024", "2048x2048")
 MAX_PROMPT_CHARS = 1000
-MAX_N = 8
-MAX_STEPS = 100
+MAX_N, MAX_STEPS = LIMITS.max_n, LIMITS.max_steps  # the pipeline's limits: one source of truth
 MAX_DEADLINE_S = 3600.0
 MODEL_NAMES = {**{p: p for p in DEFAULT_MODELS}, **{m: p for p, m in DEFAULT_MODELS.items()}}
 
@@ -34,9 +33,9 @@ class ImageGenerationRequest(Strict):
     # extensions
     paradigm: Literal["ar", "masked", "diffusion"] | None = None
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
-    seed: int = Field(-1, ge=-1, le=2**31 - 1)
+    seed: int = Field(-1, ge=-1, le=LIMITS.max_seed)
     steps: int | None = Field(None, ge=1, le=MAX_STEPS)
-    cfg_scale: float | None = Field(None, ge=0, le=30, allow_inf_nan=False)
+    cfg_scale: float | None = Field(None, ge=0, le=LIMITS.max_cfg_scale, allow_inf_nan=False)
     enhance: bool = True
     diversify: bool = False
     deadline_seconds: float | None = Field(None, ge=1, le=MAX_DEADLINE_S, allow_inf_nan=False)
