@@ -177,3 +177,32 @@ def test_the_cli_is_thin():
     lines = sum(len(f.read_text().splitlines()) for f in (SRC / "cli").glob("*.py"))
     assert lines <= 450, lines
     assert not any(m.startswith("torch") for f in (SRC / "cli").glob("*.py") for m in _imports(f))
+
+
+def _package_graph() -> dict[str, set[str]]:
+    """tessera's top-level packages / modules -> the others they import (lazy imports included)."""
+    graph: dict[str, set[str]] = {}
+    for f in SRC.rglob("*.py"):
+        rel = f.relative_to(SRC).parts
+        src = rel[0].removesuffix(".py")
+        deps = graph.setdefault(src, set())
+        deps.update(m.split(".")[1] for m in _imports(f) if m.count(".") >= 1 and m.split(".")[1] != src)
+    return graph
+
+
+def test_no_import_cycle_between_packages():
+    import graphlib
+
+    graph = _package_graph()
+    assert "train" not in graph["eval"] and "eval" not in graph["tokenizer"], "eval is below train and tokenizer"
+    try:
+        order = list(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as e:
+        pytest.fail(f"import cycle between packages: {' -> '.join(e.args[1])}")
+    assert order.index("data") < order.index("eval") < order.index("train")
+
+
+def test_catalog_sql_lives_in_the_catalog_module():
+    offenders = [str(f.relative_to(SRC)) for f in SRC.rglob("*.py")
+                 if f.name != "catalog.py" and "FROM images" in f.read_text() and "catalog" in f.read_text()]
+    assert not offenders

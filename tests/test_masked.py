@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from tessera.registry import build
-from tessera.sampling.masked import guided_logits_fn, masked_counts, sample
+from tessera.sampling.masked import guided_logits_fn, masked_counts, random_mask, sample
 from tessera.text import TinyTextEncoder
-from tessera.train.masked import random_mask
 
 
 def cond_batch(prompts):

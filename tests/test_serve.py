@@ -176,7 +176,8 @@ def test_feedback_metrics_and_autocomplete_learning(tmp_path, pipeline):
     with client(tmp_path, pipeline) as c:
         assert "red apple emoji" in c.get("/v1/prompts/complete", params={"q": "red app"}).json()["suggestions"]
         assert "zebra stripes on a mug" not in c.get("/v1/prompts/complete", params={"q": "zebra str"}).json()["suggestions"]
-        r = c.post("/v1/images/generations", json={"prompt": "zebra stripes on a mug", **FAST, "n": 2}).json()
+        r = c.post("/v1/images/generations", json={"prompt": "zebra stripes on a mug", **FAST, "n": 2, "seed": 7}).json()
+        assert r["tessera"]["withheld"] == [], r  # a fixed seed: no image withheld by the harm check
         assert c.get("/v1/prompts/complete", params={"q": "zebra str"}).json()["suggestions"][0] == "zebra stripes on a mug"
         a, b = r["tessera"]["image_ids"]
         assert c.post("/v1/feedback", json={"image_id": a, "rating": 5}).status_code == 200
@@ -222,3 +223,26 @@ def test_models_that_fail_to_load_are_reported_not_hung_on(tmp_path):
         assert c.get("/healthz").status_code == 503
         r = c.post("/v1/images/generations", json={"prompt": "a cat", **FAST})
         assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+
+
+def test_serve_model_serves_a_pipeline_folder_over_http(tmp_path):
+    """`tessera serve --model DIR`: the folder's generator and sampler settings answer the requests."""
+    from tessera.pipelines.folder import models_by_paradigm, save_default_pipeline
+    from tessera.serve.app import build_server
+
+    folder = save_default_pipeline("masked", tmp_path / "pipe")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["sampler"]["steps"] = 5  # not the bundled default (12): only this folder says 5
+    (folder / "model_index.json").write_text(json.dumps(index))
+    app, _ = build_server(models=models_by_paradigm([str(folder)]), data_dir=str(tmp_path / "serve"),
+                          preload=("masked",))
+    with TestClient(app) as c:
+        end = time.time() + 120
+        while c.get("/readyz").status_code != 200 and time.time() < end:
+            time.sleep(0.1)
+        assert c.get("/readyz").json()["models"]["masked"] == str(folder)
+        r = c.post("/v1/images/generations", json={"prompt": "snowman emoji", "size": "128x128", "seed": 4,
+                                                   "paradigm": "masked"})
+        assert r.status_code == 200, r.text
+        record = json.loads(decode_b64(r.json()["data"][0]).text["tessera"])
+    assert record["model"] == str(folder) and record["steps"] == 5, record

@@ -92,16 +92,16 @@ def data_prepare(sources, out, size, image_format, val_fraction, workers, min_si
          opt("--rated-only", is_flag=True, help="leave out unrated images"), opt("--nsfw-threshold", default=0.8))
 def data_from_serving(serve_dir, out, min_rating, rated_only, nsfw_threshold) -> None:
     """The data flywheel: served images + their prompts (+ ratings) -> a folder `data prepare` takes."""
-    from tessera.data.flywheel import export_from_serving
     from tessera.safety.image import ImageSafety
+    from tessera.serve.flywheel import export_from_serving
     echo_json(export_from_serving(serve_dir, out, min_rating, not rated_only, image_safety=ImageSafety(nsfw_threshold)))
 
 @data.command("embed-captions")
 @options(opt("--data", "data_dir", required=True, type=DIR), opt("--encoder", default="minilm", help="minilm | tiny | HF name"))
 def data_embed_captions(data_dir, encoder) -> None:
     """Cache every kept image's caption embedding beside the shards (DATA/text/<encoder>/)."""
+    from tessera.data.captions import embed_captions
     from tessera.text import load_text_encoder
-    from tessera.text.cache import embed_captions
     click.echo(str(embed_captions(data_dir, load_text_encoder(encoder), encoder)))
 
 train = group(main, "train", "Train a model (every trainer takes the same options).")
@@ -162,7 +162,7 @@ def export(run_dir, out, dtype) -> None:
          *DEVICE_OPTS)
 def reconstruct(inputs, out, model, device, dtype) -> None:
     """Round-trip images through the tokenizer at their own size; prints PSNR and SSIM."""
-    from tessera.tokenizer.tools import reconstruct_files
+    from tessera.eval.reconstruction import reconstruct_files
     for r in reconstruct_files(list(inputs), out, model, device, dtype):
         click.echo(f"{r['input']} -> {r['output']}  {r['width']}x{r['height']}  {r['tokens']} tokens  "
                    f"PSNR {r['psnr']:.2f} dB  SSIM {r['ssim']:.4f}")

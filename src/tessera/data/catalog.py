@@ -28,10 +28,29 @@ CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT);
 
 
 class Catalog:
-    def __init__(self, path: str | Path):
+    """The catalog of one prepared folder. `Catalog(path)` opens it for writing (creating it);
+    `Catalog.read(data_dir)` opens an existing one read-only (every reader goes through here)."""
+
+    def __init__(self, path: str | Path, readonly: bool = False):
         self.path = Path(path)
-        self.db = sqlite3.connect(self.path)
-        self.db.executescript(SCHEMA)
+        if readonly:
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        else:
+            self.db = sqlite3.connect(self.path)
+            self.db.executescript(SCHEMA)
+
+    @classmethod
+    def read(cls, data_dir: str | Path) -> "Catalog":
+        path = Path(data_dir) / "catalog.sqlite"
+        if not path.is_file():
+            raise FileNotFoundError(f"{data_dir}: no catalog.sqlite; run `tessera data prepare` first")
+        return cls(path, readonly=True)
+
+    def __enter__(self) -> "Catalog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         self.db.close()
@@ -49,6 +68,15 @@ class Catalog:
     def kept_hashes(self) -> tuple[set[str], list[int]]:
         rows = self.db.execute("SELECT sha256, phash FROM images WHERE status='kept'").fetchall()
         return {r[0] for r in rows}, [int(r[1], 16) for r in rows]
+
+    def kept(self, split: str | None = None) -> list[tuple[str, str, str]]:
+        """(id, shard, caption) of the kept images of `split` (all splits when None), in id order."""
+        q = "SELECT id, shard, caption FROM images WHERE status='kept'" + (" AND split=?" if split else "")
+        return self.db.execute(q + " ORDER BY id", (split,) if split else ()).fetchall()
+
+    def splits(self) -> dict[str, str]:
+        """Kept image id -> its split ('train' | 'val')."""
+        return dict(self.db.execute("SELECT id, split FROM images WHERE status='kept'"))
 
     def seen_sha256(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT sha256 FROM images WHERE sha256 IS NOT NULL")}

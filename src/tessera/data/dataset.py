@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import io
-import sqlite3
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from tessera.data.catalog import Catalog
 
 
 def to_tensor(im: Image.Image) -> torch.Tensor:
@@ -40,13 +41,8 @@ class ShardImages(torch.utils.data.Dataset):
 
     def __init__(self, root: str | Path, split: str | None = "train"):
         self.root = Path(root)
-        cat = self.root / "catalog.sqlite"
-        if not cat.is_file():
-            raise FileNotFoundError(f"{root}: no catalog.sqlite; run `tessera data prepare` first")
-        db = sqlite3.connect(cat)
-        q = "SELECT id, shard, caption FROM images WHERE status='kept'" + (" AND split=?" if split else "")
-        rows = db.execute(q + " ORDER BY id", (split,) if split else ()).fetchall()
-        db.close()
+        with Catalog.read(root) as cat:
+            rows = cat.kept(split)
         self.keys = [r[0] for r in rows]
         self.captions = [r[2] or "" for r in rows]
         self._where: list[tuple[str, int, int]] = []

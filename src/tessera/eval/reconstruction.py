@@ -1,11 +1,13 @@
-"""Tokenizer reconstruction quality on a prepared split: PSNR, SSIM, codebook usage and perplexity."""
+"""Tokenizer reconstruction quality: PSNR, SSIM, codebook usage and perplexity on a prepared split
+(`evaluate_reconstruction`), and `tessera reconstruct` on image files (`reconstruct_files`)."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
-from tessera.data.dataset import ShardImages, to_pil
+from tessera.data.dataset import ShardImages, to_pil, to_tensor
 from tessera.device import Placement
 from tessera.eval.metrics import psnr, ssim
 
@@ -61,3 +63,33 @@ def evaluate_tokenizer(model: str, data_dir: str, split: str = "val", limit: int
     place = placement(device or "cpu", dtype or "float32")
     return evaluate_reconstruction(load_tokenizer(model).to(place.device), data_dir, None if split == "all" else split,
                                    placement=place, limit=limit, rfd=rfd)
+
+
+def reconstruct_files(inputs: list[str], out: str, model: str = "vq-f8", device: str | None = None,
+                      dtype: str | None = None) -> list[dict]:
+    """`tessera reconstruct`: each image through encode -> decode at its own size (float32 on the CPU by
+    default, so the printed PSNR / SSIM are float32's)."""
+    from tessera.data.decode import Rejected, decode_image
+    from tessera.device import placement
+    from tessera.tokenizer.tools import crop_to_multiple, load_tokenizer, roundtrip
+
+    place = placement(device or "cpu", dtype or "float32")
+    m = load_tokenizer(model).to(place.device)
+    out_path = Path(out)
+    single = len(inputs) == 1 and out_path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")
+    if not single:
+        out_path.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for inp in inputs:
+        try:
+            im = decode_image(Path(inp).read_bytes())
+        except Rejected as r:
+            raise ValueError(f"{inp}: cannot be used ({r})") from None
+        im = crop_to_multiple(im, m.factor)
+        x = to_tensor(im)[None]
+        tokens, rec = roundtrip(m, x, place)
+        dest = out_path if single else out_path / (Path(inp).stem + ".png")
+        to_pil(rec[0]).save(dest)
+        rows.append({"input": inp, "output": str(dest), "width": im.size[0], "height": im.size[1],
+                     "tokens": int(tokens.numel()), "psnr": float(psnr(rec, x)[0]), "ssim": float(ssim(rec, x)[0])})
+    return rows

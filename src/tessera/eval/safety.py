@@ -12,8 +12,8 @@ DEFAULT_BENIGN = Path("../shared/data/PartiPrompts.tsv")
 def evaluate_prompt_safety(model: str = "prompt-safety", benign_file: str | Path | None = None,
                            threshold: float = 0.5) -> dict:
     from tessera.eval.prompts import read_prompts
+    from tessera.safety.policy import POLICY_PROMPTS, read_labelled
     from tessera.safety.prompt import PromptSafety
-    from tessera.train.safety import POLICY_PROMPTS, read_labelled
 
     checker = PromptSafety(model, threshold)
     labels = checker.classifier.config.labels

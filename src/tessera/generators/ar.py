@@ -16,30 +16,14 @@ import dataclasses
 import torch
 from torch import nn
 
-from tessera.config import Config
+from tessera.generators.tokens import TokenTransformerConfig
 from tessera.nn.attention import Block, KVCache
 from tessera.registry import register_family, register_preset
 
 
 @dataclasses.dataclass
-class ARConfig(Config):
-    vocab_size: int = 8192
-    grid: tuple[int, int] = (16, 16)
-    dim: int = 384
-    depth: int = 8
-    heads: int = 6
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
-    cond_dim: int = 384          # prompt-encoder width; 0 = unconditional model
-    max_text_tokens: int = 64
-
-    @property
-    def num_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def conditional(self) -> bool:
-        return self.cond_dim > 0
+class ARConfig(TokenTransformerConfig):
+    """The shared token-Transformer fields; the text prefix makes the sequence longer."""
 
     def max_len(self) -> int:
         return self.max_text_tokens + self.num_tokens if self.conditional else self.num_tokens - 1

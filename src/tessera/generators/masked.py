@@ -16,35 +16,19 @@ import dataclasses
 import torch
 from torch import nn
 
-from tessera.config import Config
+from tessera.generators.tokens import TokenTransformerConfig
 from tessera.nn.attention import CrossBlock
 from tessera.nn.conditioning import with_null_condition
 from tessera.registry import register_family, register_preset
 
 
 @dataclasses.dataclass
-class MaskedConfig(Config):
-    vocab_size: int = 8192
-    grid: tuple[int, int] = (16, 16)
-    dim: int = 384
-    depth: int = 8
-    heads: int = 6
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
-    cond_dim: int = 384          # prompt-encoder width; 0 = unconditional model
-    max_text_tokens: int = 64
-
-    @property
-    def num_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
+class MaskedConfig(TokenTransformerConfig):
+    """The shared token-Transformer fields; one extra embedding row is the [MASK] token."""
 
     @property
     def mask_id(self) -> int:
         return self.vocab_size
-
-    @property
-    def conditional(self) -> bool:
-        return self.cond_dim > 0
 
 
 @register_family("masked", MaskedConfig, role="generator", paradigm="masked", sampler="maskgit-cosine", pipeline="tessera.pipelines.masked:MaskedPipeline",

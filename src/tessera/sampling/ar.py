@@ -7,7 +7,8 @@ guidance: with CFG the rows are [conditional; unconditional] in ONE batched call
     logits = l_uncond + scale * (l_cond - l_uncond)            (Parti / LlamaGen)
 applied to the first `cfg_interval` tokens (all if < 0). Two interchangeable `logits_fn` builders
 wrap an `ARTransformer`: `cached_logits_fn` (static KV cache) and `recompute_logits_fn` (full pass
-per token); with the same generator they give the same tokens.
+per token); with the same generator they give the same tokens. `token_nll` is the objective the same
+network trains on (used by training and by the held-out caption test).
 """
 from __future__ import annotations
 
@@ -113,3 +114,16 @@ def recompute_logits_fn(model, batch: int, cond=None, cond_mask=None, guided: bo
         return model(tokens)[:, -1]
 
     return fn
+
+
+def token_nll(model, tokens: torch.Tensor, cond=None, mask=None, drop=None) -> torch.Tensor:
+    """The AR objective (seed 000, next-token cross-entropy): per-image mean token NLL [B] of `tokens`
+    [B, N] under `model`, with the caption (cond [B,L,D], mask [B,L]) when the model is conditional."""
+    from tessera.data.captions import trim_padding
+
+    if mask is not None:
+        cond, mask = trim_padding(cond, mask)
+    logits = model(tokens[:, :-1], cond, mask, drop) if model.config.conditional else model(tokens[:, :-1])
+    target = tokens if model.config.conditional else tokens[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), target, reduction="none")  # (B, N)
+    return nll.mean(1)

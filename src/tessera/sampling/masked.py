@@ -8,6 +8,7 @@ gamma(r) = cos(pi r / 2), seed 003). Known tokens (inpainting / outpainting) are
 
 `sample` runs over any `logits_fn(tokens [B,N]) -> logits [B,N,V]`; `guided_logits_fn` builds one with
 classifier-free guidance from a network (conditional and unconditional rows in ONE forward).
+`random_mask` / `masked_nll` are the training objective (used by training and the caption test).
 """
 from __future__ import annotations
 
@@ -92,3 +93,24 @@ def guided_logits_fn(model, cond: torch.Tensor | None, mask: torch.Tensor | None
         return u + cfg_scale * (c - u)
 
     return fn
+
+
+def random_mask(b: int, n: int, ratio: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[B,N] bool with ceil(ratio_b * N) (at least 1) random positions True per row."""
+    k = torch.ceil(ratio * n).long().clamp(1, n)  # (B,)
+    scores = torch.rand(b, n, generator=generator).to(ratio.device)
+    rank = scores.argsort(1).argsort(1)  # (B, N): a random permutation rank per position
+    return rank < k[:, None]
+
+
+def masked_nll(model, tokens: torch.Tensor, masked: torch.Tensor, cond=None, mask=None, drop=None) -> torch.Tensor:
+    """The masked objective (seed 003, MaskGIT/Muse): per-image mean NLL [B] of `tokens` [B, N] over the
+    positions `masked` [B, N] replaced by the mask token."""
+    from tessera.data.captions import trim_padding
+
+    if mask is not None:
+        cond, mask = trim_padding(cond, mask)
+    inp = torch.where(masked, torch.full_like(tokens, model.config.mask_id), tokens)
+    logits = model(inp, cond, mask, drop)  # (B, N, V)
+    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), tokens, reduction="none")  # (B, N)
+    return (nll * masked).sum(1) / masked.sum(1)

@@ -1,4 +1,5 @@
-"""Tokenizer utilities behind the CLI: reconstruct image files, cache token grids of a dataset."""
+"""Tokenizer utilities behind the CLI: load one, round-trip images, cache token grids / latents of a dataset
+(`tessera reconstruct` itself, which reports PSNR / SSIM, is `tessera.eval.reconstruction.reconstruct_files`)."""
 from __future__ import annotations
 
 import json
@@ -8,11 +9,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tessera.data.dataset import ShardImages, to_pil, to_tensor
-from tessera.data.decode import Rejected, decode_image
+from tessera.data.dataset import ShardImages
 from tessera.device import Placement
 from tessera.errors import WrongModelError
-from tessera.eval.metrics import psnr, ssim
 
 
 def load_tokenizer(model: str):
@@ -42,34 +41,6 @@ def roundtrip(model, x: torch.Tensor, placement: Placement | None = None) -> tup
         tokens = model.encode(x.to(place.device))
         rec = model.decode_tokens(tokens).float().clamp(-1, 1)
     return tokens.cpu(), rec.cpu()
-
-
-def reconstruct_files(inputs: list[str], out: str, model: str = "vq-f8", device: str | None = None,
-                      dtype: str | None = None) -> list[dict]:
-    """`tessera reconstruct`: each image through encode -> decode at its own size (float32 on the CPU by
-    default, so the printed PSNR / SSIM are float32's)."""
-    from tessera.device import placement
-
-    place = placement(device or "cpu", dtype or "float32")
-    m = load_tokenizer(model).to(place.device)
-    out_path = Path(out)
-    single = len(inputs) == 1 and out_path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")
-    if not single:
-        out_path.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for inp in inputs:
-        try:
-            im = decode_image(Path(inp).read_bytes())
-        except Rejected as r:
-            raise ValueError(f"{inp}: cannot be used ({r})") from None
-        im = crop_to_multiple(im, m.factor)
-        x = to_tensor(im)[None]
-        tokens, rec = roundtrip(m, x, place)
-        dest = out_path if single else out_path / (Path(inp).stem + ".png")
-        to_pil(rec[0]).save(dest)
-        rows.append({"input": inp, "output": str(dest), "width": im.size[0], "height": im.size[1],
-                     "tokens": int(tokens.numel()), "psnr": float(psnr(rec, x)[0]), "ssim": float(ssim(rec, x)[0])})
-    return rows
 
 
 def tokenize_dataset(data_dir: str, model: str = "vq-f8", batch_size: int = 32, progress: bool = True) -> Path:

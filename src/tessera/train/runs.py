@@ -128,8 +128,8 @@ def _prepare_text(data_dir: str, text_encoder: str) -> tuple[dict, dict]:
     """Caption cache for a conditional model ('none': unconditional); its width and length."""
     if text_encoder == "none":
         return {"cond_dim": 0}, {}
+    from tessera.data.captions import embed_captions
     from tessera.text import load_text_encoder
-    from tessera.text.cache import embed_captions
 
     enc = load_text_encoder(text_encoder)
     text_dir = embed_captions(data_dir, enc, text_encoder)
@@ -185,13 +185,13 @@ def prepare_diffusion_inputs(data_dir: str, tokenizer: str = "vq-f8", text_encod
         return model_updates, task_updates
     import numpy as np
 
+    from tessera.data.caches import split_of
     from tessera.tokenizer.tools import cache_latents
-    from tessera.train.diffusion import split_mask
 
     lat_dir = cache_latents(data_dir, tokenizer)
     index = json.loads((lat_dir / "index.json").read_text())
     latents = np.load(lat_dir / "latents.npy", mmap_mode="r")
-    train = latents[split_mask(data_dir, index["keys"], "train")].astype(np.float32)
+    train = latents[split_of(data_dir, index["keys"]) == "train"].astype(np.float32)
     model_updates.update(in_channels=index["channels"], sample_size=index["grid"][0])
     task_updates.update(tokenizer=tokenizer, latents=lat_dir.name, latent_scale=float(1.0 / train.std()))
     return model_updates, task_updates
