@@ -241,3 +241,86 @@ def test_translation_lines_are_dropped_from_captions(tmp_path):
     photo_like(1).save(tmp_path / "frog.png")
     (tmp_path / "frog.txt").write_text(text)
     assert list_folder(tmp_path)[0].caption == "A frog."
+
+
+# ---- reliability (issue 19) --------------------------------------------------------------------------------
+def test_a_killed_worker_ends_the_run_with_a_clear_error_and_a_rerun_resumes(tmp_path, monkeypatch):
+    import os
+    import signal
+    import time
+
+    import tessera.data.prepare as prep
+    from tessera.data.catalog import Catalog
+
+    src, _, _ = build_messy_folder(tmp_path / "src")
+    cfg = PrepareConfig(size=64, workers=2, chunk_size=4)
+    flag, real = tmp_path / "killed-once", prep.process_item
+
+    def dies_once(item, cfg):  # forked workers inherit this: the OOM killer / a decoder segfault, once
+        if item.source.endswith("photo3.png") and not flag.exists():
+            flag.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(item, cfg)
+
+    monkeypatch.setattr(prep, "process_item", dies_once)
+    t0 = time.time()
+    with pytest.raises(prep.WorkerDied, match=r"chunk \d+ .*rerun"):
+        prepare([src], tmp_path / "out", cfg, progress=False)
+    assert time.time() - t0 < 60 and flag.exists()
+    report = prepare([src], tmp_path / "out", cfg, progress=False)
+    fresh = prepare([src], tmp_path / "fresh", PrepareConfig(size=64, workers=1, chunk_size=4), progress=False)
+    assert {k: report[k] for k in ("kept", "rejected_by_reason")} == {k: fresh[k] for k in ("kept", "rejected_by_reason")}
+    with Catalog.read(tmp_path / "out") as cat:
+        sources = [r["source"] for r in cat.rows()]
+    assert len(sources) == len(set(sources)) == report["inputs"]  # nothing lost, nothing twice
+
+
+def test_odd_file_names_unreadable_captions_and_link_loops_are_recorded(tmp_path):
+    import os
+
+    from tessera.data.catalog import Catalog
+
+    src = tmp_path / "src"
+    src.mkdir()
+    photo_like(1, (96, 96)).save(src / "good.png")
+    photo_like(2, (96, 96)).save(os.fsdecode(bytes(src) + b"/caf\xe9-latin1.png"))  # not UTF-8
+    photo_like(3, (96, 96)).save(src / "cap.png")
+    (src / "cap.txt").mkdir()  # a caption that cannot be read
+    (src / "loop1.png").symlink_to("loop2.png")
+    (src / "loop2.png").symlink_to("loop1.png")
+    report = prepare([src], tmp_path / "out", PrepareConfig(size=64, workers=1), progress=False)
+    assert report["kept"] == 2 and report["rejected_by_reason"] == {"unreadable": 3}
+    with Catalog.read(tmp_path / "out") as cat:
+        rows = {Path(r["source"]).name: r for r in cat.rows()}
+    assert rows["caf\\xe9-latin1.png"]["status"] == "kept"
+    assert "cap.txt cannot be read" in json.loads(rows["cap.png"]["verdicts"])["error"]
+    assert "symbolic link" in json.loads(rows["loop1.png"]["verdicts"])["error"]
+
+
+def test_resuming_after_the_sources_changed_is_refused(tmp_path):
+    src, _, _ = build_messy_folder(tmp_path / "src")
+    cfg = PrepareConfig(size=64, workers=1, chunk_size=5)
+
+    def stop(chunk):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare([src], tmp_path / "out", cfg, progress=False, on_chunk=stop)
+    photo_like(77, (100, 100)).save(src / "aaa_new.png")  # sorts first: every chunk range would shift
+    with pytest.raises(ValueError, match="source files changed"):
+        prepare([src], tmp_path / "out", cfg, progress=False)
+
+
+def test_outputs_get_the_umask_mode_and_sizes_are_bounded(tmp_path):
+    import os
+
+    src, _, _ = build_messy_folder(tmp_path / "src")
+    old = os.umask(0o022)
+    try:
+        prepare([src], tmp_path / "out", PrepareConfig(size=64, workers=1), progress=False)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out" / "report.json").stat().st_mode & 0o777 == 0o644
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in (tmp_path / "out" / "shards").glob("*.tar"))
+    with pytest.raises(ValueError, match="size must be between 8 and 4096"):
+        PrepareConfig(size=100_000)

@@ -16,7 +16,7 @@ import datetime
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -70,10 +70,22 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def temp_beside(path: Path) -> tuple[int, str]:
+    """A new temporary file next to `path` (same filesystem, so os.replace is atomic), created with the
+    umask's normal mode (mkstemp's 0600 would make shards and reports unreadable to the group)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: cannot create a temporary file")
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -88,7 +100,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def save_training_state(state: dict[str, Any], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_beside(path)
     os.close(fd)
     try:
         torch.save(state, tmp)
@@ -124,7 +136,7 @@ def export_model(model: nn.Module, out_dir: str | Path, extra_meta: dict | None 
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if dtype is not None:
         state = {k: v.to(dtype) if v.dtype.is_floating_point else v for k, v in state.items()}
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".model.", suffix=".tmp")
+    fd, tmp = temp_beside(out / WEIGHTS)
     os.close(fd)
     save_file(state, tmp, metadata={"kind": kind})
     os.replace(tmp, out / WEIGHTS)

@@ -11,8 +11,8 @@ import click
 from tessera.errors import TesseraError
 
 P = click.Path
-DIR, FILE, NEWDIR, PNG_OUT = P(exists=True, file_okay=False), P(exists=True, dir_okay=False), P(file_okay=False), \
-    P(dir_okay=False)
+DIR, FILE, NEWDIR, PNG_OUT, PORT = P(exists=True, file_okay=False), P(exists=True, dir_okay=False), \
+    P(file_okay=False), P(dir_okay=False), click.IntRange(1, 65535)
 
 def handle_errors(invoke):
     """Wraps the root group's invoke: every sub-command's user error becomes a one-line message."""
@@ -36,8 +36,7 @@ def _exit(message: str, code: int) -> None:
 class Group(click.Group):
     invoke = handle_errors(click.Group.invoke)
 
-def echo_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
+def echo_json(obj) -> None: click.echo(json.dumps(obj, indent=2, default=str))  # noqa: E704
 
 def opt(*names, **kw):
     """One option spec: opt("--size", default=128, help=...) for `options`."""
@@ -177,7 +176,7 @@ def tokenize(data_dir, model, batch_size) -> None:
 SAMPLE = options(opt("--model", help="pipeline folder, generator folder or preset (default: bundled)"),
                  opt("--tokenizer", help="default: the generator's"), opt("--text-encoder", help="default: the pipeline's"),
                  opt("--seed", default=0), opt("-n", default=4), opt("--cfg", "cfg_scale", type=float, help="guidance scale"),
-                 opt("-o", "--out", required=True, type=PNG_OUT, help="grid PNG"))
+                 opt("-o", "--out", required=True, type=PNG_OUT, help="grid PNG (an existing file is replaced)"))
 SAMPLE_EXTRA = {
     "ar": [opt("--temperature", type=float), opt("--top-k", type=int), opt("--top-p", type=float),
            opt("--cfg-interval", type=int, help="guide only the first K tokens (-1: all)")],
@@ -186,7 +185,7 @@ SAMPLE_EXTRA = {
     "diffusion": [opt("--steps", type=int), opt("--sampler", "method", type=click.Choice(["ddim", "ddpm"])),
                   opt("--eta", type=float, help="DDIM noise (0: deterministic)"), opt("--negative-prompt")]}
 
-sample_ = group(main, "sample", "Sample images from a bare generator pipeline (no safety, no SR).")
+sample_ = group(main, "sample", "Sample images from a bare generator pipeline (with prompt safety and harm detection; no SR).")
 
 def _sample_command(paradigm: str):
     @click.argument("prompt", default="")
@@ -215,7 +214,7 @@ def inpaint(image, mask_path, prompt, model, tokenizer, text_encoder, out, devic
 
 @main.command("generate")
 @click.argument("prompt")
-@options(opt("-o", "--out", required=True, type=PNG_OUT, help="output PNG (a grid when -n > 1)"),
+@options(opt("-o", "--out", required=True, type=PNG_OUT, help="output PNG, a grid when -n > 1 (an existing file is replaced)"),
          opt("--paradigm", type=click.Choice(["diffusion", "ar", "masked"]), help="default: the --model's, else diffusion"),
          opt("--model", help="pipeline folder, generator folder or preset (default: the bundled one)"),
          opt("--size", default=1024, help="output side, up to 2048 (0: native 128)"), opt("-n", default=1, help="1-8"),
@@ -267,7 +266,7 @@ def workflow_run(config_file, run_id) -> None:
 @main.command("serve")
 @click.argument("stage", default="gateway", type=click.Choice(["gateway", "generation", "decoding", "superres"]))
 @options(opt("--host", default="127.0.0.1", help="another address requires --api-key"),
-         opt("--port", type=int, help="default: 8000 gateway, 8101-8103 stages"),
+         opt("--port", type=PORT, help="default: 8000 gateway, 8101-8103 stages"),
          opt("--model", "models", multiple=True, help="pipeline / generator to serve for its paradigm (repeatable)"),
          opt("--data-dir", default="tessera-serve", help="jobs, images, feedback"),
          opt("--api-key", "api_keys", multiple=True, envvar="TESSERA_API_KEYS", help="accepted Bearer key"),
@@ -291,8 +290,8 @@ def serve(stage, host, port, models, generation_url, decoding_url, superres_url,
 
 @main.command("upscale")
 @click.argument("src", type=FILE)
-@options(opt("-o", "--out", required=True, type=PNG_OUT),
-         opt("--size", help="exact output size: N (square) or WxH, e.g. 1024 or 2048"),
+@options(opt("-o", "--out", required=True, type=PNG_OUT, help=".png/.jpg/.webp (an existing file is replaced)"),
+         opt("--size", help="exact output size: N (square) or WxH, up to 2048x2048 pixels"),
          opt("--scale", type=int, help="2 or 4 (instead of --size)"),
          opt("--model", default="fast", help="fast | x4plus (Real-ESRGAN) | a model folder or preset"),
          opt("--tile", default=192, help="tile side in input pixels"), *DEVICE_OPTS)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from tessera.cli import DEVICE, DEVICE_OPTS, DIR, FILE, NEWDIR, PNG_OUT, echo_json, group, main, opt, options
+from tessera.cli import DEVICE, DEVICE_OPTS, DIR, FILE, NEWDIR, PNG_OUT, PORT, echo_json, group, main, opt, options
 from tessera.config import parse_settings
 
 DATA = opt("--data", "data_dir", required=True, type=DIR)
@@ -107,13 +107,14 @@ def eval_prompts(prompt_file, model, tokenizer, text_encoder, batch_size, settin
 @options(opt("--a", "a_dir", required=True, type=DIR, help="samples folder of model A"),
          opt("--b", "b_dir", required=True, type=DIR, help="model B or references"),
          opt("--db", required=True, type=PNG_OUT, help="SQLite file of votes (kept across runs)"),
-         opt("--host", default="127.0.0.1"), opt("--port", default=8765),
+         opt("--host", default="127.0.0.1", help="loopback only: no keys"), opt("--port", default=8765, type=PORT),
          opt("--report", is_flag=True, help="print the win rate of A with its 95%% interval and exit"))
 def eval_human(a_dir, b_dir, db, host, port, report) -> None:
     """Side-by-side human evaluation on a local web page; votes in SQLite; win rate with a confidence interval."""
-    from tessera.eval.human import VoteStore, make_app, pair_folders, serve_votes
+    from tessera.eval.human import VoteStore, check_host, make_app, pair_folders, serve_votes
     if report:
         return echo_json(VoteStore(db, len(pair_folders(a_dir, b_dir))).report())
+    check_host(host)
     click.echo(f"vote at http://{host}:{port}/  (results: /results; Ctrl-C to stop, votes are kept in {db})")
     serve_votes(make_app(a_dir, b_dir, db), host, port)
 

@@ -38,6 +38,9 @@ from tessera.data.filters import (
     score_reason,
 )
 from tessera.data.sources import Item, list_source, read_item
+from tessera.errors import TesseraError
+
+MAX_SIZE = 4096  # output side: a 100000 px side would grow one worker to tens of GB
 
 
 @dataclasses.dataclass
@@ -57,8 +60,10 @@ class PrepareConfig(Config):
             raise ValueError(f"image_format must be 'png' or 'jpg', got {self.image_format!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.size < 8:
-            raise ValueError(f"size must be >= 8, got {self.size}")
+        if not 8 <= self.size <= MAX_SIZE:
+            raise ValueError(f"size must be between 8 and {MAX_SIZE}, got {self.size}")
+        if self.workers < 1 or self.chunk_size < 1:
+            raise ValueError(f"workers and chunk_size must be >= 1, got {self.workers} and {self.chunk_size}")
 
 
 ENGINES = ("local", "ray")
@@ -111,6 +116,8 @@ def _image(row: dict, cfg: "PrepareConfig"):
 def decode_stage(item: Item, cfg: "PrepareConfig") -> dict:
     """Read, hash, decode safely, measure; the quality filters."""
     row = _new_row(item)
+    if item.error:
+        return _reject(row, "unreadable", item.error)
     try:
         row["raw"] = read_item(item)
     except Exception as e:  # unreadable file / member: recorded, never fatal
@@ -229,13 +236,54 @@ def _finish_chunk(chunk: int, rows: list[dict], dedup: _Dedup, cfg: PrepareConfi
     cat.commit_chunk(chunk, shard, records)
 
 
-def _check_settings(cat: Catalog, cfg: PrepareConfig, sources: list[str]) -> None:
-    want = {"config": cfg.to_json(), "sources": json.dumps(sources)}
+def _inputs_fingerprint(items: list[Item]) -> str:
+    """The listed inputs in order (chunks are index ranges of this list): count and hash."""
+    listing = "\n".join(f"{it.source}\t{it.offset}\t{it.size}" for it in items)
+    h = hashlib.sha256(listing.encode())
+    return json.dumps({"count": len(items), "sha256": h.hexdigest()})
+
+
+def _check_settings(cat: Catalog, cfg: PrepareConfig, sources: list[str], items: list[Item]) -> None:
+    want = {"config": cfg.to_json(), "sources": json.dumps(sources), "inputs": _inputs_fingerprint(items)}
     have = cat.settings()
-    if have and have != want:
+    if have and {k: have.get(k) for k in ("config", "sources")} != {k: want[k] for k in ("config", "sources")}:
         raise ValueError(f"{cat.path} was prepared with other settings or sources; use a new --out folder "
                          f"(had {have.get('sources')}, now {want['sources']})")
+    if have.get("inputs", want["inputs"]) != want["inputs"] and len(cat.done_chunks()):
+        then = json.loads(have["inputs"])["count"]
+        raise ValueError(f"{cat.path.parent}: the source files changed since this folder was started ({then} "
+                         f"inputs then, {len(items)} now); resuming would skip or repeat images. Prepare into a "
+                         f"new --out folder, or restore the sources")
     cat.set_settings(want)
+
+
+class WorkerDied(TesseraError, RuntimeError):
+    """A prepare worker process ended without a result (killed, out of memory, a crash in a decoder)."""
+
+
+def _run_local(todo: list, cfg: PrepareConfig):
+    """(chunk, rows) in chunk order from a process pool that notices a dead worker (multiprocessing.Pool
+    would wait for the lost chunk forever)."""
+    _init_worker(cfg.scorers)
+    if cfg.workers == 1:
+        yield from map(process_chunk, todo)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(cfg.workers, mp.get_context("fork"), _init_worker, (cfg.scorers,)) as pool:
+        futures = [pool.submit(process_chunk, c) for c in todo]
+        try:
+            for (chunk, items, _), fut in zip(todo, futures):
+                try:
+                    yield fut.result()
+                except BrokenProcessPool:
+                    raise WorkerDied(f"a worker process died while preparing chunk {chunk} ({items[0].source} ... "
+                                     f"{items[-1].source}); the chunks finished before it are saved: rerun the "
+                                     f"same command to resume") from None
+        finally:
+            for fut in futures:
+                fut.cancel()
 
 
 def prepare(sources: list[str | Path], out: str | Path, cfg: PrepareConfig | None = None,
@@ -253,7 +301,7 @@ def prepare(sources: list[str | Path], out: str | Path, cfg: PrepareConfig | Non
     items = [it for src in sources for it in list_source(src)]
     cat = Catalog(out / "catalog.sqlite")
     try:
-        _check_settings(cat, cfg, [str(s) for s in sources])
+        _check_settings(cat, cfg, [str(s) for s in sources], items)
         done = cat.done_chunks()
         chunks = [(c, items[i:i + cfg.chunk_size], cfg) for c, i in enumerate(range(0, len(items), cfg.chunk_size))]
         todo = [c for c in chunks if c[0] not in done]
@@ -261,15 +309,12 @@ def prepare(sources: list[str | Path], out: str | Path, cfg: PrepareConfig | Non
         bar = tqdm(total=len(items), initial=len(items) - sum(len(c[1]) for c in todo), unit="img",
                    disable=not progress, desc="prepare")
         t0, n_new = time.time(), 0
-        pool = None
         if engine == "ray":
             from tessera.data.ray_engine import process_chunks
 
             results = process_chunks(todo, cfg)
         else:
-            pool = mp.get_context("fork").Pool(cfg.workers, _init_worker, (cfg.scorers,)) if cfg.workers > 1 else None
-            _init_worker(cfg.scorers)
-            results = pool.imap(process_chunk, todo) if pool else map(process_chunk, todo)
+            results = _run_local(todo, cfg)
         try:
             for chunk, rows in results:
                 _finish_chunk(chunk, rows, dedup, cfg, out, cat)
@@ -278,8 +323,7 @@ def prepare(sources: list[str | Path], out: str | Path, cfg: PrepareConfig | Non
                 if on_chunk:
                     on_chunk(chunk)
         finally:
-            if pool:
-                pool.terminate()
+            getattr(results, "close", lambda: None)()
             bar.close()
         elapsed = time.time() - t0
         report = {**cat.counts(), "inputs": len(items), "processed_this_run": n_new,

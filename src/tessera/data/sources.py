@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import tarfile
 from pathlib import Path
@@ -25,6 +26,7 @@ class Item:
     size: int = 0         # tar: data size; parquet: row in group
     caption: str = ""
     meta: str = ""        # JSON text carried into the output's .json
+    error: str = ""       # why the item cannot be used, found while listing (unreadable caption, link loop)
 
 
 class SourceError(ValueError):
@@ -41,10 +43,24 @@ def clean_caption(text: str) -> str:
     return " ".join(" ".join(lines).split())
 
 
-def _folder_captions(folder: Path) -> dict[str, str]:
+def display_path(p: str | Path) -> str:
+    """A path as text that SQLite and JSON can store: a file name that is not UTF-8 keeps its bytes as
+    \\xNN escapes (the item is still read through its real path)."""
+    return os.fsencode(str(p)).decode("utf-8", "backslashreplace")
+
+
+def _folder_captions(folder: Path) -> tuple[dict[str, str], dict[Path, str]]:
+    """Captions from metadata.jsonl files (resolved image path -> text), and the folders whose
+    metadata.jsonl cannot be read (folder -> why): their images are rejected, not silently uncaptioned."""
     caps: dict[str, str] = {}
+    broken: dict[Path, str] = {}
     for meta in sorted(folder.rglob("metadata.jsonl")):
-        for n, line in enumerate(meta.read_text(errors="replace").splitlines(), 1):
+        try:
+            text = meta.read_text(errors="replace")
+        except OSError as e:
+            broken[meta.parent] = f"{display_path(meta)} cannot be read ({e.strerror or type(e).__name__})"
+            continue
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -54,21 +70,33 @@ def _folder_captions(folder: Path) -> dict[str, str]:
                 raise SourceError(f"{meta}:{n}: each line must be a JSON object with 'file_name' ({e})") from None
             text = next((row[k] for k in PARQUET_CAPTION_COLS if isinstance(row.get(k), str)), "")
             caps[str((meta.parent / name).resolve())] = text
-    return caps
+    return caps, broken
+
+
+def _caption_file(p: Path) -> tuple[str | None, str]:
+    """(caption of KEY.txt beside the image or None, why it cannot be read or '')."""
+    txt = p.with_suffix(".txt")
+    if not txt.exists():
+        return None, ""
+    try:
+        return clean_caption(txt.read_text(errors="replace")), ""
+    except OSError as e:
+        return None, f"caption {display_path(txt)} cannot be read ({e.strerror or type(e).__name__})"
+
+
+def _folder_item(p: Path, caps: dict[str, str], broken: dict[Path, str]) -> Item:
+    if p.is_symlink() and not p.exists():
+        return Item(display_path(p), "file", str(p), error="a broken or looping symbolic link")
+    cap, error = caps.get(str(p.resolve())), next((why for d, why in broken.items() if d in p.parents), "")
+    if cap is None and not error:
+        cap, error = _caption_file(p)
+    return Item(display_path(p), "file", str(p), caption=cap or "", error=error)
 
 
 def list_folder(folder: Path) -> list[Item]:
-    caps = _folder_captions(folder)
-    items = []
-    for p in sorted(folder.rglob("*")):
-        if not p.is_file() or p.suffix.lower() not in IMAGE_EXTS:
-            continue
-        txt = p.with_suffix(".txt")
-        cap = caps.get(str(p.resolve()))
-        if cap is None and txt.is_file():
-            cap = clean_caption(txt.read_text(errors="replace"))
-        items.append(Item(str(p), "file", str(p), caption=cap or ""))
-    return items
+    caps, broken = _folder_captions(folder)
+    return [_folder_item(p, caps, broken) for p in sorted(folder.rglob("*"))
+            if p.suffix.lower() in IMAGE_EXTS and (p.is_file() or p.is_symlink())]
 
 
 def list_tar(path: Path) -> list[Item]:

@@ -156,7 +156,21 @@ def make_app(a: str | Path, b: str | Path, db: str | Path, seed: int | None = No
     return app
 
 
+def check_host(host: str) -> str:
+    """The voting page has no API keys, so it serves this machine only (the rule of `tessera serve`:
+    beyond loopback only with keys); share it through an SSH tunnel."""
+    from tessera.errors import InvalidInputError
+    from tessera.serve.app import LOOPBACK
+
+    if host not in LOOPBACK:
+        raise InvalidInputError(f"--host {host}: the voting page has no API keys and serves this machine only "
+                                f"({', '.join(LOOPBACK)}); share it through an SSH tunnel")
+    return host
+
+
 def serve_votes(app, host: str, port: int) -> None:
     import uvicorn
+
+    check_host(host)
 
     uvicorn.run(app, host=host, port=port, log_level="warning")

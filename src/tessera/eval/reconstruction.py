@@ -71,14 +71,17 @@ def reconstruct_files(inputs: list[str], out: str, model: str = "vq-f8", device:
     default, so the printed PSNR / SSIM are float32's)."""
     from tessera.data.decode import Rejected, decode_image
     from tessera.device import placement
+    from tessera.paths import check_output_path
     from tessera.tokenizer.tools import crop_to_multiple, load_tokenizer, roundtrip
 
     place = placement(device or "cpu", dtype or "float32")
     m = load_tokenizer(model).to(place.device)
     out_path = Path(out)
     single = len(inputs) == 1 and out_path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")
-    if not single:
-        out_path.mkdir(parents=True, exist_ok=True)
+    if single:
+        check_output_path(out_path, (".png", ".jpg", ".jpeg", ".webp"))
+    else:
+        _check_output_folder(inputs, out_path)
     rows = []
     for inp in inputs:
         try:
@@ -93,3 +96,19 @@ def reconstruct_files(inputs: list[str], out: str, model: str = "vq-f8", device:
         rows.append({"input": inp, "output": str(dest), "width": im.size[0], "height": im.size[1],
                      "tokens": int(tokens.numel()), "psnr": float(psnr(rec, x)[0]), "ssim": float(ssim(rec, x)[0])})
     return rows
+
+
+def _check_output_folder(inputs: list[str], out: Path) -> None:
+    """Several inputs go to OUT/<stem>.png: OUT must be (or become) a folder, and no two inputs may share a
+    stem (one would overwrite the other)."""
+    from collections import Counter
+
+    from tessera.errors import InvalidInputError
+
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"-o {out}: {len(inputs)} inputs need an output folder, and this is a file")
+    twice = sorted(s for s, k in Counter(Path(i).stem for i in inputs).items() if k > 1)
+    if twice:
+        raise InvalidInputError(f"-o {out}: inputs share the file name(s) {twice}; each would overwrite the other "
+                                f"in {out}/<name>.png (reconstruct them into separate folders)")
+    out.mkdir(parents=True, exist_ok=True)

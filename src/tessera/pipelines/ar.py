@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from tessera.errors import InvalidInputError, WrongModelError
-from tessera.pipelines.base import Pipeline
+from tessera.pipelines.base import Pipeline, check_limits
 from tessera.sampling.ar import cached_logits_fn, sample
 
 
@@ -22,6 +22,7 @@ class ARSampleParams:
     cfg_interval: int = -1
 
     def validate(self) -> None:
+        check_limits(self)
         if not 0 < self.temperature:
             raise InvalidInputError(f"temperature={self.temperature}: must be > 0")
         if self.top_k < 0:

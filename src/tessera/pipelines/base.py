@@ -25,6 +25,34 @@ from tessera.device import Placement, placement
 from tessera.errors import InvalidInputError
 
 
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """The request limits: the one source of truth for every command that draws images (generate, sample,
+    inpaint), the bare pipelines, the system pipeline and the HTTP schemas."""
+
+    max_size: int = 2048
+    max_n: int = 8
+    max_steps: int = 1000
+    max_seed: int = 2**63 - 1
+    max_cfg_scale: float = 30.0
+
+
+LIMITS = Limits()
+
+
+def check_limits(params) -> None:
+    """The shared bounds on a paradigm's sampling parameters (steps, guidance, seed), before any work; the
+    number of images of one prompt is bounded in `prompt_batch` (a serving batch is a list of prompts)."""
+    def bad(name, rule):
+        raise InvalidInputError(f"{name}={getattr(params, name)}: {rule}")
+    if getattr(params, "steps", None) is not None and not 1 <= params.steps <= LIMITS.max_steps:
+        bad("steps", f"must be between 1 and {LIMITS.max_steps}")
+    if not 0 <= params.cfg_scale <= LIMITS.max_cfg_scale:
+        bad("cfg_scale", f"must be between 0 and {LIMITS.max_cfg_scale:g}")
+    if not 0 <= params.seed <= LIMITS.max_seed:
+        bad("seed", f"must be between 0 and {LIMITS.max_seed}")
+
+
 @dataclasses.dataclass
 class PipelineOutput:
     images: list[Image.Image] | torch.Tensor | np.ndarray
@@ -32,10 +60,11 @@ class PipelineOutput:
 
 
 def prompt_batch(prompt: str | list[str], n: int) -> list[str]:
-    """One prompt drawn `n` times, or a list of prompts (one image each; `n` is then ignored)."""
+    """One prompt drawn `n` times (1 <= n <= LIMITS.max_n), or a list of prompts (one image each; `n` is
+    then ignored)."""
     if isinstance(prompt, str):
-        if n < 1:
-            raise InvalidInputError(f"n={n} must be >= 1")
+        if not 1 <= n <= LIMITS.max_n:
+            raise InvalidInputError(f"n={n}: must be between 1 and {LIMITS.max_n}")
         return [prompt] * n
     prompts = list(prompt)
     if not prompts:

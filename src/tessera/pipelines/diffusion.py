@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from tessera.errors import InvalidInputError, WrongModelError
-from tessera.pipelines.base import Pipeline
+from tessera.pipelines.base import Pipeline, check_limits
 from tessera.sampling.diffusion import METHODS, DiffusionConfig, Schedule, guided_denoiser, sample
 
 
@@ -27,8 +27,7 @@ class DiffusionSampleParams:
     noise_seeds: list | None = None  # [[seed, rows], ...]: x_T drawn per block (requests batched together)
 
     def validate(self) -> None:
-        if self.steps < 1:
-            raise InvalidInputError(f"steps={self.steps}: must be >= 1")
+        check_limits(self)
         if self.method not in METHODS:
             raise InvalidInputError(f"method={self.method!r}: must be one of {METHODS}")
 

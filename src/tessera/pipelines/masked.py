@@ -11,7 +11,7 @@ from PIL import Image
 
 from tessera.data.dataset import to_tensor
 from tessera.errors import InvalidInputError, WrongModelError
-from tessera.pipelines.base import Pipeline, prompt_batch, to_images
+from tessera.pipelines.base import Pipeline, check_limits, prompt_batch, to_images
 from tessera.sampling.masked import guided_logits_fn, sample
 
 
@@ -25,8 +25,7 @@ class MaskedSampleParams:
     cfg_scale: float = 3.0
 
     def validate(self) -> None:
-        if self.steps < 1:
-            raise InvalidInputError(f"steps={self.steps}: must be >= 1")
+        check_limits(self)
         if not 0 < self.temperature:
             raise InvalidInputError(f"temperature={self.temperature}: must be > 0")
 

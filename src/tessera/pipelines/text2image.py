@@ -23,26 +23,15 @@ import torch
 from PIL import Image
 
 from tessera.errors import InvalidInputError
+from tessera.pipelines.base import LIMITS, Limits  # noqa: F401  (re-exported: the HTTP schemas read them here)
 from tessera.registry import default_model, paradigms
-from tessera.safety import UnsafePromptError, Verdict
+from tessera.safety import UnsafePromptError, Verdict, withheld_of
 from tessera.text import check_prompts
 
 PARADIGMS = paradigms()
 DEFAULT_MODELS = {p: default_model(p) for p in PARADIGMS}
 
 
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    """The request limits: the one source of truth for the CLI, the pipeline and the HTTP schemas."""
-
-    max_size: int = 2048
-    max_n: int = 8
-    max_steps: int = 1000
-    max_seed: int = 2**63 - 1
-    max_cfg_scale: float = 30.0
-
-
-LIMITS = Limits()
 MAX_SIZE, MAX_N, MAX_STEPS = LIMITS.max_size, LIMITS.max_n, LIMITS.max_steps
 
 
@@ -317,8 +306,7 @@ class TextToImage:
 
     def _result(self, p: _Prepared, images, verdicts, params: dict, shared: dict, batch: int) -> Result:
         timings = {**p.timings, **shared}
-        withheld = [{"index": i, "category": v.category, "score": round(v.score, 4)}
-                    for i, v in enumerate(verdicts) if v.flagged]
+        withheld = withheld_of(verdicts)
         kept = [im for im, v in zip(images, verdicts) if not v.flagged]
         kept = _timed(timings, "upscale", self.stages.upscale, kept, p.req.size)
         timings["total"] = round(sum(timings.values()), 4)
@@ -349,6 +337,7 @@ def generate_file(prompt: str, out: str, paradigm: str | None = None, model: str
     with its record. `model` (a pipeline folder, generator or preset) decides the paradigm unless given."""
     from tqdm import tqdm
 
+    from tessera.paths import check_output_path
     from tessera.pipelines.folder import paradigm_of
     from tessera.pipelines.records import save_png
 
@@ -356,6 +345,7 @@ def generate_file(prompt: str, out: str, paradigm: str | None = None, model: str
     req = Request(prompt, paradigm, size, n, seed, steps, cfg_scale, temperature, top_k, top_p, negative_prompt,
                   not no_enhance, diversify)
     req.validate()
+    check_output_path(out)
     pipe = TextToImage({paradigm: model} if model else None, device=device, dtype=dtype)
     pipe.stages.loaded(paradigm)  # a model of the wrong kind fails here, before any work
     bar = tqdm(desc=paradigm, unit="step", disable=not progress)

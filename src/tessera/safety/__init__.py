@@ -26,3 +26,16 @@ class UnsafePromptError(UnsafePromptRejected):
         self.verdict, self.timings = verdict, timings or {}
         super().__init__(f"prompt #{prompt_index} was rejected by the usage policy: category "
                          f"{verdict.category!r} (score {verdict.score:.2f}){suffix}")
+
+
+def screen_prompt(checker, prompt: str, suffix: str = " — nothing was generated") -> Verdict:
+    """Prompt safety before any generation work: the verdict, or UnsafePromptError when it is flagged."""
+    verdict = checker.check([prompt])[0]
+    if verdict.flagged:
+        raise UnsafePromptError(0, verdict, suffix=suffix)
+    return verdict
+
+
+def withheld_of(verdicts: list[Verdict]) -> list[dict]:
+    """The images harm detection withholds, as recorded with a result: [{"index", "category", "score"}]."""
+    return [{"index": i, "category": v.category, "score": round(v.score, 4)} for i, v in enumerate(verdicts) if v.flagged]

@@ -113,15 +113,24 @@ def parse_size(text: str) -> Size:
     return w, h
 
 
+MAX_OUTPUT_PIXELS = 2048 * 2048  # the generate limit: a 99999^2 output would take hours and tens of GB
+
+
 def upscale_file(src: str, out: str, size: Size | None = None, scale: int | None = None, model: str = "fast",
-                 **tiling) -> Image.Image:
-    """Read `src` (safely decoded), upscale it to `size` or by `scale`, write `out`. Returns the image."""
+                 max_pixels: int = MAX_OUTPUT_PIXELS, **tiling) -> Image.Image:
+    """Read `src` (safely decoded), upscale it to `size` or by `scale`, write `out`. Returns the image.
+    The output path and size are checked before any work; outputs beyond `max_pixels` are refused."""
     from pathlib import Path
 
     from tessera.data.decode import Rejected, decode_image
+    from tessera.errors import InvalidInputError
+    from tessera.paths import check_output_path
 
     if (size is None) == (scale is None):
-        raise ValueError("give exactly one of --size and --scale")
+        raise InvalidInputError("give exactly one of --size and --scale")
+    check_output_path(out, (".png", ".jpg", ".jpeg", ".webp"))
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise InvalidInputError(f"--size {size[0]}x{size[1]}: at most {max_pixels} output pixels (2048x2048)")
     try:
         img = decode_image(Path(src).read_bytes())
     except Rejected as e:
@@ -130,6 +139,9 @@ def upscale_file(src: str, out: str, size: Size | None = None, scale: int | None
         if scale not in (2, 4):
             raise ValueError(f"--scale {scale}: must be 2 or 4")
         size = (img.width * scale, img.height * scale)
+        if size[0] * size[1] > max_pixels:
+            raise InvalidInputError(f"--scale {scale}: {img.width}x{img.height} would become {size[0]}x{size[1]}, "
+                                    f"beyond {max_pixels} output pixels (2048x2048); give a smaller --size")
     place = tiling.get("placement")
     result = upscale(img, size, load_sr_models(model, place.device if place else "cpu"), **tiling)
     Path(out).parent.mkdir(parents=True, exist_ok=True)

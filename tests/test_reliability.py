@@ -1,0 +1,99 @@
+"""Issue 19: the defects found by trying to break Tessera — each test failed before its fix."""
+import time
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import photo_like
+from tessera.cli import main
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_error_line(r) -> str:
+    errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
+    assert r.exit_code != 0 and "Traceback" not in r.output and len(errors) == 1, r.output
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pic")
+    photo_like(5, (128, 128)).save(d / "p.png")
+    mask = Image.new("L", (128, 128), 0)
+    mask.paste(255, (32, 32, 96, 96))
+    mask.save(d / "m.png")
+    return d / "p.png", d / "m.png"
+
+
+REFUSED = [  # (command, what the one line says): each before any generation work
+    (["upscale", "{p}", "--size", "99999", "-o", "{out}/u.png"], "at most 4194304 output pixels"),
+    (["upscale", "{p}", "--scale", "4", "-o", "{out}/u.xyz"], "must end in .png"),
+    (["inpaint", "{p}", "--mask", "{m}", "cat", "-n", "1000", "-o", "{out}/x.png"], "n=1000: must be between 1 and 8"),
+    (["sample", "masked", "cat", "--steps", "1000000", "-o", "{out}/x.png"], "steps=1000000"),
+    (["sample", "diffusion", "cat", "-n", "9", "-o", "{out}/x.png"], "n=9"),
+    (["serve", "--port", "99999"], "99999 is not in the range"),
+    (["eval", "human", "--a", "{out}", "--b", "{out}", "--db", "{out}/v.sqlite", "--host", "0.0.0.0"], "SSH tunnel"),
+    (["generate", "cat", "-o", "{out}/missing/dir/x.png"], "does not exist"),
+    (["generate", "cat", "-o", "{out}/x.xyz"], "must end in .png"),
+    (["inpaint", "{p}", "--mask", "{m}", "naked woman, nsfw porn", "-o", "{out}/x.png"], "usage policy"),
+    (["sample", "masked", "naked woman, nsfw porn", "-o", "{out}/x.png"], "usage policy"),
+]
+
+
+@pytest.mark.parametrize("args,needle", REFUSED)
+def test_refused_within_seconds_in_one_line_and_nothing_written(args, needle, picture, tmp_path):
+    p, m = picture
+    t0 = time.time()
+    r = cli(*[a.format(p=p, m=m, out=tmp_path) for a in args])
+    assert needle in one_error_line(r) and time.time() - t0 < 30
+    assert not [f for f in tmp_path.rglob("*") if f.is_file()]  # nothing written
+
+
+def test_sample_and_inpaint_run_harm_detection(picture, tmp_path, monkeypatch):
+    from tessera.pipelines.records import read_record
+    from tessera.safety import Verdict
+    from tessera.safety.image import ImageSafety
+
+    def flag_first(self, images):
+        return [Verdict(i == 0, "sexual" if i == 0 else None, 0.99 if i == 0 else 0.01) for i in range(len(images))]
+
+    monkeypatch.setattr(ImageSafety, "check", flag_first)
+    p, m = picture
+    r = cli("inpaint", p, "--mask", m, "a blue sky", "-n", "2", "--steps", "2", "-o", tmp_path / "x.png")
+    assert r.exit_code == 0, r.output
+    record = read_record(tmp_path / "x.png")
+    assert record["withheld"] == [{"index": 0, "category": "sexual", "score": 0.99}]
+    assert Image.open(tmp_path / "x.png").size == (128, 128)  # one image left, not a grid of two
+    monkeypatch.setattr(ImageSafety, "check", lambda self, images: [Verdict(True, "sexual", 0.9)] * len(images))
+    r = cli("sample", "masked", "a blue sky", "--steps", "2", "-o", tmp_path / "y.png")
+    assert "withheld by harm detection" in one_error_line(r) and not (tmp_path / "y.png").exists()
+
+
+def test_reconstruct_validates_outputs_first(picture, tmp_path):
+    p, _ = picture
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for d in ("a", "b"):
+        photo_like(3, (64, 64)).save(tmp_path / d / "img.png")
+    (tmp_path / "existing.png").write_bytes(b"keep me")
+    r = cli("reconstruct", p, tmp_path / "a" / "img.png", "-o", tmp_path / "existing.png")
+    assert "need an output folder" in one_error_line(r) and (tmp_path / "existing.png").read_bytes() == b"keep me"
+    r = cli("reconstruct", tmp_path / "a" / "img.png", tmp_path / "b" / "img.png", "-o", tmp_path / "out")
+    assert "share the file name" in one_error_line(r) and not (tmp_path / "out").exists()
+    r = cli("reconstruct", p, "-o", tmp_path / "nowhere" / "r.png")
+    assert "does not exist" in one_error_line(r)
+
+
+def test_prepare_cli_reports_a_bad_size_in_one_line(tmp_path):
+    (tmp_path / "src").mkdir()
+    r = cli("data", "prepare", tmp_path / "src", "--out", tmp_path / "out", "--size", "100000")
+    assert "size must be between 8 and 4096" in one_error_line(r)
+
+
+def test_generate_help_says_an_existing_output_is_replaced():
+    for command in (["generate"], ["sample", "ar"], ["upscale"]):
+        assert "existing file is replaced" in " ".join(CliRunner().invoke(main, [*command, "--help"]).output.split())
