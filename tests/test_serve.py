@@ -7,6 +7,7 @@ import json
 import threading
 import time
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -77,8 +78,13 @@ def test_openai_client_against_the_server(tmp_path, pipeline):
         assert len(r.data) == 2 and r.data[0].revised_prompt == "grinning face emoji"
         im = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json)))
         assert im.size == (256, 256) and json.loads(im.text["tessera"])["seed"] == 3
-        r = oc.images.generate(prompt="a red apple", size="128x128", response_format="url", extra_body={"steps": 2})
-        assert r.data[0].url.startswith(url + "/v1/images/") and r.data[0].revised_prompt == "A red apple."
+        r = oc.images.generate(prompt="a red apple", size="128x128", response_format="url", extra_body={"steps": 2, "seed": 5})
+        assert r.data[0].url.startswith("/v1/images/") and r.data[0].revised_prompt == "A red apple."  # relative
+        app.state.config.public_url = url  # `tessera serve --public-url URL`: absolute links from it, never Host
+        r = httpx.post(f"{url}/v1/images/generations", headers={"Host": "attacker.example"}, timeout=120,
+                       json={"prompt": "a red apple", "size": "128x128", "response_format": "url", "steps": 2, "seed": 5})
+        link = r.json()["data"][0]["url"]
+        assert link.startswith(url + "/v1/images/") and httpx.get(link, timeout=30).status_code == 200
         with pytest.raises(openai.BadRequestError) as e:
             oc.images.generate(prompt="how to build a bomb to kill people", size="128x128")
         assert e.value.code == "content_policy_violation" and e.value.body["category"] in ("violence", "illegal")
@@ -161,14 +167,14 @@ def test_api_keys_limits_and_images_by_id_only(tmp_path, pipeline):
         r = c.post("/v1/images/generations", json={"prompt": "a cat", "n": 50}, headers=auth)
         assert r.status_code == 400 and r.json()["error"]["param"] == "n"
         r = c.post("/v1/images/generations", json={"prompt": "a cat", "steps": 5, "paradigm": "ar", "size": "128x128"}, headers=auth)
-        assert r.status_code == 200  # steps do not apply to AR: ignored, not an error
+        assert r.status_code == 400 and "steps" in r.json()["error"]["message"]  # as the CLI: named, not dropped
         ok = c.post("/v1/images/generations", json={"prompt": "sunflower emoji", **FAST}, headers=auth).json()
         image_id = ok["tessera"]["image_ids"][0]
         assert c.get(f"/v1/images/{image_id}", headers=auth).headers["content-type"] == "image/png"
         for bad in ("..%2F..%2Fserve.sqlite", "../serve.sqlite", image_id + ".png", "0" * 32):
             assert c.get(f"/v1/images/{bad}", headers=auth).status_code in (404, 400)
         usage = c.get("/v1/metrics", headers=auth).json()["usage"]["by_key"]
-        assert list(usage) == ["key-" + __import__("hashlib").sha256(b"s3cret").hexdigest()[:12]]
+        assert len(usage) == 1 and list(usage)[0].startswith("key-")
         assert "s3cret" not in json.dumps(usage)
 
 
@@ -246,3 +252,46 @@ def test_serve_model_serves_a_pipeline_folder_over_http(tmp_path):
         assert r.status_code == 200, r.text
         record = json.loads(decode_b64(r.json()["data"][0]).text["tessera"])
     assert record["model"] == str(folder) and record["steps"] == 5, record
+
+
+def test_every_image_withheld_is_a_policy_error_not_empty_data(tmp_path, pipeline, monkeypatch):
+    from tessera.safety import Verdict
+
+    monkeypatch.setattr(pipeline.image_safety, "check", lambda images: [Verdict(True, "sexual", 0.87)] * len(images))
+    with client(tmp_path, pipeline) as c:
+        r = c.post("/v1/images/generations", json={"prompt": "a red apple number 10-4", **FAST, "n": 2})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "content_policy_violation" and err["category"] == "sexual" and "withheld" in err["message"]
+
+
+def test_a_missing_image_file_is_410_and_ar_rejects_what_it_does_not_take(tmp_path, pipeline):
+    with client(tmp_path, pipeline) as c:
+        r = c.post("/v1/images/generations", json={"prompt": "a red apple", **FAST, "seed": 1})
+        job_id, (image_id,) = r.json()["tessera"]["job_id"], r.json()["tessera"]["image_ids"]
+        for f in (tmp_path / "serve").rglob(f"{image_id}.*"):
+            f.unlink()
+        assert c.get(f"/v1/images/{image_id}").status_code == 410
+        assert c.get(f"/v1/jobs/{job_id}").status_code == 410
+        for field, value in (("steps", 4), ("negative_prompt", "blurry")):
+            for paradigm in (["ar", "masked"] if field == "negative_prompt" else ["ar"]):
+                r = c.post("/v1/images/generations", json={"prompt": "a cat", "size": "128x128", "paradigm": paradigm,
+                                                           field: value})
+                assert r.status_code == 400 and field in r.json()["error"]["message"], (paradigm, field, r.text)
+
+
+def test_suggestions_and_usage_are_scoped_to_each_key(tmp_path, pipeline):
+    import hashlib
+
+    a, b = {"Authorization": "Bearer key-aaaa"}, {"Authorization": "Bearer key-bbbb"}
+    with client(tmp_path, pipeline, api_keys=("key-aaaa", "key-bbbb")) as c:
+        r = c.post("/v1/images/generations", headers=a, json={"prompt": "zebra stripes on a teapot", **FAST, "seed": 7})
+        assert r.status_code == 200, r.text
+        mine = c.get("/v1/prompts/complete", params={"q": "zebra str"}, headers=a).json()["suggestions"]
+        theirs = c.get("/v1/prompts/complete", params={"q": "zebra str"}, headers=b).json()["suggestions"]
+        by_key_b = c.get("/v1/metrics", headers=b).json()["usage"]["by_key"]
+        by_key_a = c.get("/v1/metrics", headers=a).json()["usage"]["by_key"]
+    assert mine[0] == "zebra stripes on a teapot" and "zebra stripes on a teapot" not in theirs
+    assert by_key_b == {"other keys": {"jobs": 1, "images": 1}}
+    (own,) = by_key_a
+    assert own.startswith("key-") and own != "key-" + hashlib.sha256(b"key-aaaa").hexdigest()[:12]  # salted

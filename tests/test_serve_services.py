@@ -118,3 +118,40 @@ def test_tessera_serve_command_end_to_end(tmp_path):
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
     assert (tmp_path / "serve" / "serve.sqlite").is_file() and len(list((tmp_path / "serve" / "images").iterdir())) == 1
+
+
+def test_a_stage_service_with_a_key_refuses_requests_without_it(tmp_path):
+    """`tessera serve generation --api-key K`: 401 without K on every route; with K, the stage validates its
+    settings by the gateway's limits; a gateway with the same key drives it."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tessera.cli", "serve", "generation", "--port", str(port),
+                             "--api-key", "stage-key-1", "--preload", "masked"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    url, key = f"http://127.0.0.1:{port}", {"Authorization": "Bearer stage-key-1"}
+    try:
+        end = time.time() + 120
+        while time.time() < end and proc.poll() is None:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/readyz", headers=key, timeout=1).status_code == 200:
+                    break
+            time.sleep(0.3)
+        body = {"paradigm": "masked", "prompts": ["a cat"], "settings": {"steps": 2}}
+        assert httpx.post(f"{url}/v1/generate", json=body, timeout=30).status_code == 401
+        assert httpx.get(f"{url}/readyz", timeout=5).status_code == 401
+        wrong = {"Authorization": "Bearer stage-key-2"}
+        assert httpx.post(f"{url}/v1/generate", json=body, headers=wrong, timeout=30).status_code == 401
+        for bad in ({"steps": 10**6}, {"evil": 1}, {"cfg_scale": 1e9}):
+            r = httpx.post(f"{url}/v1/generate", json={**body, "settings": bad}, headers=key, timeout=30)
+            assert r.status_code == 422, (bad, r.text)
+        r = httpx.post(f"{url}/v1/generate", json={**body, "prompts": ["a cat"] * 33}, headers=key, timeout=30)
+        assert r.status_code == 422
+        app = create_app(ServeConfig(data_dir=str(tmp_path / "serve"), stage_urls={"generation": url}, preload=(),
+                                     api_keys=("stage-key-1",)))
+        with TestClient(app) as c:
+            r = c.post("/v1/images/generations", headers=key,
+                       json={"prompt": "a red apple", "paradigm": "masked", "size": "128x128", "steps": 2, "seed": 1})
+            assert r.status_code == 200, r.text
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

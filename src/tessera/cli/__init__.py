@@ -271,7 +271,7 @@ def workflow_run(config_file, run_id) -> None:
          opt("--data-dir", default="tessera-serve", help="jobs, images, feedback"),
          opt("--api-key", "api_keys", multiple=True, envvar="TESSERA_API_KEYS", help="accepted Bearer key"),
          opt("--max-queue", default=64, help="queued jobs before 429"), opt("--max-batch", default=8, help="jobs per batch"),
-         opt("--deadline", "deadline_s", default=600.0, help="per-request deadline (s)"),
+         opt("--deadline", "deadline_s", default=600.0, help="per-request deadline (s)"), opt("--public-url", help="of url links"),
          opt("--generation-url", help="default: in-process"), opt("--decoding-url", help="default: in-process"),
          opt("--superres-url", help="default: in-process"), opt("--preload", default="diffusion", help="paradigms to load"),
          opt("--ray", "use_ray", is_flag=True, help="the stages as Ray Serve deployments (the ray extra)"),

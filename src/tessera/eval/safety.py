@@ -37,3 +37,28 @@ def evaluate_prompt_safety(model: str = "prompt-safety", benign_file: str | Path
                     "benign_flagged_by_category": dict(Counter(v.category for _, v in flagged)),
                     "benign_flagged_examples": [f"{v.category}: {p}" for p, v in flagged[:15]]})
     return out
+
+
+def generated_false_positives(prompt_file: str | Path = DEFAULT_BENIGN, per_paradigm: int = 32,
+                              paradigms: tuple[str, ...] = ("ar", "masked", "diffusion"), seed: int = 0,
+                              thresholds: tuple[float, ...] = (0.8, 0.9, 0.95, 0.98, 0.99)) -> dict:
+    """Harm detection on benign generated images: the bundled pipelines draw the first `per_paradigm`
+    prompts of `prompt_file` (PartiPrompts: ordinary prompts) at their native size, one seed each, and
+    open_nsfw scores them as `generate` does (before SR). Reports the false-positive rate at each threshold
+    and the highest scores with their prompt and seed, so the threshold is chosen from data."""
+    import tessera
+    from tessera.eval.prompts import read_prompts
+    from tessera.safety.image import ImageSafety
+
+    prompts = [p.prompt for p in read_prompts(prompt_file)][:per_paradigm]
+    detector = ImageSafety(threshold=1.0)
+    scores: list[tuple[float, str, str, int]] = []
+    for paradigm in paradigms:
+        pipe = tessera.load(paradigm)
+        for i, prompt in enumerate(prompts):
+            image = pipe.run(prompt, pipe.params(seed=seed + i, n=1))[0]
+            scores.append((detector.check([image])[0].score, paradigm, prompt, seed + i))
+    rate = {f"{t:g}": sum(s >= t for s, *_ in scores) / len(scores) for t in thresholds}
+    worst = sorted(scores, reverse=True)[:5]
+    return {"benign_generated": len(scores), "prompt_file": str(prompt_file), "false_positive_rate": rate,
+            "highest": [{"score": round(s, 4), "paradigm": p, "prompt": q, "seed": k} for s, p, q, k in worst]}

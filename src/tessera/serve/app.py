@@ -22,8 +22,6 @@ import base64
 import contextlib
 import dataclasses
 import functools
-import hashlib
-import hmac
 import json
 import logging
 import math
@@ -37,6 +35,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Streamin
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tessera.pipelines.text2image import TextToImage, batch_key
+from tessera.serve.auth import bearer_token, key_id, key_matches, server_secret, stage_key
 from tessera.serve.complete import Completer
 from tessera.serve.schemas import (
     Completions,
@@ -72,6 +71,7 @@ class ServeConfig:
     models: dict = dataclasses.field(default_factory=dict)      # paradigm -> pipeline / generator folder or preset
     device: str | None = None                                   # tessera.device: cpu | cuda[:N] | auto
     dtype: str | None = None
+    public_url: str | None = None                               # base of `url` links (default: relative links)
 
 
 def error(status: int, message: str, code: str | None = None, param: str | None = None, headers=None, **extra):
@@ -79,10 +79,6 @@ def error(status: int, message: str, code: str | None = None, param: str | None 
     kind = "invalid_request_error" if status < 500 else "server_error"
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code, **extra}},
                         status_code=status, headers=headers)
-
-
-def _key_id(token: str) -> str:
-    return "key-" + hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
 def create_app(config: ServeConfig | None = None,
@@ -95,7 +91,7 @@ def create_app(config: ServeConfig | None = None,
     recovered = store.recover()
     if pipeline is None:
         pipeline = functools.partial(default_pipeline, dict(config.stage_urls), dict(config.models), config.device,
-                                     config.dtype)
+                                     config.dtype, stage_key(tuple(k for k in config.api_keys if k)))
     worker = Worker(pipeline, store, config.max_batch, config.max_batch_images, preload=config.preload)
     completer = Completer.from_vocab(store.accepted_prompts())
 
@@ -173,7 +169,7 @@ def _generation_routes(config: ServeConfig, store: Store, worker: Worker, comple
             return error(504, f"job {job_id} did not finish by its deadline; see /v1/jobs/{job_id}",
                          "deadline_exceeded", job_id=job_id)
         if row["status"] == "succeeded":
-            completer.add(body.prompt)
+            completer.add(body.prompt, getattr(request.state, "key_id", None))
             return _render(row, request)
         return _failure(row)
 
@@ -190,7 +186,7 @@ def _job_routes(store: Store, worker: Worker, completer: Completer) -> APIRouter
             return StreamingResponse(_events(store, worker, job_id, request), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-store"})
         if row["status"] == "succeeded":
-            completer.add(json.loads(row["request"])["prompt"])
+            completer.add(json.loads(row["request"])["prompt"], row["api_key"])
         return _job(row, worker, request)
 
     @r.get("/v1/jobs/{job_id}/events", responses={200: {"content": {"text/event-stream": {}}}, 404: {}})
@@ -214,16 +210,18 @@ def _data_routes(config: ServeConfig, store: Store, worker: Worker, completer: C
     r = APIRouter()
 
     @r.get("/v1/images/{image_id}", response_class=FileResponse,
-             responses={200: {"content": {m: {} for m in MEDIA.values()}}, 404: {}})
+           responses={200: {"content": {m: {} for m in MEDIA.values()}}, 404: {}, 410: {}})
     def image(image_id: str = _id_param()):
         row = store.image(image_id)
         if row is None:
             raise HTTPException(404, f"image {image_id} not found")
+        if not (store.images_dir / row["file"]).is_file():
+            raise HTTPException(410, f"image {image_id} is no longer stored")
         return FileResponse(store.images_dir / row["file"], media_type=MEDIA[row["format"]])
 
     @r.get("/v1/prompts/complete", response_model=Completions)
-    def complete(q: str = Query("", max_length=200), k: int = Query(8, ge=1, le=20)):
-        return Completions(q=q, suggestions=completer.suggest(q, k))
+    def complete(request: Request, q: str = Query("", max_length=200), k: int = Query(8, ge=1, le=20)):
+        return Completions(q=q, suggestions=completer.suggest(q, k, getattr(request.state, "key_id", None)))
 
     @r.post("/v1/feedback", response_model=FeedbackResponse, responses={404: {}})
     def feedback(body: FeedbackRequest, request: Request):
@@ -233,20 +231,22 @@ def _data_routes(config: ServeConfig, store: Store, worker: Worker, completer: C
         return FeedbackResponse(id=fid, image_id=body.image_id, rating=body.rating)
 
     @r.get("/v1/metrics")
-    def metrics():
-        return {**store.metrics(), "worker": {"busy_s": round(worker.busy_s, 3), "jobs": worker.jobs_done,
+    def metrics(request: Request):
+        return {**store.metrics(key_id=getattr(request.state, "key_id", None)), "worker": {"busy_s": round(worker.busy_s, 3), "jobs": worker.jobs_done,
                                               "max_batch": config.max_batch}}
 
     return r
 
 
 def default_pipeline(stage_urls: dict, models: dict | None = None, device: str | None = None,
-                     dtype: str | None = None) -> TextToImage:
+                     dtype: str | None = None, api_key: str | None = None) -> TextToImage:
+    """TextToImage over local stages, or over the stage services at `stage_urls` (sending `api_key`)."""
     if not stage_urls:
         return TextToImage(models, device=device, dtype=dtype)
     from tessera.pipelines.text2image import LocalStages
     from tessera.serve.remote import RemoteStages
-    return TextToImage(stages=RemoteStages(stage_urls, LocalStages(models, device=device, dtype=dtype)))
+    return TextToImage(stages=RemoteStages(stage_urls, LocalStages(models, device=device, dtype=dtype),
+                                           api_key=api_key))
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -270,7 +270,8 @@ def build_server(stage: str = "gateway", host: str = "127.0.0.1", port: int | No
         from tessera.serve.services import create_stage_app
 
         stages = LocalStages(models, device=device, dtype=dtype)
-        return create_stage_app(stage, stages, preload if stage != "superres" else ()), port or STAGE_PORTS[stage]
+        app = create_stage_app(stage, stages, preload if stage != "superres" else (), api_keys=keys)
+        return app, port or STAGE_PORTS[stage]
     cfg = ServeConfig(api_keys=keys, preload=preload, models=dict(models or {}), device=device, dtype=dtype, **config)
     pipeline = None
     if use_ray:
@@ -306,12 +307,15 @@ def _render(row, request: Request) -> ImagesResponse:
     req = ImageGenerationRequest.model_validate_json(row["request"])
     res = json.loads(row["result"])
     data = []
+    base = (request.app.state.config.public_url or "").rstrip("/")
     for image_id in res["image_ids"]:
-        if req.response_format == "url":
-            data.append(ImageData(url=str(request.url_for("image", image_id=image_id)),
+        path = request.app.state.store.images_dir / f"{image_id}.{req.output_format}"
+        if not path.is_file():
+            raise HTTPException(410, f"the images of job {row['id']} are no longer stored")
+        if req.response_format == "url":  # never from the request's Host header: the configured base, or relative
+            data.append(ImageData(url=f"{base}{request.app.url_path_for('image', image_id=image_id)}",
                                   revised_prompt=res["revised_prompt"]))
         else:
-            path = request.app.state.store.images_dir / f"{image_id}.{req.output_format}"
             data.append(ImageData(b64_json=base64.b64encode(path.read_bytes()).decode(),
                                   revised_prompt=res["revised_prompt"]))
     info = TesseraInfo(job_id=row["id"], image_ids=res["image_ids"], seed=res["seed"], paradigm=res["paradigm"],
@@ -366,15 +370,15 @@ async def _events(store: Store, worker: Worker, job_id: str, request: Request):
 
 def _install_guards(app: FastAPI, config: ServeConfig) -> None:
     keys = tuple(k for k in config.api_keys if k)
+    secret = server_secret(config.data_dir) if keys else b""
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if keys and request.url.path not in PUBLIC:
-            auth = request.headers.get("authorization", "")
-            token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-            if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+            token = bearer_token(request)
+            if not key_matches(token, keys):
                 return error(401, "a valid API key is required: Authorization: Bearer <key>", "invalid_api_key")
-            request.state.key_id = _key_id(token)
+            request.state.key_id = key_id(token, secret)
         if request.method in ("POST", "PUT", "PATCH"):
             n = request.headers.get("content-length")
             if n is None or not n.isdigit():

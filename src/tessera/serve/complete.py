@@ -32,34 +32,40 @@ class _PrefixIndex:
 
 
 class Completer:
-    def __init__(self, phrases: dict[str, int], words: dict[str, int], accepted: list[str] = ()):
+    """Suggestions from the captions (shared) and from accepted prompts, which are scoped to their owner:
+    an API key's prompts are suggested to that key only (`owner` = its key id; None = the local user of a
+    server without keys)."""
+
+    def __init__(self, phrases: dict[str, int], words: dict[str, int], accepted: list[str] = (),
+                 owned: list[tuple[str | None, str]] = ()):
         self.phrases = _PrefixIndex(phrases)
         self.words = _PrefixIndex(words)
-        self._accepted: Counter = Counter()
-        self._accepted_index = _PrefixIndex({})
+        self._accepted: dict[str | None, Counter] = {}
+        self._index: dict[str | None, _PrefixIndex] = {}
         self._lock = threading.Lock()
-        for p in accepted:
-            self._accepted[normalise(p)] += 1
-        self._reindex()
+        for owner, p in [*((None, p) for p in accepted), *owned]:
+            self._accepted.setdefault(owner, Counter())[normalise(p)] += 1
+        for owner in self._accepted:
+            self._reindex(owner)
 
     @classmethod
-    def from_vocab(cls, accepted: list[str] = ()) -> "Completer":
+    def from_vocab(cls, owned: list[tuple[str | None, str]] = ()) -> "Completer":
         vocab = json.loads(resources.files("tessera.prompts").joinpath("caption_vocab.json").read_text())
         words = Counter(vocab["emoji"]) + Counter(vocab["other"])
-        return cls(vocab.get("phrases", {}), dict(words), accepted)
+        return cls(vocab.get("phrases", {}), dict(words), owned=owned)
 
-    def _reindex(self) -> None:
-        self._accepted_index = _PrefixIndex({k: v for k, v in self._accepted.items() if k})
+    def _reindex(self, owner: str | None) -> None:
+        self._index[owner] = _PrefixIndex({k: v for k, v in self._accepted[owner].items() if k})
 
-    def add(self, prompt: str) -> None:
-        """A prompt a user generated with: it is suggested from now on (more uses rank it higher)."""
+    def add(self, prompt: str, owner: str | None = None) -> None:
+        """A prompt `owner` generated with: suggested to them from now on (more uses rank it higher)."""
         with self._lock:
-            self._accepted[normalise(prompt)] += 1
-            self._reindex()
+            self._accepted.setdefault(owner, Counter())[normalise(prompt)] += 1
+            self._reindex(owner)
 
-    def suggest(self, q: str, k: int = 8) -> list[str]:
-        """Whole prompts that continue what was typed (accepted prompts first, then captions), then the
-        typed text with its last word completed from the caption vocabulary."""
+    def suggest(self, q: str, k: int = 8, owner: str | None = None) -> list[str]:
+        """Whole prompts that continue what was typed (`owner`'s accepted prompts first, then captions),
+        then the typed text with its last word completed from the caption vocabulary."""
         typed = normalise(q)
         if not typed:
             return []
@@ -70,7 +76,8 @@ class Completer:
                 if s != typed and s not in out and len(out) < k:
                     out.append(s)
 
-        put(self._accepted_index.top(typed, k))
+        if owner in self._index:
+            put(self._index[owner].top(typed, k))
         put(self.phrases.top(typed, k))
         if not q.endswith(" "):
             head, _, last = typed.rpartition(" ")

@@ -19,19 +19,21 @@ class StageError(RuntimeError):
 
 
 class RemoteStages:
-    def __init__(self, urls: dict[str, str], local: LocalStages | None = None, timeout_s: float = 600.0):
+    def __init__(self, urls: dict[str, str], local: LocalStages | None = None, timeout_s: float = 600.0,
+                 api_key: str | None = None):
         unknown = set(urls) - set(STAGES)
         if unknown:
             raise ValueError(f"stage URLs {sorted(unknown)}: stages are {STAGES}")
         self.urls = {k: v.rstrip("/") for k, v in urls.items() if v}
         self.local = local or LocalStages()
         self.timeout = httpx.Timeout(timeout_s, connect=5.0)
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.models, self.sr_model = self.local.models, self.local.sr_model
 
     def _post(self, stage: str, path: str, **kw) -> httpx.Response:
         url = f"{self.urls[stage]}{path}"
         try:
-            r = httpx.post(url, timeout=self.timeout, **kw)
+            r = httpx.post(url, timeout=self.timeout, headers=self.headers, **kw)
         except httpx.HTTPError as e:
             raise StageError(f"the {stage} service at {self.urls[stage]} failed: {e!r}") from e
         _raise_for(stage, self.urls[stage], r)
@@ -43,7 +45,8 @@ class RemoteStages:
         url = self.urls["generation"]
         body = {"paradigm": paradigm, "prompts": prompts, "settings": settings}
         try:
-            with httpx.stream("POST", f"{url}/v1/generate", json=body, timeout=self.timeout) as r:
+            with httpx.stream("POST", f"{url}/v1/generate", json=body, timeout=self.timeout,
+                              headers=self.headers) as r:
                 if r.status_code != 200:
                     r.read()
                     _raise_for("generation", url, r)
@@ -71,7 +74,7 @@ class RemoteStages:
         out = {}
         for stage, url in self.urls.items():
             try:
-                out[stage] = httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200
+                out[stage] = httpx.get(f"{url}/readyz", timeout=2.0, headers=self.headers).status_code == 200
             except httpx.HTTPError:
                 out[stage] = False
         return out

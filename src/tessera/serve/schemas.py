@@ -54,10 +54,11 @@ class ImageGenerationRequest(Strict):
 
     def to_pipeline(self) -> Request:
         paradigm = self.chosen_paradigm()
+        """The pipeline request; a field the paradigm does not take (steps for ar, negative_prompt for ar /
+        masked) is kept, so that `Request.validate` rejects it by name as the CLI does."""
         return Request(prompt=self.prompt, paradigm=paradigm, size=int(self.size.split("x")[0]), n=self.n,
-                       seed=self.seed, steps=None if paradigm == "ar" else self.steps, cfg_scale=self.cfg_scale,
-                       negative_prompt=self.negative_prompt if paradigm == "diffusion" else "",
-                       enhance=self.enhance, diversify=self.diversify)
+                       seed=self.seed, steps=self.steps, cfg_scale=self.cfg_scale,
+                       negative_prompt=self.negative_prompt, enhance=self.enhance, diversify=self.diversify)
 
 
 class ImageData(BaseModel):

@@ -186,12 +186,15 @@ class Store:
             "INSERT INTO feedback (image_id, rating, comment, api_key, created) VALUES (?, ?, ?, ?, ?)",
             (image_id, rating, comment, api_key, time.time())).lastrowid)
 
-    def accepted_prompts(self, limit: int = 10000) -> list[str]:
-        """Prompts of succeeded jobs, newest first (auto-complete learns from them)."""
-        return [r[0] for r in self._q("SELECT DISTINCT prompt FROM images ORDER BY created DESC LIMIT ?", (limit,))]
+    def accepted_prompts(self, limit: int = 10000) -> list[tuple[str | None, str]]:
+        """(key id, prompt) of succeeded jobs, newest first (auto-complete learns each key's own)."""
+        return [(r[0], r[1]) for r in self._q(
+            "SELECT j.api_key, i.prompt FROM images i JOIN jobs j ON j.id = i.job_id "
+            "GROUP BY j.api_key, i.prompt ORDER BY MAX(i.created) DESC LIMIT ?", (limit,))]
 
     # -- metrics --------------------------------------------------------------------------------------------
-    def metrics(self, window_s: float = 300.0) -> dict:
+    def metrics(self, window_s: float = 300.0, key_id: str | None = None) -> dict:
+        """Server-wide numbers; usage by key shows the caller's own key only (`key_id`), the others summed."""
         now = time.time()
         status = {r[0]: r[1] for r in self._q("SELECT status, COUNT(*) FROM jobs GROUP BY status")}
         done = self._q("SELECT created, started, finished, n, batch FROM jobs WHERE status='succeeded' "
@@ -216,10 +219,20 @@ class Store:
             "throughput": {"window_s": window_s, "images": recent, "jobs": recent_jobs,
                            "images_per_min": round(recent / window_s * 60, 3)},
             "usage": {"by_paradigm": {r[0]: {"jobs": r[1], "images": r[2]} for r in usage},
-                      "by_key": {r[0]: {"jobs": r[1], "images": r[2]} for r in keys}},
+                      "by_key": _own_key_usage(keys, key_id)},
             "feedback": {"count": len(fb), "mean_rating": round(sum(r[0] for r in fb) / len(fb), 3) if fb else None,
                          "by_rating": by_rating, "by_paradigm": by_paradigm},
         }
+
+
+def _own_key_usage(rows, key_id: str | None) -> dict:
+    """{own key: usage, "other keys": summed usage} (without keys: everything is 'local')."""
+    out: dict = {}
+    for key, jobs, images in rows:
+        name = key if key in (key_id, "local") else "other keys"
+        slot = out.setdefault(name, {"jobs": 0, "images": 0})
+        slot["jobs"], slot["images"] = slot["jobs"] + jobs, slot["images"] + (images or 0)
+    return out
 
 
 def _percentiles(xs: list[float]) -> dict:

@@ -190,6 +190,12 @@ class Worker:
                 "message": f"{r} — nothing was generated"})
         elif isinstance(r, Exception):
             self.store.finish(job["id"], "failed", error={"code": "invalid_request", "message": str(r)})
+        elif not r.images:  # harm detection withheld every image: an error, never `data: []`
+            w = r.withheld[0] if r.withheld else {"category": None, "score": 0.0}
+            self.store.finish(job["id"], "failed", error={
+                "code": "content_policy_violation", "category": w["category"], "withheld": r.withheld,
+                "message": f"every image was withheld by harm detection (category {w['category']!r}, score "
+                           f"{w['score']}); nothing was returned"})
         else:
             self.store.finish(job["id"], "succeeded", result=self._save(job["id"], req, r))
 
