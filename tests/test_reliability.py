@@ -97,3 +97,12 @@ def test_prepare_cli_reports_a_bad_size_in_one_line(tmp_path):
 def test_generate_help_says_an_existing_output_is_replaced():
     for command in (["generate"], ["sample", "ar"], ["upscale"]):
         assert "existing file is replaced" in " ".join(CliRunner().invoke(main, [*command, "--help"]).output.split())
+
+
+def test_harm_detection_false_positives_on_benign_generated_images(tmp_path):
+    from tessera.eval.safety import generated_false_positives
+
+    (tmp_path / "p.txt").write_text("a red apple\na green pepper\na flower\n")
+    out = generated_false_positives(tmp_path / "p.txt", per_paradigm=3, paradigms=("masked",), thresholds=(0.0, 1.01))
+    assert out["benign_generated"] == 3 and out["false_positive_rate"] == {"0": 1.0, "1.01": 0.0}
+    assert len(out["highest"]) == 3 and all(0 <= h["score"] <= 1 and h["paradigm"] == "masked" for h in out["highest"])

@@ -52,10 +52,13 @@ def decode_b64(item) -> Image.Image:
 
 @contextlib.contextmanager
 def uvicorn_server(app):
+    """The app served as `tessera serve` serves it (serve.app.server_config), on a free port."""
     import uvicorn
 
+    from tessera.serve.app import server_config
+
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(server_config(app, "127.0.0.1", port))
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
     while not server.started:
@@ -295,3 +298,32 @@ def test_suggestions_and_usage_are_scoped_to_each_key(tmp_path, pipeline):
     assert by_key_b == {"other keys": {"jobs": 1, "images": 1}}
     (own,) = by_key_a
     assert own.startswith("key-") and own != "key-" + hashlib.sha256(b"key-aaaa").hexdigest()[:12]  # salted
+
+
+def test_stalled_bodies_oversized_headers_and_expired_queued_jobs(tmp_path, pipeline, monkeypatch):
+    import socket
+
+    import tessera.serve.limits as limits
+
+    monkeypatch.setattr(limits, "BODY_TIMEOUT_S", 1.0)
+    app = create_app(ServeConfig(data_dir=str(tmp_path / "serve")), pipeline)
+    with uvicorn_server(app) as url:
+        app.state.worker.stop()  # nothing is claimed: a queued job can only fail by the deadline sweep
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as s:  # promises 100 bytes, sends 10
+            s.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"prompt\":")
+            t0 = time.time()
+            answer = s.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408") and time.time() - t0 < 10, answer[:200]
+        try:  # a 1 MB header: refused (an error answer, or the connection closed while it is sent)
+            status = httpx.get(f"{url}/healthz", headers={"X-Big": "a" * (1 << 20)}, timeout=20).status_code
+        except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError):
+            status = None
+        assert status in (None, 400, 431)
+        r = httpx.post(f"{url}/v1/images/generations", headers={"Prefer": "respond-async"}, timeout=20,
+                       json={"prompt": "a red apple", **FAST, "deadline_seconds": 1})
+        job = r.json()["id"]
+        time.sleep(3.5)
+        j = httpx.get(f"{url}/v1/jobs/{job}", timeout=20).json()
+        assert j["status"] == "failed" and j["error"]["code"] == "deadline_exceeded", j

@@ -278,15 +278,13 @@ def workflow_run(config_file, run_id) -> None:
          opt("--replicas", default="1,1,1", help="--ray: generation,decoding,superres replicas"), *DEVICE_OPTS)
 def serve(stage, host, port, models, generation_url, decoding_url, superres_url, preload, **kw) -> None:
     """The HTTP server: the gateway (OpenAI-compatible images API, jobs, web page at /) or one stage service."""
-    import uvicorn
-
     from tessera.pipelines.folder import models_by_paradigm
-    from tessera.serve.app import build_server
+    from tessera.serve.app import build_server, run_server
     urls = {"generation": generation_url, "decoding": decoding_url, "superres": superres_url}
     app, port = build_server(stage, host, port, models=models_by_paradigm(models), stage_urls=urls,
                              preload=tuple(p for p in preload.split(",") if p), **kw)
     click.echo(f"tessera {stage} on http://{host}:{port}/  (Ctrl-C to stop)")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    run_server(app, host, port)
 
 @main.command("upscale")
 @click.argument("src", type=FILE)

@@ -120,11 +120,13 @@ def eval_human(a_dir, b_dir, db, host, port, report) -> None:
 
 @eval_.command("safety")
 @options(opt("--model", default="prompt-safety", help="prompt-policy classifier"),
-         opt("--benign", "benign_file", type=FILE, help="prompts that must pass"), opt("--threshold", default=0.5))
-def eval_safety(model, benign_file, threshold) -> None:
-    """Block rate on the held-out unsafe policy prompts; false-positive rate on benign prompts."""
-    from tessera.eval.safety import evaluate_prompt_safety
-    echo_json(evaluate_prompt_safety(model, benign_file, threshold))
+         opt("--benign", "benign_file", type=FILE, help="prompts that must pass"), opt("--threshold", default=0.5),
+         opt("--generated", default=0, help="also: harm detection on N benign generated images per paradigm"))
+def eval_safety(model, benign_file, threshold, generated) -> None:
+    """Block rate on the held-out unsafe policy prompts; false-positive rate on benign prompts (and images)."""
+    from tessera.eval.safety import evaluate_prompt_safety, generated_false_positives
+    echo_json({**evaluate_prompt_safety(model, benign_file, threshold),
+               **({"images": generated_false_positives(benign_file, generated)} if generated else {})})
 
 bench = group(main, "bench", "Benchmarks that compare models on this machine.")
 

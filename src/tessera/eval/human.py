@@ -169,8 +169,9 @@ def check_host(host: str) -> str:
 
 
 def serve_votes(app, host: str, port: int) -> None:
-    import uvicorn
+    from tessera.serve.app import run_server
+    from tessera.serve.limits import BodyReadTimeout
 
     check_host(host)
-
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    app.add_middleware(BodyReadTimeout)
+    run_server(app, host, port)

@@ -39,7 +39,7 @@ def evaluate_prompt_safety(model: str = "prompt-safety", benign_file: str | Path
     return out
 
 
-def generated_false_positives(prompt_file: str | Path = DEFAULT_BENIGN, per_paradigm: int = 32,
+def generated_false_positives(prompt_file: str | Path | None = None, per_paradigm: int = 32,
                               paradigms: tuple[str, ...] = ("ar", "masked", "diffusion"), seed: int = 0,
                               thresholds: tuple[float, ...] = (0.8, 0.9, 0.95, 0.98, 0.99)) -> dict:
     """Harm detection on benign generated images: the bundled pipelines draw the first `per_paradigm`
@@ -50,6 +50,7 @@ def generated_false_positives(prompt_file: str | Path = DEFAULT_BENIGN, per_para
     from tessera.eval.prompts import read_prompts
     from tessera.safety.image import ImageSafety
 
+    prompt_file = prompt_file or DEFAULT_BENIGN
     prompts = [p.prompt for p in read_prompts(prompt_file)][:per_paradigm]
     detector = ImageSafety(threshold=1.0)
     scores: list[tuple[float, str, str, int]] = []

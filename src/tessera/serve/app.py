@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tessera.pipelines.text2image import TextToImage, batch_key
 from tessera.serve.auth import bearer_token, key_id, key_matches, server_secret, stage_key
 from tessera.serve.complete import Completer
+from tessera.serve.limits import BodyReadTimeout
 from tessera.serve.schemas import (
     Completions,
     FeedbackRequest,
@@ -100,7 +101,9 @@ def create_app(config: ServeConfig | None = None,
         if recovered["requeued"] or recovered["failed"]:
             log.warning("after restart: %s", recovered)
         worker.start()
+        sweeper = asyncio.create_task(_expire_queued(store))
         yield
+        sweeper.cancel()
         worker.stop()
 
     app = FastAPI(title="Tessera images API", version="1", lifespan=lifespan,
@@ -108,6 +111,7 @@ def create_app(config: ServeConfig | None = None,
     app.state.store, app.state.worker, app.state.config, app.state.completer = store, worker, config, completer
     _install_guards(app, config)
     _install_errors(app)
+    app.add_middleware(BodyReadTimeout)
     page_html = resources.files("tessera.serve").joinpath("static/index.html").read_text()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -250,6 +254,22 @@ def default_pipeline(stage_urls: dict, models: dict | None = None, device: str |
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MAX_HEADER_BYTES = 64 * 1024   # request line + headers: h11 answers 431 beyond this
+
+
+def server_config(app, host: str, port: int):
+    """uvicorn's settings for every Tessera app: bounded headers (the h11 parser; httptools has no limit);
+    the request-body read timeout is each app's `BodyReadTimeout`."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", http="h11",
+                          h11_max_incomplete_event_size=MAX_HEADER_BYTES)
+
+
+def run_server(app, host: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.Server(server_config(app, host, port)).run()
 STAGE_PORTS = {"gateway": 8000, "generation": 8101, "decoding": 8102, "superres": 8103}
 
 
@@ -366,6 +386,12 @@ async def _events(store: Store, worker: Worker, job_id: str, request: Request):
         if await request.is_disconnected():
             return
         await asyncio.sleep(0.05)
+
+
+async def _expire_queued(store: Store, every_s: float = 1.0) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        await asyncio.to_thread(store.expire_queued)
 
 
 def _install_guards(app: FastAPI, config: ServeConfig) -> None:

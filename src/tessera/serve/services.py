@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field, ValidationError
 from tessera.pipelines.base import LIMITS
 from tessera.pipelines.text2image import PARADIGMS, LocalStages
 from tessera.serve.auth import require_keys, stage_unauthorized
+from tessera.serve.limits import BodyReadTimeout
 from tessera.serve.schemas import MAX_N, MAX_PROMPT_CHARS, MAX_STEPS, SIZES, Strict
 from tessera.serve.wire import images_to_tensor, pack, tensor_to_images, unpack
 
@@ -116,6 +117,7 @@ def create_stage_app(stage: str, stages: LocalStages | None = None, preload: tup
 
     app = FastAPI(title=f"Tessera {stage} service", version="1", lifespan=lifespan)
     require_keys(app, tuple(k for k in api_keys if k), stage_unauthorized)
+    app.add_middleware(BodyReadTimeout)
 
     @app.get("/healthz", response_model=Health)
     def healthz():

@@ -123,14 +123,17 @@ class Store:
         self._tx(add)
         return job_id
 
+    def expire_queued(self) -> int:
+        """Fail the queued jobs whose deadline has passed (the gateway calls this every second, so a job
+        fails at its deadline even while the worker is busy); returns how many."""
+        return self._tx(lambda db: _expire(db, time.time()))
+
     def claim(self, max_batch: int, max_images: int) -> list[sqlite3.Row]:
         """The oldest queued job and up to max_batch - 1 later ones with its batch key (at most max_images
         images in all), marked running. Queued jobs past their deadline are failed on the way."""
         def take(db):
             now = time.time()
-            db.execute("UPDATE jobs SET status='failed', finished=?, error=? WHERE status='queued' AND deadline<?",
-                       (now, json.dumps({"code": "deadline_exceeded", "message": "the deadline passed while queued"}),
-                        now))
+            _expire(db, now)
             first = db.execute("SELECT * FROM jobs WHERE status='queued' ORDER BY seq LIMIT 1").fetchone()
             if first is None:
                 return []
@@ -223,6 +226,12 @@ class Store:
             "feedback": {"count": len(fb), "mean_rating": round(sum(r[0] for r in fb) / len(fb), 3) if fb else None,
                          "by_rating": by_rating, "by_paradigm": by_paradigm},
         }
+
+
+def _expire(db, now: float) -> int:
+    return db.execute("UPDATE jobs SET status='failed', finished=?, error=? WHERE status='queued' AND deadline<?",
+                      (now, json.dumps({"code": "deadline_exceeded", "message": "the deadline passed while queued"}),
+                       now)).rowcount
 
 
 def _own_key_usage(rows, key_id: str | None) -> dict:
