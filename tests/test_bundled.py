@@ -156,7 +156,7 @@ def test_image_harm_detector_and_prepare_filter(tmp_path):
 
     def run_prepare(out, max_score):
         return prepare([src], tmp_path / out, PrepareConfig(size=64, workers=1, filters=FilterConfig(phash_distance=2),
-                       scorers=(f"tessera.safety.image:nsfw_filter?max_score={max_score}",)), progress=False)
+                       scorers=(f"nsfw?max_score={max_score}",)), progress=False)
 
     assert run_prepare("keep", 0.99)["kept"] == 3
     drop = run_prepare("drop", 1e-6)

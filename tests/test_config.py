@@ -14,7 +14,7 @@ def test_json_round_trip_preserves_types():
 
 
 def test_nested_round_trip():
-    cfg = PrepareConfig(size=64, scorers=("a:b",))
+    cfg = PrepareConfig(size=64, scorers=("nsfw?max_score=0.5",))
     cfg.filters.min_size = 32
     assert PrepareConfig.from_json(cfg.to_json()) == cfg
 

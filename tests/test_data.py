@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import photo_like, png_bytes
 from tessera.data.dataset import ShardImages
 from tessera.data.decode import Rejected, decode_image
-from tessera.data.filters import hamming, phash
+from tessera.data.filters import hamming, phash, register_scorer
 from tessera.data.prepare import PrepareConfig, prepare
 
 
@@ -213,7 +213,8 @@ def test_scorer_plugin_rejects_and_records(tmp_path, monkeypatch):
     red = np.asarray(photo_like(2, (80, 80))).copy()
     red[..., 0] = 250
     Image.fromarray(red).save(src / "red.png")
-    cfg = PrepareConfig(size=32, workers=1, scorers=("test_data:red_scorer",))
+    register_scorer("redness", red_scorer)
+    cfg = PrepareConfig(size=32, workers=1, scorers=("redness",))
     report = prepare([src], tmp_path / "out", cfg, progress=False)
     assert report["kept"] == 1 and report["rejected_by_reason"] == {"scorer:redness": 1}
     db = sqlite3.connect(tmp_path / "out" / "catalog.sqlite")

@@ -210,7 +210,7 @@ def test_caption_match_scorer_in_prepare(models, tmp_path):
     for i in range(4):
         photo_like(200 + i, (64, 64)).save(src / f"{i}.png")
         (src / f"{i}.txt").write_text(f"picture {i}")
-    spec = f"tessera.eval.clipscore:caption_match?model={models / 'clip'}&min_score="
+    spec = f"caption_match?model={models / 'clip'}&min_score="
     keep = prepare([src], tmp_path / "keep", cfg("0"), progress=False)
     assert keep["kept"] == 4
     # CLIPScore is at most 100: a threshold above it rejects every captioned image, by name

@@ -34,7 +34,7 @@ def catalog(out):
 
 def test_ray_engine_writes_the_same_shards_and_catalog(sources, tmp_path):
     cfg = PrepareConfig(size=32, chunk_size=5, workers=2, val_fraction=0.3,
-                        scorers=("tessera.safety.image:nsfw_filter?max_score=0.8",),
+                        scorers=("nsfw?max_score=0.8",),
                         filters=FilterConfig(min_size=32, phash_distance=4))
     local = prepare([sources], tmp_path / "local", cfg, progress=False)
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)

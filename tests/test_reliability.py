@@ -106,3 +106,46 @@ def test_harm_detection_false_positives_on_benign_generated_images(tmp_path):
     out = generated_false_positives(tmp_path / "p.txt", per_paradigm=3, paradigms=("masked",), thresholds=(0.0, 1.01))
     assert out["benign_generated"] == 3 and out["false_positive_rate"] == {"0": 1.0, "1.01": 0.0}
     assert len(out["highest"]) == 3 and all(0 <= h["score"] <= 1 and h["paradigm"] == "masked" for h in out["highest"])
+
+
+def test_corrupt_databases_and_files_where_folders_belong_are_one_line(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    photo_like(1, (96, 96)).save(src / "a.png")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "catalog.sqlite").write_bytes(b"this is not SQLite" * 100)
+    r = cli("data", "prepare", src, "--out", tmp_path / "bad")
+    assert "not a readable catalog" in one_error_line(r)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "shards").write_text("a file")
+    assert "is a file, not a folder" in one_error_line(cli("data", "prepare", src, "--out", tmp_path / "out"))
+    (tmp_path / "serve-file").write_text("a file")
+    assert "is a file, not a folder" in one_error_line(cli("serve", "--data-dir", tmp_path / "serve-file"))
+    (tmp_path / "serve").mkdir()
+    (tmp_path / "serve" / "serve.sqlite").write_bytes(b"garbage" * 1000)
+    assert "not a readable Tessera store" in one_error_line(cli("serve", "--data-dir", tmp_path / "serve"))
+
+
+def test_error_texts_carry_no_object_addresses(tmp_path):
+    from tessera.data.decode import Rejected, decode_image
+
+    with pytest.raises(Rejected) as e:
+        decode_image(b"definitely not an image" * 10)
+    assert "0x" not in str(e.value) and "object at" not in str(e.value)
+    (tmp_path / "junk.png").write_bytes(b"junk" * 50)
+    r = cli("upscale", tmp_path / "junk.png", "--scale", "2", "-o", tmp_path / "u.png")
+    assert "0x" not in one_error_line(r)
+
+
+def test_scorers_are_registered_names_never_module_paths(tmp_path):
+    from tessera.data.filters import load_scorer, scorer_names
+
+    assert {"nsfw", "caption_match"} <= set(scorer_names())
+    for spec in ("os:system", "tessera.safety.image:nsfw_filter", "subprocess:run?args=id"):
+        with pytest.raises(ValueError, match="registered scorer name"):
+            load_scorer(spec)
+    with pytest.raises(ValueError, match="not registered"):
+        load_scorer("no-such-scorer")
+    (tmp_path / "src").mkdir()
+    r = cli("data", "prepare", tmp_path / "src", "--out", tmp_path / "out", "--scorer", "os:system")
+    assert "registered scorer name" in one_error_line(r)

@@ -4,6 +4,8 @@ into a 4xx. Each subclass also derives from the built-in error it refines (Value
 that caught those keeps working."""
 from __future__ import annotations
 
+import re
+
 
 class TesseraError(Exception):
     """Base of every error Tessera raises for bad input or a missing / mismatched model."""
@@ -34,3 +36,8 @@ class UnsafePromptRejected(TesseraError, ValueError):
     """Base of the usage-policy refusal (`tessera.safety.UnsafePromptError`)."""
 
     exit_code = 3
+
+
+def plain(message: str) -> str:
+    """One line for a user: whitespace collapsed, object addresses ('<_io.BytesIO object at 0x7f..>') removed."""
+    return " ".join(re.sub(r" ?<[\w.]+ object at 0x[0-9a-f]+>| at 0x[0-9a-f]+", "", message).split())

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from tessera.errors import TesseraError
+from tessera.errors import TesseraError, plain
 
 P = click.Path
 DIR, FILE, NEWDIR, PNG_OUT, PORT = P(exists=True, file_okay=False), P(exists=True, dir_okay=False), \
@@ -30,7 +30,7 @@ def handle_errors(invoke):
     return wrapper
 
 def _exit(message: str, code: int) -> None:
-    click.echo(f"Error: {' '.join(message.split())}", err=True)
+    click.echo(f"Error: {plain(message)}", err=True)
     sys.exit(code)
 
 class Group(click.Group):
@@ -72,7 +72,7 @@ data = group(main, "data", "Data curation.")
          opt("--val-fraction", default=0.05), opt("--workers", default=2), opt("--min-size", default=64, help="shorter side"),
          opt("--phash-distance", default=6, help="near-duplicate Hamming threshold"),
          opt("--max-pixels", default=64_000_000, help="decompression-bomb cap"),
-         opt("--scorer", "scorers", multiple=True, help="plug-in scorer 'module:factory'"),
+         opt("--scorer", "scorers", multiple=True, help="registered scorer, e.g. 'nsfw?max_score=0.8'"),
          opt("--engine", default="local", type=click.Choice(["local", "ray"]), help="ray: Ray Data stages (same output)"))
 def data_prepare(sources, out, size, image_format, val_fraction, workers, min_size, phash_distance, max_pixels,
                  scorers, engine) -> None:

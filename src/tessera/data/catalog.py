@@ -5,6 +5,8 @@ import json
 import sqlite3
 from pathlib import Path
 
+from tessera.errors import InvalidInputError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
     id        TEXT PRIMARY KEY,   -- output key (kept) or 'rej-<chunk>-<n>' (rejected)
@@ -33,11 +35,16 @@ class Catalog:
 
     def __init__(self, path: str | Path, readonly: bool = False):
         self.path = Path(path)
-        if readonly:
-            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
-        else:
-            self.db = sqlite3.connect(self.path)
-            self.db.executescript(SCHEMA)
+        try:
+            if readonly:
+                self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+                self.db.execute("SELECT COUNT(*) FROM images").fetchone()
+            else:
+                self.db = sqlite3.connect(self.path)
+                self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise InvalidInputError(f"{self.path}: not a readable catalog ({e}); prepare the data again into a "
+                                    f"new folder") from None
 
     @classmethod
     def read(cls, data_dir: str | Path) -> "Catalog":

@@ -12,6 +12,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from tessera.errors import plain
+
 DEFAULT_MAX_PIXELS = 64_000_000
 
 
@@ -19,6 +21,7 @@ class Rejected(Exception):
     """An input that is skipped; `reason` is a short stable code used in the catalog and report."""
 
     def __init__(self, reason: str, detail: str = ""):
+        detail = plain(detail)  # "<_io.BytesIO object at 0x7f..>" says nothing to a user
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason, self.detail = reason, detail
 

@@ -7,7 +7,6 @@ match) plug in through `Scorer`: later stages register them; `prepare` records e
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Callable, Protocol
 
 import numpy as np
@@ -80,21 +79,53 @@ class Scorer(Protocol):
     def score(self, im: Image.Image, caption: str) -> float: ...
 
 
-def load_scorer(spec: str) -> Scorer:
-    """'package.module:factory' -> factory(); 'package.module:factory?key=value&key=value' -> factory(key='value',
-    ...) (string arguments, so that the spec alone rebuilds the scorer in every worker process)."""
-    if ":" not in spec:
-        raise ValueError(f"scorer {spec!r} must be 'module:factory' or 'module:factory?key=value&...'")
-    module, rest = spec.split(":", 1)
-    name, _, query = rest.partition("?")
+SCORER_GROUP = "tessera.scorers"  # entry-point group: name -> factory, declared by installed packages
+_REGISTERED: dict[str, Callable[..., Scorer]] = {}
+
+
+def register_scorer(name: str, factory: Callable[..., Scorer]) -> None:
+    """Register a scorer factory in this process (packages declare theirs as `tessera.scorers` entry points)."""
+    _REGISTERED[name] = factory
+
+
+def scorer_names() -> list[str]:
+    from importlib.metadata import entry_points
+
+    return sorted({*_REGISTERED, *(ep.name for ep in entry_points(group=SCORER_GROUP))})
+
+
+def _factory(name: str) -> Callable[..., Scorer]:
+    from importlib.metadata import entry_points
+
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    return next(ep for ep in entry_points(group=SCORER_GROUP) if ep.name == name).load()
+
+
+def check_scorer_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """'name?key=value&...' -> (name, string arguments); the name must be registered."""
+    name, _, query = spec.partition("?")
+    if ":" in name or not name:
+        raise ValueError(f"scorer {spec!r}: give a registered scorer name, e.g. 'nsfw?max_score=0.8' "
+                         f"(known: {scorer_names()}), not a module path")
+    if name not in scorer_names():
+        raise ValueError(f"scorer {name!r} is not registered; known: {scorer_names()} (a plug-in package "
+                         f"registers one as a {SCORER_GROUP!r} entry point)")
     kwargs = {}
     for part in filter(None, query.split("&")):
         key, eq, value = part.partition("=")
         if not eq or not key:
             raise ValueError(f"scorer {spec!r}: argument {part!r} must be key=value")
         kwargs[key] = value
-    factory: Callable[..., Scorer] = getattr(importlib.import_module(module), name)
-    return factory(**kwargs)
+    return name, kwargs
+
+
+def load_scorer(spec: str) -> Scorer:
+    """'name' -> the registered factory(); 'name?key=value&key=value' -> factory(key='value', ...) (string
+    arguments, so that the spec alone rebuilds the scorer in every worker process). Only registered names:
+    a config file is data, never a path to arbitrary code."""
+    name, kwargs = check_scorer_spec(spec)
+    return _factory(name)(**kwargs)
 
 
 def score_reason(scores: dict[str, float], scorers: list[Scorer]) -> str | None:

@@ -30,6 +30,7 @@ from tessera.data.decode import DEFAULT_MAX_PIXELS, Rejected, decode_image, resi
 from tessera.data.filters import (
     FilterConfig,
     Scorer,
+    check_scorer_spec,
     hamming,
     image_stats,
     load_scorer,
@@ -38,7 +39,7 @@ from tessera.data.filters import (
     score_reason,
 )
 from tessera.data.sources import Item, list_source, read_item
-from tessera.errors import TesseraError
+from tessera.errors import InvalidInputError, TesseraError
 
 MAX_SIZE = 4096  # output side: a 100000 px side would grow one worker to tens of GB
 
@@ -62,6 +63,8 @@ class PrepareConfig(Config):
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 8 <= self.size <= MAX_SIZE:
             raise ValueError(f"size must be between 8 and {MAX_SIZE}, got {self.size}")
+        for spec in self.scorers:  # names only (loading a scorer's model waits for the workers)
+            check_scorer_spec(spec)
         if self.workers < 1 or self.chunk_size < 1:
             raise ValueError(f"workers and chunk_size must be >= 1, got {self.workers} and {self.chunk_size}")
 
@@ -297,6 +300,9 @@ def prepare(sources: list[str | Path], out: str | Path, cfg: PrepareConfig | Non
 
     cfg = cfg or PrepareConfig()
     out = Path(out)
+    for d in (out, out / "shards"):
+        if d.exists() and not d.is_dir():
+            raise InvalidInputError(f"--out {out}: {d} is a file, not a folder")
     (out / "shards").mkdir(parents=True, exist_ok=True)
     items = [it for src in sources for it in list_source(src)]
     cat = Catalog(out / "catalog.sqlite")

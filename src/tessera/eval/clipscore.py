@@ -160,5 +160,5 @@ class CaptionMatch:
 
 
 def caption_match(model: str = "clip-xs", min_score: str | None = None) -> CaptionMatch:
-    """Scorer factory for `--scorer 'tessera.eval.clipscore:caption_match?model=clip-xs&min_score=20'`."""
+    """Scorer factory, registered as `caption_match`: `--scorer 'caption_match?model=clip-xs&min_score=20'`."""
     return CaptionMatch(model, float(min_score) if min_score is not None else None)

@@ -48,5 +48,5 @@ class NSFWFilter:
 
 
 def nsfw_filter(max_score: str = "0.8") -> NSFWFilter:
-    """Scorer factory: `--scorer 'tessera.safety.image:nsfw_filter?max_score=0.8'`."""
+    """Scorer factory, registered as `nsfw` (pyproject's tessera.scorers): `--scorer 'nsfw?max_score=0.8'`."""
     return NSFWFilter(float(max_score))

@@ -2,7 +2,7 @@
 source folder that `tessera data prepare` takes, so the next training run can include it.
 
     tessera data from-serving --serve-dir tessera-serve --out data/flywheel-src [--min-rating 4]
-    tessera data prepare data/flywheel-src --out data/flywheel --scorer 'tessera.safety.image:nsfw_filter'
+    tessera data prepare data/flywheel-src --out data/flywheel --scorer nsfw
 
 Per exported image: IMAGE_ID.png|jpeg|webp (the file the server wrote) + IMAGE_ID.txt (the prompt the
 image was generated from, i.e. the revised prompt); flywheel.json lists every image with its job,

@@ -12,6 +12,8 @@ import time
 import uuid
 from pathlib import Path
 
+from tessera.errors import InvalidInputError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -70,13 +72,20 @@ class Store:
     def __init__(self, root: str | Path, max_queue: int = 64, max_attempts: int = 2):
         self.root = Path(root)
         self.images_dir = self.root / "images"
+        for d in (self.root, self.images_dir):
+            if d.exists() and not d.is_dir():
+                raise InvalidInputError(f"--data-dir {root}: {d} is a file, not a folder")
         self.images_dir.mkdir(parents=True, exist_ok=True)
         self.max_queue, self.max_attempts = max_queue, max_attempts
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.root / "serve.sqlite", check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(SCHEMA)
+        try:
+            self._db = sqlite3.connect(self.root / "serve.sqlite", check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise InvalidInputError(f"{self.root / 'serve.sqlite'}: not a readable Tessera store ({e}); move it "
+                                    f"away or serve from another --data-dir") from None
 
     def _q(self, sql: str, args=()) -> list[sqlite3.Row]:
         with self._lock:

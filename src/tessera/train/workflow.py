@@ -39,7 +39,7 @@ class DataStep(Config):
     size: int = 128
     val_fraction: float = 0.1
     min_size: int = 64
-    scorers: tuple[str, ...] = ()      # e.g. "tessera.safety.image:nsfw_filter?max_score=0.8"
+    scorers: tuple[str, ...] = ()      # registered names, e.g. "nsfw?max_score=0.8"
     engine: str = "local"              # local | ray
 
 
