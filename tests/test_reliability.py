@@ -149,3 +149,22 @@ def test_scorers_are_registered_names_never_module_paths(tmp_path):
     (tmp_path / "src").mkdir()
     r = cli("data", "prepare", tmp_path / "src", "--out", tmp_path / "out", "--scorer", "os:system")
     assert "registered scorer name" in one_error_line(r)
+
+
+def test_eval_samples_run_the_safety_stages_unless_told_not_to(tmp_path, monkeypatch):
+    from tessera.eval.samples import read_samples
+    from tessera.safety import Verdict
+    from tessera.safety.image import ImageSafety
+
+    monkeypatch.setattr(ImageSafety, "check",
+                        lambda self, ims: [Verdict(i == 1, "sexual" if i == 1 else None, 0.95 * (i == 1)) for i in range(len(ims))])
+    (tmp_path / "p.txt").write_text("a red apple\na blue car\nnaked woman, nsfw porn\n")
+    r = cli("eval", "sample", "--model", "masked", "--prompts", tmp_path / "p.txt", "--set", "steps=2", "-o", tmp_path / "s")
+    assert r.exit_code == 0, r.output
+    record, files = read_samples(tmp_path / "s")
+    assert [x["prompt"] for x in record["images"]] == ["a red apple"] and len(files) == 1
+    assert [x["prompt"] for x in record["withheld"]] == ["a blue car"]
+    assert "usage policy" in record["skipped"][0]["reason"]
+    r = cli("eval", "sample", "--model", "masked", "--prompts", tmp_path / "p.txt", "--set", "steps=2", "--no-safety",
+            "-o", tmp_path / "raw")
+    assert r.exit_code == 0 and len(read_samples(tmp_path / "raw")[1]) == 3

@@ -102,16 +102,16 @@ def test_stage_services_reject_malformed_bodies(services):
 def test_tessera_serve_command_end_to_end(tmp_path):
     """The gateway as users start it: `tessera serve --port P --data-dir D`, then one request over HTTP."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tessera.cli", "serve", "--port", str(port), "--data-dir",
-                             str(tmp_path / "serve"), "--max-batch", "4"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "tessera.cli", "serve", "--port", str(port), "--data-dir",
+                             str(tmp_path / "serve"), "--max-batch", "4", "--public-url", url],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         wait_ready(url, proc)
         r = httpx.post(f"{url}/v1/images/generations", timeout=120,
-                       json={"prompt": "sunflower emoji", "size": "256x256", "steps": 3, "response_format": "url"})
+                       json={"prompt": "sunflower emoji", "size": "256x256", "steps": 3, "response_format": "url", "seed": 2})
         assert r.status_code == 200, r.text
-        image = httpx.get(r.json()["data"][0]["url"], timeout=30)
+        image = httpx.get(r.json()["data"][0]["url"], timeout=30)  # absolute: from --public-url
         assert image.headers["content-type"] == "image/png" and image.content.startswith(b"\x89PNG")
         assert httpx.get(f"{url}/", timeout=10).text.startswith("<!doctype html>")
     finally:

@@ -12,7 +12,7 @@ LIMIT = opt("--limit", type=int, help="only the first N images / prompts")
 CLIP = opt("--clip", "clip_model", default="clip-xs", help="contrastive model or HF CLIP folder")
 SAMPLES = options(opt("--model", required=True, help="pipeline folder, generator folder or preset"),
                   opt("--tokenizer", help="default: the one the generator was trained with"), opt("--text-encoder"),
-                  opt("--batch-size", default=16),
+                  opt("--batch-size", default=16), opt("--no-safety", is_flag=True, help="no safety stages (measuring only)"),
                   opt("--set", "settings", multiple=True, help="sampling setting KEY=VALUE, e.g. steps=10"),
                   opt("-o", "--out", required=True, type=NEWDIR, help="samples folder (resumable)"))
 
@@ -64,12 +64,12 @@ def eval_sr(data_dir, models, scale, split, limit, degrade, tokenizer, device, d
 @options(opt("--prompts", "prompt_file", type=PNG_OUT, help="TSV with a Prompt column or one per line"),
          opt("--data", "data_dir", type=DIR, help="or: a prepared folder's captions"), SPLIT, LIMIT)
 @DEVICE
-def eval_sample(model, tokenizer, text_encoder, batch_size, settings, out, prompt_file, data_dir, split, limit,
-                device, dtype) -> None:
+def eval_sample(model, tokenizer, text_encoder, batch_size, no_safety, settings, out, prompt_file, data_dir, split,
+                limit, device, dtype) -> None:
     """Write evaluation samples: one image per prompt + samples.json with every setting and the timing."""
     from tessera.eval.samples import generate_prompt_samples
     record = generate_prompt_samples(model, out, prompt_file, data_dir, split, limit, parse_settings(settings),
-                                     batch_size, tokenizer, text_encoder, device, dtype)
+                                     batch_size, tokenizer, text_encoder, device, dtype, not no_safety)
     click.echo(f"{out}: {len(record['images'])} images, {len(record['skipped'])} prompts skipped")
 
 @eval_.command("clipscore")
@@ -96,12 +96,12 @@ def eval_latency(samples, price_per_hour) -> None:
 @options(opt("--per-category", type=int, help="only the first N prompts of each category"),
          opt("--category", "categories", multiple=True, help="only this category (repeatable)"), CLIP,
          opt("--price-per-hour", default=0.10), *DEVICE_OPTS)
-def eval_prompts(prompt_file, model, tokenizer, text_encoder, batch_size, settings, out, per_category, categories,
-                 clip_model, price_per_hour, device, dtype) -> None:
+def eval_prompts(prompt_file, model, tokenizer, text_encoder, batch_size, no_safety, settings, out, per_category,
+                 categories, clip_model, price_per_hour, device, dtype) -> None:
     """Prompt benchmark (e.g. PartiPrompts.tsv): CLIPScore and seconds per image per category -> OUT/report.*"""
     from tessera.eval.prompts import prompt_benchmark
     click.echo(prompt_benchmark(prompt_file, model, out, parse_settings(settings), batch_size, tokenizer, text_encoder,
-                                per_category, list(categories), clip_model, price_per_hour, device, dtype))
+                                per_category, list(categories), clip_model, price_per_hour, device, dtype, not no_safety))
 
 @eval_.command("human")
 @options(opt("--a", "a_dir", required=True, type=DIR, help="samples folder of model A"),

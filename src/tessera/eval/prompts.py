@@ -92,7 +92,7 @@ def markdown_table(rows: dict[str, dict], space: str) -> str:
 def prompt_benchmark(prompt_file: str, model: str, out: str, settings: dict | None = None, batch_size: int = 16,
                      tokenizer: str | None = None, text_encoder: str | None = None, first_per_category: int | None = None,
                      categories: list[str] | None = None, clip_model: str = "clip-xs", price_per_hour: float = 0.10,
-                     device: str | None = None, dtype: str | None = None) -> str:
+                     device: str | None = None, dtype: str | None = None, safety: bool = True) -> str:
     """`tessera eval prompts`: generate for each prompt, then CLIPScore and seconds per image per category;
     writes OUT/report.json and OUT/report.md and returns the table."""
     import json
@@ -102,7 +102,8 @@ def prompt_benchmark(prompt_file: str, model: str, out: str, settings: dict | No
 
     prompts = read_prompts(prompt_file, first_per_category, categories or None)
     scorer = load_image_text_model(clip_model)
-    generate_samples(model, prompts, out, settings, batch_size, tokenizer, text_encoder, device=device, dtype=dtype)
+    generate_samples(model, prompts, out, settings, batch_size, tokenizer, text_encoder, device=device, dtype=dtype,
+                     safety=safety)
     record, scores = score_samples(out, scorer)
     rows = per_category(record, scores)
     report = {"prompts": prompt_file, "skipped": record.get("skipped", []), "models": record["models"],

@@ -66,10 +66,12 @@ def _resume(out: Path, header: dict, prompts: list[Prompt]) -> dict:
 
 def write_samples(loaded, prompts: list[Prompt], out: str | Path, params, batch_size: int = 16,
                   load_seconds: float | None = None, progress: bool = True,
-                  on_batch: Callable[[int, int], None] | None = None, skipped: list[dict] | None = None) -> dict:
+                  on_batch: Callable[[int, int], None] | None = None, skipped: list[dict] | None = None,
+                  image_safety=None) -> dict:
     """Draw one image per prompt with `loaded` (a pipelines.Pipeline) and `params` (its sampling
     parameters; `n` is ignored) into OUT; returns the samples.json record. `skipped` (prompts the caller
-    left out, with the reason) is recorded as such."""
+    left out, with the reason) is recorded as such. With `image_safety` (safety.image.ImageSafety), an image
+    it flags is not written: its row keeps the prompt, with `file` None and the verdict under `withheld`."""
     from tqdm import tqdm
 
     from tessera.pipelines.records import png_info
@@ -92,10 +94,14 @@ def write_samples(loaded, prompts: list[Prompt], out: str | Path, params, batch_
         t0 = time.perf_counter()
         images = loaded.run([c.prompt for c in chunk], p)
         seconds = time.perf_counter() - t0
+        verdicts = image_safety.check(images) if image_safety else [None] * len(images)
         rows = []
-        for j, (im, c) in enumerate(zip(images, chunk)):
+        for j, (im, c, v) in enumerate(zip(images, chunk, verdicts)):
             row = {"file": f"{b * batch_size + j:05d}.png", "prompt": c.prompt, "category": c.category,
                    "batch": b, "seed": p.seed}
+            if v is not None and v.flagged:
+                rows.append({**row, "file": None, "withheld": {"category": v.category, "score": round(v.score, 4)}})
+                continue
             info = {**header["settings"], "seed": p.seed, "batch": b, "index_in_batch": j,
                     "generator": loaded.models["generator"]["name"]}
             im.save(out / row["file"], pnginfo=png_info(c.prompt, info))
@@ -110,7 +116,8 @@ def write_samples(loaded, prompts: list[Prompt], out: str | Path, params, batch_
 
 
 def read_samples(folder: str | Path) -> tuple[dict, list[Path]]:
-    """samples.json and the image paths it lists (all must exist)."""
+    """samples.json and the image paths it lists (all must exist); rows withheld by harm detection are
+    moved from "images" to "withheld", so that "images" and the paths stay aligned."""
     folder = Path(folder)
     path = folder / SAMPLES_JSON
     if not path.is_file():
@@ -118,6 +125,8 @@ def read_samples(folder: str | Path) -> tuple[dict, list[Path]]:
     record = json.loads(path.read_text())
     if record.get("format") != FORMAT:
         raise ValueError(f"{path}: format {record.get('format')!r}, expected {FORMAT!r}")
+    record = {**record, "images": [r for r in record["images"] if r["file"]],
+              "withheld": [r for r in record["images"] if not r["file"]]}  # harm detection held these back
     files = [folder / r["file"] for r in record["images"]]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
@@ -156,10 +165,14 @@ def dataset_prompts(data_dir: str | Path, split: str = "val", limit: int | None 
 
 def generate_samples(model: str, prompts: list[Prompt], out: str | Path, settings: dict | None = None,
                      batch_size: int = 16, tokenizer: str | None = None, text_encoder: str | None = None,
-                     progress: bool = True, device: str | None = None, dtype: str | None = None) -> dict:
+                     progress: bool = True, device: str | None = None, dtype: str | None = None,
+                     safety: bool = True) -> dict:
     """Load `model` (any generator kind), build its sampling parameters from `settings` (unknown keys are
     an error) and write the samples folder. Prompts longer than the generator takes are left out and
-    listed under "skipped" with the reason (a benchmark run is not lost to one long prompt)."""
+    listed under "skipped" with the reason (a benchmark run is not lost to one long prompt). `safety`
+    (default): the stages of `tessera generate` — prompts the usage policy rejects are skipped with their
+    category, images harm detection flags are withheld; `safety=False` (`eval sample --no-safety`) is for
+    measuring models only."""
     from tessera.pipelines.folder import load_pipeline
 
     t0 = time.perf_counter()
@@ -167,19 +180,29 @@ def generate_samples(model: str, prompts: list[Prompt], out: str | Path, setting
     load_seconds = time.perf_counter() - t0
     params = loaded.params(**(settings or {}))
     reasons = loaded.too_long([p.prompt for p in prompts])
+    image_safety = None
+    if safety:
+        from tessera.safety.image import ImageSafety
+        from tessera.safety.prompt import PromptSafety
+
+        verdicts = PromptSafety().check([p.prompt for p in prompts])
+        reasons = [r or (f"rejected by the usage policy: category {v.category!r}" if v.flagged else "")
+                   for r, v in zip(reasons, verdicts)]
+        image_safety = ImageSafety()
     skipped = [{**dataclasses.asdict(p), "reason": r} for p, r in zip(prompts, reasons) if r]
     kept = [p for p, r in zip(prompts, reasons) if not r]
     if not kept:
         raise ValueError(f"every prompt was too long for {model}: {skipped[0]['reason']}")
     if skipped and progress:
         print(f"skipping {len(skipped)} prompt(s) the generator cannot take, e.g. {skipped[0]['reason']}")
-    return write_samples(loaded, kept, out, params, batch_size, load_seconds, progress, skipped=skipped)
+    return write_samples(loaded, kept, out, params, batch_size, load_seconds, progress, skipped=skipped,
+                         image_safety=image_safety)
 
 
 def generate_prompt_samples(model: str, out: str, prompt_file: str | None = None, data_dir: str | None = None,
                             split: str = "val", limit: int | None = None, settings: dict | None = None,
                             batch_size: int = 16, tokenizer: str | None = None, text_encoder: str | None = None,
-                            device: str | None = None, dtype: str | None = None) -> dict:
+                            device: str | None = None, dtype: str | None = None, safety: bool = True) -> dict:
     """`tessera eval sample`: the prompts of a file (PartiPrompts TSV or one per line) or of a prepared
     folder's split, sampled into OUT."""
     from tessera.errors import InvalidInputError
@@ -189,4 +212,4 @@ def generate_prompt_samples(model: str, out: str, prompt_file: str | None = None
         raise InvalidInputError("give exactly one of --prompts FILE or --data DIR")
     prompts = read_prompts(prompt_file)[:limit] if prompt_file else dataset_prompts(data_dir, split, limit)
     return generate_samples(model, prompts, out, settings, batch_size, tokenizer, text_encoder, device=device,
-                            dtype=dtype)
+                            dtype=dtype, safety=safety)

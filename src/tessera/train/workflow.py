@@ -123,15 +123,21 @@ def evaluate(model_dir: str | Path, data_dir: str, cfg: EvalStep) -> dict[str, f
 
 
 def sample_grid(model_dir: Path, train: TrainStep, prompts: tuple[str, ...], out: Path) -> str | None:
-    """Two samples per prompt from the candidate (generators only), one row per prompt."""
+    """Two samples per prompt from the candidate (generators only), one row per prompt; the prompts passed
+    prompt safety when the run started, and an image harm detection flags is a grey tile."""
+    from PIL import Image
+
     import tessera
     from tessera.pipelines.folder import load_pipeline
     from tessera.pipelines.records import grid
+    from tessera.safety.image import ImageSafety
 
     if family(tessera.load(str(model_dir)).kind).role != "generator":
         return None
     lp = load_pipeline(str(model_dir), tokenizer=train.tokenizer, text_encoder=train.text_encoder)
     images = lp.run([p for p in prompts for _ in range(2)], lp.params(seed=0, n=2 * len(prompts)))
+    images = [Image.new("RGB", im.size, (128, 128, 128)) if v.flagged else im
+              for im, v in zip(images, ImageSafety().check(images))]
     grid(images, cols=2).save(out)
     return out.name
 
@@ -148,12 +154,24 @@ def promote(candidate: Path, deployed: Path) -> None:
     tmp.rename(deployed)
 
 
+def _screen_sample_prompts(prompts: tuple[str, ...]) -> None:
+    if not prompts:
+        return
+    from tessera.safety import screen_prompt
+    from tessera.safety.prompt import PromptSafety
+
+    checker = PromptSafety()
+    for p in prompts:
+        screen_prompt(checker, p, suffix=" (evaluate.prompts of the workflow); nothing was run")
+
+
 def run_workflow(cfg: WorkflowConfig, run_id: str | None = None) -> dict:
     """The whole pipeline; under torchrun the data and train steps run on every rank and rank 0 alone
     exports, evaluates, gates and promotes (the other ranks return {"rank": r} after training)."""
     from tessera.train import runs
     from tessera.train.distributed import init_distributed, rank0_first
 
+    _screen_sample_prompts(cfg.evaluate.prompts)  # before any work, as `generate` does
     rank, world = init_distributed()
     run = Path(cfg.workdir) / (run_id or time.strftime("%Y%m%d-%H%M%S"))
     if run_id is None and world > 1:
