@@ -40,4 +40,3 @@ def save_png(images: list[Image.Image], out: str | Path, prompt: str, record: di
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     image.save(out, pnginfo=png_info(prompt, record))
     return image
-

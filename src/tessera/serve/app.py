@@ -236,8 +236,9 @@ def _data_routes(config: ServeConfig, store: Store, worker: Worker, completer: C
 
     @r.get("/v1/metrics")
     def metrics(request: Request):
-        return {**store.metrics(key_id=getattr(request.state, "key_id", None)), "worker": {"busy_s": round(worker.busy_s, 3), "jobs": worker.jobs_done,
-                                              "max_batch": config.max_batch}}
+        usage = store.metrics(key_id=getattr(request.state, "key_id", None))
+        return {**usage, "worker": {"busy_s": round(worker.busy_s, 3), "jobs": worker.jobs_done,
+                                    "max_batch": config.max_batch}}
 
     return r
 
@@ -254,7 +255,7 @@ def default_pipeline(stage_urls: dict, models: dict | None = None, device: str |
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-MAX_HEADER_BYTES = 64 * 1024   # request line + headers: h11 answers 431 beyond this
+MAX_HEADER_BYTES = 64 * 1024   # request line + headers: a longer head is refused and the connection closed
 
 
 def server_config(app, host: str, port: int):
@@ -270,6 +271,8 @@ def run_server(app, host: str, port: int) -> None:
     import uvicorn
 
     uvicorn.Server(server_config(app, host, port)).run()
+
+
 STAGE_PORTS = {"gateway": 8000, "generation": 8101, "decoding": 8102, "superres": 8103}
 
 

@@ -53,9 +53,9 @@ class ImageGenerationRequest(Strict):
         return MODEL_NAMES[self.model]
 
     def to_pipeline(self) -> Request:
-        paradigm = self.chosen_paradigm()
         """The pipeline request; a field the paradigm does not take (steps for ar, negative_prompt for ar /
         masked) is kept, so that `Request.validate` rejects it by name as the CLI does."""
+        paradigm = self.chosen_paradigm()
         return Request(prompt=self.prompt, paradigm=paradigm, size=int(self.size.split("x")[0]), n=self.n,
                        seed=self.seed, steps=self.steps, cfg_scale=self.cfg_scale,
                        negative_prompt=self.negative_prompt, enhance=self.enhance, diversify=self.diversify)

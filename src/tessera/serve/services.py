@@ -7,8 +7,8 @@
 
 Each wraps the same LocalStages method the in-process gateway calls. All torch work of a service runs on
 one thread (see serve.worker on why): one request computes at a time per process (the work is CPU-bound),
-others wait. They bind 127.0.0.1 unless told otherwise, and beyond it
-require API keys (serve/auth.py) on every route; the gateway sends its stage key."""
+others wait. They bind 127.0.0.1 unless told otherwise, and beyond it require API keys (serve/auth.py)
+on every route; the gateway sends its stage key."""
 from __future__ import annotations
 
 import asyncio
