@@ -182,7 +182,7 @@ SAMPLE_EXTRA = {
            opt("--cfg-interval", type=int, help="guide only the first K tokens (-1: all)")],
     "masked": [opt("--steps", type=int, help="decoding steps (8-24)"), opt("--temperature", type=float),
                opt("--choice-temperature", type=float, help="Gumbel noise on confidences, annealed to 0")],
-    "diffusion": [opt("--steps", type=int), opt("--sampler", "method", type=click.Choice(["ddim", "ddpm"])),
+    "diffusion": [opt("--steps", type=int), opt("--sampler", "method", help="ddim | ddpm | euler | euler_a | dpmpp_2m | lcm"),
                   opt("--eta", type=float, help="DDIM noise (0: deterministic)"), opt("--negative-prompt")]}
 
 sample_ = group(main, "sample", "Sample images from a bare generator pipeline (with prompt safety and harm detection; no SR).")

@@ -16,6 +16,7 @@ import dataclasses
 import math
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -24,22 +25,40 @@ from tessera.config import Config
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t [B,...], t [B] long) -> output
 
 
+SCHEDULES, PREDICTIONS, SPACINGS = ("linear", "scaled_linear", "cosine"), ("epsilon", "v", "sample"), \
+    ("leading", "trailing", "linspace")
+
+
 @dataclasses.dataclass
 class DiffusionConfig(Config):
+    """The noise schedule and how inference steps are spaced on it; the fields of a diffusers
+    `scheduler_config.json` that change the numbers (`from_diffusers` maps one)."""
     num_train_timesteps: int = 1000
-    schedule: str = "linear"          # linear | cosine
+    schedule: str = "linear"          # linear | scaled_linear (SD: linear in sqrt(beta)) | cosine
     beta_start: float = 0.00085       # linear schedule ends (Stable Diffusion's latent-space values)
     beta_end: float = 0.012
-    prediction: str = "epsilon"       # epsilon | v
+    prediction: str = "epsilon"       # epsilon | v | sample (x_0)
     clip_sample: float = 0.0          # clamp predicted x_0 to [-c, c] while sampling (0: off; pixels: 1)
+    timestep_spacing: str = "leading"  # leading | trailing | linspace (Lin et al. 2024, Table 2)
+    steps_offset: int = 0             # added to 'leading' timesteps (SD: 1)
+    set_alpha_to_one: bool = True     # DDIM / LCM: abar after the last step is 1 (False: abar_0, as in SD)
+    original_inference_steps: int = 50  # LCM: the distillation schedule its steps are taken from
+    timestep_scaling: float = 10.0    # LCM: boundary-condition scalings c_skip, c_out
 
     def __post_init__(self):
-        if self.schedule not in ("linear", "cosine"):
-            raise ValueError(f"schedule={self.schedule!r}: expected 'linear' or 'cosine'")
-        if self.prediction not in ("epsilon", "v"):
-            raise ValueError(f"prediction={self.prediction!r}: expected 'epsilon' or 'v'")
+        for name, value, allowed in (("schedule", self.schedule, SCHEDULES), ("prediction", self.prediction, PREDICTIONS),
+                                     ("timestep_spacing", self.timestep_spacing, SPACINGS)):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r}: expected one of {allowed}")
         if self.num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps={self.num_train_timesteps} must be >= 2")
+
+    @classmethod
+    def from_diffusers(cls, config: dict) -> tuple["DiffusionConfig", str | None]:
+        """A diffusers scheduler_config.json -> (this config, the sampler its `_class_name` names, or None
+        when Tessera has no such sampler, e.g. PNDM). A key that changes the numbers in a way Tessera does
+        not implement (karras sigmas, thresholding, trained betas, ...) is an error naming it."""
+        return _from_diffusers(cls, config)
 
 
 def make_betas(cfg: DiffusionConfig) -> torch.Tensor:
@@ -49,6 +68,8 @@ def make_betas(cfg: DiffusionConfig) -> torch.Tensor:
     n = cfg.num_train_timesteps
     if cfg.schedule == "linear":
         return torch.linspace(cfg.beta_start, cfg.beta_end, n, dtype=torch.float32)
+    if cfg.schedule == "scaled_linear":  # Stable Diffusion: linear in sqrt(beta)
+        return torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, n, dtype=torch.float32) ** 2
 
     def abar(u: float) -> float:
         return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -83,6 +104,8 @@ class Schedule:
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.cfg.prediction == "epsilon":
             return noise
+        if self.cfg.prediction == "sample":
+            return x0
         a = self.abar(t, x0)
         return a.sqrt() * noise - (1 - a).sqrt() * x0  # v
 
@@ -92,16 +115,36 @@ class Schedule:
         if self.cfg.prediction == "epsilon":
             eps = output
             x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+        elif self.cfg.prediction == "sample":
+            x0 = output
+            eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
         else:
             x0 = a.sqrt() * x_t - (1 - a).sqrt() * output
             eps = a.sqrt() * output + (1 - a).sqrt() * x_t
         return x0, eps
 
-    def inference_timesteps(self, steps: int) -> torch.Tensor:
-        """'leading' spacing (DDIM paper, diffusers' default): T//steps apart, from high t to 0."""
+    def abar_prev(self, prev_t: int, like: torch.Tensor, final_one: bool) -> torch.Tensor:
+        """abar at the step after t; past the last step (prev_t < 0) 1, or abar_0 when `final_one` is False
+        (diffusers' `final_alpha_cumprod` of DDIM / LCM with set_alpha_to_one=False)."""
+        if prev_t >= 0 or final_one:
+            return self.abar(prev_t, like)
+        return self.abar(0, like)
+
+    def inference_timesteps(self, steps: int, extra: int = 0) -> np.ndarray:
+        """The `steps` timesteps from high t to low, spaced as the config says (diffusers' set_timesteps):
+        leading: T//steps apart from 0, + steps_offset; trailing: T/steps apart ending at T-1; linspace: from
+        0 to T-1. float64 (linspace can fall between integers). `extra` spaces steps+extra points and keeps
+        the first `steps` (DPM-Solver spaces N+1 points)."""
         if not 1 <= steps <= self.num_steps:
             raise ValueError(f"steps={steps} must be between 1 and {self.num_steps}")
-        return (torch.arange(steps) * (self.num_steps // steps)).flip(0)
+        n, total = self.num_steps, steps + extra
+        if self.cfg.timestep_spacing == "leading":
+            t = (np.arange(0, total) * (n // total)).round()[::-1] + self.cfg.steps_offset
+        elif self.cfg.timestep_spacing == "trailing":
+            t = np.arange(n, 0, -n / steps).round() - 1
+        else:
+            t = np.linspace(0, n - 1, total)[::-1]
+        return t[:steps].copy()
 
 
 def diffusion_loss(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: Schedule, x0: torch.Tensor,
@@ -128,10 +171,11 @@ def ddpm_step(output: torch.Tensor, t: int, x_t: torch.Tensor, schedule: Schedul
     """Ancestral step x_t -> x_{prev_t} from the posterior q(x_prev | x_t, x_0) (DDPM eqs. 6-7), with
     the 'fixed small' variance; for skipped steps the per-step beta is 1 - abar_t / abar_prev."""
     a_t, a_prev = schedule.abar(t, x_t), schedule.abar(prev_t, x_t)
-    beta = 1 - a_t / a_prev
+    alpha = a_t / a_prev  # the step's alpha; 1 - (1 - alpha) would lose it where abar_t is tiny
+    beta = 1 - alpha
     x0, _ = schedule.split(output, x_t, torch.as_tensor(t))
     x0 = _clip(x0, schedule)
-    mean = (a_prev.sqrt() * beta / (1 - a_t)) * x0 + ((1 - beta).sqrt() * (1 - a_prev) / (1 - a_t)) * x_t  # eq. 7
+    mean = (a_prev.sqrt() * beta / (1 - a_t)) * x0 + (alpha.sqrt() * (1 - a_prev) / (1 - a_t)) * x_t  # eq. 7
     if t == 0 or noise is None:
         return mean
     var = ((1 - a_prev) / (1 - a_t) * beta).clamp(min=1e-20)
@@ -141,8 +185,9 @@ def ddpm_step(output: torch.Tensor, t: int, x_t: torch.Tensor, schedule: Schedul
 def ddim_step(output: torch.Tensor, t: int, x_t: torch.Tensor, schedule: Schedule, prev_t: int, eta: float = 0.0,
               noise: torch.Tensor | None = None) -> torch.Tensor:
     """DDIM (Song et al. 2021 eq. 12): x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z,
-    sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev) (eq. 16)."""
-    a_t, a_prev = schedule.abar(t, x_t), schedule.abar(prev_t, x_t)
+    sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev) (eq. 16). Past the last
+    step abar_prev is 1, or abar_0 with set_alpha_to_one=False (Stable Diffusion's configs)."""
+    a_t, a_prev = schedule.abar(t, x_t), schedule.abar_prev(prev_t, x_t, schedule.cfg.set_alpha_to_one)
     x0, eps = schedule.split(output, x_t, torch.as_tensor(t))
     x0 = _clip(x0, schedule)
     sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
@@ -153,30 +198,18 @@ def ddim_step(output: torch.Tensor, t: int, x_t: torch.Tensor, schedule: Schedul
 
 
 # ---- samplers over a denoiser ---------------------------------------------------------------------------
-METHODS = ("ddim", "ddpm")
+METHODS = ("ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "lcm")
 
 
 def sample(fn: Denoiser, schedule: Schedule, x_T: torch.Tensor, steps: int, method: str = "ddim", eta: float = 0.0,
            generator: torch.Generator | None = None,
            callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Run the reverse process from noise x_T over `steps` timesteps ('leading' spacing).
-    method 'ddim' (deterministic at eta=0) or 'ddpm' (ancestral). Returns x_0 (network's space)."""
-    if method not in METHODS:
-        raise ValueError(f"method={method!r}: expected one of {METHODS}")
-    timesteps = schedule.inference_timesteps(steps).tolist()
-    stride = schedule.num_steps // steps
-    x = x_T
-    for i, t in enumerate(timesteps):
-        out = fn(x, torch.full((x.shape[0],), t, dtype=torch.long))
-        stochastic = method == "ddpm" or eta > 0
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype) if stochastic and t > 0 else None
-        if method == "ddim":
-            x = ddim_step(out, t, x, schedule, t - stride, eta, noise)
-        else:
-            x = ddpm_step(out, t, x, schedule, t - stride, noise)
-        if callback is not None:
-            callback(i + 1, len(timesteps))  # steps done
-    return x
+    """Run the reverse process from unit noise x_T over `steps` steps with one of METHODS (ddim is
+    deterministic at eta=0); timesteps spaced as the schedule's config says. Returns x_0 (network's space).
+    The samplers, matching diffusers' schedulers step for step, are in `sampling/solvers.py`."""
+    from tessera.sampling import solvers
+
+    return solvers.sample(fn, schedule, x_T, steps, method, eta, generator, callback)
 
 
 def guided_denoiser(model, cond: torch.Tensor | None, mask: torch.Tensor | None, cfg_scale: float = 1.0,
@@ -211,3 +244,47 @@ def _pad_cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return F.pad(x, (0, 0) * (x.dim() - 2) + (0, n - x.shape[1]))
 
     return torch.cat([pad(a), pad(b)])
+
+
+# ---- diffusers scheduler configs ------------------------------------------------------------------------
+_CLASSES = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "EulerDiscreteScheduler": "euler",
+            "EulerAncestralDiscreteScheduler": "euler_a", "DPMSolverMultistepScheduler": "dpmpp_2m",
+            "LCMScheduler": "lcm", "PNDMScheduler": None}
+_BETAS = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
+_PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v", "sample": "sample"}
+_COPIED = ("num_train_timesteps", "beta_start", "beta_end", "timestep_spacing", "steps_offset", "set_alpha_to_one",
+           "original_inference_steps", "timestep_scaling")
+# keys whose value must be the one Tessera implements (another value would change the numbers)
+_REQUIRED = {"trained_betas": None, "thresholding": False, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+             "use_beta_sigmas": False, "use_flow_sigmas": False, "rescale_betas_zero_snr": False,
+             "interpolation_type": "linear", "final_sigmas_type": "zero", "timestep_type": "discrete",
+             "variance_type": ("fixed_small", None), "solver_order": 2, "algorithm_type": "dpmsolver++",
+             "solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False,
+             "lambda_min_clipped": float("-inf"), "use_lu_lambdas": False, "sigma_min": None, "sigma_max": None}
+_IGNORED = ("_class_name", "_diffusers_version", "skip_prk_steps", "clip_sample_range", "dynamic_thresholding_ratio",
+            "sample_max_value", "prediction_type", "beta_schedule", "clip_sample")  # read above, or inert
+
+
+def _from_diffusers(cls, config: dict) -> tuple[DiffusionConfig, str | None]:
+    name = config.get("_class_name")
+    if name not in _CLASSES:
+        raise ValueError(f"scheduler _class_name={name!r}: Tessera reads {sorted(_CLASSES)}")
+    unknown = sorted(set(config) - set(_COPIED) - set(_REQUIRED) - set(_IGNORED))
+    if unknown:
+        raise ValueError(f"{name} config: unknown key(s) {unknown}")
+    for key, want in _REQUIRED.items():
+        allowed = want if isinstance(want, tuple) else (want,)
+        if key in config and config[key] not in allowed and not (key in ("sigma_min", "sigma_max")
+                                                                  and config[key] is None):
+            raise ValueError(f"{name} config: {key}={config[key]!r} is not implemented (Tessera: {allowed[0]!r})")
+    for key, table in (("beta_schedule", _BETAS), ("prediction_type", _PREDICTIONS)):
+        if config.get(key, next(iter(table))) not in table:
+            raise ValueError(f"{name} config: {key}={config[key]!r}: expected one of {sorted(table)}")
+    lcm = _CLASSES[name] == "lcm"  # diffusers' per-class defaults for the keys a config leaves out
+    defaults = {"beta_start": 0.00085 if lcm else 0.0001, "beta_end": 0.012 if lcm else 0.02,
+                "timestep_spacing": "linspace" if _CLASSES[name] in ("euler", "euler_a", "dpmpp_2m") else "leading"}
+    kw = {**defaults, **{k: config[k] for k in _COPIED if k in config}}
+    clip = config.get("clip_sample", _CLASSES[name] in ("ddim", "ddpm"))
+    return cls(schedule=_BETAS[config.get("beta_schedule", "scaled_linear" if lcm else "linear")],
+               prediction=_PREDICTIONS[config.get("prediction_type", "epsilon")],
+               clip_sample=float(config.get("clip_sample_range", 1.0)) if clip else 0.0, **kw), _CLASSES[name]
