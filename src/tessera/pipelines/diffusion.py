@@ -98,4 +98,4 @@ class DiffusionPipeline(Pipeline):
         if self.space == "pixel":
             return x0.float().clamp(-1, 1)
         with self.placement.autocast():
-            return self.tokenizer.decode_latents(x0.to(self.device) / self.scale, quantize=True).float().clamp(-1, 1)
+            return self.tokenizer.decode_latents(x0.to(self.device) / self.scale).float().clamp(-1, 1)

@@ -1,0 +1,58 @@
+"""The continuous-latent autoencoders against diffusers, built from small random configs: TAESD
+(`AutoencoderTiny`) loads diffusers' weights strictly and encodes / decodes the same to 1e-4 (fp32)."""
+import diffusers
+import pytest
+import torch
+
+from tessera.checkpoint import export_model
+from tessera.tokenizer.taesd import TinyAutoencoder, TinyAutoencoderConfig, from_taesd_state_dict
+
+TINY_CONFIGS = [
+    dict(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8)),  # TAESD's layout
+    dict(encoder_block_out_channels=(16, 16, 16), decoder_block_out_channels=(16, 16, 16), num_encoder_blocks=(1, 2, 1),
+         num_decoder_blocks=(2, 1, 1), latent_channels=16),
+]
+
+
+@pytest.mark.parametrize("config", TINY_CONFIGS)
+def test_taesd_equals_diffusers_autoencoder_tiny(config, tmp_path):
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderTiny(**config).eval()
+    with torch.no_grad():  # a random init would leave several layers at their default scale: perturb all
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ref.save_pretrained(tmp_path / "ref")
+    ours = TinyAutoencoder(TinyAutoencoderConfig.from_diffusers(dict(ref.config))).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        z = ref.encode(x).latents
+        torch.testing.assert_close(ours.encode_latents(x), z, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ours.decode_latents(z), ref.decode(z).sample, atol=1e-4, rtol=1e-4)
+    assert ours.factor == 2 ** (len(config["encoder_block_out_channels"]) - 1)
+    import tessera
+
+    back = tessera.load(str(export_model(ours, tmp_path / "ours")))
+    with torch.no_grad():
+        torch.testing.assert_close(back.decode_latents(z), ours.decode_latents(z))
+
+
+def test_original_taesd_names_map_onto_ours():
+    ours = TinyAutoencoder(TinyAutoencoderConfig(encoder_channels=(8,) * 4, decoder_channels=(8,) * 4))
+    sd = ours.state_dict()
+    enc = {k.removeprefix("encoder.layers."): v for k, v in sd.items() if k.startswith("encoder.")}
+    dec = {}
+    for k, v in sd.items():
+        if k.startswith("decoder.layers."):
+            index, rest = k.removeprefix("decoder.layers.").split(".", 1)
+            dec[f"{int(index) + 1}.{rest}"] = v  # the release counts its clamp as layer 0
+    mapped = from_taesd_state_dict(enc, dec)
+    assert mapped.keys() == sd.keys()
+    TinyAutoencoder(ours.config).load_state_dict(mapped, strict=True)
+
+
+def test_unsupported_tiny_autoencoder_settings_are_refused():
+    with pytest.raises(ValueError, match="act_fn"):
+        TinyAutoencoderConfig.from_diffusers({"act_fn": "silu"})
+    with pytest.raises(ValueError, match="unknown key"):
+        TinyAutoencoderConfig.from_diffusers({"fancy": True})
