@@ -1,11 +1,22 @@
-"""The continuous-latent autoencoders against diffusers, built from small random configs: TAESD
-(`AutoencoderTiny`) loads diffusers' weights strictly and encodes / decodes the same to 1e-4 (fp32)."""
+"""The continuous-latent autoencoders against diffusers, built from small random configs: the SD VAE
+(`AutoencoderKL`) and TAESD (`AutoencoderTiny`) load diffusers' weights strictly and encode / decode the
+same to 1e-4 (fp32)."""
 import diffusers
 import pytest
 import torch
 
 from tessera.checkpoint import export_model
+from tessera.tokenizer.kl import KLAutoencoder, KLAutoencoderConfig
 from tessera.tokenizer.taesd import TinyAutoencoder, TinyAutoencoderConfig, from_taesd_state_dict
+
+
+def _perturbed(model):
+    torch.manual_seed(1)
+    with torch.no_grad():  # random weights everywhere, norms and zero-initialised layers included
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
 
 TINY_CONFIGS = [
     dict(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8)),  # TAESD's layout
@@ -17,11 +28,7 @@ TINY_CONFIGS = [
 @pytest.mark.parametrize("config", TINY_CONFIGS)
 def test_taesd_equals_diffusers_autoencoder_tiny(config, tmp_path):
     torch.manual_seed(0)
-    ref = diffusers.AutoencoderTiny(**config).eval()
-    with torch.no_grad():  # a random init would leave several layers at their default scale: perturb all
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    ref.save_pretrained(tmp_path / "ref")
+    ref = _perturbed(diffusers.AutoencoderTiny(**config))
     ours = TinyAutoencoder(TinyAutoencoderConfig.from_diffusers(dict(ref.config))).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -56,3 +63,43 @@ def test_unsupported_tiny_autoencoder_settings_are_refused():
         TinyAutoencoderConfig.from_diffusers({"act_fn": "silu"})
     with pytest.raises(ValueError, match="unknown key"):
         TinyAutoencoderConfig.from_diffusers({"fancy": True})
+
+
+KL_CONFIGS = [
+    dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),  # 2 levels
+    dict(block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8, latent_channels=8,
+         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+         mid_block_add_attention=False, scaling_factor=0.13025),
+]
+
+
+@pytest.mark.parametrize("config", KL_CONFIGS)
+def test_kl_autoencoder_equals_diffusers(config, tmp_path):
+    torch.manual_seed(0)
+    ref = _perturbed(diffusers.AutoencoderKL(**config))
+    ours = KLAutoencoder(KLAutoencoderConfig.from_diffusers(dict(ref.config))).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        dist = ref.encode(x).latent_dist
+        torch.testing.assert_close(ours.encode_latents(x), dist.mode(), atol=1e-4, rtol=1e-4)
+        mean, logvar = ours.moments(x)
+        torch.testing.assert_close(logvar, dist.logvar, atol=1e-4, rtol=1e-4)
+        z = dist.mode()
+        torch.testing.assert_close(ours.decode_latents(z), ref.decode(z).sample, atol=1e-4, rtol=1e-4)
+    assert ours.config.scaling_factor == config.get("scaling_factor", 0.18215)
+    import tessera
+
+    back = tessera.load(str(export_model(ours, tmp_path / "ours")))
+    with torch.no_grad():
+        torch.testing.assert_close(back.decode_latents(z), ours.decode_latents(z))
+
+
+def test_kl_settings_it_does_not_have_are_refused():
+    with pytest.raises(ValueError, match="act_fn"):
+        KLAutoencoderConfig.from_diffusers({"act_fn": "gelu"})
+    with pytest.raises(ValueError, match="latents_mean"):
+        KLAutoencoderConfig.from_diffusers({"latents_mean": [0.1] * 4})
+    with pytest.raises(ValueError, match="unknown key"):
+        KLAutoencoderConfig.from_diffusers({"temporal": True})
