@@ -119,9 +119,13 @@ def load_pipeline(spec: str | Path | None = None, tokenizer: str | None = None, 
                               f"(the bundled one: {default_model(paradigm)})")
     if str(spec) in paradigms():
         spec = default_model(str(spec))
-    if is_pipeline_folder(spec):
-        if tokenizer is not None:
-            raise InvalidInputError(f"--tokenizer: {spec} is a pipeline folder, which holds its own tokenizer")
+    from tessera.pipelines.stable_diffusion import is_diffusers_folder, load_diffusers_folder
+
+    if is_pipeline_folder(spec) and tokenizer is not None:
+        raise InvalidInputError(f"--tokenizer: {spec} is a pipeline folder, which holds its own tokenizer")
+    if is_diffusers_folder(spec):
+        pipe = load_diffusers_folder(spec, place)
+    elif is_pipeline_folder(spec):
         pipe = load_pipeline_folder(spec, place, text_encoder)
     else:
         generator = load_model(resolve(spec)).to(place.device)
@@ -229,6 +233,10 @@ def paradigm_of(spec: str | Path) -> str:
     """The paradigm a pipeline folder, generator (folder or preset) or paradigm name generates in."""
     if str(spec) in paradigms():
         return str(spec)
+    from tessera.pipelines.stable_diffusion import is_diffusers_folder
+
+    if is_diffusers_folder(spec):  # a diffusers Stable Diffusion folder
+        return "diffusion"
     if is_pipeline_folder(spec):
         try:
             return json.loads((Path(spec) / INDEX).read_text())["paradigm"]

@@ -260,9 +260,11 @@ _REQUIRED = {"trained_betas": None, "thresholding": False, "use_karras_sigmas": 
              "interpolation_type": "linear", "final_sigmas_type": "zero", "timestep_type": "discrete",
              "variance_type": ("fixed_small", None), "solver_order": 2, "algorithm_type": "dpmsolver++",
              "solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False,
-             "lambda_min_clipped": float("-inf"), "use_lu_lambdas": False, "sigma_min": None, "sigma_max": None}
-_IGNORED = ("_class_name", "_diffusers_version", "skip_prk_steps", "clip_sample_range", "dynamic_thresholding_ratio",
-            "sample_max_value", "prediction_type", "beta_schedule", "clip_sample")  # read above, or inert
+             "lambda_min_clipped": float("-inf"), "use_lu_lambdas": False, "sigma_min": None, "sigma_max": None,
+             "use_dynamic_shifting": False}
+_IGNORED = ("_class_name", "_diffusers_version", "_use_default_values", "skip_prk_steps", "clip_sample_range",
+            "dynamic_thresholding_ratio", "sample_max_value", "prediction_type", "beta_schedule", "clip_sample",
+            "flow_shift", "time_shift_type")  # read above, or inert (flow keys: use_flow_sigmas is required False)
 
 
 def _from_diffusers(cls, config: dict) -> tuple[DiffusionConfig, str | None]:

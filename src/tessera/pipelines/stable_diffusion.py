@@ -1,0 +1,191 @@
+"""Stable Diffusion in Tessera's own networks: a diffusers pipeline folder (`model_index.json` with
+`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`) loaded strictly into `SDUNet`, the `kl` or
+`taesd` autoencoder and transformers' CLIP, and sampled by `sampling/solvers.py`.
+
+The same seed gives the same image as diffusers' StableDiffusionPipeline: x_T = randn(1, 4, h, w) * the
+scheduler's initial sigma from the caller's generator, then the scheduler's steps over
+    eps = u + s (c - u)    (classifier-free guidance only when s > 1, as diffusers; u from the negative
+                            prompt, "" by default, c from the prompt; ONE U-Net call over [u; c])
+and the VAE decodes x_0 / scaling_factor + shift_factor (tests/test_stable_diffusion.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from tessera.errors import InvalidInputError, ModelNotFoundError, WrongModelError
+from tessera.pipelines.base import Pipeline, check_limits
+from tessera.sampling.diffusion import METHODS, DiffusionConfig, Schedule
+from tessera.sampling.solvers import sample
+
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "AutoPipelineForText2Image")
+
+
+@dataclasses.dataclass
+class SDSampleParams:
+    seed: int = 0
+    n: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.5
+    method: str = "ddim"
+    eta: float = 0.0
+    negative_prompt: str = ""
+
+    def validate(self) -> None:
+        check_limits(self)
+        if self.method not in METHODS:
+            raise InvalidInputError(f"method={self.method!r}: must be one of {METHODS}")
+
+
+class StableDiffusionPipeline(Pipeline):
+    paradigm = "diffusion"
+    Params = SDSampleParams
+    CALL_NAMES = {"num_inference_steps": "steps", "guidance_scale": "cfg_scale", "negative_prompt": "negative_prompt"}
+
+    def __init__(self, unet, vae, text_encoder, *, scheduler: DiffusionConfig, **kw):
+        if unet.config.cross_attention_dim != text_encoder.dim:
+            raise WrongModelError(f"the U-Net cross-attends to {unet.config.cross_attention_dim}-d states; the text "
+                                  f"encoder gives {text_encoder.dim}-d")
+        self.scheduler, self.schedule = scheduler, Schedule(scheduler)
+        super().__init__(unet, vae, text_encoder, **kw)
+
+    @property
+    def native_size(self) -> int:
+        return self.generator.config.sample_size * self.tokenizer.factor
+
+    def too_long(self, prompts: list[str], batch: int = 64) -> list[str | None]:
+        limit = self.text_encoder.max_tokens
+        return [None if n <= limit else f"{n} prompt tokens; CLIP takes at most {limit}"
+                for n in self.text_encoder.token_counts(prompts)]
+
+    def _states(self, prompts: list[str]) -> torch.Tensor:
+        return self.text_encoder.encode(prompts).tokens.to(self.device)  # (n, 77, D)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], p: SDSampleParams, generator: torch.Generator | None = None,
+                 latents: torch.Tensor | None = None, callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """-> x_0 latents [n,4,h,w] (the U-Net's space: VAE latents times scaling_factor)."""
+        p.validate()
+        n, size = len(prompts), self.generator.config.sample_size
+        g = generator or torch.Generator().manual_seed(p.seed)
+        shape = (n, self.tokenizer.config.latent_channels, size, size)
+        x_T = torch.randn(shape, generator=g) if latents is None else latents.float().cpu()
+        if tuple(x_T.shape) != shape:
+            raise InvalidInputError(f"latents: shape {tuple(x_T.shape)}, expected {shape}")
+        cond = self._states(prompts)
+        guided = p.cfg_scale > 1.0
+        both = torch.cat([self._states([p.negative_prompt] * n), cond]) if guided else cond  # (2n | n, 77, D)
+
+        def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            x, t = x.to(self.device), t.to(self.device)
+            with self.placement.autocast():
+                if not guided:
+                    return self.generator(x, t, both).float().cpu()
+                u, c = self.generator(torch.cat([x, x]), torch.cat([t, t]), both).float().chunk(2)  # (n, 4, h, w)
+                return (u + p.cfg_scale * (c - u)).cpu()
+
+        return sample(fn, self.schedule, x_T, p.steps, p.method, p.eta, generator=g, callback=callback)
+
+    @torch.no_grad()
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        cfg = self.tokenizer.config
+        z = x0.to(self.device) / cfg.scaling_factor + cfg.shift_factor
+        if getattr(cfg, "force_upcast", False):  # SD1/2's VAE overflows in float16: it always runs in float32
+            return self.tokenizer.decode_latents(z.float()).float().clamp(-1, 1)
+        with self.placement.autocast():
+            return self.tokenizer.decode_latents(z).float().clamp(-1, 1)
+
+
+# ---- a diffusers folder -----------------------------------------------------------------------------------
+def is_diffusers_folder(path: str | Path) -> bool:
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        return "_diffusers_version" in json.loads(index.read_text())
+    except ValueError:
+        return False
+
+
+def _weights(folder: Path, variant: str | None) -> dict[str, torch.Tensor]:
+    """`diffusion_pytorch_model[.variant].safetensors` of a component (safetensors only: never a pickle)."""
+    from safetensors.torch import load_file
+
+    names = ([f"diffusion_pytorch_model.{variant}.safetensors"] if variant else []) + \
+        ["diffusion_pytorch_model.safetensors"]
+    for name in names:
+        if (folder / name).is_file():
+            return load_file(str(folder / name))
+    raise ModelNotFoundError(f"{folder}: no {' or '.join(names)} (weights are read from safetensors only)")
+
+
+def _strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> torch.nn.Module:
+    """load_state_dict(strict=True), with every missing / unexpected key and shape mismatch named."""
+    ours = model.state_dict()
+    missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(ours[k].shape)}" for k in set(ours) & set(state)
+              if state[k].shape != ours[k].shape]
+    if missing or unexpected or shapes:
+        raise WrongModelError(f"{where}: the weights do not fit ({len(missing)} missing, e.g. {missing[:3]}; "
+                              f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}; shapes {shapes[:3]})")
+    model.load_state_dict({k: v.to(ours[k].dtype) for k, v in state.items()}, strict=True)
+    return model
+
+
+def _config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(f"{folder / 'config.json'}: {e}") from None
+
+
+def load_unet(folder: str | Path, variant: str | None = None):
+    from tessera.generators.sd_unet import SDUNet, SDUNetConfig
+
+    folder = Path(folder)
+    return _strict(SDUNet(SDUNetConfig.from_diffusers(_config(folder))), _weights(folder, variant), folder).eval()
+
+
+def load_vae(folder: str | Path, variant: str | None = None):
+    """AutoencoderKL (the SD VAE) or AutoencoderTiny (TAESD), by the folder's `_class_name`."""
+    from tessera.tokenizer.kl import KLAutoencoder, KLAutoencoderConfig
+    from tessera.tokenizer.taesd import TinyAutoencoder, TinyAutoencoderConfig
+
+    folder = Path(folder)
+    config = _config(folder)
+    classes = {"AutoencoderKL": (KLAutoencoder, KLAutoencoderConfig),
+               "AutoencoderTiny": (TinyAutoencoder, TinyAutoencoderConfig)}
+    if config.get("_class_name") not in classes:
+        raise WrongModelError(f"{folder}: a {config.get('_class_name')!r} autoencoder; Tessera reads {sorted(classes)}")
+    model_cls, config_cls = classes[config["_class_name"]]
+    return _strict(model_cls(config_cls.from_diffusers(config)), _weights(folder, variant), folder).eval()
+
+
+def load_diffusers_folder(folder: str | Path, device=None, variant: str | None = None, vae: str | Path | None = None,
+                          clip_skip: int | None = None) -> StableDiffusionPipeline:
+    """A diffusers Stable Diffusion folder as a Tessera pipeline (`vae`: another autoencoder folder, e.g.
+    TAESD, instead of the folder's own)."""
+    from tessera.text.clip import CLIPPromptEncoder
+
+    folder = Path(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    if index.get("_class_name") not in PIPELINES or "unet" not in index:
+        raise WrongModelError(f"{folder}: a {index.get('_class_name')!r} folder; Tessera reads {PIPELINES} (with a unet)")
+    for comp in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not (folder / comp).is_dir():
+            raise ModelNotFoundError(f"{folder}: the {comp}/ component is missing")
+    scheduler, method = DiffusionConfig.from_diffusers(json.loads((folder / "scheduler" / "scheduler_config.json")
+                                                                  .read_text()))
+    text = CLIPPromptEncoder.from_folders(folder / "text_encoder", folder / "tokenizer", clip_skip)
+    unet = load_unet(folder / "unet", variant)
+    # PNDM (SD 1.5's own scheduler) has no Tessera sampler: DPM-Solver++ (2M) on the same noise schedule
+    pipe = StableDiffusionPipeline(unet, load_vae(vae or folder / "vae", variant), text, scheduler=scheduler,
+                                   sampler={"method": method or "dpmpp_2m"}, device=device)
+    pipe.source = str(folder)
+    pipe.models = {"generator": {"name": str(folder / "unet"), "kind": "sd-unet"},
+                   "tokenizer": {"name": str(vae or folder / "vae")}, "text_encoder": {"name": text.name}}
+    return pipe

@@ -1,0 +1,114 @@
+"""A small random Stable Diffusion pipeline saved by diffusers (tiny CLIP text model, a byte-level CLIP BPE
+vocabulary written here, small U-Net and VAE) loads with `tessera.load(DIR)` into Tessera's own networks,
+and the same seed, steps and guidance give the same image as diffusers' StableDiffusionPipeline (fp32)."""
+import json
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+import tessera
+from tessera.errors import WrongModelError
+
+
+def byte_level_vocab() -> CLIPTokenizer:
+    """CLIP's byte-level alphabet, each symbol alone and word-final, no merges: a real CLIPTokenizer."""
+    from tokenizers import pre_tokenizers
+
+    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars])}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _perturb(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("sd")
+    tokenizer = byte_level_vocab()
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
+                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                        pad_token_id=tokenizer.pad_token_id)).eval()
+    unet = _perturb(diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8))
+    vae = _perturb(diffusers.AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+                                           down_block_types=("DownEncoderBlock2D",) * 2,
+                                           up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4))
+    scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                        clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.save_pretrained(root / "pipe")
+    return root / "pipe", pipe
+
+
+def _with_scheduler(folder, name: str, tmp_path):
+    """The same folder with another scheduler (its config rebuilt from the saved one, as users swap them)."""
+    import shutil
+
+    out = tmp_path / name
+    shutil.copytree(folder, out)
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    getattr(diffusers, name).from_config(config).save_pretrained(out / "scheduler")
+    index = json.loads((out / "model_index.json").read_text())
+    (out / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", name]}))
+    return out
+
+
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler"])
+@pytest.mark.parametrize("guidance", [1.0, 5.0])
+def test_the_same_seed_gives_the_diffusers_image(sd_folder, scheduler, guidance, tmp_path):
+    folder, ref = sd_folder
+    folder = _with_scheduler(folder, scheduler, tmp_path)
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    want = ref("a red apple on a table", num_inference_steps=4, guidance_scale=guidance, output_type="np",
+               generator=torch.Generator().manual_seed(7)).images[0]
+    ours = tessera.load(str(folder), dtype="float32")
+    got = ours("a red apple on a table", num_inference_steps=4, guidance_scale=guidance, output_type="np",
+               generator=torch.Generator().manual_seed(7)).images[0]
+    assert got.shape == want.shape == (16, 16, 3)
+    assert np.abs(got - want).max() <= 2 / 255, np.abs(got - want).max()
+    other = ours("a red apple on a table", num_inference_steps=4, guidance_scale=guidance, output_type="np",
+                 generator=torch.Generator().manual_seed(8)).images[0]
+    assert np.abs(other - got).max() > 2 / 255  # the comparison can fail: another seed is another image
+
+
+def test_negative_prompt_and_the_bundled_protocol(sd_folder):
+    folder, _ = sd_folder
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    want = ref("a cat", negative_prompt="blurry", num_inference_steps=3, guidance_scale=4.0, output_type="np",
+               generator=torch.Generator().manual_seed(1)).images[0]
+    ours = tessera.load(str(folder), dtype="float32")
+    got = ours("a cat", negative_prompt="blurry", num_inference_steps=3, guidance_scale=4.0, output_type="np",
+               generator=torch.Generator().manual_seed(1)).images[0]
+    assert np.abs(got - want).max() <= 2 / 255
+    assert ours.native_size == 16 and ours.params().method == "ddim"
+    image = ours.run("a cat", ours.params(steps=2, seed=3))[0]  # the serving / CLI path
+    assert image.size == (16, 16)
+    with pytest.raises(Exception, match="tokens"):
+        ours("word " * 80, num_inference_steps=2)
+
+
+def test_a_unet_that_does_not_fit_is_named(sd_folder, tmp_path):
+    import shutil
+
+    folder, _ = sd_folder
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    config = json.loads((bad / "unet" / "config.json").read_text())
+    config["cross_attention_dim"] = 48
+    (bad / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WrongModelError, match="do not fit"):
+        tessera.load(str(bad))
