@@ -112,3 +112,39 @@ def test_a_unet_that_does_not_fit_is_named(sd_folder, tmp_path):
     (bad / "unet" / "config.json").write_text(json.dumps(config))
     with pytest.raises(WrongModelError, match="do not fit"):
         tessera.load(str(bad))
+
+
+def test_the_whole_system_runs_an_sd_folder(sd_folder, tmp_path):
+    """`tessera generate --model DIR` and `tessera serve --model DIR`: safety, enhancement, harm detection,
+    SR and the PNG record around the SD pipeline."""
+    from click.testing import CliRunner
+    from fastapi.testclient import TestClient
+
+    from tessera.cli import main
+    from tessera.pipelines.records import read_record
+    from tessera.serve.app import ServeConfig, create_app
+
+    folder, _ = sd_folder
+    r = CliRunner().invoke(main, ["generate", "a red apple", "--model", str(folder), "--size", "64", "--steps", "2",
+                                  "--seed", "5", "--dtype", "float32", "-o", str(tmp_path / "x.png")])
+    assert r.exit_code == 0, r.output
+    record = read_record(tmp_path / "x.png")
+    assert record["model"] == str(folder) and record["seed"] == 5 and record["size"] == 64
+    r = CliRunner().invoke(main, ["generate", "naked woman, nsfw porn", "--model", str(folder), "-o",
+                                  str(tmp_path / "y.png")])
+    assert r.exit_code == 3 and not (tmp_path / "y.png").exists()
+    app = create_app(ServeConfig(data_dir=str(tmp_path / "serve"), models={"diffusion": str(folder)},
+                                 preload=("diffusion",), dtype="float32"))
+    with TestClient(app) as c:
+        body = {"prompt": "a blue car", "size": "128x128", "steps": 2, "seed": 11, "paradigm": "diffusion"}
+        r = c.post("/v1/images/generations", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["tessera"]["model"] == str(folder)
+
+
+def test_requests_batched_together_keep_their_own_seeds(sd_folder):
+    folder, _ = sd_folder
+    pipe = tessera.load(str(folder), dtype="float32")
+    both = pipe.generate(["a cat", "a dog"], pipe.params(steps=2, cfg_scale=3.0, noise_seeds=[[3, 1], [4, 1]]))
+    alone = [pipe.generate([p], pipe.params(steps=2, cfg_scale=3.0, seed=s)) for p, s in (("a cat", 3), ("a dog", 4))]
+    torch.testing.assert_close(both, torch.cat(alone), atol=1e-5, rtol=1e-5)

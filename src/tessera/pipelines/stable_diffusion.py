@@ -34,6 +34,7 @@ class SDSampleParams:
     method: str = "ddim"
     eta: float = 0.0
     negative_prompt: str = ""
+    noise_seeds: list | None = None  # [[seed, rows], ...]: x_T per block (requests batched by the server)
 
     def validate(self) -> None:
         check_limits(self)
@@ -73,7 +74,15 @@ class StableDiffusionPipeline(Pipeline):
         n, size = len(prompts), self.generator.config.sample_size
         g = generator or torch.Generator().manual_seed(p.seed)
         shape = (n, self.tokenizer.config.latent_channels, size, size)
-        x_T = torch.randn(shape, generator=g) if latents is None else latents.float().cpu()
+        if latents is not None:
+            x_T = latents.float().cpu()
+        elif p.noise_seeds:  # each request of a served batch starts from the noise its own seed draws
+            if sum(rows for _, rows in p.noise_seeds) != n:
+                raise InvalidInputError(f"noise_seeds={p.noise_seeds}: the rows must add up to the batch's {n} images")
+            x_T = torch.cat([torch.randn((rows, *shape[1:]), generator=torch.Generator().manual_seed(int(seed)))
+                             for seed, rows in p.noise_seeds])
+        else:
+            x_T = torch.randn(shape, generator=g)
         if tuple(x_T.shape) != shape:
             raise InvalidInputError(f"latents: shape {tuple(x_T.shape)}, expected {shape}")
         cond = self._states(prompts)
