@@ -148,3 +148,19 @@ def test_requests_batched_together_keep_their_own_seeds(sd_folder):
     both = pipe.generate(["a cat", "a dog"], pipe.params(steps=2, cfg_scale=3.0, noise_seeds=[[3, 1], [4, 1]]))
     alone = [pipe.generate([p], pipe.params(steps=2, cfg_scale=3.0, seed=s)) for p, s in (("a cat", 3), ("a dog", 4))]
     torch.testing.assert_close(both, torch.cat(alone), atol=1e-5, rtol=1e-5)
+
+
+def test_clip_skip_takes_an_earlier_layer_through_the_final_norm(sd_folder):
+    """diffusers' definition (encode_prompt(clip_skip=k): hidden_states[-(k+1)] -> final_layer_norm); its own
+    code path reaches `text_encoder.text_model`, which transformers 5 no longer has, so it is computed here."""
+    from tessera.text.clip import CLIPPromptEncoder
+
+    folder, _ = sd_folder
+    ours = CLIPPromptEncoder.from_folders(folder / "text_encoder", folder / "tokenizer", clip_skip=1)
+    ids = ours.tokenizer(["a red apple"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = ours.model(ids, output_hidden_states=True).hidden_states
+        want = ours.model.final_layer_norm(hidden[-2])
+    torch.testing.assert_close(ours.encode(["a red apple"]).tokens, want)
+    plain = CLIPPromptEncoder.from_folders(folder / "text_encoder", folder / "tokenizer")
+    assert (plain.encode(["a red apple"]).tokens - want).abs().max() > 1e-3  # clip skip changes the states

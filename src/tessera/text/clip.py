@@ -55,7 +55,8 @@ class CLIPPromptEncoder:
             states = out.last_hidden_state
         else:
             out = self.model(ids.to(device), output_hidden_states=True)
-            states = self.model.text_model.final_layer_norm(out.hidden_states[-(self.clip_skip + 1)])
+            final_norm = getattr(self.model, "text_model", self.model).final_layer_norm  # transformers 4 | 5
+            states = final_norm(out.hidden_states[-(self.clip_skip + 1)])
         pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
         states = states.float()  # (B, 77, D)
         return TextEncoding(states, torch.ones(states.shape[:2], dtype=torch.bool, device=states.device), pooled.float())
