@@ -63,6 +63,13 @@ class StableDiffusionPipeline(Pipeline):
         return [None if n <= limit else f"{n} prompt tokens; CLIP takes at most {limit}"
                 for n in self.text_encoder.token_counts(prompts)]
 
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> int:
+        """Merge a LoRA file (diffusers / PEFT or kohya names) into the U-Net and the text encoder at `scale`;
+        returns how many modules changed. Unmatched keys are an error naming them (pipelines/lora.py)."""
+        from tessera.pipelines.lora import merge_lora
+
+        return merge_lora({"unet": self.generator, "text_encoder": self.text_encoder.model}, path, scale)
+
     def _states(self, prompts: list[str]) -> torch.Tensor:
         return self.text_encoder.encode(prompts).tokens.to(self.device)  # (n, 77, D)
 
