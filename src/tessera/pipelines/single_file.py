@@ -140,7 +140,7 @@ def load_single_file(path: str | Path, tokenizer: str | Path, prediction: str = 
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from tessera.generators.sd_unet import SDUNet, SDUNetConfig
-    from tessera.pipelines.stable_diffusion import StableDiffusionPipeline, _strict
+    from tessera.pipelines.stable_diffusion import SD_DEFAULTS, StableDiffusionPipeline, _strict
     from tessera.sampling.diffusion import DiffusionConfig
     from tessera.text.clip import CLIPPromptEncoder
     from tessera.tokenizer.kl import KLAutoencoder, KLAutoencoderConfig
@@ -172,6 +172,6 @@ def load_single_file(path: str | Path, tokenizer: str | Path, prediction: str = 
     sched = DiffusionConfig(schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction=prediction,
                             steps_offset=1, set_alpha_to_one=False)
     pipe = StableDiffusionPipeline(net, ae, CLIPPromptEncoder(clip, tok, name=str(path)), scheduler=sched,
-                                   sampler={"method": "dpmpp_2m"}, device=device)
+                                   sampler={**SD_DEFAULTS, "method": "dpmpp_2m"}, device=device)
     pipe.source = str(path)
     return pipe

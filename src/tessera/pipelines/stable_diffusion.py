@@ -10,7 +10,6 @@ and the VAE decodes x_0 / scaling_factor + shift_factor (tests/test_stable_diffu
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Callable
@@ -18,33 +17,20 @@ from typing import Callable
 import torch
 
 from tessera.errors import InvalidInputError, ModelNotFoundError, WrongModelError
-from tessera.pipelines.base import Pipeline, check_limits
-from tessera.sampling.diffusion import METHODS, DiffusionConfig, Schedule
+from tessera.pipelines.base import Pipeline
+from tessera.pipelines.diffusion import DiffusionSampleParams
+from tessera.sampling.diffusion import DiffusionConfig, Schedule
 from tessera.sampling.solvers import sample
 
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "AutoPipelineForText2Image")
 
 
-@dataclasses.dataclass
-class SDSampleParams:
-    seed: int = 0
-    n: int = 1
-    steps: int = 50
-    cfg_scale: float = 7.5
-    method: str = "ddim"
-    eta: float = 0.0
-    negative_prompt: str = ""
-    noise_seeds: list | None = None  # [[seed, rows], ...]: x_T per block (requests batched by the server)
-
-    def validate(self) -> None:
-        check_limits(self)
-        if self.method not in METHODS:
-            raise InvalidInputError(f"method={self.method!r}: must be one of {METHODS}")
+SD_DEFAULTS = {"steps": 50, "cfg_scale": 7.5}  # diffusers' StableDiffusionPipeline defaults
 
 
 class StableDiffusionPipeline(Pipeline):
     paradigm = "diffusion"
-    Params = SDSampleParams
+    Params = DiffusionSampleParams  # the same sampling settings as Tessera's own diffusion pipelines
     CALL_NAMES = {"num_inference_steps": "steps", "guidance_scale": "cfg_scale", "negative_prompt": "negative_prompt"}
 
     def __init__(self, unet, vae, text_encoder, *, scheduler: DiffusionConfig, **kw):
@@ -74,7 +60,7 @@ class StableDiffusionPipeline(Pipeline):
         return self.text_encoder.encode(prompts).tokens.to(self.device)  # (n, 77, D)
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], p: SDSampleParams, generator: torch.Generator | None = None,
+    def generate(self, prompts: list[str], p: DiffusionSampleParams, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None, callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """-> x_0 latents [n,4,h,w] (the U-Net's space: VAE latents times scaling_factor)."""
         p.validate()
@@ -200,7 +186,7 @@ def load_diffusers_folder(folder: str | Path, device=None, variant: str | None =
     unet = load_unet(folder / "unet", variant)
     # PNDM (SD 1.5's own scheduler) has no Tessera sampler: DPM-Solver++ (2M) on the same noise schedule
     pipe = StableDiffusionPipeline(unet, load_vae(vae or folder / "vae", variant), text, scheduler=scheduler,
-                                   sampler={"method": method or "dpmpp_2m"}, device=device)
+                                   sampler={**SD_DEFAULTS, "method": method or "dpmpp_2m"}, device=device)
     pipe.source = str(folder)
     pipe.models = {"generator": {"name": str(folder / "unet"), "kind": "sd-unet"},
                    "tokenizer": {"name": str(vae or folder / "vae")}, "text_encoder": {"name": text.name}}
