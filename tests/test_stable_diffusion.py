@@ -164,3 +164,49 @@ def test_clip_skip_takes_an_earlier_layer_through_the_final_norm(sd_folder):
     torch.testing.assert_close(ours.encode(["a red apple"]).tokens, want)
     plain = CLIPPromptEncoder.from_folders(folder / "text_encoder", folder / "tokenizer")
     assert (plain.encode(["a red apple"]).tokens - want).abs().max() > 1e-3  # clip skip changes the states
+
+
+def test_inpainting_equals_diffusers_inpaint_pipeline(tmp_path):
+    from PIL import Image
+
+    torch.manual_seed(0)
+    tokenizer = byte_level_vocab()
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
+                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77)).eval()
+    unet = _perturb(diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=9, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8))
+    vae = _perturb(diffusers.AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+                                           down_block_types=("DownEncoderBlock2D",) * 2,
+                                           up_block_types=("UpDecoderBlock2D",) * 2))
+    ref = diffusers.StableDiffusionInpaintPipeline(
+        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False, scheduler=diffusers.DDIMScheduler(beta_schedule="scaled_linear",
+                                                                         beta_start=0.00085, beta_end=0.012))
+    ref.save_pretrained(tmp_path / "inpaint")
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    mask = Image.new("L", (16, 16), 0)
+    mask.paste(255, (4, 4, 12, 12))
+    ours = tessera.load(str(tmp_path / "inpaint"), dtype="float32")
+    for guidance in (1.0, 4.0):
+        want = ref("a cat", image=image, mask_image=mask, num_inference_steps=3, guidance_scale=guidance,
+                   generator=torch.Generator().manual_seed(5), output_type="np", height=16, width=16).images[0]
+        got = ours.inpaint(image, mask, "a cat", ours.params(steps=3, cfg_scale=guidance, seed=5))[0]
+        diff = np.abs(np.asarray(got, dtype=np.float32) / 255 - want).max()
+        assert diff <= 2 / 255, (guidance, diff)
+    with pytest.raises(WrongModelError, match="input channels"):
+        ours("a cat", num_inference_steps=2)
+    # `tessera inpaint --model DIR`: the system's safety stages around the same call
+    from click.testing import CliRunner
+
+    from tessera.cli import main
+
+    image.save(tmp_path / "in.png")
+    mask.save(tmp_path / "mask.png")
+    r = CliRunner().invoke(main, ["inpaint", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"), "a cat",
+                                  "--model", str(tmp_path / "inpaint"), "--steps", "2", "-n", "1", "--dtype", "float32",
+                                  "-o", str(tmp_path / "out.png")])
+    assert r.exit_code == 0, r.output
+    assert Image.open(tmp_path / "out.png").size == (16, 16)

@@ -32,6 +32,10 @@ def sample_to_file(paradigm: str, prompt: str, out: str | Path, model: str | Non
 
     check_prompts([prompt])
     check_output_path(out)
+    if inpaint is not None and model is not None:  # a masked generator, or an SD inpainting folder (diffusion)
+        from tessera.pipelines.folder import paradigm_of
+
+        paradigm = paradigm_of(model)
     screen_prompt(PromptSafety(), prompt)
     pipe = load_pipeline(model or paradigm, tokenizer, text_encoder, device, dtype, paradigm=paradigm)
     params = pipe.params(**{k: v for k, v in (settings or {}).items() if v is not None})
@@ -61,7 +65,8 @@ def _inpaint(pipe, paths: tuple[str, str], prompt: str, params, cb):
     from tessera.data.decode import Rejected, decode_image
 
     if not hasattr(pipe, "inpaint"):
-        raise WrongModelError(f"inpainting needs a masked generator, not a {pipe.paradigm} one")
+        raise WrongModelError(f"inpainting needs a masked generator or an SD inpainting folder, not a {pipe.paradigm} "
+                              f"generator")
     try:
         image, region = (decode_image(Path(p).read_bytes()) for p in paths)
     except Rejected as r:

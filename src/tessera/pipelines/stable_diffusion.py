@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from tessera.errors import InvalidInputError, ModelNotFoundError, WrongModelError
@@ -61,8 +62,11 @@ class StableDiffusionPipeline(Pipeline):
 
     @torch.no_grad()
     def generate(self, prompts: list[str], p: DiffusionSampleParams, generator: torch.Generator | None = None,
-                 latents: torch.Tensor | None = None, callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """-> x_0 latents [n,4,h,w] (the U-Net's space: VAE latents times scaling_factor)."""
+                 latents: torch.Tensor | None = None, callback: Callable[[int, int], None] | None = None,
+                 conditioning: Callable[[torch.Generator], torch.Tensor] | None = None) -> torch.Tensor:
+        """-> x_0 latents [n,4,h,w] (the U-Net's space: VAE latents times scaling_factor). `conditioning(g)`
+        gives extra input channels [n,k,h,w] concatenated to the latents at every step (SD inpainting: the
+        mask and the masked image's latents), drawn after x_T from the same generator, as diffusers does."""
         p.validate()
         n, size = len(prompts), self.generator.config.sample_size
         g = generator or torch.Generator().manual_seed(p.seed)
@@ -78,12 +82,18 @@ class StableDiffusionPipeline(Pipeline):
             x_T = torch.randn(shape, generator=g)
         if tuple(x_T.shape) != shape:
             raise InvalidInputError(f"latents: shape {tuple(x_T.shape)}, expected {shape}")
+        extra = conditioning(g).to(self.device) if conditioning is not None else None
+        if (extra.shape[1] if extra is not None else 0) + shape[1] != self.generator.config.in_channels:
+            raise WrongModelError(f"the U-Net takes {self.generator.config.in_channels} input channels; "
+                                  f"{'inpaint with it' if extra is None else 'it is not an inpainting U-Net'}")
         cond = self._states(prompts)
         guided = p.cfg_scale > 1.0
         both = torch.cat([self._states([p.negative_prompt] * n), cond]) if guided else cond  # (2n | n, 77, D)
 
         def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x, t = x.to(self.device), t.to(self.device)
+            if extra is not None:
+                x = torch.cat([x, extra], dim=1)  # (n, 4 + k, h, w)
             with self.placement.autocast():
                 if not guided:
                     return self.generator(x, t, both).float().cpu()
@@ -91,6 +101,35 @@ class StableDiffusionPipeline(Pipeline):
                 return (u + p.cfg_scale * (c - u)).cpu()
 
         return sample(fn, self.schedule, x_T, p.steps, p.method, p.eta, generator=g, callback=callback)
+
+    @torch.no_grad()
+    def inpaint(self, image, region, prompt: str, p: DiffusionSampleParams, callback=None) -> list:
+        """Regenerate the white part of `region` (a mask image, as large as `image`) with a 9-channel
+        inpainting U-Net: diffusers' StableDiffusionInpaintPipeline at strength 1 (the mask binarised at 0.5,
+        the masked image encoded by sampling the VAE posterior)."""
+        from tessera.data.dataset import to_tensor
+        from tessera.pipelines.base import prompt_batch, to_images
+
+        size = self.native_size
+        if image.size != (size, size) or region.size != image.size:
+            raise InvalidInputError(f"image and mask must be {size}x{size} (this pipeline's size), got "
+                                    f"{image.size} and {region.size}")
+        if not hasattr(self.tokenizer, "sample_latents"):
+            raise WrongModelError("SD inpainting encodes the masked image with the KL autoencoder (not TAESD)")
+        pixels = to_tensor(image)[None]  # (1, 3, H, W) in [-1, 1]
+        mask = torch.from_numpy((np.asarray(region.convert("L"), dtype=np.float32) / 255 >= 0.5).astype(np.float32))
+        mask = mask[None, None]  # (1, 1, H, W): 1 = regenerate
+        n = p.n
+        f = self.tokenizer.factor
+
+        def conditioning(g: torch.Generator) -> torch.Tensor:
+            masked = self.tokenizer.sample_latents((pixels * (mask < 0.5)).to(self.device), g)
+            masked = masked * self.tokenizer.config.scaling_factor  # (1, 4, h, w)
+            small = torch.nn.functional.interpolate(mask, size=(size // f, size // f)).to(self.device)
+            return torch.cat([small, masked], dim=1).repeat(n, 1, 1, 1)  # (n, 5, h, w)
+
+        out = self.generate(prompt_batch(prompt, n), p, callback=callback, conditioning=conditioning)
+        return to_images(self.decode(out))
 
     @torch.no_grad()
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
