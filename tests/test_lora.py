@@ -118,3 +118,20 @@ def test_a_pipeline_merges_a_lora_into_its_unet(lora, tmp_path):
     before = pipe.generate(["a cat"], pipe.params(steps=2, seed=1))
     assert pipe.load_lora(path) > 0
     assert (pipe.generate(["a cat"], pipe.params(steps=2, seed=1)) - before).abs().max() > 1e-3
+    # `tessera generate --model DIR --lora FILE[:SCALE]`: merged on load, recorded in the PNG; a LoRA that does
+    # not fit is one line and nothing is written
+    from click.testing import CliRunner
+
+    from tessera.cli import main
+    from tessera.pipelines.records import read_record
+
+    args = ["generate", "a cat", "--model", str(tmp_path / "p"), "--size", "64", "--steps", "2", "--seed", "1"]
+    r = CliRunner().invoke(main, [*args, "--lora", f"{path}:0.7", "-o", str(tmp_path / "x.png")])
+    assert r.exit_code == 0, r.output
+    assert read_record(tmp_path / "x.png")["loras"] == [f"{path}:0.7"]
+    state = load_file(path)
+    state["unet.nowhere.lora_A.weight"], state["unet.nowhere.lora_B.weight"] = torch.zeros(4, 8), torch.zeros(8, 4)
+    save_file(state, tmp_path / "bad.safetensors")
+    r = CliRunner().invoke(main, [*args, "--lora", str(tmp_path / "bad.safetensors"), "-o", str(tmp_path / "y.png")])
+    assert r.exit_code != 0 and "unet:nowhere" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "y.png").exists()

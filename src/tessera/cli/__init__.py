@@ -222,7 +222,7 @@ def inpaint(image, mask_path, prompt, model, tokenizer, text_encoder, out, devic
          opt("--steps", type=int, help="masked / diffusion steps"), opt("--cfg", "cfg_scale", type=float),
          opt("--temperature", type=float, help="ar / masked"), opt("--top-k", type=int, help="ar"),
          opt("--top-p", type=float, help="ar"), opt("--negative-prompt", default="", help="diffusion"),
-         opt("--no-enhance", is_flag=True, help="use the prompt as written"),
+         opt("--no-enhance", is_flag=True, help="use the prompt as written"), opt("--lora", "loras", multiple=True, help="FILE[:SCALE], SD"),
          opt("--diversify", is_flag=True, help="vary skin tone / gender across the images of a people prompt"), *DEVICE_OPTS)
 def generate(prompt, out, **kw) -> None:
     """Generate images for PROMPT: prompt safety, enhancement, generation, decoding, harm detection,

@@ -122,7 +122,8 @@ class LocalStages:
     `models`: per paradigm a pipeline folder, a generator folder or bundled preset (default: the bundled one)."""
 
     def __init__(self, models: dict[str, str] | None = None, sr_model: str = "fast", text_encoder: str | None = None,
-                 device: str | None = None, dtype: str | None = None):
+                 device: str | None = None, dtype: str | None = None, loras: dict[str, list[str]] | None = None):
+        """`loras`: per paradigm 'FILE[:SCALE]' LoRA files merged into its (Stable Diffusion) pipeline on load."""
         from tessera.device import placement
 
         self.models = {**DEFAULT_MODELS, **{k: str(v) for k, v in (models or {}).items() if v}}
@@ -130,6 +131,7 @@ class LocalStages:
         if unknown:
             raise InvalidInputError(f"models: unknown paradigm(s) {unknown}; known: {PARADIGMS}")
         self.sr_model, self.text_encoder = sr_model, text_encoder
+        self.loras = {k: list(v) for k, v in (loras or {}).items() if v}
         self.placement = placement(device, dtype)
         self._loaded: dict[str, object] = {}
         self._sr = None
@@ -138,8 +140,16 @@ class LocalStages:
         if paradigm not in self._loaded:
             from tessera.pipelines.folder import load_pipeline
 
-            self._loaded[paradigm] = load_pipeline(self.models[paradigm], text_encoder=self.text_encoder,
-                                                   device=self.placement, paradigm=paradigm)
+            pipe = load_pipeline(self.models[paradigm], text_encoder=self.text_encoder, device=self.placement,
+                                 paradigm=paradigm)
+            for spec in self.loras.get(paradigm, ()):
+                from tessera.pipelines.lora import parse_spec
+
+                if not hasattr(pipe, "load_lora"):
+                    raise InvalidInputError(f"--lora {spec}: {self.models[paradigm]} is not a Stable Diffusion "
+                                            f"pipeline (LoRA files apply to SD U-Nets and text encoders)")
+                pipe.load_lora(*parse_spec(spec))
+            self._loaded[paradigm] = pipe
         return self._loaded[paradigm]
 
     def generate(self, paradigm: str, prompts: list[str], settings: dict,
@@ -152,7 +162,8 @@ class LocalStages:
         if too_long:
             raise InvalidInputError(f"prompt: {too_long[0]}")
         out = pipe.generate(prompts, params, callback=callback)
-        return out.cpu(), {"model": self.models[paradigm], **dataclasses.asdict(params)}
+        loras = {"loras": self.loras[paradigm]} if paradigm in self.loras else {}
+        return out.cpu(), {"model": self.models[paradigm], **loras, **dataclasses.asdict(params)}
 
     def decode(self, paradigm: str, out: torch.Tensor) -> list[Image.Image]:
         from tessera.pipelines.base import to_images
@@ -190,14 +201,14 @@ def _timed(timings: dict, name: str, fn, *args):
 class TextToImage:
     def __init__(self, models: dict[str, str] | None = None, sr_model: str = "fast", prompt_safety=None,
                  image_safety=None, text_encoder: str | None = None, device: str | None = None,
-                 dtype: str | None = None, stages=None):
+                 dtype: str | None = None, stages=None, loras: dict[str, list[str]] | None = None):
         """`prompt_safety` / `image_safety`: checkers (safety.prompt.PromptSafety / safety.image.ImageSafety);
         None builds the defaults. Both are always on: there is no request field that turns them off.
         `stages`: generation / decoding / super-resolution (default: LocalStages over `models`)."""
         from tessera.safety.image import ImageSafety
         from tessera.safety.prompt import PromptSafety
 
-        self.stages = stages or LocalStages(models, sr_model, text_encoder, device, dtype)
+        self.stages = stages or LocalStages(models, sr_model, text_encoder, device, dtype, loras)
         self.prompt_safety = prompt_safety or PromptSafety()
         self.image_safety = image_safety or ImageSafety()
 
@@ -332,7 +343,8 @@ def generate_file(prompt: str, out: str, paradigm: str | None = None, model: str
                   n: int = 1, seed: int = -1, steps: int | None = None, cfg_scale: float | None = None,
                   temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                   negative_prompt: str = "", no_enhance: bool = False, diversify: bool = False,
-                  device: str | None = None, dtype: str | None = None, progress: bool = True) -> tuple[str, FileResult]:
+                  device: str | None = None, dtype: str | None = None, progress: bool = True,
+                  loras: tuple[str, ...] = ()) -> tuple[str, FileResult]:
     """`tessera generate`: the system pipeline for one request, written as one PNG (a grid when n > 1)
     with its record. `model` (a pipeline folder, generator or preset) decides the paradigm unless given."""
     from tqdm import tqdm
@@ -346,7 +358,8 @@ def generate_file(prompt: str, out: str, paradigm: str | None = None, model: str
                   not no_enhance, diversify)
     req.validate()
     check_output_path(out)
-    pipe = TextToImage({paradigm: model} if model else None, device=device, dtype=dtype)
+    pipe = TextToImage({paradigm: model} if model else None, device=device, dtype=dtype,
+                       loras={paradigm: list(loras)})
     pipe.stages.loaded(paradigm)  # a model of the wrong kind fails here, before any work
     bar = tqdm(desc=paradigm, unit="step", disable=not progress)
     try:
