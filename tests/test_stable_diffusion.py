@@ -29,22 +29,28 @@ def _perturb(model):
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("sd")
+def tiny_components(in_channels: int):
+    """A tiny CLIP text model with its tokenizer, SD-layout U-Net (4 or 9 input channels) and VAE (16 px images)."""
     tokenizer = byte_level_vocab()
     text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
                                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                         pad_token_id=tokenizer.pad_token_id)).eval()
     unet = _perturb(diffusers.UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=in_channels, out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8))
     vae = _perturb(diffusers.AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
                                            down_block_types=("DownEncoderBlock2D",) * 2,
                                            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4))
+    return tokenizer, text, unet, vae
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("sd")
+    tokenizer, text, unet, vae = tiny_components(in_channels=4)
     scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
@@ -170,16 +176,7 @@ def test_inpainting_equals_diffusers_inpaint_pipeline(tmp_path):
     from PIL import Image
 
     torch.manual_seed(0)
-    tokenizer = byte_level_vocab()
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
-                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77)).eval()
-    unet = _perturb(diffusers.UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=9, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8))
-    vae = _perturb(diffusers.AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-                                           down_block_types=("DownEncoderBlock2D",) * 2,
-                                           up_block_types=("UpDecoderBlock2D",) * 2))
+    tokenizer, text, unet, vae = tiny_components(in_channels=9)
     ref = diffusers.StableDiffusionInpaintPipeline(
         vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False, scheduler=diffusers.DDIMScheduler(beta_schedule="scaled_linear",
