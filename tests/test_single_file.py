@@ -116,3 +116,61 @@ def test_pickles_and_other_files_are_refused(tmp_path):
     save_file({"something.else": torch.zeros(2)}, tmp_path / "other.safetensors")
     with pytest.raises(Exception, match="not an LDM"):
         load_single_file(tmp_path / "other.safetensors", tokenizer=tmp_path)
+
+
+def hf_to_openclip(sd: dict, extra_block: dict) -> dict:
+    """transformers CLIP text names -> OpenCLIP's (fused q/k/v), plus a last resblock SD2 does not use."""
+    sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
+    out = {"token_embedding.weight": sd["embeddings.token_embedding.weight"],
+           "positional_embedding": sd["embeddings.position_embedding.weight"],
+           "ln_final.weight": sd["final_layer_norm.weight"], "ln_final.bias": sd["final_layer_norm.bias"],
+           "text_projection": torch.randn(sd["final_layer_norm.weight"].shape[0], 8), "logit_scale": torch.tensor(4.6)}
+    layers = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")})
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+             "self_attn.out_proj": "attn.out_proj"}
+    for i in layers + [len(layers)]:
+        src = extra_block if i == len(layers) else {k.removeprefix(f"encoder.layers.{i}."): v for k, v in sd.items()
+                                                     if k.startswith(f"encoder.layers.{i}.")}
+        for a, b in names.items():
+            for w in ("weight", "bias"):
+                out[f"transformer.resblocks.{i}.{b}.{w}"] = src[f"{a}.{w}"]
+        for w in ("weight", "bias"):
+            out[f"transformer.resblocks.{i}.attn.in_proj_{w}"] = torch.cat(
+                [src[f"self_attn.{n}.{w}"] for n in ("q_proj", "k_proj", "v_proj")])
+    return out
+
+
+def test_an_sd2_single_file_with_openclip_reads_the_same(tmp_path):
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    torch.manual_seed(0)
+    tok = byte_level_vocab()
+    tok.save_pretrained(tmp_path / "tokenizer")
+    config = CLIPTextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                            num_attention_heads=1, hidden_act="gelu", max_position_embeddings=77)
+    text = _perturb(CLIPTextModel(config))
+    spare = {k.removeprefix("encoder.layers.0.").removeprefix("text_model.encoder.layers.0."): torch.randn_like(v)
+             for k, v in text.state_dict().items() if ".layers.0." in k}
+    openclip = {"cond_stage_model.model." + k: v for k, v in hf_to_openclip(text.state_dict(), spare).items()}
+    theirs = convert_open_clip_checkpoint(text, openclip)  # diffusers reads this layout back to transformers names
+    for k, v in text.state_dict().items():
+        assert torch.equal(theirs["text_model." + k.removeprefix("text_model.")], v)
+    unet = _perturb(diffusers.UNet2DConditionModel(
+        block_out_channels=(64, 128), layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, attention_head_dim=(1, 2),
+        use_linear_projection=True))
+    vae = _perturb(diffusers.AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1,
+                                           down_block_types=("DownEncoderBlock2D",) * 2,
+                                           up_block_types=("UpDecoderBlock2D",) * 2))
+    ldm = {**{"model.diffusion_model." + k: v for k, v in unet_to_ldm(unet.state_dict(), 1, [True, False]).items()},
+           **{"first_stage_model." + k: v for k, v in vae_to_ldm(vae.state_dict(), 2).items()}, **openclip}
+    save_file({k: v.contiguous() for k, v in ldm.items()}, tmp_path / "sd2.safetensors")
+    pipe = load_single_file(tmp_path / "sd2.safetensors", tokenizer=tmp_path / "tokenizer", prediction="v")
+    assert pipe.generator.config.use_linear_projection and pipe.generator.config.heads == (1, 2)
+    assert pipe.scheduler.prediction == "v"
+    x, ctx, t = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 64), torch.tensor([77])
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.generator(x, t, ctx), unet(x, t, encoder_hidden_states=ctx).sample,
+                                   atol=1e-4, rtol=1e-4)
+        ids = tok(["a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        torch.testing.assert_close(pipe.text_encoder.encode(["a cat"]).tokens, text(ids).last_hidden_state)

@@ -15,7 +15,8 @@ import torch
 
 from tessera.errors import InvalidInputError, WrongModelError
 
-UNET, VAE, CLIP_SD1 = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+UNET, VAE, CLIP_SD1, OPENCLIP_SD2 = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.",
+                                     "cond_stage_model.model.")
 _RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.0": "norm2",
            "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 _VAE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
@@ -123,6 +124,53 @@ def vae_to_diffusers(vae: dict[str, torch.Tensor], levels: int, per: int) -> dic
     return out
 
 
+# ---- the text encoders ------------------------------------------------------------------------------------
+_OPENCLIP = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+             "attn.out_proj": "self_attn.out_proj"}
+
+
+def openclip_to_hf(clip: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """SD2's OpenCLIP text tower -> transformers CLIPTextModel names (without 'text_model.'), and its layer count.
+    SD2 conditions on the penultimate layer, so the last resblock is not part of the encoder (diffusers drops
+    it too); the fused in_proj splits into q, k, v. text_projection / logit_scale / attn_mask are unused."""
+    blocks = sorted({int(m[1]) for k in clip if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k))})
+    keep = blocks[:-1]
+    out = {"embeddings.token_embedding.weight": clip["token_embedding.weight"],
+           "embeddings.position_embedding.weight": clip["positional_embedding"],
+           "final_layer_norm.weight": clip["ln_final.weight"], "final_layer_norm.bias": clip["ln_final.bias"]}
+    for i in keep:
+        src, dst = f"transformer.resblocks.{i}.", f"encoder.layers.{i}."
+        for a, b in _OPENCLIP.items():
+            for w in ("weight", "bias"):
+                out[f"{dst}{b}.{w}"] = clip[f"{src}{a}.{w}"]
+        for w in ("weight", "bias"):
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), clip[f"{src}attn.in_proj_{w}"].chunk(3)):
+                out[f"{dst}self_attn.{name}.{w}"] = part
+    known = {"token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias", "text_projection",
+             "logit_scale", "attn_mask"}
+    used = known | {k for k in clip if k.startswith("transformer.resblocks.")}  # strict loading checks the rest
+    stray = sorted(set(clip) - used)
+    if stray:
+        raise WrongModelError(f"OpenCLIP text encoder: unexpected tensors {stray[:5]}")
+    return out, len(keep)
+
+
+def _clip_model(text: dict[str, torch.Tensor], layers: int, act: str, where: Path):
+    """A transformers CLIPTextModel of the shapes `text` has, loaded strictly with it."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tessera.pipelines.stable_diffusion import _strict
+
+    hidden = text["embeddings.token_embedding.weight"].shape[1]
+    config = CLIPTextConfig(vocab_size=text["embeddings.token_embedding.weight"].shape[0], hidden_size=hidden,
+                            intermediate_size=text["encoder.layers.0.mlp.fc1.weight"].shape[0], num_hidden_layers=layers,
+                            num_attention_heads=max(1, hidden // 64), hidden_act=act,
+                            max_position_embeddings=text["embeddings.position_embedding.weight"].shape[0])
+    clip = CLIPTextModel(config).eval()
+    prefix = "text_model." if next(iter(clip.state_dict())).startswith("text_model.") else ""  # transformers 4 / 5
+    return _strict(clip, {prefix + k: t for k, t in text.items()}, where)
+
+
 # ---- the whole checkpoint ---------------------------------------------------------------------------------
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
@@ -135,9 +183,10 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_single_file(path: str | Path, tokenizer: str | Path, prediction: str = "epsilon", device=None):
-    """A single-file SD1 checkpoint (U-Net + VAE + CLIP text encoder) as a Tessera SD pipeline; `tokenizer` is a
-    CLIP tokenizer folder (a single file carries none). SD2 files (OpenCLIP text encoder) are not read yet."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    """A single-file SD1 (OpenAI CLIP) or SD2 (OpenCLIP) checkpoint as a Tessera SD pipeline; `tokenizer` is a
+    CLIP tokenizer folder (a single file carries none); `prediction="v"` for v-models (SD 2.x 768), which
+    the tensors cannot reveal."""
+    from transformers import CLIPTokenizer
 
     from tessera.generators.sd_unet import SDUNet, SDUNetConfig
     from tessera.pipelines.stable_diffusion import SD_DEFAULTS, StableDiffusionPipeline, _strict
@@ -146,11 +195,11 @@ def load_single_file(path: str | Path, tokenizer: str | Path, prediction: str = 
     from tessera.tokenizer.kl import KLAutoencoder, KLAutoencoderConfig
 
     state = read_checkpoint(path)
-    unet, vae, text = _sub(state, UNET), _sub(state, VAE), _sub(state, CLIP_SD1)
+    unet, vae, text, openclip = _sub(state, UNET), _sub(state, VAE), _sub(state, CLIP_SD1), _sub(state, OPENCLIP_SD2)
     if not unet or not vae:
         raise WrongModelError(f"{path}: not an LDM Stable Diffusion checkpoint (no {UNET}* or {VAE}* tensors)")
-    if not text:
-        raise WrongModelError(f"{path}: no {CLIP_SD1}* text encoder (SD2 / OpenCLIP single files are not read yet)")
+    if not text and not openclip:
+        raise WrongModelError(f"{path}: no text encoder ({CLIP_SD1}* or {OPENCLIP_SD2}* tensors)")
     u = unet_structure(unet)
     net = SDUNet(SDUNetConfig(sample_size=64, **u))
     _strict(net, unet_to_diffusers(unet, u["layers_per_block"], len(u["block_out_channels"]), u["cross_attention"]),
@@ -158,16 +207,12 @@ def load_single_file(path: str | Path, tokenizer: str | Path, prediction: str = 
     v = vae_structure(vae)
     ae = KLAutoencoder(KLAutoencoderConfig(**v))
     _strict(ae, vae_to_diffusers(vae, len(v["block_out_channels"]), v["layers_per_block"]), Path(path))
-    text = {k.removeprefix("text_model."): t for k, t in text.items() if not k.endswith("position_ids")}
-    hidden = text["embeddings.token_embedding.weight"].shape[1]
-    clip_cfg = CLIPTextConfig(vocab_size=text["embeddings.token_embedding.weight"].shape[0], hidden_size=hidden,
-                              intermediate_size=text["encoder.layers.0.mlp.fc1.weight"].shape[0],
-                              num_hidden_layers=len({k.split(".")[2] for k in text if k.startswith("encoder.layers.")}),
-                              num_attention_heads=max(1, hidden // 64), hidden_act="quick_gelu",  # OpenAI CLIP's
-                              max_position_embeddings=text["embeddings.position_embedding.weight"].shape[0])
-    clip = CLIPTextModel(clip_cfg).eval()
-    prefix = "text_model." if next(iter(clip.state_dict())).startswith("text_model.") else ""  # transformers 4 / 5
-    _strict(clip, {prefix + k: t for k, t in text.items()}, Path(path))
+    if text:  # SD1: OpenAI CLIP ViT-L/14 text, already in transformers' names
+        text = {k.removeprefix("text_model."): t for k, t in text.items() if not k.endswith("position_ids")}
+        layers = len({k.split(".")[2] for k in text if k.startswith("encoder.layers.")})
+        clip = _clip_model(text, layers, "quick_gelu", Path(path))
+    else:  # SD2: OpenCLIP ViT-H/14 text
+        clip = _clip_model(*openclip_to_hf(openclip), "gelu", Path(path))
     tok = CLIPTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
     sched = DiffusionConfig(schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction=prediction,
                             steps_offset=1, set_alpha_to_one=False)
