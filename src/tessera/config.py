@@ -127,3 +127,19 @@ def parse_settings(pairs, option: str = "--set") -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = raw
     return out
+
+
+DIFFUSERS_META = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
+
+
+def check_diffusers_config(name: str, config: dict, fixed: dict, read: set | dict) -> None:
+    """A diffusers config.json read into one of Tessera's networks: every key is either `read` (mapped onto
+    the Tessera config) or `fixed` (must hold the value Tessera's network implements); anything else, or a
+    fixed key with another value, is an error naming it (lists compare as tuples)."""
+    unknown = sorted(set(config) - set(read) - set(fixed) - DIFFUSERS_META)
+    if unknown:
+        raise ValueError(f"{name} config: unknown key(s) {unknown}")
+    for key, want in fixed.items():
+        got = config.get(key, want)
+        if (tuple(got) if isinstance(got, list) else got) != want:
+            raise ValueError(f"{name} config: {key}={got!r} is not implemented (Tessera: {want!r})")

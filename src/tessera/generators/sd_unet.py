@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessera.config import Config
+from tessera.config import Config, check_diffusers_config
 from tessera.registry import register_family
 
 
@@ -296,7 +296,6 @@ _FIXED = {"center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAt
           "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
           "projection_class_embeddings_input_dim": None, "attention_type": "default", "class_embeddings_concat": False,
           "mid_block_only_cross_attention": None, "cross_attention_norm": None, "addition_embed_type_num_heads": 64}
-_META = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
 _READ = {"sample_size", "in_channels", "out_channels", "flip_sin_to_cos", "freq_shift", "down_block_types",
          "up_block_types", "block_out_channels", "layers_per_block", "norm_num_groups", "norm_eps",
          "cross_attention_dim", "transformer_layers_per_block", "attention_head_dim", "num_attention_heads",
@@ -312,13 +311,7 @@ def _per_level(value, n: int, name: str) -> tuple:
 
 def _from_diffusers(cls, config: dict) -> SDUNetConfig:
     """A `UNet2DConditionModel` config.json; a setting this network does not have is an error naming it."""
-    unknown = sorted(set(config) - set(_FIXED) - _META - _READ)
-    if unknown:
-        raise ValueError(f"UNet2DConditionModel config: unknown key(s) {unknown}")
-    for key, want in _FIXED.items():
-        if config.get(key, want) != want:
-            raise ValueError(f"UNet2DConditionModel config: {key}={config[key]!r} is not implemented "
-                             f"(Tessera: {want!r})")
+    check_diffusers_config("UNet2DConditionModel", config, _FIXED, _READ)
     ch = tuple(config.get("block_out_channels", (320, 640, 1280, 1280)))
     n = len(ch)
     down = tuple(config.get("down_block_types", ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)))

@@ -32,6 +32,17 @@ class DiffusionSampleParams:
             raise InvalidInputError(f"method={self.method!r}: must be one of {METHODS}")
 
 
+def initial_noise(shape: tuple[int, ...], p: DiffusionSampleParams, g: torch.Generator) -> torch.Tensor:
+    """x_T of `shape` [n,C,H,W]: from `g`, or per [seed, rows] block of `p.noise_seeds` (each block equals what
+    that seed draws alone, so a request batched with others starts from its own noise)."""
+    if not p.noise_seeds:
+        return torch.randn(shape, generator=g)
+    if sum(rows for _, rows in p.noise_seeds) != shape[0]:
+        raise InvalidInputError(f"noise_seeds={p.noise_seeds}: the rows must add up to the batch's {shape[0]} images")
+    return torch.cat([torch.randn((rows, *shape[1:]), generator=torch.Generator().manual_seed(int(seed)))
+                      for seed, rows in p.noise_seeds])
+
+
 class DiffusionPipeline(Pipeline):
     paradigm = "diffusion"
     Params = DiffusionSampleParams
@@ -60,16 +71,8 @@ class DiffusionPipeline(Pipeline):
         return self.generator.config.sample_size * factor
 
     def _noise(self, n: int, p: DiffusionSampleParams, g: torch.Generator) -> torch.Tensor:
-        """x_T [n,C,H,W]: from `g`, or per [seed, rows] block of `p.noise_seeds` (each block equals what
-        that seed draws alone, so a request batched with others starts from its own noise)."""
         cfg = self.generator.config
-        shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        if not p.noise_seeds:
-            return torch.randn((n, *shape), generator=g)
-        if sum(rows for _, rows in p.noise_seeds) != n:
-            raise InvalidInputError(f"noise_seeds={p.noise_seeds}: the rows must add up to the batch's {n} images")
-        return torch.cat([torch.randn((rows, *shape), generator=torch.Generator().manual_seed(int(seed)))
-                          for seed, rows in p.noise_seeds])
+        return initial_noise((n, cfg.in_channels, cfg.sample_size, cfg.sample_size), p, g)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], p: DiffusionSampleParams, generator: torch.Generator | None = None,

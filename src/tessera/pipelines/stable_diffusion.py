@@ -19,7 +19,7 @@ import torch
 
 from tessera.errors import InvalidInputError, ModelNotFoundError, WrongModelError
 from tessera.pipelines.base import Pipeline
-from tessera.pipelines.diffusion import DiffusionSampleParams
+from tessera.pipelines.diffusion import DiffusionSampleParams, initial_noise
 from tessera.sampling.diffusion import DiffusionConfig, Schedule
 from tessera.sampling.solvers import sample
 
@@ -71,15 +71,7 @@ class StableDiffusionPipeline(Pipeline):
         n, size = len(prompts), self.generator.config.sample_size
         g = generator or torch.Generator().manual_seed(p.seed)
         shape = (n, self.tokenizer.config.latent_channels, size, size)
-        if latents is not None:
-            x_T = latents.float().cpu()
-        elif p.noise_seeds:  # each request of a served batch starts from the noise its own seed draws
-            if sum(rows for _, rows in p.noise_seeds) != n:
-                raise InvalidInputError(f"noise_seeds={p.noise_seeds}: the rows must add up to the batch's {n} images")
-            x_T = torch.cat([torch.randn((rows, *shape[1:]), generator=torch.Generator().manual_seed(int(seed)))
-                             for seed, rows in p.noise_seeds])
-        else:
-            x_T = torch.randn(shape, generator=g)
+        x_T = initial_noise(shape, p, g) if latents is None else latents.float().cpu()
         if tuple(x_T.shape) != shape:
             raise InvalidInputError(f"latents: shape {tuple(x_T.shape)}, expected {shape}")
         extra = conditioning(g).to(self.device) if conditioning is not None else None

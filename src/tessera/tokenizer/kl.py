@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessera.config import Config
+from tessera.config import Config, check_diffusers_config
 from tessera.registry import register_family
 
 
@@ -47,19 +47,12 @@ class KLAutoencoderConfig(Config):
         n = len(config.get("block_out_channels", (64,)))
         fixed = {"act_fn": "silu", "down_block_types": ("DownEncoderBlock2D",) * n,
                  "up_block_types": ("UpDecoderBlock2D",) * n, "latents_mean": None, "latents_std": None}
-        for key, want in fixed.items():
-            got = config.get(key, want)
-            if (tuple(got) if isinstance(got, list) else got) != want:
-                raise ValueError(f"AutoencoderKL config: {key}={got!r} is not implemented (Tessera: {want!r})")
         names = {"in_channels": "in_channels", "out_channels": "out_channels", "latent_channels": "latent_channels",
                  "block_out_channels": "block_out_channels", "layers_per_block": "layers_per_block",
                  "norm_num_groups": "norm_num_groups", "mid_block_add_attention": "mid_attention",
                  "use_quant_conv": "use_quant_conv", "use_post_quant_conv": "use_post_quant_conv",
                  "scaling_factor": "scaling_factor", "shift_factor": "shift_factor", "force_upcast": "force_upcast"}
-        meta = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values", "sample_size"}
-        unknown = sorted(set(config) - set(names) - set(fixed) - meta)
-        if unknown:
-            raise ValueError(f"AutoencoderKL config: unknown key(s) {unknown}")
+        check_diffusers_config("AutoencoderKL", config, fixed, {*names, "sample_size"})  # sample_size: inert
         kw = {ours: config[theirs] for theirs, ours in names.items() if theirs in config}
         if kw.get("shift_factor") is None:
             kw["shift_factor"] = 0.0

@@ -17,7 +17,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from tessera.config import Config
+from tessera.config import Config, check_diffusers_config
 from tessera.registry import register_family
 
 
@@ -46,17 +46,11 @@ class TinyAutoencoderConfig(Config):
         """An `AutoencoderTiny` config.json; a setting Tessera's network does not have is an error."""
         fixed = {"act_fn": "relu", "upsample_fn": "nearest", "upsampling_scaling_factor": 2, "latent_magnitude": 3,
                  "latent_shift": 0.5, "force_upcast": False}
-        for key, want in fixed.items():
-            if config.get(key, want) != want:
-                raise ValueError(f"AutoencoderTiny config: {key}={config[key]!r} is not implemented (Tessera: {want!r})")
         names = {"in_channels": "in_channels", "out_channels": "out_channels", "latent_channels": "latent_channels",
                  "encoder_block_out_channels": "encoder_channels", "decoder_block_out_channels": "decoder_channels",
                  "num_encoder_blocks": "encoder_blocks", "num_decoder_blocks": "decoder_blocks",
                  "scaling_factor": "scaling_factor", "shift_factor": "shift_factor"}
-        meta = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
-        unknown = sorted(set(config) - set(names) - set(fixed) - meta - {"block_out_channels"})
-        if unknown:
-            raise ValueError(f"AutoencoderTiny config: unknown key(s) {unknown}")
+        check_diffusers_config("AutoencoderTiny", config, fixed, {*names, "block_out_channels"})
         if "block_out_channels" in config and tuple(config["block_out_channels"]) != tuple(
                 config.get("decoder_block_out_channels", (64, 64, 64, 64))):  # diffusers' copy of the decoder's
             raise ValueError("AutoencoderTiny config: block_out_channels differs from decoder_block_out_channels")
