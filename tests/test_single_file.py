@@ -96,7 +96,7 @@ def single_file(tmp_path_factory):
 
 def test_a_single_file_checkpoint_reads_into_tessera_with_the_same_outputs(single_file):
     root, unet, vae, text = single_file
-    pipe = load_single_file(root / "model.safetensors", tokenizer=root / "tokenizer")
+    pipe = load_single_file(root / "model.safetensors", tokenizer=root / "tokenizer", dtype="float32")
     x, ctx, t = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 64), torch.tensor([321])
     with torch.no_grad():
         torch.testing.assert_close(pipe.generator(x, t, ctx), unet(x, t, encoder_hidden_states=ctx).sample,
@@ -165,7 +165,8 @@ def test_an_sd2_single_file_with_openclip_reads_the_same(tmp_path):
     ldm = {**{"model.diffusion_model." + k: v for k, v in unet_to_ldm(unet.state_dict(), 1, [True, False]).items()},
            **{"first_stage_model." + k: v for k, v in vae_to_ldm(vae.state_dict(), 2).items()}, **openclip}
     save_file({k: v.contiguous() for k, v in ldm.items()}, tmp_path / "sd2.safetensors")
-    pipe = load_single_file(tmp_path / "sd2.safetensors", tokenizer=tmp_path / "tokenizer", prediction="v")
+    pipe = load_single_file(tmp_path / "sd2.safetensors", tokenizer=tmp_path / "tokenizer", prediction="v",
+                            dtype="float32")
     assert pipe.generator.config.use_linear_projection and pipe.generator.config.heads == (1, 2)
     assert pipe.scheduler.prediction == "v"
     x, ctx, t = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 64), torch.tensor([77])

@@ -182,14 +182,15 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def load_single_file(path: str | Path, tokenizer: str | Path, prediction: str = "epsilon", device=None):
+def load_single_file(path: str | Path, tokenizer: str | Path, prediction: str = "epsilon", device=None, dtype=None):
     """A single-file SD1 (OpenAI CLIP) or SD2 (OpenCLIP) checkpoint as a Tessera SD pipeline; `tokenizer` is a
     CLIP tokenizer folder (a single file carries none); `prediction="v"` for v-models (SD 2.x 768), which
     the tensors cannot reveal."""
     from transformers import CLIPTokenizer
 
+    from tessera.device import Placement, placement
     from tessera.generators.sd_unet import SDUNet, SDUNetConfig
-    from tessera.pipelines.stable_diffusion import SD_DEFAULTS, StableDiffusionPipeline, _strict
+    from tessera.pipelines.stable_diffusion import SD_DEFAULTS, StableDiffusionPipeline, _strict, on_meta
     from tessera.sampling.diffusion import DiffusionConfig
     from tessera.text.clip import CLIPPromptEncoder
     from tessera.tokenizer.kl import KLAutoencoder, KLAutoencoderConfig
@@ -200,12 +201,13 @@ def load_single_file(path: str | Path, tokenizer: str | Path, prediction: str = 
         raise WrongModelError(f"{path}: not an LDM Stable Diffusion checkpoint (no {UNET}* or {VAE}* tensors)")
     if not text and not openclip:
         raise WrongModelError(f"{path}: no text encoder ({CLIP_SD1}* or {OPENCLIP_SD2}* tensors)")
+    device = device if isinstance(device, Placement) else placement(device, dtype)
     u = unet_structure(unet)
-    net = SDUNet(SDUNetConfig(sample_size=64, **u))
+    net = on_meta(lambda: SDUNet(SDUNetConfig(sample_size=64, **u)))
     _strict(net, unet_to_diffusers(unet, u["layers_per_block"], len(u["block_out_channels"]), u["cross_attention"]),
-            Path(path))
+            Path(path), device.dtype)
     v = vae_structure(vae)
-    ae = KLAutoencoder(KLAutoencoderConfig(**v))
+    ae = on_meta(lambda: KLAutoencoder(KLAutoencoderConfig(**v)))
     _strict(ae, vae_to_diffusers(vae, len(v["block_out_channels"]), v["layers_per_block"]), Path(path))
     if text:  # SD1: OpenAI CLIP ViT-L/14 text, already in transformers' names
         text = {k.removeprefix("text_model."): t for k, t in text.items() if not k.endswith("position_ids")}

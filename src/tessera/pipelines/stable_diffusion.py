@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from tessera.device import Placement, placement
 from tessera.errors import InvalidInputError, ModelNotFoundError, WrongModelError
 from tessera.pipelines.base import Pipeline
 from tessera.pipelines.diffusion import DiffusionSampleParams, initial_noise
@@ -40,6 +41,17 @@ class StableDiffusionPipeline(Pipeline):
                                   f"encoder gives {text_encoder.dim}-d")
         self.scheduler, self.schedule = scheduler, Schedule(scheduler)
         super().__init__(unet, vae, text_encoder, **kw)
+
+    def to(self, device=None, dtype=None):
+        """Unlike Tessera's small models, an SD pipeline keeps its weights IN the compute dtype (an 866 M
+        U-Net in bf16 is 1.7 GB, and autocast would re-cast every weight at every step); under float16 the
+        SD1/2 VAE (`force_upcast`: it overflows in float16, not in bfloat16) stays float32, as in diffusers."""
+        super().to(device, dtype)
+        p = self.placement
+        self.generator.to(p.device, p.dtype, memory_format=torch.channels_last)  # oneDNN's / cuDNN's fast layout
+        self.text_encoder.model.to(p.device, p.dtype)
+        self.tokenizer.to(p.device, _vae_dtype(self.tokenizer.config, p.dtype), memory_format=torch.channels_last)
+        return self
 
     @property
     def native_size(self) -> int:
@@ -115,7 +127,7 @@ class StableDiffusionPipeline(Pipeline):
         f = self.tokenizer.factor
 
         def conditioning(g: torch.Generator) -> torch.Tensor:
-            masked = self.tokenizer.sample_latents((pixels * (mask < 0.5)).to(self.device), g)
+            masked = self.tokenizer.sample_latents(self._vae_input(pixels * (mask < 0.5)), g).float()
             masked = masked * self.tokenizer.config.scaling_factor  # (1, 4, h, w)
             small = torch.nn.functional.interpolate(mask, size=(size // f, size // f)).to(self.device)
             return torch.cat([small, masked], dim=1).repeat(n, 1, 1, 1)  # (n, 5, h, w)
@@ -126,11 +138,17 @@ class StableDiffusionPipeline(Pipeline):
     @torch.no_grad()
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         cfg = self.tokenizer.config
-        z = x0.to(self.device) / cfg.scaling_factor + cfg.shift_factor
-        if getattr(cfg, "force_upcast", False):  # SD1/2's VAE overflows in float16: it always runs in float32
-            return self.tokenizer.decode_latents(z.float()).float().clamp(-1, 1)
-        with self.placement.autocast():
-            return self.tokenizer.decode_latents(z).float().clamp(-1, 1)
+        z = x0.float() / cfg.scaling_factor + cfg.shift_factor
+        return self.tokenizer.decode_latents(self._vae_input(z)).float().clamp(-1, 1)
+
+    def _vae_input(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` on the device in the autoencoder's own weight dtype (see `to`)."""
+        return x.to(self.device, next(self.tokenizer.parameters()).dtype)
+
+
+def _vae_dtype(config, dtype: torch.dtype) -> torch.dtype:
+    """SD1/2's VAE (`force_upcast`) overflows in float16, so it runs in float32 then; else the compute dtype."""
+    return torch.float32 if dtype == torch.float16 and getattr(config, "force_upcast", False) else dtype
 
 
 # ---- a diffusers folder -----------------------------------------------------------------------------------
@@ -156,8 +174,17 @@ def _weights(folder: Path, variant: str | None) -> dict[str, torch.Tensor]:
     raise ModelNotFoundError(f"{folder}: no {' or '.join(names)} (weights are read from safetensors only)")
 
 
-def _strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> torch.nn.Module:
-    """load_state_dict(strict=True), with every missing / unexpected key and shape mismatch named."""
+def on_meta(make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """A network built without memory (`make()` on the meta device): `_strict` then assigns the checkpoint's
+    tensors, so an 866 M U-Net never exists twice (nor once in float32 when the compute dtype is bf16)."""
+    with torch.device("meta"):
+        return make()
+
+
+def _strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path,
+            dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """load_state_dict(strict=True), with every missing / unexpected key and shape mismatch named; the
+    tensors are assigned (cast to `dtype`, default: float32)."""
     ours = model.state_dict()
     missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
     shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(ours[k].shape)}" for k in set(ours) & set(state)
@@ -165,7 +192,9 @@ def _strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path)
     if missing or unexpected or shapes:
         raise WrongModelError(f"{where}: the weights do not fit ({len(missing)} missing, e.g. {missing[:3]}; "
                               f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}; shapes {shapes[:3]})")
-    model.load_state_dict({k: v.to(ours[k].dtype) for k, v in state.items()}, strict=True)
+    dtype = dtype or torch.float32
+    model.load_state_dict({k: v.to(dtype if v.is_floating_point() else v.dtype) for k, v in state.items()},
+                          strict=True, assign=True)
     return model
 
 
@@ -176,14 +205,15 @@ def _config(folder: Path) -> dict:
         raise ModelNotFoundError(f"{folder / 'config.json'}: {e}") from None
 
 
-def load_unet(folder: str | Path, variant: str | None = None):
+def load_unet(folder: str | Path, variant: str | None = None, dtype: torch.dtype | None = None):
     from tessera.generators.sd_unet import SDUNet, SDUNetConfig
 
     folder = Path(folder)
-    return _strict(SDUNet(SDUNetConfig.from_diffusers(_config(folder))), _weights(folder, variant), folder).eval()
+    config = SDUNetConfig.from_diffusers(_config(folder))
+    return _strict(on_meta(lambda: SDUNet(config)), _weights(folder, variant), folder, dtype).eval()
 
 
-def load_vae(folder: str | Path, variant: str | None = None):
+def load_vae(folder: str | Path, variant: str | None = None, dtype: torch.dtype | None = None):
     """AutoencoderKL (the SD VAE) or AutoencoderTiny (TAESD), by the folder's `_class_name`."""
     from tessera.tokenizer.kl import KLAutoencoder, KLAutoencoderConfig
     from tessera.tokenizer.taesd import TinyAutoencoder, TinyAutoencoderConfig
@@ -195,7 +225,9 @@ def load_vae(folder: str | Path, variant: str | None = None):
     if config.get("_class_name") not in classes:
         raise WrongModelError(f"{folder}: a {config.get('_class_name')!r} autoencoder; Tessera reads {sorted(classes)}")
     model_cls, config_cls = classes[config["_class_name"]]
-    return _strict(model_cls(config_cls.from_diffusers(config)), _weights(folder, variant), folder).eval()
+    config = config_cls.from_diffusers(config)
+    dtype = _vae_dtype(config, dtype or torch.float32)
+    return _strict(on_meta(lambda: model_cls(config)), _weights(folder, variant), folder, dtype).eval()
 
 
 def load_diffusers_folder(folder: str | Path, device=None, variant: str | None = None, vae: str | Path | None = None,
@@ -213,10 +245,11 @@ def load_diffusers_folder(folder: str | Path, device=None, variant: str | None =
             raise ModelNotFoundError(f"{folder}: the {comp}/ component is missing")
     scheduler, method = DiffusionConfig.from_diffusers(json.loads((folder / "scheduler" / "scheduler_config.json")
                                                                   .read_text()))
-    text = CLIPPromptEncoder.from_folders(folder / "text_encoder", folder / "tokenizer", clip_skip)
-    unet = load_unet(folder / "unet", variant)
+    device = device if isinstance(device, Placement) else placement(device)
+    text = CLIPPromptEncoder.from_folders(folder / "text_encoder", folder / "tokenizer", clip_skip, device.dtype)
+    unet = load_unet(folder / "unet", variant, device.dtype)
     # PNDM (SD 1.5's own scheduler) has no Tessera sampler: DPM-Solver++ (2M) on the same noise schedule
-    pipe = StableDiffusionPipeline(unet, load_vae(vae or folder / "vae", variant), text, scheduler=scheduler,
+    pipe = StableDiffusionPipeline(unet, load_vae(vae or folder / "vae", variant, device.dtype), text, scheduler=scheduler,
                                    sampler={**SD_DEFAULTS, "method": method or "dpmpp_2m"}, device=device)
     pipe.source = str(folder)
     pipe.models = {"generator": {"name": str(folder / "unet"), "kind": "sd-unet"},

@@ -1,0 +1,164 @@
+"""Stable Diffusion end to end at the real size: Tessera's pipeline vs diffusers', each side alone in its
+own process (so each one's peak RSS is its own), alternating, from the same diffusers folder on disk.
+
+The folder holds random weights of the true shapes (speed does not depend on the values), stored in bf16:
+    turbo  SD-Turbo / SD 2.1: 866 M U-Net (linear projections, heads 5/10/20/20, 1024-d cross-attention),
+           OpenCLIP-H-shaped CLIP text model (23 layers, 1024-d, the penultimate layer SD 2 uses), TAESD,
+           Euler-ancestral with trailing spacing; 512x512, 1 step, no guidance.
+    sd15   SD 1.5: 860 M U-Net (conv projections, 8 heads, 768-d cross-attention), CLIP-L-shaped text model,
+           the full SD VAE (AutoencoderKL; bf16 on both sides), DDIM; 512x512, 20 steps, guidance 7.5.
+Each side loads the folder in bf16 (diffusers: torch_dtype=bfloat16 and a channels-last U-Net, its best CPU
+setting; Tessera: tessera.load(DIR, dtype="bfloat16")) and times: load, then per call the text encoder, every
+U-Net call, the VAE decode and the whole call (median of --calls after a warm-up call). VmHWM at the end.
+
+    .venv/bin/python benchmarks/bench_sd_pipeline.py --case turbo [--rounds 2] [--calls 2] [--folder DIR]
+    .venv/bin/python benchmarks/bench_sd_pipeline.py --case sd15 --rounds 1 --calls 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CASES = {"turbo": dict(steps=1, guidance=0.0), "sd15": dict(steps=20, guidance=7.5)}
+
+
+def make_folder(case: str, out: Path) -> None:
+    """A diffusers StableDiffusionPipeline folder of the true shapes, random weights, bf16 safetensors."""
+    import diffusers
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    chars = sorted(pre_tokenizers.ByteLevel.alphabet())  # a byte-level CLIP vocabulary (the real one is not here)
+    vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars])}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    text_shape = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                      hidden_act="gelu") if case == "turbo" else \
+        dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu")
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **text_shape))
+    if case == "turbo":
+        unet = diffusers.UNet2DConditionModel(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                                              use_linear_projection=True, sample_size=64)
+        vae = diffusers.AutoencoderTiny()
+        scheduler = diffusers.EulerAncestralDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing")
+    else:
+        unet = diffusers.UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
+        vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                      down_block_types=("DownEncoderBlock2D",) * 4,
+                                      up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, sample_size=512)
+        scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                            clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.to(torch.bfloat16).save_pretrained(out)
+
+
+def _timer(obj, attr: str, bucket: list[float]) -> None:
+    """Replace obj.attr by itself timed into `bucket` (an instance attribute: modules call self.forward)."""
+    fn = getattr(obj, attr)
+
+    def timed(*a, **kw):
+        t0 = time.perf_counter()
+        out = fn(*a, **kw)
+        bucket.append(time.perf_counter() - t0)
+        return out
+    setattr(obj, attr, timed)
+
+
+def load_side(side: str, folder: Path):
+    """-> (pipe, {stage: bucket}) with the stage timers in place."""
+    buckets = {"text": [], "unet": [], "decode": []}
+    if side == "diffusers":
+        import diffusers
+
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16, safety_checker=None,
+                                                                 requires_safety_checker=False)
+        pipe.unet.to(memory_format=torch.channels_last)
+        _timer(pipe.text_encoder, "forward", buckets["text"])
+        _timer(pipe.unet, "forward", buckets["unet"])
+        _timer(pipe.vae, "decode", buckets["decode"])
+    else:
+        import tessera
+
+        pipe = tessera.load(str(folder), dtype="bfloat16")
+        _timer(pipe.text_encoder.model, "forward", buckets["text"])
+        _timer(pipe.generator, "forward", buckets["unet"])
+        _timer(pipe.tokenizer, "decode_latents", buckets["decode"])
+    return pipe, buckets
+
+
+def run_side(side: str, case: str, folder: Path, calls: int) -> dict:
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    pipe, buckets = load_side(side, folder)
+    load_s = time.perf_counter() - t0
+    steps, guidance = CASES[case]["steps"], CASES[case]["guidance"]
+
+    def call(n_steps: int):
+        for b in buckets.values():
+            b.clear()
+        t = time.perf_counter()
+        with torch.no_grad():
+            image = pipe("a lake between mountains at sunset", num_inference_steps=n_steps, guidance_scale=guidance,
+                         generator=torch.Generator("cpu").manual_seed(11), height=512, width=512).images[0]
+        return time.perf_counter() - t, image, {k: sum(v) for k, v in buckets.items()}, len(buckets["unet"])
+
+    call(1)  # warm-up: oneDNN primitives for every shape
+    runs = [call(steps) for _ in range(calls)]
+    with open("/proc/self/status") as f:
+        hwm = int(next(line for line in f if line.startswith("VmHWM")).split()[1]) / 1024
+    total = statistics.median(r[0] for r in runs)
+    stages = {k: statistics.median(r[2][k] for r in runs) for k in buckets}
+    return {"side": side, "load_s": load_s, "total_s": total, "unet_calls": runs[0][3],
+            "unet_per_call_s": stages["unet"] / runs[0][3], **{f"{k}_s": v for k, v in stages.items()},
+            "peak_rss_mib": hwm, "size": list(runs[0][1].size)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--case", choices=sorted(CASES), default="turbo")
+    ap.add_argument("--folder", type=Path, help="default: /tmp/tessera-bench-sd-CASE (made when missing)")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating diffusers / Tessera processes")
+    ap.add_argument("--calls", type=int, default=2, help="timed calls per process")
+    ap.add_argument("--side", choices=["diffusers", "tessera"], help=argparse.SUPPRESS)  # one side, in a child
+    args = ap.parse_args()
+    folder = args.folder or Path(f"/tmp/tessera-bench-sd-{args.case}")
+    if args.side:
+        print(json.dumps(run_side(args.side, args.case, folder, args.calls)))
+        return
+    if not (folder / "model_index.json").is_file():
+        t0 = time.perf_counter()
+        make_folder(args.case, folder)
+        print(f"made {folder} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    results: dict[str, list[dict]] = {"diffusers": [], "tessera": []}
+    for _ in range(args.rounds):
+        for side in ("diffusers", "tessera"):
+            out = subprocess.run([sys.executable, __file__, "--case", args.case, "--folder", str(folder),
+                                  "--calls", str(args.calls), "--side", side], capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"{side}: {out.stderr[-2000:]}")
+            results[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(json.dumps(results[side][-1]), file=sys.stderr)
+    cfg = CASES[args.case]
+    print(f"case {args.case}: 512x512, {cfg['steps']} step(s), guidance {cfg['guidance']}, bf16, 2 threads; "
+          f"median over {args.rounds} process(es) per side x {args.calls} call(s)")
+    print("| stage | diffusers | Tessera | ratio |")
+    print("| --- | --- | --- | --- |")
+    for key, label in (("load_s", "load s"), ("text_s", "text encoder s"), ("unet_per_call_s", "U-Net call s"),
+                       ("decode_s", "VAE decode s"), ("total_s", "whole call s"), ("peak_rss_mib", "peak RSS MiB")):
+        r, o = (statistics.median(x[key] for x in results[s]) for s in ("diffusers", "tessera"))
+        print(f"| {label} | {r:.3f} | {o:.3f} | {o / r:.2f} |" if key != "peak_rss_mib" else
+              f"| {label} | {r:.0f} | {o:.0f} | {o / r:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
