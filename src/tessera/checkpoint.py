@@ -165,8 +165,19 @@ def read_meta(folder: str | Path) -> ModelMeta:
         raise CheckpointError(f"{Path(folder) / META}: not a readable model record ({e})") from None
 
 
-def load_model(path: str | Path, verify: bool = True) -> nn.Module:
-    """Rebuild a model from an export folder: class from meta.kind, config from config.json, strict weights."""
+def _build(fam, cfg) -> nn.Module:
+    """The network without memory (on the meta device, its tensors then assigned from the checkpoint), unless
+    its construction computes buffers that are not stored (DiT's positional table): then for real."""
+    with torch.device("meta"):
+        model = fam.model(cfg)
+    if set(dict(model.named_buffers())) - set(model.state_dict()):
+        model = fam.model(cfg)
+    return model
+
+
+def load_model(path: str | Path, verify: bool = True, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Rebuild a model from an export folder: class from meta.kind, config from config.json, strict weights,
+    floating-point tensors in `dtype` (one copy: nothing is built in float32 first)."""
     from safetensors.torch import load_file
 
     from tessera.registry import family
@@ -179,7 +190,8 @@ def load_model(path: str | Path, verify: bool = True) -> nn.Module:
     if verify and sha256_file(folder / WEIGHTS) != meta.sha256:
         raise CheckpointError(f"{folder / WEIGHTS}: sha256 does not match meta.json (corrupt or replaced)")
     fam = family(meta.kind)
-    model = fam.model(fam.config.load(folder / CONFIG))
-    model.load_state_dict(load_file(str(folder / WEIGHTS)), strict=True)
+    model = _build(fam, fam.config.load(folder / CONFIG))
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(folder / WEIGHTS)).items()}
+    model.load_state_dict(state, strict=True, assign=True)
     model.meta = meta
     return model.eval()

@@ -9,6 +9,7 @@ import sys
 import click
 
 from tessera.errors import TesseraError, plain
+from tessera.train import TASK_HELP
 
 P = click.Path
 DIR, FILE, NEWDIR, PNG_OUT, PORT = P(exists=True, file_okay=False), P(exists=True, dir_okay=False), \
@@ -29,9 +30,7 @@ def handle_errors(invoke):
             _exit(f"interrupted: {detail}", 130)
     return wrapper
 
-def _exit(message: str, code: int) -> None:
-    click.echo(f"Error: {plain(message)}", err=True)
-    sys.exit(code)
+def _exit(message: str, code: int) -> None: click.echo(f"Error: {plain(message)}", err=True), sys.exit(code)  # noqa: E704
 
 class Group(click.Group):
     invoke = handle_errors(click.Group.invoke)
@@ -52,7 +51,6 @@ def options(*specs):
 
 DEVICE_OPTS = (opt("--device", help="cpu | cuda | cuda:N | auto (default: auto)"),
                opt("--dtype", help="autocast dtype: float32 | bfloat16 | float16 | auto (default: auto)"))
-DEVICE = options(*DEVICE_OPTS)
 
 def group(parent, name: str, doc: str):
     """A sub-command group with its help text."""
@@ -77,11 +75,9 @@ data = group(main, "data", "Data curation.")
 def data_prepare(sources, out, size, image_format, val_fraction, workers, min_size, phash_distance, max_pixels,
                  scorers, engine) -> None:
     """Decode, filter, deduplicate and shard SOURCES (folders, .tar shards, .parquet files) into OUT."""
-    from tessera.data.filters import FilterConfig
     from tessera.data.prepare import PrepareConfig, prepare
-    cfg = PrepareConfig(size=size, image_format=image_format, val_fraction=val_fraction, workers=workers,
-                        max_pixels=max_pixels, scorers=tuple(scorers),
-                        filters=FilterConfig(min_size=min_size, phash_distance=phash_distance))
+    cfg = PrepareConfig.from_options(size=size, image_format=image_format, val_fraction=val_fraction, workers=workers,
+                                     max_pixels=max_pixels, scorers=scorers, min_size=min_size, phash_distance=phash_distance)
     report = prepare(list(sources), out, cfg, engine=engine)
     echo_json({k: report[k] for k in ("kept", "kept_by_split", "rejected", "rejected_by_reason", "images_per_second")})
 
@@ -115,12 +111,6 @@ TRAIN_EXTRA = {"tokenizer": [], "ar": [TOKENIZER, TEXT], "masked": [TOKENIZER, T
                "diffusion": [opt("--arch", default="unet", type=click.Choice(["unet", "dit"]), help="default preset: ARCH-s"),
                              TOKENIZER, opt("--space", default="latent", type=click.Choice(["latent", "pixel"])), TEXT],
                "sr": [opt("--tokenizer", default="vq-f8", help="round trip degrading half of the inputs ('': bicubic)")]}
-TRAIN_HELP = {"tokenizer": "Train the VQ tokenizer on a prepared folder.",
-              "ar": "Train the autoregressive generator on cached token grids (+ cached caption embeddings).",
-              "masked": "Train the masked generator (Muse / MaskGIT) on cached token grids (+ captions).",
-              "diffusion": "Train a diffusion denoiser (DDPM objective) on cached latents (+ captions).",
-              "sr": "Train a super-resolution model (L1) on crops of a prepared high-resolution folder.",
-              "contrastive": "Train the contrastive image-text model (offline CLIPScore) on a captioned folder."}
 
 def _train_command(task: str):
     @TRAIN
@@ -131,10 +121,10 @@ def _train_command(task: str):
         preset = preset or (f"{arch}-s" if arch else None)
         echo_json(train_command(task, data_dir, run_dir, preset, max_steps, resume, list(overrides),
                                 device=device, dtype=dtype, **kw))
-    command.__doc__ = TRAIN_HELP[task]
+    command.__doc__ = TASK_HELP[task]
     return train.command(task)(command)
 
-for _task in TRAIN_HELP:
+for _task in TASK_HELP:
     _train_command(_task)
 
 @train.command("safety")
@@ -246,6 +236,25 @@ def pipeline_save(paradigm, model, tokenizer, text_encoder, out) -> None:
     from tessera.pipelines.folder import save_default_pipeline
     click.echo(str(save_default_pipeline(paradigm, out, model, tokenizer, text_encoder)))
 
+@main.command("convert")
+@click.argument("src", type=P(exists=True))
+@options(opt("-o", "--out", required=True, type=NEWDIR), opt("--dtype", default="float16", help="storage: float16 | bfloat16 | float32"),
+         opt("--tokenizer", type=DIR, help="single file: a CLIP tokenizer folder"), opt("--variant", help="diffusers: fp16 | bf16"),
+         opt("--prediction", default="epsilon", type=click.Choice(["epsilon", "v"]), help="single file: v for SD 2.x 768"),
+         opt("--vae", type=DIR, help="diffusers: another autoencoder folder (e.g. TAESD)"))
+def convert(src, out, **kw) -> None:
+    """Write SRC (a diffusers SD folder, a single-file SD .safetensors, a Tessera pipeline or generator) as a pipeline folder."""
+    from tessera.pipelines.convert import convert as run
+    click.echo(str(run(src, out, **kw)))
+
+@main.command("pull")
+@click.argument("repo_id")
+@options(opt("-o", "--out", required=True, type=NEWDIR), opt("--revision"), opt("--variant", help="fp16 | bf16 where a folder has it"))
+def pull(repo_id, out, revision, variant) -> None:
+    """Download REPO_ID's configs and safetensors weights (never pickles) from the Hugging Face Hub into OUT."""
+    from tessera.pipelines.convert import pull as run
+    click.echo(str(run(repo_id, out, revision, variant)))
+
 workflow = group(main, "workflow", "The training workflow: data -> train -> evaluate -> gate -> promote.")
 
 @workflow.command("run")
@@ -256,12 +265,10 @@ def workflow_run(config_file, run_id) -> None:
     Exit code 0 when the candidate was promoted, 3 when the gate rejected it."""
     from tessera.train.workflow import run_file
     report = run_file(config_file, run_id)
-    if "promoted" not in report:  # a rank > 0 under torchrun: rank 0 reports
-        return
-    echo_json({k: report[k] for k in ("run", "promoted", "metrics")})
-    click.echo("\n".join(report["decision"]["reasons"]))
-    if not report["promoted"]:
-        sys.exit(3)
+    if "promoted" in report:  # rank 0 reports (a rank > 0 under torchrun returns nothing)
+        echo_json({k: report[k] for k in ("run", "promoted", "metrics")})
+        click.echo("\n".join(report["decision"]["reasons"]))
+        sys.exit(0 if report["promoted"] else 3)
 
 @main.command("serve")
 @click.argument("stage", default="gateway", type=click.Choice(["gateway", "generation", "decoding", "superres"]))
@@ -275,14 +282,13 @@ def workflow_run(config_file, run_id) -> None:
          opt("--generation-url", help="default: in-process"), opt("--decoding-url", help="default: in-process"),
          opt("--superres-url", help="default: in-process"), opt("--preload", default="diffusion", help="paradigms to load"),
          opt("--ray", "use_ray", is_flag=True, help="the stages as Ray Serve deployments (the ray extra)"),
-         opt("--replicas", default="1,1,1", help="--ray: generation,decoding,superres replicas"), *DEVICE_OPTS)
+         opt("--replicas", default="1,1,1", help="--ray: generation,decoding,superres replicas"),
+         opt("--lora", "loras", multiple=True, help="FILE[:SCALE] merged into the diffusion (SD) model"), *DEVICE_OPTS)
 def serve(stage, host, port, models, generation_url, decoding_url, superres_url, preload, **kw) -> None:
     """The HTTP server: the gateway (OpenAI-compatible images API, jobs, web page at /) or one stage service."""
-    from tessera.pipelines.folder import models_by_paradigm
     from tessera.serve.app import build_server, run_server
-    urls = {"generation": generation_url, "decoding": decoding_url, "superres": superres_url}
-    app, port = build_server(stage, host, port, models=models_by_paradigm(models), stage_urls=urls,
-                             preload=tuple(p for p in preload.split(",") if p), **kw)
+    app, port = build_server(stage, host, port, models=models, preload=tuple(p for p in preload.split(",") if p),
+                             stage_urls={"generation": generation_url, "decoding": decoding_url, "superres": superres_url}, **kw)
     click.echo(f"tessera {stage} on http://{host}:{port}/  (Ctrl-C to stop)")
     run_server(app, host, port)
 
@@ -295,10 +301,8 @@ def serve(stage, host, port, models, generation_url, decoding_url, superres_url,
          opt("--tile", default=192, help="tile side in input pixels"), *DEVICE_OPTS)
 def upscale(src, out, size, scale, model, tile, device, dtype) -> None:
     """Super-resolve SRC to exactly --size through the x4 / x2 cascade (tiled, bounded memory)."""
-    from tessera.device import placement
     from tessera.superres.cascade import parse_size, upscale_file
-    img = upscale_file(src, out, parse_size(size) if size else None, scale, model, tile=tile,
-                       placement=placement(device, dtype))
+    img = upscale_file(src, out, parse_size(size) if size else None, scale, model, tile=tile, device=device, dtype=dtype)
     click.echo(f"{out}  {img.width}x{img.height}")
 
 from tessera.cli import evaluation  # noqa: E402,F401  (registers `tessera eval` and `tessera bench`)

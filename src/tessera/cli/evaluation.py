@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from tessera.cli import DEVICE, DEVICE_OPTS, DIR, FILE, NEWDIR, PNG_OUT, PORT, echo_json, group, main, opt, options
+from tessera.cli import DEVICE_OPTS, DIR, FILE, NEWDIR, PNG_OUT, PORT, echo_json, group, main, opt, options
 from tessera.config import parse_settings
 
 DATA = opt("--data", "data_dir", required=True, type=DIR)
@@ -62,8 +62,7 @@ def eval_sr(data_dir, models, scale, split, limit, degrade, tokenizer, device, d
 @eval_.command("sample")
 @SAMPLES
 @options(opt("--prompts", "prompt_file", type=PNG_OUT, help="TSV with a Prompt column or one per line"),
-         opt("--data", "data_dir", type=DIR, help="or: a prepared folder's captions"), SPLIT, LIMIT)
-@DEVICE
+         opt("--data", "data_dir", type=DIR, help="or: a prepared folder's captions"), SPLIT, LIMIT, *DEVICE_OPTS)
 def eval_sample(model, tokenizer, text_encoder, batch_size, no_safety, settings, out, prompt_file, data_dir, split,
                 limit, device, dtype) -> None:
     """Write evaluation samples: one image per prompt + samples.json with every setting and the timing."""
@@ -85,10 +84,8 @@ def eval_clipscore(samples, clip_model) -> None:
 @click.option("--price-per-hour", default=0.10, help="machine cost per hour")
 def eval_latency(samples, price_per_hour) -> None:
     """Seconds per image, images/s, peak memory and cost per image of a samples folder."""
-    from tessera.eval.samples import read_samples, timing_summary
-    record, _ = read_samples(samples)
-    echo_json({"samples": samples, "models": record["models"], "settings": record["settings"],
-               **timing_summary(record, price_per_hour)})
+    from tessera.eval.samples import latency_report
+    echo_json(latency_report(samples, price_per_hour))
 
 @eval_.command("prompts")
 @click.argument("prompt_file", type=FILE)
@@ -114,8 +111,7 @@ def eval_human(a_dir, b_dir, db, host, port, report) -> None:
     from tessera.eval.human import VoteStore, check_host, make_app, pair_folders, serve_votes
     if report:
         return echo_json(VoteStore(db, len(pair_folders(a_dir, b_dir))).report())
-    check_host(host)
-    click.echo(f"vote at http://{host}:{port}/  (results: /results; Ctrl-C to stop, votes are kept in {db})")
+    click.echo(f"vote at http://{check_host(host)}:{port}/  (results: /results; Ctrl-C to stop, votes are kept in {db})")
     serve_votes(make_app(a_dir, b_dir, db), host, port)
 
 @eval_.command("safety")

@@ -68,6 +68,11 @@ class PrepareConfig(Config):
         if self.workers < 1 or self.chunk_size < 1:
             raise ValueError(f"workers and chunk_size must be >= 1, got {self.workers} and {self.chunk_size}")
 
+    @classmethod
+    def from_options(cls, min_size: int, phash_distance: int, scorers=(), **kw) -> "PrepareConfig":
+        """The flat options of `tessera data prepare` (the filter thresholds among them)."""
+        return cls(scorers=tuple(scorers), filters=FilterConfig(min_size=min_size, phash_distance=phash_distance), **kw)
+
 
 ENGINES = ("local", "ray")
 

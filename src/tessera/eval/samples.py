@@ -153,6 +153,13 @@ def timing_summary(record: dict, price_per_hour: float = 0.0, warmup_batches: in
             "cost_per_image": price_per_hour * s / 3600, "cost_per_1000_images": price_per_hour * s / 3.6}
 
 
+def latency_report(folder: str | Path, price_per_hour: float = 0.0) -> dict:
+    """`tessera eval latency`: a samples folder's models, settings and `timing_summary`."""
+    record, _ = read_samples(folder)
+    return {"samples": str(folder), "models": record["models"], "settings": record["settings"],
+            **timing_summary(record, price_per_hour)}
+
+
 def dataset_prompts(data_dir: str | Path, split: str = "val", limit: int | None = None) -> list[Prompt]:
     """The captions of a prepared folder's split, in catalog order (images without a caption are skipped)."""
     from tessera.data.dataset import ShardImages

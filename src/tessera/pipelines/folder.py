@@ -7,8 +7,13 @@
     DIR/generator/           a model folder (config.json + model.safetensors + meta.json)
     DIR/tokenizer/           a model folder (absent for a pixel-space denoiser)
     DIR/text_encoder/        text_encoder.json {"name": "minilm" | a Hugging Face name or path}: the
-                             weights come from their installed package, never copied here
+                             weights come from their installed package, never copied here; or, for a
+                             checkpoint's own CLIP (Stable Diffusion), {"format": "transformers-clip",
+                             "clip_skip"} beside that model's and tokenizer's files (save_pretrained)
     DIR/scheduler/           scheduler_config.json (diffusion: the noise schedule)
+
+A Stable Diffusion pipeline's folder ("_class_name": "StableDiffusionPipeline") has the same layout: the
+`sd-unet` generator, the `kl` or `taesd` autoencoder as tokenizer/, its CLIP in text_encoder/.
 
 `load_pipeline(spec)` takes a pipeline folder, a generator's model folder or bundled preset (its pipeline
 is assembled from the training record: tokenizer, schedule, latent scale), or a paradigm name for the
@@ -146,6 +151,10 @@ def load_pipeline_folder(folder: str | Path, device: Placement | None = None, te
     for comp in ("generator",) + (("tokenizer",) if "tokenizer" in index else ()):
         if not is_model_folder(folder / comp):
             raise ModelNotFoundError(f"{folder}: the {comp} component is missing ({folder / comp} is not a model folder)")
+    from tessera.pipelines.stable_diffusion import is_tessera_sd_folder
+
+    if is_tessera_sd_folder(folder):
+        return _load_sd_folder(folder, index, device)
     generator = load_model(folder / "generator").to(device.device)
     cls = _pipeline_class(generator.kind)
     if index.get("paradigm") != cls.paradigm:
@@ -169,6 +178,30 @@ def load_pipeline_folder(folder: str | Path, device: Placement | None = None, te
         pipe.models["tokenizer"] = _identity(str(folder / "tokenizer"), tok)
     if enc is not None:
         pipe.models["text_encoder"] = {"name": enc_name}
+    pipe.source = str(folder)
+    return pipe
+
+
+def _load_sd_folder(folder: Path, index: dict, device: Placement):
+    """A Stable Diffusion pipeline folder: every network read once, in its compute dtype."""
+    from tessera.checkpoint import load_model
+    from tessera.pipelines.stable_diffusion import StableDiffusionPipeline, _vae_dtype
+    from tessera.sampling.diffusion import DiffusionConfig
+    from tessera.text.clip import CLIPPromptEncoder
+
+    record = json.loads((folder / "text_encoder" / TEXT_ENCODER_JSON).read_text())
+    if record.get("format") != "transformers-clip":
+        raise WrongModelError(f"{folder / 'text_encoder'}: a Stable Diffusion pipeline needs its own CLIP text encoder")
+    text = CLIPPromptEncoder.from_folders(folder / "text_encoder", folder / "text_encoder", record.get("clip_skip"),
+                                          device.dtype)
+    text.name = record.get("name") or text.name
+    unet = load_model(folder / "generator", dtype=device.dtype)
+    vae_cfg = json.loads((folder / "tokenizer" / "config.json").read_text())
+    vae = load_model(folder / "tokenizer", dtype=_vae_dtype(vae_cfg, device.dtype))
+    sched = DiffusionConfig.from_dict(json.loads((folder / "scheduler" / SCHEDULER_JSON).read_text()))
+    pipe = StableDiffusionPipeline(unet, vae, text, scheduler=sched, sampler=index.get("sampler"), device=device)
+    pipe.models = {"generator": _identity(str(folder / "generator"), unet),
+                   "tokenizer": _identity(str(folder / "tokenizer"), vae), "text_encoder": {"name": text.name}}
     pipe.source = str(folder)
     return pipe
 
@@ -208,12 +241,14 @@ def _write_pipeline(pipe, out: Path) -> None:
         index["tokenizer"] = ["tessera", type(pipe.tokenizer).__name__]
         _export_component(pipe.tokenizer, out / "tokenizer")
     if pipe.text_encoder is not None:
-        index["text_encoder"] = ["tessera", "TextEncoder"]
-        atomic_write_bytes(out / "text_encoder" / TEXT_ENCODER_JSON,
-                           (json.dumps({"name": pipe.text_encoder_name}, indent=2) + "\n").encode())
+        index["text_encoder"] = ["tessera", type(pipe.text_encoder).__name__]
+        record = pipe.text_encoder.save(out / "text_encoder") if hasattr(pipe.text_encoder, "save") else \
+            {"name": pipe.text_encoder_name}  # an installed encoder: its name only
+        atomic_write_bytes(out / "text_encoder" / TEXT_ENCODER_JSON, (json.dumps(record, indent=2) + "\n").encode())
     if pipe.paradigm == "diffusion":
-        index["scheduler"] = ["tessera", "DDIMScheduler"]
-        index.update(latent_scale=pipe.scale, space=pipe.space)
+        index["scheduler"] = ["tessera", "DiffusionConfig"]
+        if hasattr(pipe, "space"):  # Tessera's own diffusion pipelines (SD's latent scale is its VAE's)
+            index.update(latent_scale=pipe.scale, space=pipe.space)
         atomic_write_bytes(out / "scheduler" / SCHEDULER_JSON, (pipe.scheduler.to_json() + "\n").encode())
     index["sampler"] = {k: v for k, v in dataclasses.asdict(pipe.sampler).items() if k not in ("n", "noise_seeds")}
     atomic_write_bytes(out / INDEX, (json.dumps(index, indent=2) + "\n").encode())

@@ -10,6 +10,7 @@ and the VAE decodes x_0 / scaling_factor + shift_factor (tests/test_stable_diffu
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Callable
@@ -147,8 +148,10 @@ class StableDiffusionPipeline(Pipeline):
 
 
 def _vae_dtype(config, dtype: torch.dtype) -> torch.dtype:
-    """SD1/2's VAE (`force_upcast`) overflows in float16, so it runs in float32 then; else the compute dtype."""
-    return torch.float32 if dtype == torch.float16 and getattr(config, "force_upcast", False) else dtype
+    """SD1/2's VAE (config `force_upcast`; an object or a config.json dict) overflows in float16, so it runs in
+    float32 then; else the compute dtype."""
+    force = config.get("force_upcast", False) if isinstance(config, dict) else getattr(config, "force_upcast", False)
+    return torch.float32 if dtype == torch.float16 and force else dtype
 
 
 # ---- a diffusers folder -----------------------------------------------------------------------------------
@@ -162,16 +165,51 @@ def is_diffusers_folder(path: str | Path) -> bool:
         return False
 
 
+def is_tessera_sd_folder(path: str | Path) -> bool:
+    """A Tessera pipeline folder of a Stable Diffusion pipeline (`tessera convert`'s output)."""
+    try:
+        index = json.loads((Path(path) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return index.get("_class_name") == "StableDiffusionPipeline" and "_tessera_version" in index
+
+
+@functools.lru_cache(maxsize=8)
+def clip_budget(spec: str):
+    """The CLIP prompt budget (prompts/enhance.ClipBudget) of an SD model spec, read from its tokenizer files
+    alone (the gateway enhances prompts without loading the networks); None for any other model."""
+    from transformers import CLIPTokenizer
+
+    from tessera.prompts import ClipBudget
+
+    folder = Path(spec)
+    where = folder / "tokenizer" if is_diffusers_folder(folder) else folder / "text_encoder" \
+        if is_tessera_sd_folder(folder) else None
+    if where is None:
+        return None
+    tok = CLIPTokenizer.from_pretrained(str(where), local_files_only=True)
+    return ClipBudget(lambda prompt: len(tok(prompt, truncation=False, verbose=False)["input_ids"]), int(tok.model_max_length))
+
+
+def weights_file(folder: Path, stem: str, variant: str | None) -> Path:
+    """`stem[.variant].safetensors` (safetensors only: never a pickle); with no variant asked, the plain file,
+    else the only variant the folder has (a folder of fp16 weights alone loads as it is)."""
+    names = ([f"{stem}.{variant}.safetensors"] if variant else []) + [f"{stem}.safetensors"]
+    found = [folder / n for n in names if (folder / n).is_file()]
+    if not found and variant is None:
+        found = sorted(folder.glob(f"{stem}.*.safetensors"))
+        if len(found) > 1:
+            raise ModelNotFoundError(f"{folder}: weights in several variants ({', '.join(f.name for f in found)}); "
+                                     f"choose one (variant=)")
+    if not found:
+        raise ModelNotFoundError(f"{folder}: no {' or '.join(names)} (weights are read from safetensors only)")
+    return found[0]
+
+
 def _weights(folder: Path, variant: str | None) -> dict[str, torch.Tensor]:
-    """`diffusion_pytorch_model[.variant].safetensors` of a component (safetensors only: never a pickle)."""
     from safetensors.torch import load_file
 
-    names = ([f"diffusion_pytorch_model.{variant}.safetensors"] if variant else []) + \
-        ["diffusion_pytorch_model.safetensors"]
-    for name in names:
-        if (folder / name).is_file():
-            return load_file(str(folder / name))
-    raise ModelNotFoundError(f"{folder}: no {' or '.join(names)} (weights are read from safetensors only)")
+    return load_file(str(weights_file(folder, "diffusion_pytorch_model", variant)))
 
 
 def on_meta(make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
@@ -246,7 +284,9 @@ def load_diffusers_folder(folder: str | Path, device=None, variant: str | None =
     scheduler, method = DiffusionConfig.from_diffusers(json.loads((folder / "scheduler" / "scheduler_config.json")
                                                                   .read_text()))
     device = device if isinstance(device, Placement) else placement(device)
-    text = CLIPPromptEncoder.from_folders(folder / "text_encoder", folder / "tokenizer", clip_skip, device.dtype)
+    text_variant = weights_file(folder / "text_encoder", "model", variant).name.split(".")[1:-1]
+    text = CLIPPromptEncoder.from_folders(folder / "text_encoder", folder / "tokenizer", clip_skip, device.dtype,
+                                          variant=text_variant[0] if text_variant else None)
     unet = load_unet(folder / "unet", variant, device.dtype)
     # PNDM (SD 1.5's own scheduler) has no Tessera sampler: DPM-Solver++ (2M) on the same noise schedule
     pipe = StableDiffusionPipeline(unet, load_vae(vae or folder / "vae", variant, device.dtype), text, scheduler=scheduler,

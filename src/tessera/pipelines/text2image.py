@@ -221,11 +221,12 @@ class TextToImage:
         return self.prompt_safety.check([prompt])[0]
 
     def rewrite(self, req: Request, seed: int) -> tuple[str, list[str], list[str]]:
+        from tessera.pipelines.stable_diffusion import clip_budget
         from tessera.prompts import diversify, enhance
 
         revised, changes = req.prompt, []
-        if req.enhance:
-            e = enhance(req.prompt)
+        if req.enhance:  # in the vocabulary of the model that draws it: CLIP's for SD, the captions' otherwise
+            e = enhance(req.prompt, clip_budget(self.models[req.paradigm]))
             revised, changes = e.prompt, list(e.changes)
         prompts = [revised] * req.n
         if req.diversify:

@@ -117,9 +117,11 @@ MAX_OUTPUT_PIXELS = 2048 * 2048  # the generate limit: a 99999^2 output would ta
 
 
 def upscale_file(src: str, out: str, size: Size | None = None, scale: int | None = None, model: str = "fast",
-                 max_pixels: int = MAX_OUTPUT_PIXELS, **tiling) -> Image.Image:
+                 max_pixels: int = MAX_OUTPUT_PIXELS, device: str | None = None, dtype: str | None = None,
+                 **tiling) -> Image.Image:
     """Read `src` (safely decoded), upscale it to `size` or by `scale`, write `out`. Returns the image.
-    The output path and size are checked before any work; outputs beyond `max_pixels` are refused."""
+    The output path and size are checked before any work; outputs beyond `max_pixels` are refused.
+    `device` / `dtype`: where it runs (tessera.device), unless `tiling` gives a placement."""
     from pathlib import Path
 
     from tessera.data.decode import Rejected, decode_image
@@ -142,8 +144,12 @@ def upscale_file(src: str, out: str, size: Size | None = None, scale: int | None
         if size[0] * size[1] > max_pixels:
             raise InvalidInputError(f"--scale {scale}: {img.width}x{img.height} would become {size[0]}x{size[1]}, "
                                     f"beyond {max_pixels} output pixels (2048x2048); give a smaller --size")
-    place = tiling.get("placement")
-    result = upscale(img, size, load_sr_models(model, place.device if place else "cpu"), **tiling)
+    if "placement" not in tiling:
+        from tessera.device import placement
+
+        tiling["placement"] = placement(device, dtype)
+    place = tiling["placement"]
+    result = upscale(img, size, load_sr_models(model, place.device), **tiling)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     result.save(out)
     return result

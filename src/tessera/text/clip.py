@@ -24,7 +24,7 @@ class CLIPPromptEncoder:
 
     @classmethod
     def from_folders(cls, text_encoder_dir: str | Path, tokenizer_dir: str | Path, clip_skip: int | None = None,
-                     dtype: torch.dtype = torch.float32) -> "CLIPPromptEncoder":
+                     dtype: torch.dtype = torch.float32, variant: str | None = None) -> "CLIPPromptEncoder":
         """`CLIPTextModel` (or `...WithProjection`) and `CLIPTokenizer` from local folders only."""
         from transformers import AutoConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -32,14 +32,21 @@ class CLIPPromptEncoder:
             arch = (AutoConfig.from_pretrained(str(text_encoder_dir), local_files_only=True).architectures or [""])[0]
             model_cls = CLIPTextModelWithProjection if arch == "CLIPTextModelWithProjection" else CLIPTextModel
             model = model_cls.from_pretrained(str(text_encoder_dir), local_files_only=True, dtype=dtype,
-                                              use_safetensors=True)
+                                              use_safetensors=True, variant=variant)
             tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
         except OSError as e:
             raise FileNotFoundError(f"CLIP text encoder in {text_encoder_dir} / {tokenizer_dir}: {e}") from None
         return cls(model, tokenizer, name=str(text_encoder_dir), clip_skip=clip_skip)
 
+    def save(self, folder: str | Path) -> dict:
+        """The model (safetensors) and tokenizer files in one folder, as `from_folders(folder, folder)` reads
+        them; -> the record a pipeline folder keeps beside them (text_encoder.json)."""
+        self.model.save_pretrained(str(folder), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(folder))
+        return {"name": self.name, "format": "transformers-clip", "clip_skip": self.clip_skip}
+
     def token_counts(self, prompts: list[str]) -> list[int]:
-        return [len(ids) for ids in self.tokenizer(prompts, truncation=False)["input_ids"]]
+        return [len(ids) for ids in self.tokenizer(prompts, truncation=False, verbose=False)["input_ids"]]
 
     @torch.no_grad()
     def encode(self, prompts: list[str] | str) -> TextEncoding:
