@@ -7,7 +7,8 @@ import diffusers
 import numpy as np
 import torch
 from click.testing import CliRunner
-from test_stable_diffusion import sd_folder, tiny_components  # noqa: F401  (the module-scoped fixture)
+from test_single_file import single_file  # noqa: F401  (module-scoped fixtures)
+from test_stable_diffusion import sd_folder  # noqa: F401
 
 import tessera
 from tessera.cli import main
@@ -43,6 +44,20 @@ def test_a_converted_folder_gives_the_diffusers_image(sd_folder, tmp_path):  # n
     (tmp_path / "junk").mkdir()
     r = CliRunner().invoke(main, ["convert", str(tmp_path / "junk"), "-o", str(tmp_path / "t3")])
     assert r.exit_code != 0 and "Traceback" not in r.output and not (tmp_path / "t3").exists()
+
+
+def test_a_single_file_converts_with_its_tokenizer(single_file, tmp_path):  # noqa: F811
+    root, unet, _, _ = single_file
+    r = CliRunner().invoke(main, ["convert", str(root / "model.safetensors"), "-o", str(tmp_path / "a")])
+    assert r.exit_code != 0 and "--tokenizer" in r.output and not (tmp_path / "a").exists()
+    r = CliRunner().invoke(main, ["convert", str(root / "model.safetensors"), "-o", str(tmp_path / "a"), "--dtype",
+                                  "float32", "--tokenizer", str(root / "tokenizer")])
+    assert r.exit_code == 0, r.output
+    pipe = tessera.load(str(tmp_path / "a"), dtype="float32")
+    x, ctx, t = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 64), torch.tensor([321])
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.generator(x, t, ctx), unet(x, t, encoder_hidden_states=ctx).sample,
+                                   atol=1e-4, rtol=1e-4)
 
 
 def test_a_folder_of_fp16_variant_weights_loads_as_it_is(sd_folder, tmp_path):  # noqa: F811

@@ -135,3 +135,20 @@ def test_a_pipeline_merges_a_lora_into_its_unet(lora, tmp_path):
     r = CliRunner().invoke(main, [*args, "--lora", str(tmp_path / "bad.safetensors"), "-o", str(tmp_path / "y.png")])
     assert r.exit_code != 0 and "unet:nowhere" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "y.png").exists()
+    # `tessera serve --model DIR --lora FILE[:SCALE]`: the served images carry it too
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from tessera.serve.app import build_server
+
+    app, _ = build_server(models=[str(tmp_path / "p")], loras=(f"{path}:0.7",), data_dir=str(tmp_path / "serve"),
+                          dtype="float32")
+    with TestClient(app) as c:
+        r = c.post("/v1/images/generations", json={"prompt": "a cat", "size": "128x128", "steps": 2, "seed": 1,
+                                                    "response_format": "b64_json"})
+        assert r.status_code == 200, r.text
+    (tmp_path / "served.png").write_bytes(base64.b64decode(r.json()["data"][0]["b64_json"]))
+    assert read_record(tmp_path / "served.png")["loras"] == [f"{path}:0.7"]
+    with pytest.raises(Exception, match="--lora"):
+        build_server("superres", loras=(str(path),))

@@ -207,3 +207,43 @@ def test_inpainting_equals_diffusers_inpaint_pipeline(tmp_path):
                                   "-o", str(tmp_path / "out.png")])
     assert r.exit_code == 0, r.output
     assert Image.open(tmp_path / "out.png").size == (16, 16)
+
+
+def _family_folder(style: str, root):
+    """An SD2-style folder (linear projections, per-level head dims, v-prediction DDIM, guided) or an
+    SD-Turbo-style one (TAESD, Euler-ancestral with trailing spacing, no guidance), saved by diffusers."""
+    torch.manual_seed(1)
+    tokenizer, text, _, vae = tiny_components(in_channels=4)
+    unet = _perturb(diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8))
+    common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    if style == "sd2-v":
+        scheduler = diffusers.DDIMScheduler(**common, prediction_type="v_prediction", clip_sample=False,
+                                            set_alpha_to_one=False, steps_offset=1)
+    else:
+        scheduler = diffusers.EulerAncestralDiscreteScheduler(**common, timestep_spacing="trailing")
+        vae = _perturb(diffusers.AutoencoderTiny(encoder_block_out_channels=(8,) * 4,
+                                                 decoder_block_out_channels=(8,) * 4))
+    diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                      safety_checker=None, feature_extractor=None,
+                                      requires_safety_checker=False).save_pretrained(root / style)
+    return root / style
+
+
+@pytest.mark.parametrize("style,steps,guidance", [("sd2-v", 4, 5.0), ("turbo", 2, 0.0)])
+def test_sd2_and_turbo_folders_give_the_diffusers_image_at_a_requested_size(style, steps, guidance, tmp_path):
+    folder = _family_folder(style, tmp_path)
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    ours = tessera.load(str(folder), dtype="float32")
+    assert ours.native_size != 64  # the call's height / width decide, as in diffusers
+    for size in (64, ours.native_size):
+        kw = dict(num_inference_steps=steps, guidance_scale=guidance, output_type="np", height=size, width=size)
+        want = ref("a red apple", generator=torch.Generator("cpu").manual_seed(11), **kw).images[0]
+        got = ours("a red apple", generator=torch.Generator("cpu").manual_seed(11), **kw).images[0]
+        assert got.shape == want.shape == (size, size, 3)
+        assert np.abs(got - want).max() <= 2 / 255, (size, np.abs(got - want).max())
+    with pytest.raises(Exception, match="multiple of"):
+        ours("a red apple", height=66, width=64)

@@ -7,8 +7,8 @@ def load(path_or_preset, device=None, dtype=None):
     paradigm name ("ar" | "masked" | "diffusion": the bundled default pipeline).
 
     device: "cpu" | "cuda" | "cuda:N" | "auto" (None: the CPU for a model, auto for a pipeline). dtype: for
-    a pipeline the autocast compute dtype ("auto": bf16 where the hardware has it); for a model the
-    weights are cast to it when given."""
+    a pipeline the compute dtype ("auto": bf16 where the hardware has it; Stable Diffusion pipelines also hold
+    their weights in it); for a model the dtype its weights are read in (default float32)."""
     from tessera.checkpoint import load_model
     from tessera.device import resolve_device
     from tessera.pipelines.folder import is_pipeline_folder, load_pipeline
@@ -16,12 +16,10 @@ def load(path_or_preset, device=None, dtype=None):
 
     if str(path_or_preset) in paradigms() or is_pipeline_folder(path_or_preset):
         return load_pipeline(path_or_preset, device=device, dtype=dtype)
-    model = load_model(resolve(path_or_preset)).to(resolve_device(device or "cpu"))
-    if dtype is not None and dtype != "auto":
-        from tessera.device import DTYPES
+    from tessera.device import DTYPES
 
-        model = model.to(DTYPES.get(str(dtype).removeprefix("torch."), dtype))
-    return model
+    weights = DTYPES["float32"] if dtype in (None, "auto") else DTYPES.get(str(dtype).removeprefix("torch."), dtype)
+    return load_model(resolve(path_or_preset), dtype=weights).to(resolve_device(device or "cpu"))
 
 
 __all__ = ["__version__", "load"]

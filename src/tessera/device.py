@@ -5,7 +5,10 @@
              auto: bfloat16 on CUDA; on a CPU, bfloat16 only where it has native bf16 (AVX-512 BF16 or
              AMX: emulated bf16 is ~12x slower than float32), float32 otherwise
 
-Weights stay float32 on the device; the dtype is the autocast compute dtype of every forward pass.
+Weights stay float32 on the device; the dtype is the autocast compute dtype of every forward pass. The
+exception is a real-size checkpoint (Stable Diffusion: pipelines/stable_diffusion.py), whose weights are
+read straight into the compute dtype: an 866 M U-Net in float32 would double the memory and re-cast every
+weight at every step.
 Random draws stay on a CPU `torch.Generator` (same seed, same image on any device)."""
 from __future__ import annotations
 

@@ -180,10 +180,7 @@ class Pipeline:
             raise InvalidInputError("prompt: the prompt list is empty")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise InvalidInputError(f"num_images_per_prompt={num_images_per_prompt!r}: must be an integer >= 1")
-        for name, value in (("height", height), ("width", width)):
-            if value is not None and value != self.native_size:
-                raise InvalidInputError(f"{name}={value}: this pipeline generates {self.native_size} px images "
-                                        f"(upscale with tessera.superres or `tessera generate --size`)")
+        size = self.call_size(height, width)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         given = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
                  "negative_prompt": negative_prompt}
@@ -198,11 +195,20 @@ class Pipeline:
         step_cb = None
         if callback_on_step_end is not None:
             step_cb = lambda i, total: callback_on_step_end(self, i, total, {})  # noqa: E731
-        out = self.generate(prompts, params, generator=generator, latents=latents, callback=step_cb)
+        out = self.generate(prompts, params, generator=generator, latents=latents, callback=step_cb, **size)
         record = {"paradigm": self.paradigm, **dataclasses.asdict(params)}
         if generator is not None:
             record["seed"] = generator.initial_seed()
         return PipelineOutput(to_images(self.decode(out), output_type), record)
+
+    def call_size(self, height: int | None, width: int | None) -> dict:
+        """The `generate` keywords for a call's height / width: Tessera's own generators draw their native size
+        only (a token grid or latent of the size they were trained on)."""
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and value != self.native_size:
+                raise InvalidInputError(f"{name}={value}: this pipeline generates {self.native_size} px images "
+                                        f"(upscale with tessera.superres or `tessera generate --size`)")
+        return {}
 
     def save_pretrained(self, folder, **kw):
         from tessera.pipelines.folder import save_pipeline

@@ -58,6 +58,18 @@ class StableDiffusionPipeline(Pipeline):
     def native_size(self) -> int:
         return self.generator.config.sample_size * self.tokenizer.factor
 
+    def call_size(self, height: int | None, width: int | None) -> dict:
+        """Any height / width the U-Net's levels divide (diffusers' rule: multiples of the VAE factor; here also
+        of the U-Net's downsampling, which Tessera's U-Net does not pad); default: the native size."""
+        if height is None and width is None:
+            return {}
+        step = self.tokenizer.factor * 2 ** (len(self.generator.config.block_out_channels) - 1)
+        h, w = height or self.native_size, width or self.native_size
+        for name, value in (("height", h), ("width", w)):
+            if not (step <= value <= 2048 and value % step == 0):
+                raise InvalidInputError(f"{name}={value}: must be a multiple of {step} between {step} and 2048")
+        return {} if (h, w) == (self.native_size,) * 2 else {"size": (h, w)}
+
     def too_long(self, prompts: list[str], batch: int = 64) -> list[str | None]:
         limit = self.text_encoder.max_tokens
         return [None if n <= limit else f"{n} prompt tokens; CLIP takes at most {limit}"
@@ -76,14 +88,17 @@ class StableDiffusionPipeline(Pipeline):
     @torch.no_grad()
     def generate(self, prompts: list[str], p: DiffusionSampleParams, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None, callback: Callable[[int, int], None] | None = None,
-                 conditioning: Callable[[torch.Generator], torch.Tensor] | None = None) -> torch.Tensor:
-        """-> x_0 latents [n,4,h,w] (the U-Net's space: VAE latents times scaling_factor). `conditioning(g)`
-        gives extra input channels [n,k,h,w] concatenated to the latents at every step (SD inpainting: the
-        mask and the masked image's latents), drawn after x_T from the same generator, as diffusers does."""
+                 conditioning: Callable[[torch.Generator], torch.Tensor] | None = None,
+                 size: tuple[int, int] | None = None) -> torch.Tensor:
+        """-> x_0 latents [n,4,h,w] (the U-Net's space: VAE latents times scaling_factor) for images of `size`
+        (height, width; default: native). `conditioning(g)` gives extra input channels [n,k,h,w]
+        concatenated to the latents at every step (SD inpainting: the mask and the masked image's latents),
+        drawn after x_T from the same generator, as diffusers does."""
         p.validate()
-        n, size = len(prompts), self.generator.config.sample_size
+        n, f = len(prompts), self.tokenizer.factor
+        height, width = size or (self.native_size, self.native_size)
         g = generator or torch.Generator().manual_seed(p.seed)
-        shape = (n, self.tokenizer.config.latent_channels, size, size)
+        shape = (n, self.tokenizer.config.latent_channels, height // f, width // f)
         x_T = initial_noise(shape, p, g) if latents is None else latents.float().cpu()
         if tuple(x_T.shape) != shape:
             raise InvalidInputError(f"latents: shape {tuple(x_T.shape)}, expected {shape}")
