@@ -58,7 +58,7 @@ def test_odd_sizes_upsample_to_the_skip_size():
 
 
 def test_unet_settings_it_does_not_have_are_refused():
-    for bad, needle in (({"time_cond_proj_dim": 256}, "time_cond_proj_dim"),
+    for bad, needle in (({"time_embedding_type": "fourier"}, "time_embedding_type"),
                         ({"addition_embed_type": "text_time"}, "addition_embed_type"),
                         ({"down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
                           "block_out_channels": (32, 64)}, "mirrored"),

@@ -247,3 +247,28 @@ def test_sd2_and_turbo_folders_give_the_diffusers_image_at_a_requested_size(styl
         assert np.abs(got - want).max() <= 2 / 255, (size, np.abs(got - want).max())
     with pytest.raises(Exception, match="multiple of"):
         ours("a red apple", height=66, width=64)
+
+
+def test_an_lcm_distilled_folder_gives_the_diffusers_image(tmp_path):
+    """LatentConsistencyModelPipeline: a U-Net with the guidance-scale embedding (time_cond_proj_dim), the LCM
+    scheduler, no classifier-free guidance; its defaults (4 steps, w = 8.5) become the pipeline's."""
+    torch.manual_seed(2)
+    tokenizer, text, _, vae = tiny_components(in_channels=4)
+    unet = _perturb(diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8, time_cond_proj_dim=10))
+    scheduler = diffusers.LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    ref = diffusers.LatentConsistencyModelPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    ref.save_pretrained(tmp_path / "lcm")
+    ours = tessera.load(str(tmp_path / "lcm"), dtype="float32")
+    assert ours.params().method == "lcm" and (ours.params().steps, ours.params().cfg_scale) == (4, 8.5)
+    images = {}
+    for steps, guidance in ((4, 8.5), (2, 3.0), (4, 2.0)):
+        kw = dict(num_inference_steps=steps, guidance_scale=guidance, output_type="np")
+        want = ref("a red apple", generator=torch.Generator().manual_seed(3), **kw).images[0]
+        images[steps, guidance] = ours("a red apple", generator=torch.Generator().manual_seed(3), **kw).images[0]
+        assert np.abs(images[steps, guidance] - want).max() <= 2 / 255, (steps, guidance)
+    assert np.abs(images[4, 2.0] - images[4, 8.5]).max() > 2 / 255  # w reaches the network

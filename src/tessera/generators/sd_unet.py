@@ -44,6 +44,7 @@ class SDUNetConfig(Config):
     norm_eps: float = 1e-5
     flip_sin_to_cos: bool = True
     freq_shift: float = 0.0
+    time_cond_proj_dim: int | None = None             # LCM-distilled U-Nets: the guidance-scale embedding's width
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -73,12 +74,28 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_sh
     return torch.cat([emb[:, half:], emb[:, :half]], dim=-1) if flip_sin_to_cos else emb
 
 
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """LCM's embedding of the guidance scale w (the conditioning an LCM-distilled U-Net takes instead of
+    classifier-free guidance; Luo et al. 2023, after VDM's eq. for timestep embeddings): sinusoids of
+    1000 w at the frequencies exp(-ln(10^4) i / (dim/2 - 1)), [sin, cos], zero-padded to `dim`."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / (half - 1))
+    args = (w.float() * 1000.0)[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb  # (B, dim)
+
+
 class TimestepEmbedding(nn.Module):
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, c_in: int, c_out: int, cond_dim: int | None = None):
         super().__init__()
         self.linear_1, self.linear_2 = nn.Linear(c_in, c_out), nn.Linear(c_out, c_out)
+        self.cond_proj = nn.Linear(cond_dim, c_in, bias=False) if cond_dim else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if self.cond_proj is not None:
+            if cond is None:
+                raise ValueError("this U-Net (time_cond_proj_dim set: LCM-distilled) needs the guidance embedding")
+            x = x + self.cond_proj(cond)
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
@@ -238,7 +255,7 @@ class SDUNet(nn.Module):
         ch, n, last = cfg.block_out_channels, cfg.layers_per_block, len(cfg.block_out_channels) - 1
         temb = 4 * ch[0]
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(ch[0], temb)
+        self.time_embedding = TimestepEmbedding(ch[0], temb, cfg.time_cond_proj_dim)
         self.down_blocks = nn.ModuleList(
             Level([ch[max(i - 1, 0)]] + [ch[i]] * (n - 1), ch[i], temb, cfg, i, "down" if i < last else None)
             for i in range(len(ch)))
@@ -261,12 +278,15 @@ class SDUNet(nn.Module):
             out += [c] * self.config.layers_per_block + ([c] if i < last else [])
         return out
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x [B,C,h,w], t [B] (or a scalar), context: the text encoder's states [B,L,cross_attention_dim]."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B,C,h,w], t [B] (or a scalar), context: the text encoder's states [B,L,cross_attention_dim];
+        timestep_cond [B,time_cond_proj_dim]: `guidance_embedding` for an LCM-distilled U-Net."""
         cfg = self.config
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        cond = timestep_cond.to(x.device, x.dtype) if timestep_cond is not None else None
         temb = self.time_embedding(timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos,
-                                                      cfg.freq_shift).to(x.dtype))  # (B, 4 C0)
+                                                      cfg.freq_shift).to(x.dtype), cond)  # (B, 4 C0)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
@@ -293,13 +313,13 @@ _FIXED = {"center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAt
           "addition_time_embed_dim": None, "num_class_embeds": None, "resnet_time_scale_shift": "default",
           "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
           "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None,
-          "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
+          "conv_in_kernel": 3, "conv_out_kernel": 3,
           "projection_class_embeddings_input_dim": None, "attention_type": "default", "class_embeddings_concat": False,
           "mid_block_only_cross_attention": None, "cross_attention_norm": None, "addition_embed_type_num_heads": 64}
 _READ = {"sample_size", "in_channels", "out_channels", "flip_sin_to_cos", "freq_shift", "down_block_types",
          "up_block_types", "block_out_channels", "layers_per_block", "norm_num_groups", "norm_eps",
          "cross_attention_dim", "transformer_layers_per_block", "attention_head_dim", "num_attention_heads",
-         "use_linear_projection", "upcast_attention"}
+         "use_linear_projection", "upcast_attention", "time_cond_proj_dim"}
 
 
 def _per_level(value, n: int, name: str) -> tuple:
@@ -332,4 +352,5 @@ def _from_diffusers(cls, config: dict) -> SDUNetConfig:
                cross_attention_dim=config.get("cross_attention_dim", 1280),
                use_linear_projection=config.get("use_linear_projection", False),
                norm_num_groups=config.get("norm_num_groups", 32), norm_eps=config.get("norm_eps", 1e-5),
-               flip_sin_to_cos=config.get("flip_sin_to_cos", True), freq_shift=config.get("freq_shift", 0))
+               flip_sin_to_cos=config.get("flip_sin_to_cos", True), freq_shift=config.get("freq_shift", 0),
+               time_cond_proj_dim=config.get("time_cond_proj_dim"))

@@ -20,15 +20,18 @@ import torch
 
 from tessera.device import Placement, placement
 from tessera.errors import InvalidInputError, ModelNotFoundError, WrongModelError
+from tessera.generators.sd_unet import guidance_embedding
 from tessera.pipelines.base import Pipeline
 from tessera.pipelines.diffusion import DiffusionSampleParams, initial_noise
 from tessera.sampling.diffusion import DiffusionConfig, Schedule
 from tessera.sampling.solvers import sample
 
-PIPELINES = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "AutoPipelineForText2Image")
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "AutoPipelineForText2Image",
+             "LatentConsistencyModelPipeline")
 
 
 SD_DEFAULTS = {"steps": 50, "cfg_scale": 7.5}  # diffusers' StableDiffusionPipeline defaults
+LCM_DEFAULTS = {"steps": 4, "cfg_scale": 8.5}  # its LatentConsistencyModelPipeline's (an LCM-distilled U-Net)
 
 
 class StableDiffusionPipeline(Pipeline):
@@ -107,7 +110,9 @@ class StableDiffusionPipeline(Pipeline):
             raise WrongModelError(f"the U-Net takes {self.generator.config.in_channels} input channels; "
                                   f"{'inpaint with it' if extra is None else 'it is not an inpainting U-Net'}")
         cond = self._states(prompts)
-        guided = p.cfg_scale > 1.0
+        lcm = self.generator.config.time_cond_proj_dim  # an LCM-distilled U-Net takes w as an input instead of CFG
+        w_emb = guidance_embedding(torch.full((n,), p.cfg_scale - 1.0), lcm) if lcm else None  # (n, lcm)
+        guided = p.cfg_scale > 1.0 and not lcm
         both = torch.cat([self._states([p.negative_prompt] * n), cond]) if guided else cond  # (2n | n, 77, D)
 
         def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -116,7 +121,7 @@ class StableDiffusionPipeline(Pipeline):
                 x = torch.cat([x, extra], dim=1)  # (n, 4 + k, h, w)
             with self.placement.autocast():
                 if not guided:
-                    return self.generator(x, t, both).float().cpu()
+                    return self.generator(x, t, both, w_emb).float().cpu()
                 u, c = self.generator(torch.cat([x, x]), torch.cat([t, t]), both).float().chunk(2)  # (n, 4, h, w)
                 return (u + p.cfg_scale * (c - u)).cpu()
 
@@ -304,8 +309,9 @@ def load_diffusers_folder(folder: str | Path, device=None, variant: str | None =
                                           variant=text_variant[0] if text_variant else None)
     unet = load_unet(folder / "unet", variant, device.dtype)
     # PNDM (SD 1.5's own scheduler) has no Tessera sampler: DPM-Solver++ (2M) on the same noise schedule
+    defaults = LCM_DEFAULTS if index["_class_name"] == "LatentConsistencyModelPipeline" else SD_DEFAULTS
     pipe = StableDiffusionPipeline(unet, load_vae(vae or folder / "vae", variant, device.dtype), text, scheduler=scheduler,
-                                   sampler={**SD_DEFAULTS, "method": method or "dpmpp_2m"}, device=device)
+                                   sampler={**defaults, "method": method or "dpmpp_2m"}, device=device)
     pipe.source = str(folder)
     pipe.models = {"generator": {"name": str(folder / "unet"), "kind": "sd-unet"},
                    "tokenizer": {"name": str(vae or folder / "vae")}, "text_encoder": {"name": text.name}}
