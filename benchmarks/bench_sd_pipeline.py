@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from tessera.config import parse_settings
+
 CASES = {"turbo": dict(steps=1, guidance=0.0), "sd15": dict(steps=20, guidance=7.5)}
 
 
@@ -74,7 +76,7 @@ def _timer(obj, attr: str, bucket: list[float]) -> None:
     setattr(obj, attr, timed)
 
 
-def load_side(side: str, folder: Path):
+def load_side(side: str, folder: Path, options: dict | None = None):
     """-> (pipe, {stage: bucket}) with the stage timers in place."""
     buckets = {"text": [], "unet": [], "decode": []}
     if side == "diffusers":
@@ -91,16 +93,18 @@ def load_side(side: str, folder: Path):
         import tessera
 
         pipe = tessera.load(str(folder), dtype="bfloat16")
+        if options:
+            pipe.set_speed(**options)
         _timer(pipe.text_encoder.model, "forward", buckets["text"])
         _timer(pipe.generator, "forward", buckets["unet"])
         _timer(pipe.tokenizer, "decode_latents", buckets["decode"])
     return pipe, buckets
 
 
-def run_side(side: str, case: str, folder: Path, calls: int) -> dict:
+def run_side(side: str, case: str, folder: Path, calls: int, options: dict | None = None) -> dict:
     torch.set_num_threads(2)
     t0 = time.perf_counter()
-    pipe, buckets = load_side(side, folder)
+    pipe, buckets = load_side(side, folder, options)
     load_s = time.perf_counter() - t0
     steps, guidance = CASES[case]["steps"], CASES[case]["guidance"]
 
@@ -124,27 +128,58 @@ def run_side(side: str, case: str, folder: Path, calls: int) -> dict:
             "peak_rss_mib": hwm, "size": list(runs[0][1].size)}
 
 
+def one_process(case: str, folder: Path, calls: int, options: dict) -> None:
+    """Both sides in this process, alternating calls (the issue-21 comparison): median per stage and ratio."""
+    torch.set_num_threads(2)
+    sides = {side: load_side(side, folder, options) for side in ("diffusers", "tessera")}
+    steps, guidance = CASES[case]["steps"], CASES[case]["guidance"]
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    for i in range(calls + 1):  # the first round warms up both
+        for side, (pipe, buckets) in sides.items():
+            for b in buckets.values():
+                b.clear()
+            t = time.perf_counter()
+            with torch.no_grad():
+                pipe("a lake between mountains at sunset", num_inference_steps=steps, guidance_scale=guidance,
+                     generator=torch.Generator("cpu").manual_seed(11), height=512, width=512)
+            if i:
+                runs[side].append({"total_s": time.perf_counter() - t, **{f"{k}_s": sum(v) for k, v in buckets.items()}})
+    print(f"case {case}: both sides in one process, alternating, {calls} call(s) each after a warm-up; "
+          f"Tessera options {options or 'default'}")
+    print("| stage | diffusers s | Tessera s | diffusers / Tessera |")
+    print("| --- | --- | --- | --- |")
+    for key in ("text_s", "unet_s", "decode_s", "total_s"):
+        r, o = (statistics.median(x[key] for x in runs[s]) for s in ("diffusers", "tessera"))
+        print(f"| {key.removesuffix('_s')} | {r:.3f} | {o:.3f} | {r / o:.2f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--case", choices=sorted(CASES), default="turbo")
     ap.add_argument("--folder", type=Path, help="default: /tmp/tessera-bench-sd-CASE (made when missing)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating diffusers / Tessera processes")
     ap.add_argument("--calls", type=int, default=2, help="timed calls per process")
+    ap.add_argument("--one-process", action="store_true", help="both sides in one process, alternating calls")
+    ap.add_argument("--options", default="", help="Tessera speed options, e.g. prepack=0,attention=gemm,tome=0.5")
     ap.add_argument("--side", choices=["diffusers", "tessera"], help=argparse.SUPPRESS)  # one side, in a child
     args = ap.parse_args()
     folder = args.folder or Path(f"/tmp/tessera-bench-sd-{args.case}")
+    options = parse_settings([kv for kv in args.options.split(",") if kv], "--options")
     if args.side:
-        print(json.dumps(run_side(args.side, args.case, folder, args.calls)))
+        print(json.dumps(run_side(args.side, args.case, folder, args.calls, options)))
         return
     if not (folder / "model_index.json").is_file():
         t0 = time.perf_counter()
         make_folder(args.case, folder)
         print(f"made {folder} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    if args.one_process:
+        return one_process(args.case, folder, args.calls, options)
     results: dict[str, list[dict]] = {"diffusers": [], "tessera": []}
     for _ in range(args.rounds):
         for side in ("diffusers", "tessera"):
             out = subprocess.run([sys.executable, __file__, "--case", args.case, "--folder", str(folder),
-                                  "--calls", str(args.calls), "--side", side], capture_output=True, text=True)
+                                  "--calls", str(args.calls), "--side", side, "--options", args.options],
+                                 capture_output=True, text=True)
             if out.returncode:
                 sys.exit(f"{side}: {out.stderr[-2000:]}")
             results[side].append(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.config import Config, check_diffusers_config
+from tessera.nn.kernels import ATTENTION, attend
 from tessera.registry import register_family
 
 
@@ -126,6 +127,7 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
+        self.impl = "sdpa"  # nn/kernels.py: sdpa | gemm | auto (SDUNet.set_attention)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         b, n, c = x.shape
@@ -134,7 +136,7 @@ class Attention(nn.Module):
         def split(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(b, t.shape[1], self.heads, c // self.heads).transpose(1, 2)  # (B, H, L, C/H)
 
-        out = F.scaled_dot_product_attention(split(self.to_q(x)), split(self.to_k(ctx)), split(self.to_v(ctx)))
+        out = attend(split(self.to_q(x)), split(self.to_k(ctx)), split(self.to_v(ctx)), self.impl)  # (B, H, N, C/H)
         return self.to_out[0](out.transpose(1, 2).reshape(b, n, c))  # (B, N, C)
 
 
@@ -269,6 +271,14 @@ class SDUNet(nn.Module):
         self.up_blocks = nn.ModuleList(up)
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    def set_attention(self, impl: str) -> None:
+        """The attention kernel of every layer: sdpa | gemm | auto (nn/kernels.py)."""
+        if impl not in ATTENTION:
+            raise ValueError(f"attention={impl!r}: must be one of {ATTENTION}")
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.impl = impl
 
     def _skip_channels(self) -> list[int]:
         """Widths of the skip connections the down path leaves, in the order it leaves them."""

@@ -21,6 +21,7 @@ bundled default pipeline.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -221,7 +222,8 @@ def save_pipeline(pipe, folder: str | Path, overwrite: bool = False) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
-        _write_pipeline(pipe, tmp)
+        with getattr(pipe, "unpacked", contextlib.nullcontext)():  # plain weights to write (nn/onednn.py)
+            _write_pipeline(pipe, tmp)
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)

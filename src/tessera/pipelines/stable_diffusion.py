@@ -10,6 +10,7 @@ and the VAE decodes x_0 / scaling_factor + shift_factor (tests/test_stable_diffu
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from tessera.device import Placement, placement
 from tessera.errors import InvalidInputError, ModelNotFoundError, WrongModelError
 from tessera.generators.sd_unet import guidance_embedding
+from tessera.nn import onednn
 from tessera.pipelines.base import Pipeline
 from tessera.pipelines.diffusion import DiffusionSampleParams, initial_noise
 from tessera.sampling.diffusion import DiffusionConfig, Schedule
@@ -39,23 +41,66 @@ class StableDiffusionPipeline(Pipeline):
     Params = DiffusionSampleParams  # the same sampling settings as Tessera's own diffusion pipelines
     CALL_NAMES = {"num_inference_steps": "steps", "guidance_scale": "cfg_scale", "negative_prompt": "negative_prompt"}
 
-    def __init__(self, unet, vae, text_encoder, *, scheduler: DiffusionConfig, **kw):
+    def __init__(self, unet, vae, text_encoder, *, scheduler: DiffusionConfig, prepack: bool = True, **kw):
+        """`prepack`: on a CPU in bf16, the networks' weights prepacked for oneDNN once (nn/onednn.py)."""
         if unet.config.cross_attention_dim != text_encoder.dim:
             raise WrongModelError(f"the U-Net cross-attends to {unet.config.cross_attention_dim}-d states; the text "
                                   f"encoder gives {text_encoder.dim}-d")
         self.scheduler, self.schedule = scheduler, Schedule(scheduler)
+        self.prepack = prepack
         super().__init__(unet, vae, text_encoder, **kw)
+
+    @property
+    def networks(self) -> list[torch.nn.Module]:
+        return [self.generator, self.tokenizer, self.text_encoder.model]
 
     def to(self, device=None, dtype=None):
         """Unlike Tessera's small models, an SD pipeline keeps its weights IN the compute dtype (an 866 M
         U-Net in bf16 is 1.7 GB, and autocast would re-cast every weight at every step); under float16 the
-        SD1/2 VAE (`force_upcast`: it overflows in float16, not in bfloat16) stays float32, as in diffusers."""
-        super().to(device, dtype)
-        p = self.placement
-        self.generator.to(p.device, p.dtype, memory_format=torch.channels_last)  # oneDNN's / cuDNN's fast layout
-        self.text_encoder.model.to(p.device, p.dtype)
-        self.tokenizer.to(p.device, _vae_dtype(self.tokenizer.config, p.dtype), memory_format=torch.channels_last)
+        SD1/2 VAE (`force_upcast`: it overflows in float16, not in bfloat16) stays float32, as in diffusers.
+        On a CPU in bf16 the weights are then prepacked for oneDNN (unless `prepack` is off)."""
+        with self.unpacked():
+            super().to(device, dtype)
+            p = self.placement
+            self.generator.to(p.device, p.dtype, memory_format=torch.channels_last)  # oneDNN's / cuDNN's layout
+            self.text_encoder.model.to(p.device, p.dtype)
+            self.tokenizer.to(p.device, _vae_dtype(self.tokenizer.config, p.dtype), memory_format=torch.channels_last)
         return self
+
+    def set_speed(self, prepack: bool | None = None, attention: str | None = None, compile: bool | None = None):
+        """The CPU speed options, each on its own switch (benchmarks/bench_sd_pipeline.py compares them):
+        prepack   oneDNN-prepacked weights on a CPU in bf16 (nn/onednn.py; default on; lossless)
+        attention sdpa | gemm | auto: the U-Net's attention kernel (nn/kernels.py; default sdpa)
+        compile   torch.compile of the U-Net (inductor, weights frozen into the graph); each new input shape
+                  compiles on its first call (minutes on 2 cores), so it is for warm servers (default off)."""
+        if attention is not None:
+            self.generator.set_attention(attention)
+        if prepack is not None:
+            with self.unpacked():
+                self.prepack = bool(prepack)
+        if compile is not None:
+            self._compiled = None
+            if compile:
+                with self.unpacked():
+                    self.prepack = False  # freezing packs the weights itself
+                self._compiled = torch.compile(self.generator, dynamic=False, options={"freezing": True})
+        return self
+
+    def _unet(self, *args):
+        return (getattr(self, "_compiled", None) or self.generator)(*args)
+
+    @contextlib.contextmanager
+    def unpacked(self):
+        """The networks with their plain weights (for anything that reads or changes weights), packed again
+        after it where the placement and `prepack` say so."""
+        for m in self.networks:
+            onednn.unpack(m)
+        try:
+            yield self
+        finally:
+            if self.prepack and self.placement.device.type == "cpu":
+                for m in self.networks:
+                    onednn.pack(m)
 
     @property
     def native_size(self) -> int:
@@ -83,7 +128,8 @@ class StableDiffusionPipeline(Pipeline):
         returns how many modules changed. Unmatched keys are an error naming them (pipelines/lora.py)."""
         from tessera.pipelines.lora import merge_lora
 
-        return merge_lora({"unet": self.generator, "text_encoder": self.text_encoder.model}, path, scale)
+        with self.unpacked():
+            return merge_lora({"unet": self.generator, "text_encoder": self.text_encoder.model}, path, scale)
 
     def _states(self, prompts: list[str]) -> torch.Tensor:
         return self.text_encoder.encode(prompts).tokens.to(self.device)  # (n, 77, D)
@@ -121,8 +167,8 @@ class StableDiffusionPipeline(Pipeline):
                 x = torch.cat([x, extra], dim=1)  # (n, 4 + k, h, w)
             with self.placement.autocast():
                 if not guided:
-                    return self.generator(x, t, both, w_emb).float().cpu()
-                u, c = self.generator(torch.cat([x, x]), torch.cat([t, t]), both).float().chunk(2)  # (n, 4, h, w)
+                    return self._unet(x, t, both, w_emb).float().cpu()
+                u, c = self._unet(torch.cat([x, x]), torch.cat([t, t]), both).float().chunk(2)  # (n, 4, h, w)
                 return (u + p.cfg_scale * (c - u)).cpu()
 
         return sample(fn, self.schedule, x_T, p.steps, p.method, p.eta, generator=g, callback=callback)
