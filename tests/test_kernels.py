@@ -94,3 +94,39 @@ def test_an_sd_pipeline_draws_the_same_image_with_each_speed_option(tmp_path):
 def _image_of(pipe):
     return pipe("a cat", num_inference_steps=2, guidance_scale=3.0, output_type="np",
                 generator=torch.Generator().manual_seed(4)).images[0]
+
+
+def test_token_merging_equals_tomesd_and_is_reproducible():
+    """ToMe in Tessera's blocks gives tomesd's patched diffusers U-Net output (its deterministic top-left
+    partition); the random partition is seeded per call, so the same input gives the same output."""
+    import diffusers
+    import tomesd
+    from test_stable_diffusion import _perturb
+
+    from tessera.generators.sd_unet import SDUNet, SDUNetConfig
+
+    torch.manual_seed(0)
+    ref = _perturb(diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, cross_attention_dim=32, attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2, norm_num_groups=8))
+    ours = SDUNet(SDUNetConfig.from_diffusers(dict(ref.config))).eval()
+    ours.load_state_dict(ref.state_dict())
+    holder = diffusers.StableDiffusionPipeline(
+        vae=diffusers.AutoencoderTiny(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4),
+        text_encoder=None, tokenizer=None, unet=ref, scheduler=diffusers.DDIMScheduler(), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([500, 500]), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        plain = ours(x, t, ctx)
+        tomesd.apply_patch(holder, ratio=0.5, use_rand=False)
+        want = ref(x, t, encoder_hidden_states=ctx).sample
+        ours.set_tome(0.5, random=False)
+        got = ours(x, t, ctx)
+        assert (want - plain).abs().max() > 1e-3  # merging changes the output ...
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # ... exactly as tomesd does
+        ours.set_tome(0.5)
+        assert torch.equal(ours(x, t, ctx), ours(x, t, ctx))
+        ours.set_tome(0.0)
+        assert torch.equal(ours(x, t, ctx), plain)
+    with pytest.raises(ValueError, match="tome"):
+        ours.set_tome(1.0)

@@ -26,6 +26,7 @@ from torch import nn
 
 from tessera.config import Config, check_diffusers_config
 from tessera.nn.kernels import ATTENTION, attend
+from tessera.nn.tome import bipartite_soft_matching
 from tessera.registry import register_family
 
 
@@ -166,8 +167,15 @@ class TransformerBlock(nn.Module):
         self.norm2, self.attn2 = nn.LayerNorm(dim), Attention(dim, heads, context_dim)
         self.norm3, self.ff = nn.LayerNorm(dim), FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
+    def forward(self, x: torch.Tensor, context: torch.Tensor, hw: tuple[int, int] | None = None,
+                tome: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """`tome` > 0: that share of the h*w tokens merged for self-attention (nn/tome.py, tomesd's default:
+        self-attention only), by similarity of x; `generator` picks each 2x2 cell's kept token (None: top-left)."""
+        merge, unmerge = bipartite_soft_matching(x, *hw, int(x.shape[1] * tome), generator) if tome else (None, None)
+        if merge is None:
+            x = x + self.attn1(self.norm1(x))
+        else:
+            x = x + unmerge(self.attn1(merge(self.norm1(x))))  # attention over N - r tokens
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -175,8 +183,9 @@ class TransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """diffusers' Transformer2DModel for a feature map: [B,C,H,W] <-> tokens [B,HW,C]."""
 
-    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, cfg: SDUNetConfig):
+    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, cfg: SDUNetConfig, level: int):
         super().__init__()
+        self.level, self.tome, self.tome_random = level, 0.0, True  # SDUNet.set_tome
         self.linear = cfg.use_linear_projection
         self.norm = nn.GroupNorm(cfg.norm_num_groups, channels, eps=1e-6)
         make = (lambda: nn.Linear(channels, channels)) if self.linear else (lambda: nn.Conv2d(channels, channels, 1))
@@ -192,8 +201,9 @@ class SpatialTransformer(nn.Module):
         t = t.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, HW, C)
         if self.linear:
             t = self.proj_in(t)
+        g = torch.Generator().manual_seed(0) if self.tome and self.tome_random and b % 2 == 0 else None  # as tomesd
         for block in self.transformer_blocks:
-            t = block(t, context)
+            t = block(t, context, (h, w), self.tome, g)
         if self.linear:
             t = self.proj_out(t)
         t = t.reshape(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W)
@@ -225,8 +235,8 @@ class Level(nn.Module):
         self.resnets = nn.ModuleList(ResnetBlock(c, c_out, temb, g, eps) for c in c_ins)
         if cfg.cross_attention[level]:
             self.attentions = nn.ModuleList(
-                SpatialTransformer(c_out, cfg.heads[level], cfg.transformer_depth[level], cfg.cross_attention_dim, cfg)
-                for _ in c_ins)
+                SpatialTransformer(c_out, cfg.heads[level], cfg.transformer_depth[level], cfg.cross_attention_dim, cfg,
+                                   level) for _ in c_ins)
         if resample == "down":
             self.downsamplers = nn.ModuleList([Resample(c_out, up=False)])
         elif resample == "up":
@@ -243,7 +253,7 @@ class MidBlock(nn.Module):
         g, eps = cfg.norm_num_groups, cfg.norm_eps
         self.resnets = nn.ModuleList([ResnetBlock(channels, channels, temb, g, eps) for _ in range(2)])
         self.attentions = nn.ModuleList([SpatialTransformer(channels, cfg.heads[-1], cfg.transformer_depth[-1],
-                                                            cfg.cross_attention_dim, cfg)])
+                                                            cfg.cross_attention_dim, cfg, len(cfg.heads) - 1)])
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return self.resnets[1](self.attentions[0](self.resnets[0](x, temb), context), temb)
@@ -279,6 +289,16 @@ class SDUNet(nn.Module):
         for m in self.modules():
             if isinstance(m, Attention):
                 m.impl = impl
+
+    def set_tome(self, ratio: float, max_downsample: int = 1, random: bool = True) -> None:
+        """Token merging (nn/tome.py) in the transformers of the levels downsampled at most `max_downsample`
+        times (tomesd's default 1: the full-resolution level only); ratio 0 turns it off. `random`: a random
+        kept token per 2x2 cell (fixed seed per call, batches of two and more only, as tomesd), else top-left."""
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"tome={ratio}: the share of tokens merged must be in [0, 1)")
+        for m in self.modules():
+            if isinstance(m, SpatialTransformer):
+                m.tome, m.tome_random = (ratio if 2 ** m.level <= max_downsample else 0.0), random
 
     def _skip_channels(self) -> list[int]:
         """Widths of the skip connections the down path leaves, in the order it leaves them."""

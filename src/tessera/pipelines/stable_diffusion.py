@@ -67,14 +67,18 @@ class StableDiffusionPipeline(Pipeline):
             self.tokenizer.to(p.device, _vae_dtype(self.tokenizer.config, p.dtype), memory_format=torch.channels_last)
         return self
 
-    def set_speed(self, prepack: bool | None = None, attention: str | None = None, compile: bool | None = None):
+    def set_speed(self, prepack: bool | None = None, attention: str | None = None, tome: float | None = None,
+                  compile: bool | None = None):
         """The CPU speed options, each on its own switch (benchmarks/bench_sd_pipeline.py compares them):
         prepack   oneDNN-prepacked weights on a CPU in bf16 (nn/onednn.py; default on; lossless)
         attention sdpa | gemm | auto: the U-Net's attention kernel (nn/kernels.py; default sdpa)
+        tome      token merging ratio at the full-resolution level (nn/tome.py; default 0: off; lossy)
         compile   torch.compile of the U-Net (inductor, weights frozen into the graph); each new input shape
                   compiles on its first call (minutes on 2 cores), so it is for warm servers (default off)."""
         if attention is not None:
             self.generator.set_attention(attention)
+        if tome is not None:
+            self.generator.set_tome(float(tome))
         if prepack is not None:
             with self.unpacked():
                 self.prepack = bool(prepack)
