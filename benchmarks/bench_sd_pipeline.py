@@ -13,6 +13,8 @@ U-Net call, the VAE decode and the whole call (median of --calls after a warm-up
 
     .venv/bin/python benchmarks/bench_sd_pipeline.py --case turbo [--rounds 2] [--calls 2] [--folder DIR]
     .venv/bin/python benchmarks/bench_sd_pipeline.py --case sd15 --rounds 1 --calls 1
+    .venv/bin/python benchmarks/bench_sd_pipeline.py --case turbo --one-process --calls 5 [--options tome=0.5]
+    .venv/bin/python benchmarks/bench_sd_pipeline.py --case turbo --table --calls 3   (issue 21's option table)
 """
 from __future__ import annotations
 
@@ -153,6 +155,47 @@ def one_process(case: str, folder: Path, calls: int, options: dict) -> None:
         print(f"| {key.removesuffix('_s')} | {r:.3f} | {o:.3f} | {r / o:.2f}x |")
 
 
+TABLE = (("plain (no prepacking)", dict(prepack=False)), ("prepacked weights (default)", dict(prepack=True)),
+         ("attention gemm", dict(prepack=False, attention="gemm")),
+         ("attention auto", dict(prepack=False, attention="auto")),
+         ("ToMe 0.5", dict(prepack=False, attention="sdpa", tome=0.5)),
+         ("prepacked + auto + ToMe 0.5", dict(prepack=True, attention="auto", tome=0.5)),
+         ("compile (inductor, frozen)", dict(tome=0.0, attention="sdpa", compile=True)),
+         ("compile + ToMe 0.5", dict(tome=0.5, compile=True)))
+
+
+def option_table(case: str, folder: Path, calls: int) -> None:
+    """Each speed option alone, then together: one process, the diffusers pipeline alternating with
+    Tessera's under each setting (set_speed switches them on the same loaded pipeline)."""
+    torch.set_num_threads(2)
+    (ref, ref_b), (ours, ours_b) = load_side("diffusers", folder), load_side("tessera", folder)
+    steps, guidance = CASES[case]["steps"], CASES[case]["guidance"]
+
+    def call(pipe, buckets):
+        for b in buckets.values():
+            b.clear()
+        t = time.perf_counter()
+        with torch.no_grad():
+            pipe("a lake between mountains at sunset", num_inference_steps=steps, guidance_scale=guidance,
+                 generator=torch.Generator("cpu").manual_seed(11), height=512, width=512)
+        return time.perf_counter() - t, sum(buckets["unet"])
+
+    print(f"case {case}: one process, diffusers alternating with Tessera, {calls} call(s) each after a warm-up")
+    print("| Tessera setting | first call s | diffusers s | Tessera s | Tessera U-Net s | diffusers / Tessera |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, options in TABLE:
+        ours.set_speed(**options)
+        first = call(ours, ours_b)[0]  # warm-up (a compile happens here)
+        call(ref, ref_b)
+        r, o = [], []
+        for _ in range(calls):
+            r.append(call(ref, ref_b))
+            o.append(call(ours, ours_b))
+        rt, ot = statistics.median(x[0] for x in r), statistics.median(x[0] for x in o)
+        print(f"| {name} | {first:.2f} | {rt:.3f} | {ot:.3f} | {statistics.median(x[1] for x in o):.3f} | "
+              f"{rt / ot:.2f}x |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--case", choices=sorted(CASES), default="turbo")
@@ -160,6 +203,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="alternating diffusers / Tessera processes")
     ap.add_argument("--calls", type=int, default=2, help="timed calls per process")
     ap.add_argument("--one-process", action="store_true", help="both sides in one process, alternating calls")
+    ap.add_argument("--table", action="store_true", help="each speed option alone and together (one process)")
     ap.add_argument("--options", default="", help="Tessera speed options, e.g. prepack=0,attention=gemm,tome=0.5")
     ap.add_argument("--side", choices=["diffusers", "tessera"], help=argparse.SUPPRESS)  # one side, in a child
     args = ap.parse_args()
@@ -172,6 +216,8 @@ def main() -> None:
         t0 = time.perf_counter()
         make_folder(args.case, folder)
         print(f"made {folder} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    if args.table:
+        return option_table(args.case, folder, args.calls)
     if args.one_process:
         return one_process(args.case, folder, args.calls, options)
     results: dict[str, list[dict]] = {"diffusers": [], "tessera": []}

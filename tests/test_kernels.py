@@ -130,3 +130,26 @@ def test_token_merging_equals_tomesd_and_is_reproducible():
         assert torch.equal(ours(x, t, ctx), plain)
     with pytest.raises(ValueError, match="tome"):
         ours.set_tome(1.0)
+
+
+def test_the_speed_switches_reach_an_sd_pipeline_through_generate_and_serve(tmp_path):
+    import diffusers
+    from click.testing import CliRunner
+    from test_stable_diffusion import tiny_components
+
+    from tessera.cli import main
+    from tessera.pipelines.records import read_record
+
+    tokenizer, text, unet, vae = tiny_components(in_channels=4)
+    diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                      scheduler=diffusers.EulerDiscreteScheduler(), safety_checker=None,
+                                      feature_extractor=None, requires_safety_checker=False).save_pretrained(tmp_path / "p")
+    args = ["generate", "a cat", "--model", str(tmp_path / "p"), "--size", "64", "--steps", "2", "--seed", "1"]
+    r = CliRunner().invoke(main, [*args, "--attention", "gemm", "--tome", "0.5", "-o", str(tmp_path / "x.png")])
+    assert r.exit_code == 0, r.output
+    assert read_record(tmp_path / "x.png")["speed"] == {"attention": "gemm", "tome": 0.5}
+    r = CliRunner().invoke(main, [*args, "--tome", "1.5", "-o", str(tmp_path / "y.png")])
+    assert r.exit_code != 0 and "tome" in r.output and not (tmp_path / "y.png").exists()
+    r = CliRunner().invoke(main, ["generate", "a cat", "--paradigm", "masked", "--tome", "0.5", "-o",
+                                  str(tmp_path / "z.png")])
+    assert r.exit_code != 0 and "Stable Diffusion" in r.output and "Traceback" not in r.output

@@ -49,11 +49,12 @@ def options(*specs):
         return f
     return deco
 
+SPEED_OPTS = (opt("--attention", type=click.Choice(["sdpa", "gemm", "auto"]), help="SD attention kernel"),
+              opt("--tome", type=float, help="SD token merging ratio (lossy)"), opt("--compile", is_flag=True, help="SD U-Net"))
 DEVICE_OPTS = (opt("--device", help="cpu | cuda | cuda:N | auto (default: auto)"),
                opt("--dtype", help="autocast dtype: float32 | bfloat16 | float16 | auto (default: auto)"))
 
 def group(parent, name: str, doc: str):
-    """A sub-command group with its help text."""
     return parent.group(name, cls=Group, help=doc)(lambda: None)
 
 @click.group(cls=Group, context_settings={"show_default": True})
@@ -117,7 +118,6 @@ def _train_command(task: str):
     @options(*TRAIN_EXTRA[task])
     def command(data_dir, run_dir, preset, max_steps, resume, overrides, device, dtype, arch=None, **kw) -> None:
         from tessera.train.runs import train_command
-
         preset = preset or (f"{arch}-s" if arch else None)
         echo_json(train_command(task, data_dir, run_dir, preset, max_steps, resume, list(overrides),
                                 device=device, dtype=dtype, **kw))
@@ -213,7 +213,7 @@ def inpaint(image, mask_path, prompt, model, tokenizer, text_encoder, out, devic
          opt("--temperature", type=float, help="ar / masked"), opt("--top-k", type=int, help="ar"),
          opt("--top-p", type=float, help="ar"), opt("--negative-prompt", default="", help="diffusion"),
          opt("--no-enhance", is_flag=True, help="use the prompt as written"), opt("--lora", "loras", multiple=True, help="FILE[:SCALE], SD"),
-         opt("--diversify", is_flag=True, help="vary skin tone / gender across the images of a people prompt"), *DEVICE_OPTS)
+         opt("--diversify", is_flag=True, help="vary skin tone / gender in people prompts"), *DEVICE_OPTS, *SPEED_OPTS)
 def generate(prompt, out, **kw) -> None:
     """Generate images for PROMPT: prompt safety, enhancement, generation, decoding, harm detection,
     super-resolution to --size."""
@@ -273,7 +273,7 @@ def workflow_run(config_file, run_id) -> None:
 @main.command("serve")
 @click.argument("stage", default="gateway", type=click.Choice(["gateway", "generation", "decoding", "superres"]))
 @options(opt("--host", default="127.0.0.1", help="another address requires --api-key"),
-         opt("--port", type=PORT, help="default: 8000 gateway, 8101-8103 stages"),
+         opt("--port", type=PORT, help="default: 8000 gateway, 8101-8103 stages"), *SPEED_OPTS,
          opt("--model", "models", multiple=True, help="pipeline / generator to serve for its paradigm (repeatable)"),
          opt("--data-dir", default="tessera-serve", help="jobs, images, feedback"),
          opt("--api-key", "api_keys", multiple=True, envvar="TESSERA_API_KEYS", help="accepted Bearer key"),

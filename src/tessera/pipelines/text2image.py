@@ -122,8 +122,11 @@ class LocalStages:
     `models`: per paradigm a pipeline folder, a generator folder or bundled preset (default: the bundled one)."""
 
     def __init__(self, models: dict[str, str] | None = None, sr_model: str = "fast", text_encoder: str | None = None,
-                 device: str | None = None, dtype: str | None = None, loras: dict[str, list[str]] | None = None):
-        """`loras`: per paradigm 'FILE[:SCALE]' LoRA files merged into its (Stable Diffusion) pipeline on load."""
+                 device: str | None = None, dtype: str | None = None, loras: dict[str, list[str]] | None = None,
+                 speed: dict | None = None):
+        """`loras`: per paradigm 'FILE[:SCALE]' LoRA files merged into its (Stable Diffusion) pipeline on load;
+        `speed`: the SD pipelines' speed options (StableDiffusionPipeline.set_speed: attention, tome, compile),
+        applied on load; with compile, one warm-up call at load compiles the U-Net before any request."""
         from tessera.device import placement
 
         self.models = {**DEFAULT_MODELS, **{k: str(v) for k, v in (models or {}).items() if v}}
@@ -132,6 +135,7 @@ class LocalStages:
             raise InvalidInputError(f"models: unknown paradigm(s) {unknown}; known: {PARADIGMS}")
         self.sr_model, self.text_encoder = sr_model, text_encoder
         self.loras = {k: list(v) for k, v in (loras or {}).items() if v}
+        self.speed = {k: v for k, v in (speed or {}).items() if v is not None}
         self.placement = placement(device, dtype)
         self._loaded: dict[str, object] = {}
         self._sr = None
@@ -149,8 +153,18 @@ class LocalStages:
                     raise InvalidInputError(f"--lora {spec}: {self.models[paradigm]} is not a Stable Diffusion "
                                             f"pipeline (LoRA files apply to SD U-Nets and text encoders)")
                 pipe.load_lora(*parse_spec(spec))
+            if self.speed:
+                self._speed_up(paradigm, pipe)
             self._loaded[paradigm] = pipe
         return self._loaded[paradigm]
+
+    def _speed_up(self, paradigm: str, pipe) -> None:
+        if not hasattr(pipe, "set_speed"):
+            raise InvalidInputError(f"{', '.join('--' + k for k in self.speed)}: speed options apply to Stable "
+                                    f"Diffusion pipelines; {self.models[paradigm]} is not one")
+        pipe.set_speed(**self.speed)
+        if self.speed.get("compile"):  # compile now (minutes), not on the first request
+            pipe.generate(["warm-up"], pipe.params(steps=1, cfg_scale=pipe.sampler.cfg_scale))
 
     def generate(self, paradigm: str, prompts: list[str], settings: dict,
                  callback: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, dict]:
@@ -162,8 +176,10 @@ class LocalStages:
         if too_long:
             raise InvalidInputError(f"prompt: {too_long[0]}")
         out = pipe.generate(prompts, params, callback=callback)
-        loras = {"loras": self.loras[paradigm]} if paradigm in self.loras else {}
-        return out.cpu(), {"model": self.models[paradigm], **loras, **dataclasses.asdict(params)}
+        extra = {"loras": self.loras[paradigm]} if paradigm in self.loras else {}
+        if self.speed and hasattr(self.loaded(paradigm), "set_speed"):
+            extra["speed"] = self.speed  # ToMe changes the image: the record says so
+        return out.cpu(), {"model": self.models[paradigm], **extra, **dataclasses.asdict(params)}
 
     def decode(self, paradigm: str, out: torch.Tensor) -> list[Image.Image]:
         from tessera.pipelines.base import to_images
@@ -201,14 +217,15 @@ def _timed(timings: dict, name: str, fn, *args):
 class TextToImage:
     def __init__(self, models: dict[str, str] | None = None, sr_model: str = "fast", prompt_safety=None,
                  image_safety=None, text_encoder: str | None = None, device: str | None = None,
-                 dtype: str | None = None, stages=None, loras: dict[str, list[str]] | None = None):
+                 dtype: str | None = None, stages=None, loras: dict[str, list[str]] | None = None,
+                 speed: dict | None = None):
         """`prompt_safety` / `image_safety`: checkers (safety.prompt.PromptSafety / safety.image.ImageSafety);
         None builds the defaults. Both are always on: there is no request field that turns them off.
         `stages`: generation / decoding / super-resolution (default: LocalStages over `models`)."""
         from tessera.safety.image import ImageSafety
         from tessera.safety.prompt import PromptSafety
 
-        self.stages = stages or LocalStages(models, sr_model, text_encoder, device, dtype, loras)
+        self.stages = stages or LocalStages(models, sr_model, text_encoder, device, dtype, loras, speed)
         self.prompt_safety = prompt_safety or PromptSafety()
         self.image_safety = image_safety or ImageSafety()
 
@@ -345,7 +362,8 @@ def generate_file(prompt: str, out: str, paradigm: str | None = None, model: str
                   temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                   negative_prompt: str = "", no_enhance: bool = False, diversify: bool = False,
                   device: str | None = None, dtype: str | None = None, progress: bool = True,
-                  loras: tuple[str, ...] = ()) -> tuple[str, FileResult]:
+                  loras: tuple[str, ...] = (), attention: str | None = None, tome: float | None = None,
+                  compile: bool = False) -> tuple[str, FileResult]:
     """`tessera generate`: the system pipeline for one request, written as one PNG (a grid when n > 1)
     with its record. `model` (a pipeline folder, generator or preset) decides the paradigm unless given."""
     from tqdm import tqdm
@@ -360,7 +378,7 @@ def generate_file(prompt: str, out: str, paradigm: str | None = None, model: str
     req.validate()
     check_output_path(out)
     pipe = TextToImage({paradigm: model} if model else None, device=device, dtype=dtype,
-                       loras={paradigm: list(loras)})
+                       loras={paradigm: list(loras)}, speed=dict(attention=attention, tome=tome, compile=compile or None))
     pipe.stages.loaded(paradigm)  # a model of the wrong kind fails here, before any work
     bar = tqdm(desc=paradigm, unit="step", disable=not progress)
     try:

@@ -74,6 +74,7 @@ class ServeConfig:
     dtype: str | None = None
     public_url: str | None = None                               # base of `url` links (default: relative links)
     loras: tuple[str, ...] = ()                                 # 'FILE[:SCALE]' merged into the diffusion (SD) model
+    speed: dict = dataclasses.field(default_factory=dict)       # SD speed options (attention, tome, compile)
 
 
 def error(status: int, message: str, code: str | None = None, param: str | None = None, headers=None, **extra):
@@ -93,7 +94,8 @@ def create_app(config: ServeConfig | None = None,
     recovered = store.recover()
     if pipeline is None:
         pipeline = functools.partial(default_pipeline, dict(config.stage_urls), dict(config.models), config.device,
-                                     config.dtype, stage_key(tuple(k for k in config.api_keys if k)), config.loras)
+                                     config.dtype, stage_key(tuple(k for k in config.api_keys if k)), config.loras,
+                                     config.speed)
     worker = Worker(pipeline, store, config.max_batch, config.max_batch_images, preload=config.preload)
     completer = Completer.from_vocab(store.accepted_prompts())
 
@@ -245,16 +247,17 @@ def _data_routes(config: ServeConfig, store: Store, worker: Worker, completer: C
 
 
 def default_pipeline(stage_urls: dict, models: dict | None = None, device: str | None = None,
-                     dtype: str | None = None, api_key: str | None = None, loras: tuple[str, ...] = ()) -> TextToImage:
+                     dtype: str | None = None, api_key: str | None = None, loras: tuple[str, ...] = (),
+                     speed: dict | None = None) -> TextToImage:
     """TextToImage over local stages, or over the stage services at `stage_urls` (sending `api_key`);
     `loras` merged into the diffusion model where it is generated here."""
     loras = {"diffusion": list(loras)}
     if not stage_urls:
-        return TextToImage(models, device=device, dtype=dtype, loras=loras)
+        return TextToImage(models, device=device, dtype=dtype, loras=loras, speed=speed)
     from tessera.pipelines.text2image import LocalStages
     from tessera.serve.remote import RemoteStages
-    return TextToImage(stages=RemoteStages(stage_urls, LocalStages(models, device=device, dtype=dtype, loras=loras),
-                                           api_key=api_key))
+    return TextToImage(stages=RemoteStages(stage_urls, LocalStages(models, device=device, dtype=dtype, loras=loras,
+                                                                   speed=speed), api_key=api_key))
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -282,7 +285,8 @@ STAGE_PORTS = {"gateway": 8000, "generation": 8101, "decoding": 8102, "superres"
 def build_server(stage: str = "gateway", host: str = "127.0.0.1", port: int | None = None, api_keys=(),
                  models: dict | list[str] | None = None, device: str | None = None, dtype: str | None = None,
                  use_ray: bool = False, replicas: str = "1,1,1", preload: tuple[str, ...] = ("diffusion",),
-                 loras: tuple[str, ...] = (), **config) -> tuple[FastAPI, int]:
+                 loras: tuple[str, ...] = (), attention: str | None = None, tome: float | None = None,
+                 compile: bool = False, **config) -> tuple[FastAPI, int]:
     """The app `tessera serve` runs (gateway or one stage service) and its port. A public address needs keys."""
     from tessera.errors import InvalidInputError
 
@@ -298,15 +302,16 @@ def build_server(stage: str = "gateway", host: str = "127.0.0.1", port: int | No
     if loras and (use_ray or stage in ("decoding", "superres")):
         raise InvalidInputError(f"--lora: merged where the diffusion model generates (the gateway or the generation "
                                 f"service), not {'in Ray deployments' if use_ray else 'by the ' + stage + ' service'}")
+    speed = {k: v for k, v in dict(attention=attention, tome=tome, compile=compile or None).items() if v is not None}
     if stage != "gateway":
         from tessera.pipelines.text2image import LocalStages
         from tessera.serve.services import create_stage_app
 
-        stages = LocalStages(models, device=device, dtype=dtype, loras={"diffusion": list(loras)})
+        stages = LocalStages(models, device=device, dtype=dtype, loras={"diffusion": list(loras)}, speed=speed)
         app = create_stage_app(stage, stages, preload if stage != "superres" else (), api_keys=keys)
         return app, port or STAGE_PORTS[stage]
     cfg = ServeConfig(api_keys=keys, preload=preload, models=dict(models or {}), device=device, dtype=dtype,
-                      loras=tuple(loras), **config)
+                      loras=tuple(loras), speed=speed, **config)
     pipeline = None
     if use_ray:
         from tessera.serve.ray_app import ray_pipeline
