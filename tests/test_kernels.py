@@ -153,3 +153,23 @@ def test_the_speed_switches_reach_an_sd_pipeline_through_generate_and_serve(tmp_
     r = CliRunner().invoke(main, ["generate", "a cat", "--paradigm", "masked", "--tome", "0.5", "-o",
                                   str(tmp_path / "z.png")])
     assert r.exit_code != 0 and "Stable Diffusion" in r.output and "Traceback" not in r.output
+
+
+def test_safetensors_are_read_into_private_memory_equal_to_the_library(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from tessera.checkpoint import CheckpointError, read_safetensors
+
+    state = {"a": torch.randn(3, 5), "b": torch.randn(7).half(), "c": torch.arange(6).reshape(2, 3),
+             "d": torch.randn(2, 2).bfloat16(), "e": torch.tensor([True, False])}
+    save_file(state, tmp_path / "w.safetensors", metadata={"kind": "x"})
+    got, want = read_safetensors(tmp_path / "w.safetensors"), load_file(str(tmp_path / "w.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype
+                                             for k in want)
+    cast = read_safetensors(tmp_path / "w.safetensors", torch.bfloat16)
+    assert cast["a"].dtype == cast["b"].dtype == torch.bfloat16 and cast["c"].dtype == torch.int64
+    data = (tmp_path / "w.safetensors").read_bytes()
+    for bad in (data[:-3], b"\x00" * 4, data[:8] + b"[" + data[9:], data[:8] + data[8:].replace(b"F32", b"X32", 1)):
+        (tmp_path / "bad.safetensors").write_bytes(bad)
+        with pytest.raises(CheckpointError, match="bad.safetensors"):
+            read_safetensors(tmp_path / "bad.safetensors")

@@ -15,6 +15,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import os
 import secrets
 from pathlib import Path
@@ -154,6 +155,47 @@ def export_model(model: nn.Module, out_dir: str | Path, extra_meta: dict | None 
     return out
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def read_safetensors(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A .safetensors file read tensor by tensor into this process's own memory (floating-point tensors cast
+    to `dtype` one at a time), not memory-mapped: a mapped file stays resident while any of its tensors is
+    alive, so a real-size network loaded that way and then repacked or cast would hold the file twice.
+    The format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
+    then the bytes; anything inconsistent is a CheckpointError naming the file."""
+    import struct
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        size = path.stat().st_size
+        try:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if not 2 <= n <= min(size - 8, 100 << 20):
+                raise ValueError(f"header length {n}")
+            header = json.loads(f.read(n))
+            entries = sorted(((k, v["dtype"], [int(d) for d in v["shape"]], [int(o) for o in v["data_offsets"]])
+                              for k, v in header.items() if k != "__metadata__"), key=lambda e: e[3][0])
+        except (struct.error, ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+            raise CheckpointError(f"{path}: not a safetensors file ({type(e).__name__}: {e})") from None
+        start, out = 8 + n, {}
+        for name, dtype_name, shape, offsets in entries:
+            kind = SAFETENSORS_DTYPES.get(dtype_name)
+            begin, end = (offsets + [-1, -1])[:2]
+            count = math.prod(shape)
+            if kind is None or not 0 <= begin <= end <= size - start or end - begin != count * kind.itemsize:
+                raise CheckpointError(f"{path}: tensor {name!r} has a bad entry ({dtype_name}, {shape}, {offsets})")
+            buf = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(start + begin)
+            if f.readinto(memoryview(buf.numpy())) != end - begin:
+                raise CheckpointError(f"{path}: truncated at tensor {name!r}")
+            t = buf.view(kind).reshape(shape)
+            out[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return out
+
+
 def is_model_folder(path: str | Path) -> bool:
     return all((Path(path) / name).is_file() for name in (CONFIG, WEIGHTS, META))
 
@@ -178,8 +220,6 @@ def _build(fam, cfg) -> nn.Module:
 def load_model(path: str | Path, verify: bool = True, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Rebuild a model from an export folder: class from meta.kind, config from config.json, strict weights,
     floating-point tensors in `dtype` (one copy: nothing is built in float32 first)."""
-    from safetensors.torch import load_file
-
     from tessera.registry import family
 
     folder = Path(path)
@@ -191,7 +231,7 @@ def load_model(path: str | Path, verify: bool = True, dtype: torch.dtype = torch
         raise CheckpointError(f"{folder / WEIGHTS}: sha256 does not match meta.json (corrupt or replaced)")
     fam = family(meta.kind)
     model = _build(fam, fam.config.load(folder / CONFIG))
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(folder / WEIGHTS)).items()}
+    state = read_safetensors(folder / WEIGHTS, dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.meta = meta
     return model.eval()

@@ -65,7 +65,17 @@ def pack(model: nn.Module, size_hint: tuple[int, int] = (64, 64), tokens_hint: i
         setattr(m, PACKED, packed)
         m.weight.data = torch.empty(0, dtype=w.dtype)  # the packed tensor is now the only copy
         n += 1
+    if n:
+        _own(model)
     return n
+
+
+def _own(model: nn.Module) -> None:
+    """Private copies of the tensors left plain (biases, norms, embeddings): a model loaded by memory-mapping
+    its file (transformers does) keeps the whole file resident while any one tensor still maps it."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.numel():
+            t.data = t.data.clone()
 
 
 def unpack(model: nn.Module) -> int:

@@ -177,9 +177,9 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
         raise InvalidInputError(f"{path}: a pickle checkpoint is not read (it can run code); use its .safetensors "
                                 f"or a diffusers folder")
-    from safetensors.torch import load_file
+    from tessera.checkpoint import read_safetensors
 
-    return load_file(str(path))
+    return read_safetensors(path)
 
 
 def load_single_file(path: str | Path, tokenizer: str | Path, prediction: str = "epsilon", device=None, dtype=None):

@@ -276,10 +276,10 @@ def weights_file(folder: Path, stem: str, variant: str | None) -> Path:
     return found[0]
 
 
-def _weights(folder: Path, variant: str | None) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _weights(folder: Path, variant: str | None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    from tessera.checkpoint import read_safetensors
 
-    return load_file(str(weights_file(folder, "diffusion_pytorch_model", variant)))
+    return read_safetensors(weights_file(folder, "diffusion_pytorch_model", variant), dtype)
 
 
 def on_meta(make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
@@ -318,7 +318,7 @@ def load_unet(folder: str | Path, variant: str | None = None, dtype: torch.dtype
 
     folder = Path(folder)
     config = SDUNetConfig.from_diffusers(_config(folder))
-    return _strict(on_meta(lambda: SDUNet(config)), _weights(folder, variant), folder, dtype).eval()
+    return _strict(on_meta(lambda: SDUNet(config)), _weights(folder, variant, dtype), folder, dtype).eval()
 
 
 def load_vae(folder: str | Path, variant: str | None = None, dtype: torch.dtype | None = None):
@@ -335,7 +335,7 @@ def load_vae(folder: str | Path, variant: str | None = None, dtype: torch.dtype 
     model_cls, config_cls = classes[config["_class_name"]]
     config = config_cls.from_diffusers(config)
     dtype = _vae_dtype(config, dtype or torch.float32)
-    return _strict(on_meta(lambda: model_cls(config)), _weights(folder, variant), folder, dtype).eval()
+    return _strict(on_meta(lambda: model_cls(config)), _weights(folder, variant, dtype), folder, dtype).eval()
 
 
 def load_diffusers_folder(folder: str | Path, device=None, variant: str | None = None, vae: str | Path | None = None,
