@@ -164,7 +164,7 @@ TABLE = (("plain (no prepacking)", dict(prepack=False)), ("prepacked weights (de
          ("compile + ToMe 0.5", dict(tome=0.5, compile=True)))
 
 
-def option_table(case: str, folder: Path, calls: int) -> None:
+def option_table(case: str, folder: Path, calls: int, rows: list[str]) -> None:
     """Each speed option alone, then together: one process, the diffusers pipeline alternating with
     Tessera's under each setting (set_speed switches them on the same loaded pipeline)."""
     torch.set_num_threads(2)
@@ -184,6 +184,8 @@ def option_table(case: str, folder: Path, calls: int) -> None:
     print("| Tessera setting | first call s | diffusers s | Tessera s | Tessera U-Net s | diffusers / Tessera |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, options in TABLE:
+        if rows and not any(r in name for r in rows):
+            continue
         ours.set_speed(**options)
         first = call(ours, ours_b)[0]  # warm-up (a compile happens here)
         call(ref, ref_b)
@@ -204,6 +206,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=2, help="timed calls per process")
     ap.add_argument("--one-process", action="store_true", help="both sides in one process, alternating calls")
     ap.add_argument("--table", action="store_true", help="each speed option alone and together (one process)")
+    ap.add_argument("--rows", default="", help="--table: only the rows whose names contain one of these (a,b)")
     ap.add_argument("--options", default="", help="Tessera speed options, e.g. prepack=0,attention=gemm,tome=0.5")
     ap.add_argument("--side", choices=["diffusers", "tessera"], help=argparse.SUPPRESS)  # one side, in a child
     args = ap.parse_args()
@@ -217,7 +220,7 @@ def main() -> None:
         make_folder(args.case, folder)
         print(f"made {folder} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     if args.table:
-        return option_table(args.case, folder, args.calls)
+        return option_table(args.case, folder, args.calls, [r for r in args.rows.split(",") if r])
     if args.one_process:
         return one_process(args.case, folder, args.calls, options)
     results: dict[str, list[dict]] = {"diffusers": [], "tessera": []}

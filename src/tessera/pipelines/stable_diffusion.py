@@ -47,7 +47,7 @@ class StableDiffusionPipeline(Pipeline):
             raise WrongModelError(f"the U-Net cross-attends to {unet.config.cross_attention_dim}-d states; the text "
                                   f"encoder gives {text_encoder.dim}-d")
         self.scheduler, self.schedule = scheduler, Schedule(scheduler)
-        self.prepack = prepack
+        self.prepack, self._compiled = prepack, None
         super().__init__(unet, vae, text_encoder, **kw)
 
     @property
@@ -91,7 +91,7 @@ class StableDiffusionPipeline(Pipeline):
         return self
 
     def _unet(self, *args):
-        return (getattr(self, "_compiled", None) or self.generator)(*args)
+        return (self._compiled if self._compiled is not None else self.generator)(*args)
 
     @contextlib.contextmanager
     def unpacked(self):
