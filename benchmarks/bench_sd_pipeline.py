@@ -98,7 +98,7 @@ def load_side(side: str, folder: Path, options: dict | None = None):
         if options:
             pipe.set_speed(**options)
         _timer(pipe.text_encoder.model, "forward", buckets["text"])
-        _timer(pipe.generator, "forward", buckets["unet"])
+        _timer(pipe, "_unet", buckets["unet"])  # outside a compiled U-Net (a timer inside it would recompile it)
         _timer(pipe.tokenizer, "decode_latents", buckets["decode"])
     return pipe, buckets
 
@@ -108,44 +108,39 @@ def run_side(side: str, case: str, folder: Path, calls: int, options: dict | Non
     t0 = time.perf_counter()
     pipe, buckets = load_side(side, folder, options)
     load_s = time.perf_counter() - t0
-    steps, guidance = CASES[case]["steps"], CASES[case]["guidance"]
-
-    def call(n_steps: int):
-        for b in buckets.values():
-            b.clear()
-        t = time.perf_counter()
-        with torch.no_grad():
-            image = pipe("a lake between mountains at sunset", num_inference_steps=n_steps, guidance_scale=guidance,
-                         generator=torch.Generator("cpu").manual_seed(11), height=512, width=512).images[0]
-        return time.perf_counter() - t, image, {k: sum(v) for k, v in buckets.items()}, len(buckets["unet"])
-
-    call(1)  # warm-up: oneDNN primitives for every shape
-    runs = [call(steps) for _ in range(calls)]
+    timed_call(pipe, buckets, case, steps=1)  # warm-up: oneDNN primitives for every shape
+    runs = [timed_call(pipe, buckets, case) for _ in range(calls)]
     with open("/proc/self/status") as f:
         hwm = int(next(line for line in f if line.startswith("VmHWM")).split()[1]) / 1024
-    total = statistics.median(r[0] for r in runs)
-    stages = {k: statistics.median(r[2][k] for r in runs) for k in buckets}
-    return {"side": side, "load_s": load_s, "total_s": total, "unet_calls": runs[0][3],
-            "unet_per_call_s": stages["unet"] / runs[0][3], **{f"{k}_s": v for k, v in stages.items()},
-            "peak_rss_mib": hwm, "size": list(runs[0][1].size)}
+    stages = {k: statistics.median(r[k] for r in runs) for k in ("total_s", "text_s", "unet_s", "decode_s")}
+    return {"side": side, "load_s": load_s, **stages, "unet_calls": runs[0]["unet_calls"],
+            "unet_per_call_s": stages["unet_s"] / runs[0]["unet_calls"],
+            "peak_rss_mib": hwm, "size": list(runs[0]["image"].size)}
+
+
+def timed_call(pipe, buckets: dict, case: str, steps: int | None = None) -> dict:
+    """One 512² call of `pipe` with the case's settings -> {"total_s", "text_s", "unet_s", "decode_s", "image"}."""
+    for b in buckets.values():
+        b.clear()
+    t = time.perf_counter()
+    with torch.no_grad():
+        image = pipe("a lake between mountains at sunset", num_inference_steps=steps or CASES[case]["steps"],
+                     guidance_scale=CASES[case]["guidance"], generator=torch.Generator("cpu").manual_seed(11),
+                     height=512, width=512).images[0]
+    return {"total_s": time.perf_counter() - t, **{f"{k}_s": sum(v) for k, v in buckets.items()},
+            "unet_calls": len(buckets["unet"]), "image": image}
 
 
 def one_process(case: str, folder: Path, calls: int, options: dict) -> None:
     """Both sides in this process, alternating calls (the issue-21 comparison): median per stage and ratio."""
     torch.set_num_threads(2)
     sides = {side: load_side(side, folder, options) for side in ("diffusers", "tessera")}
-    steps, guidance = CASES[case]["steps"], CASES[case]["guidance"]
     runs: dict[str, list[dict]] = {side: [] for side in sides}
     for i in range(calls + 1):  # the first round warms up both
         for side, (pipe, buckets) in sides.items():
-            for b in buckets.values():
-                b.clear()
-            t = time.perf_counter()
-            with torch.no_grad():
-                pipe("a lake between mountains at sunset", num_inference_steps=steps, guidance_scale=guidance,
-                     generator=torch.Generator("cpu").manual_seed(11), height=512, width=512)
+            run = timed_call(pipe, buckets, case)
             if i:
-                runs[side].append({"total_s": time.perf_counter() - t, **{f"{k}_s": sum(v) for k, v in buckets.items()}})
+                runs[side].append(run)
     print(f"case {case}: both sides in one process, alternating, {calls} call(s) each after a warm-up; "
           f"Tessera options {options or 'default'}")
     print("| stage | diffusers s | Tessera s | diffusers / Tessera |")
@@ -169,16 +164,10 @@ def option_table(case: str, folder: Path, calls: int, rows: list[str]) -> None:
     Tessera's under each setting (set_speed switches them on the same loaded pipeline)."""
     torch.set_num_threads(2)
     (ref, ref_b), (ours, ours_b) = load_side("diffusers", folder), load_side("tessera", folder)
-    steps, guidance = CASES[case]["steps"], CASES[case]["guidance"]
 
     def call(pipe, buckets):
-        for b in buckets.values():
-            b.clear()
-        t = time.perf_counter()
-        with torch.no_grad():
-            pipe("a lake between mountains at sunset", num_inference_steps=steps, guidance_scale=guidance,
-                 generator=torch.Generator("cpu").manual_seed(11), height=512, width=512)
-        return time.perf_counter() - t, sum(buckets["unet"])
+        run = timed_call(pipe, buckets, case)
+        return run["total_s"], run["unet_s"]
 
     print(f"case {case}: one process, diffusers alternating with Tessera, {calls} call(s) each after a warm-up")
     print("| Tessera setting | first call s | diffusers s | Tessera s | Tessera U-Net s | diffusers / Tessera |")
