@@ -32,4 +32,8 @@ fi
 [ -d .venv/fid-reference/torch_fidelity ] || .venv/bin/python -m pip install -q --no-deps --target .venv/fid-reference \
   "torchvision==0.28.0" "pytorch-fid==0.3.0" "torch-fidelity==0.4.0" \
   || echo "warning: the pytorch-fid reference did not install: its equivalence test will be skipped" >&2
+# Test-only reference for the taming VQGAN (tests/test_taming.py): the 2021 wheel's modules, without its
+# dependencies (only its Lightning model files need them), in a side folder.
+[ -d .venv/taming-reference/taming ] || .venv/bin/python -m pip install -q --no-deps --target .venv/taming-reference \
+  "taming-transformers==0.0.1" || echo "warning: taming-transformers did not install: its test will be skipped" >&2
 .venv/bin/python -c "import torch, tessera; print('tessera', tessera.__version__, 'torch', torch.__version__)"

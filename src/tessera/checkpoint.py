@@ -19,12 +19,12 @@ import math
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from tessera.errors import ModelNotFoundError, TesseraError
+from tessera.errors import ModelNotFoundError, TesseraError, WrongModelError
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -214,6 +214,30 @@ def _build(fam, cfg) -> nn.Module:
         model = fam.model(cfg)
     if set(dict(model.named_buffers())) - set(model.state_dict()):
         model = fam.model(cfg)
+    return model
+
+
+def on_meta(make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """A network built without memory (`make()` on the meta device): `load_strict` then assigns the checkpoint's
+    tensors, so an 866 M U-Net never exists twice (nor once in float32 when the compute dtype is bf16)."""
+    with torch.device("meta"):
+        return make()
+
+
+def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path,
+            dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """load_state_dict(strict=True), with every missing / unexpected key and shape mismatch named; the
+    tensors are assigned (cast to `dtype`, default: float32)."""
+    ours = model.state_dict()
+    missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(ours[k].shape)}" for k in set(ours) & set(state)
+              if state[k].shape != ours[k].shape]
+    if missing or unexpected or shapes:
+        raise WrongModelError(f"{where}: the weights do not fit ({len(missing)} missing, e.g. {missing[:3]}; "
+                              f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}; shapes {shapes[:3]})")
+    dtype = dtype or torch.float32
+    model.load_state_dict({k: v.to(dtype if v.is_floating_point() else v.dtype) for k, v in state.items()},
+                          strict=True, assign=True)
     return model
 
 

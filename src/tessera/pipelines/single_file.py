@@ -159,7 +159,7 @@ def _clip_model(text: dict[str, torch.Tensor], layers: int, act: str, where: Pat
     """A transformers CLIPTextModel of the shapes `text` has, loaded strictly with it."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from tessera.pipelines.stable_diffusion import _strict
+    from tessera.checkpoint import load_strict
 
     hidden = text["embeddings.token_embedding.weight"].shape[1]
     config = CLIPTextConfig(vocab_size=text["embeddings.token_embedding.weight"].shape[0], hidden_size=hidden,
@@ -168,7 +168,7 @@ def _clip_model(text: dict[str, torch.Tensor], layers: int, act: str, where: Pat
                             max_position_embeddings=text["embeddings.position_embedding.weight"].shape[0])
     clip = CLIPTextModel(config).eval()
     prefix = "text_model." if next(iter(clip.state_dict())).startswith("text_model.") else ""  # transformers 4 / 5
-    return _strict(clip, {prefix + k: t for k, t in text.items()}, where)
+    return load_strict(clip, {prefix + k: t for k, t in text.items()}, where)
 
 
 # ---- the whole checkpoint ---------------------------------------------------------------------------------
@@ -188,9 +188,10 @@ def load_single_file(path: str | Path, tokenizer: str | Path, prediction: str = 
     the tensors cannot reveal."""
     from transformers import CLIPTokenizer
 
+    from tessera.checkpoint import load_strict, on_meta
     from tessera.device import Placement, placement
     from tessera.generators.sd_unet import SDUNet, SDUNetConfig
-    from tessera.pipelines.stable_diffusion import SD_DEFAULTS, StableDiffusionPipeline, _strict, on_meta
+    from tessera.pipelines.stable_diffusion import SD_DEFAULTS, StableDiffusionPipeline
     from tessera.sampling.diffusion import DiffusionConfig
     from tessera.text.clip import CLIPPromptEncoder
     from tessera.tokenizer.kl import KLAutoencoder, KLAutoencoderConfig
@@ -204,11 +205,11 @@ def load_single_file(path: str | Path, tokenizer: str | Path, prediction: str = 
     device = device if isinstance(device, Placement) else placement(device, dtype)
     u = unet_structure(unet)
     net = on_meta(lambda: SDUNet(SDUNetConfig(sample_size=64, **u)))
-    _strict(net, unet_to_diffusers(unet, u["layers_per_block"], len(u["block_out_channels"]), u["cross_attention"]),
+    load_strict(net, unet_to_diffusers(unet, u["layers_per_block"], len(u["block_out_channels"]), u["cross_attention"]),
             Path(path), device.dtype)
     v = vae_structure(vae)
     ae = on_meta(lambda: KLAutoencoder(KLAutoencoderConfig(**v)))
-    _strict(ae, vae_to_diffusers(vae, len(v["block_out_channels"]), v["layers_per_block"]), Path(path))
+    load_strict(ae, vae_to_diffusers(vae, len(v["block_out_channels"]), v["layers_per_block"]), Path(path))
     if text:  # SD1: OpenAI CLIP ViT-L/14 text, already in transformers' names
         text = {k.removeprefix("text_model."): t for k, t in text.items() if not k.endswith("position_ids")}
         layers = len({k.split(".")[2] for k in text if k.startswith("encoder.layers.")})

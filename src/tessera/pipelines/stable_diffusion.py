@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from tessera.checkpoint import load_strict, on_meta
 from tessera.device import Placement, placement
 from tessera.errors import InvalidInputError, ModelNotFoundError, WrongModelError
 from tessera.generators.sd_unet import guidance_embedding
@@ -282,30 +283,6 @@ def _weights(folder: Path, variant: str | None, dtype: torch.dtype | None = None
     return read_safetensors(weights_file(folder, "diffusion_pytorch_model", variant), dtype)
 
 
-def on_meta(make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    """A network built without memory (`make()` on the meta device): `_strict` then assigns the checkpoint's
-    tensors, so an 866 M U-Net never exists twice (nor once in float32 when the compute dtype is bf16)."""
-    with torch.device("meta"):
-        return make()
-
-
-def _strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path,
-            dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """load_state_dict(strict=True), with every missing / unexpected key and shape mismatch named; the
-    tensors are assigned (cast to `dtype`, default: float32)."""
-    ours = model.state_dict()
-    missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(ours[k].shape)}" for k in set(ours) & set(state)
-              if state[k].shape != ours[k].shape]
-    if missing or unexpected or shapes:
-        raise WrongModelError(f"{where}: the weights do not fit ({len(missing)} missing, e.g. {missing[:3]}; "
-                              f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}; shapes {shapes[:3]})")
-    dtype = dtype or torch.float32
-    model.load_state_dict({k: v.to(dtype if v.is_floating_point() else v.dtype) for k, v in state.items()},
-                          strict=True, assign=True)
-    return model
-
-
 def _config(folder: Path) -> dict:
     try:
         return json.loads((folder / "config.json").read_text())
@@ -318,7 +295,7 @@ def load_unet(folder: str | Path, variant: str | None = None, dtype: torch.dtype
 
     folder = Path(folder)
     config = SDUNetConfig.from_diffusers(_config(folder))
-    return _strict(on_meta(lambda: SDUNet(config)), _weights(folder, variant, dtype), folder, dtype).eval()
+    return load_strict(on_meta(lambda: SDUNet(config)), _weights(folder, variant, dtype), folder, dtype).eval()
 
 
 def load_vae(folder: str | Path, variant: str | None = None, dtype: torch.dtype | None = None):
@@ -335,7 +312,7 @@ def load_vae(folder: str | Path, variant: str | None = None, dtype: torch.dtype 
     model_cls, config_cls = classes[config["_class_name"]]
     config = config_cls.from_diffusers(config)
     dtype = _vae_dtype(config, dtype or torch.float32)
-    return _strict(on_meta(lambda: model_cls(config)), _weights(folder, variant, dtype), folder, dtype).eval()
+    return load_strict(on_meta(lambda: model_cls(config)), _weights(folder, variant, dtype), folder, dtype).eval()
 
 
 def load_diffusers_folder(folder: str | Path, device=None, variant: str | None = None, vae: str | Path | None = None,

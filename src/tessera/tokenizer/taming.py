@@ -1,0 +1,269 @@
+"""taming-transformers' VQGAN (Esser et al. 2021, seed 000's first-stage model) in Tessera, under the
+checkpoint's own parameter names, so a released `last.ckpt` loads strictly without renaming:
+
+    image [B,3,H,W] in [-1,1] --encoder--> [B,z,h,w] --quant_conv--> [B,e,h,w] --quantize--> token ids [B,h,w]
+    tokens --quantize.embedding--> [B,e,h,w] --post_quant_conv--> --decoder--> image,   h = H / 2^(levels-1)
+
+The encoder / decoder are the convolutional stacks LDM later copied (`down.{i}.block.{j}`,
+`down.{i}.attn.{j}` at the resolutions in `attn_resolutions`, `mid.block_1 / attn_1 / block_2`; the decoder
+has `num_res_blocks + 1` blocks per level and its `up` list is indexed by level, lowest resolution last);
+GroupNorm(32, eps 1e-6) and swish throughout. Quantization is the nearest codebook vector in squared L2
+(eq. 2 of the VQGAN paper), no normalisation. A release folder (`configs/model.yaml` + `checkpoints/last.ckpt`)
+is read by `load_release` (tensors only; the GAN's `loss.*` tensors are left out, and said so).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tessera.config import Config
+from tessera.errors import InvalidInputError, WrongModelError
+from tessera.registry import register_family
+
+
+@dataclasses.dataclass
+class TamingVQConfig(Config):
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    resolution: int = 256
+    in_channels: int = 3
+    out_ch: int = 3
+    z_channels: int = 256
+    embed_dim: int = 256
+    n_embed: int = 1024
+
+    @property
+    def factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+def _norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, c, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = _norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the h*w positions, q / k / v / proj_out as 1x1 convolutions."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.norm = _norm(c)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        t = self.norm(x)
+        q, k, v = (m(t).reshape(b, 1, c, h * w).transpose(-1, -2) for m in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric padding: (B, C, H/2, W/2)
+
+
+class Upsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
+
+
+def _level(c_in: int, c_out: int, blocks: int, attention: bool) -> nn.Module:
+    level = nn.Module()
+    level.block = nn.ModuleList(ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(blocks))
+    level.attn = nn.ModuleList(AttnBlock(c_out) for _ in range(blocks)) if attention else nn.ModuleList()
+    return level
+
+
+def _mid(c: int) -> nn.Module:
+    mid = nn.Module()
+    mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
+    return mid
+
+
+def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    for j, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn):
+            h = level.attn[j](h)
+    return h
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: TamingVQConfig):
+        super().__init__()
+        mult, res = (1, *cfg.ch_mult), cfg.resolution
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        for i, m in enumerate(cfg.ch_mult):
+            level = _level(cfg.ch * mult[i], cfg.ch * m, cfg.num_res_blocks, res in cfg.attn_resolutions)
+            if i < len(cfg.ch_mult) - 1:
+                level.downsample, res = Downsample(cfg.ch * m), res // 2
+            self.down.append(level)
+        c = cfg.ch * cfg.ch_mult[-1]
+        self.mid, self.norm_out = _mid(c), _norm(c)
+        self.conv_out = nn.Conv2d(c, cfg.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            h = _run_level(level, h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, z, h, w)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: TamingVQConfig):
+        super().__init__()
+        n = len(cfg.ch_mult)
+        c, res = cfg.ch * cfg.ch_mult[-1], cfg.resolution // 2 ** (n - 1)
+        self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
+        self.mid = _mid(c)
+        up = []
+        for i in reversed(range(n)):  # lowest resolution first; stored by level index
+            level = _level(c, cfg.ch * cfg.ch_mult[i], cfg.num_res_blocks + 1, res in cfg.attn_resolutions)
+            c = cfg.ch * cfg.ch_mult[i]
+            if i > 0:
+                level.upsample, res = Upsample(c), res * 2
+            up.insert(0, level)
+        self.up = nn.ModuleList(up)
+        self.norm_out, self.conv_out = _norm(c), nn.Conv2d(c, cfg.out_ch, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        for level in reversed(self.up):
+            h = _run_level(level, h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H, W)
+
+
+class Quantize(nn.Module):
+    def __init__(self, n_embed: int, dim: int):
+        super().__init__()
+        self.embedding = nn.Embedding(n_embed, dim)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z [B,e,h,w] -> ids [B,h,w] of the nearest codes: argmin |z|^2 - 2 z.e + |e|^2."""
+        b, e, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, e).float()  # (BHW, e)
+        codes = self.embedding.weight.float()
+        d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codes.t() + codes.pow(2).sum(1)[None]  # (BHW, n)
+        return d.argmin(dim=1).reshape(b, h, w)
+
+
+@register_family("taming-vq", TamingVQConfig, role="tokenizer")
+class TamingVQGAN(nn.Module):
+    def __init__(self, cfg: TamingVQConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        self.quantize = Quantize(cfg.n_embed, cfg.embed_dim)
+
+    @property
+    def factor(self) -> int:
+        return self.config.factor
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B,3,H,W] in [-1,1] (H, W multiples of `factor`) -> token ids [B,H/f,W/f]."""
+        if images.shape[-1] % self.factor or images.shape[-2] % self.factor:
+            raise InvalidInputError(f"image size {tuple(images.shape[-2:])} is not a multiple of {self.factor}")
+        return self.quantize(self.quant_conv(self.encoder(images)))
+
+    @torch.no_grad()
+    def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """token ids [B,h,w] -> images [B,3,h*f,w*f] (about [-1,1])."""
+        if tokens.min() < 0 or tokens.max() >= self.config.n_embed:
+            raise InvalidInputError(f"token ids must lie in [0, {self.config.n_embed})")
+        z = self.quantize.embedding(tokens).permute(0, 3, 1, 2)  # (B, e, h, w)
+        return self.decoder(self.post_quant_conv(z))
+
+
+# ---- a taming-transformers release folder ---------------------------------------------------------------
+MODEL_YAML, CHECKPOINT = Path("configs/model.yaml"), Path("checkpoints/last.ckpt")
+
+
+def is_release_folder(path: str | Path) -> bool:
+    return (Path(path) / MODEL_YAML).is_file() and (Path(path) / CHECKPOINT).is_file()
+
+
+def release_config(folder: Path) -> TamingVQConfig:
+    """`model.params` of configs/model.yaml (VQModel's ddconfig, embed_dim, n_embed)."""
+    import yaml
+
+    try:
+        params = yaml.safe_load((folder / MODEL_YAML).read_text())["model"]["params"]
+        dd = params["ddconfig"]
+        cfg = TamingVQConfig(ch=dd["ch"], ch_mult=tuple(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
+                             attn_resolutions=tuple(dd["attn_resolutions"]), resolution=dd["resolution"],
+                             in_channels=dd["in_channels"], out_ch=dd["out_ch"], z_channels=dd["z_channels"],
+                             embed_dim=params["embed_dim"], n_embed=params["n_embed"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
+        raise WrongModelError(f"{folder / MODEL_YAML}: not a taming VQModel config ({type(e).__name__}: {e})") from None
+    if dd.get("double_z", False):
+        raise WrongModelError(f"{folder / MODEL_YAML}: double_z (a KL first stage), not a VQGAN")
+    return cfg
+
+
+def read_ckpt(path: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The `state_dict` of a Lightning .ckpt: tensors only (`weights_only=True`), unless the user trusts the
+    file (`trust_pickle`: it can run code)."""
+    import pickle
+
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as e:
+        raise WrongModelError(f"{path}: holds more than tensors, which Tessera does not unpickle by default "
+                              f"({str(e).splitlines()[0]}); if you trust the file, pass --trust-pickle") from None
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise WrongModelError(f"{path}: no state_dict")
+    return state
+
+
+def load_release(folder: str | Path, dtype: torch.dtype = torch.float32, trust_pickle: bool = False) -> TamingVQGAN:
+    """A release folder as a TamingVQGAN, loaded strictly; the discriminator / LPIPS (`loss.*`) are left out."""
+    import warnings
+
+    from tessera.checkpoint import load_strict, on_meta
+
+    folder = Path(folder)
+    cfg = release_config(folder)
+    state = read_ckpt(folder / CHECKPOINT, trust_pickle)
+    loss = [k for k in state if k.startswith("loss.")]
+    if loss:
+        warnings.warn(f"{folder / CHECKPOINT}: {len(loss)} loss.* tensors (the GAN discriminator / LPIPS) left out",
+                      stacklevel=2)
+    model = load_strict(on_meta(lambda: TamingVQGAN(cfg)), {k: v for k, v in state.items() if not k.startswith("loss.")},
+                    folder / CHECKPOINT, dtype)
+    return model.eval()

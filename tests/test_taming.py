@@ -1,0 +1,85 @@
+"""taming-transformers' VQGAN: a small random release folder (configs/model.yaml + checkpoints/last.ckpt with a
+state_dict, as its Lightning trainer writes) loads with `tessera.load(DIR)` into Tessera's TamingVQGAN, and the
+tokens and decoded images equal those of taming's own Encoder / Decoder / VectorQuantizer (the 2021 wheel,
+unpacked by scripts/setup.sh into .venv/taming-reference)."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tessera
+from tessera.errors import WrongModelError
+
+REF = Path(__file__).resolve().parents[1] / ".venv" / "taming-reference"
+DD = dict(double_z=False, z_channels=16, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2, 2],
+          num_res_blocks=1, attn_resolutions=[16], dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def taming():
+    if not (REF / "taming").is_dir():
+        pytest.skip("scripts/setup.sh unpacks taming-transformers into .venv/taming-reference")
+    sys.path.insert(0, str(REF))
+    try:
+        from taming.modules.diffusionmodules.model import Decoder, Encoder
+        from taming.modules.vqvae.quantize import VectorQuantizer
+    finally:
+        sys.path.remove(str(REF))
+    return Encoder, Decoder, VectorQuantizer
+
+
+def _release(root: Path, taming, n_embed: int = 64, embed_dim: int = 8):
+    import yaml
+
+    Encoder, Decoder, VectorQuantizer = taming
+    torch.manual_seed(0)
+    nets = {"encoder": Encoder(**DD), "decoder": Decoder(**DD), "quantize": VectorQuantizer(n_embed, embed_dim, 0.25),
+            "quant_conv": torch.nn.Conv2d(16, embed_dim, 1), "post_quant_conv": torch.nn.Conv2d(embed_dim, 16, 1)}
+    with torch.no_grad():
+        for net in nets.values():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    state = {f"{name}.{k}": v for name, net in nets.items() for k, v in net.state_dict().items()}
+    state["loss.discriminator.main.0.weight"] = torch.randn(4, 3, 4, 4)  # the GAN's, left out with a message
+    (root / "configs").mkdir(parents=True)
+    (root / "checkpoints").mkdir()
+    config = {"model": {"base_learning_rate": 4.5e-6, "target": "taming.models.vqgan.VQModel",
+                        "params": {"embed_dim": embed_dim, "n_embed": n_embed, "ddconfig": DD,
+                                   "lossconfig": {"target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator"}}}}
+    (root / "configs" / "model.yaml").write_text(yaml.safe_dump(config))
+    torch.save({"state_dict": state, "global_step": 10, "epoch": 1}, root / "checkpoints" / "last.ckpt")
+    return {name: net.eval() for name, net in nets.items()}
+
+
+def test_a_taming_release_gives_tamings_tokens_and_images(taming, tmp_path):
+    ref = _release(tmp_path / "vqgan", taming)
+    with pytest.warns(UserWarning, match="loss"):
+        vq = tessera.load(str(tmp_path / "vqgan"), dtype=torch.float32)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        z_q, _, (_, _, idx) = ref["quantize"](ref["quant_conv"](ref["encoder"](x)))
+        want_tokens = idx.reshape(2, 8, 8)
+        tokens = vq.encode(x)
+        assert tokens.shape == (2, 8, 8) and torch.equal(tokens, want_tokens)
+        want = ref["decoder"](ref["post_quant_conv"](z_q))
+        got = vq.decode_tokens(tokens)
+    assert np.abs((got - want).numpy()).max() <= 2 / 255 and len(tokens.unique()) > 1
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_release_that_does_not_fit_or_holds_more_than_tensors_is_one_clear_error(taming, tmp_path):
+    import yaml
+
+    _release(tmp_path / "a", taming)
+    config = yaml.safe_load((tmp_path / "a" / "configs" / "model.yaml").read_text())
+    config["model"]["params"]["n_embed"] = 128
+    (tmp_path / "a" / "configs" / "model.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(WrongModelError, match="do not fit"):
+        tessera.load(str(tmp_path / "a"))
+    _release(tmp_path / "b", taming)
+    state = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt")
+    torch.save({**state, "callbacks": {"cb": Path("x")}}, tmp_path / "b" / "checkpoints" / "last.ckpt")  # an object
+    with pytest.raises(WrongModelError, match="trust-pickle"):
+        tessera.load(str(tmp_path / "b"))
