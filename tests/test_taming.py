@@ -83,3 +83,19 @@ def test_a_release_that_does_not_fit_or_holds_more_than_tensors_is_one_clear_err
     torch.save({**state, "callbacks": {"cb": Path("x")}}, tmp_path / "b" / "checkpoints" / "last.ckpt")  # an object
     with pytest.raises(WrongModelError, match="trust-pickle"):
         tessera.load(str(tmp_path / "b"))
+
+
+def test_convert_writes_a_release_as_a_safetensors_model_folder(taming, tmp_path):
+    from click.testing import CliRunner
+
+    from tessera.cli import main
+
+    _release(tmp_path / "vqgan", taming)
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "vqgan"), "-o", str(tmp_path / "m"), "--dtype", "float32"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "m" / "model.safetensors").is_file() and not list((tmp_path / "m").glob("*.ckpt"))
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with pytest.warns(UserWarning):
+        original = tessera.load(str(tmp_path / "vqgan"))
+    converted = tessera.load(str(tmp_path / "m"))
+    assert converted.kind == "taming-vq" and torch.equal(converted.encode(x), original.encode(x))

@@ -3,6 +3,7 @@
     convert(SRC, OUT)   SRC: a diffusers Stable Diffusion folder (any variant), a single-file SD checkpoint
                         (.safetensors in the LDM layout), or a Tessera pipeline / generator folder or preset;
                         OUT: a pipeline folder (folder.py) in the storage dtype, loaded by tessera.load(OUT).
+                        A taming VQGAN release folder becomes a Tessera model folder (its pickle read once).
     pull(REPO, OUT)     a Hugging Face Hub repository's safetensors weights and configs (never a pickle),
                         through the `huggingface_hub` client; without a network, one line saying so.
 """
@@ -28,10 +29,13 @@ def convert(src: str | Path, out: str | Path, dtype: str = "float16", tokenizer:
     from tessera.device import placement
     from tessera.pipelines.folder import load_pipeline, save_pipeline
     from tessera.pipelines.stable_diffusion import is_diffusers_folder, load_diffusers_folder
+    from tessera.tokenizer.taming import is_release_folder
 
     if dtype not in STORAGE:
         raise InvalidInputError(f"--dtype {dtype}: must be one of {', '.join(STORAGE)}")
     place, src = placement("cpu", dtype), Path(src)
+    if is_release_folder(src):  # a taming VQGAN release: its pickle read once, written as safetensors
+        return _convert_model(src, Path(out), dtype)
     if src.is_file():
         from tessera.pipelines.single_file import load_single_file
 
@@ -46,6 +50,18 @@ def convert(src: str | Path, out: str | Path, dtype: str = "float16", tokenizer:
             raise InvalidInputError(f"{src}: --vae, --tokenizer and --variant apply to diffusers folders and single files")
         pipe = load_pipeline(str(src), device=place)
     return save_pipeline(pipe, out)
+
+
+def _convert_model(src: Path, out: Path, dtype: str) -> Path:
+    """A taming VQGAN release folder -> a Tessera model folder (config.json + model.safetensors + meta.json)."""
+    import torch
+
+    from tessera.checkpoint import export_model
+    from tessera.tokenizer.taming import load_release
+
+    if out.exists() and any(out.iterdir()):
+        raise InvalidInputError(f"-o {out}: the folder exists and is not empty (choose a new one)")
+    return export_model(load_release(src), out, {"source": str(src)}, dtype=getattr(torch, dtype))
 
 
 def _reachable(endpoint: str) -> None:
