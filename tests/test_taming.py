@@ -99,3 +99,35 @@ def test_convert_writes_a_release_as_a_safetensors_model_folder(taming, tmp_path
         original = tessera.load(str(tmp_path / "vqgan"))
     converted = tessera.load(str(tmp_path / "m"))
     assert converted.kind == "taming-vq" and torch.equal(converted.encode(x), original.encode(x))
+
+
+@pytest.mark.parametrize("n_unmasked,prepend", [(0, False), (3, True)])
+def test_the_stage_two_transformer_gives_tamings_logits(n_unmasked, prepend):
+    if not (REF / "taming").is_dir():
+        pytest.skip("scripts/setup.sh unpacks taming-transformers into .venv/taming-reference")
+    sys.path.insert(0, str(REF))
+    try:
+        from taming.modules.transformer.mingpt import GPT
+    finally:
+        sys.path.remove(str(REF))
+    from tessera.checkpoint import load_strict
+    from tessera.generators.taming_gpt import TamingGPT, TamingGPTConfig
+
+    torch.manual_seed(0)
+    ref = GPT(vocab_size=50, block_size=20, n_layer=2, n_head=4, n_embd=32, n_unmasked=n_unmasked).eval()
+    with torch.no_grad():
+        ref.pos_emb.normal_()
+    ours = load_strict(TamingGPT(TamingGPTConfig(vocab_size=50, block_size=20, n_layer=2, n_head=4, n_embd=32,
+                                                 n_unmasked=n_unmasked)), ref.state_dict(), Path("gpt")).eval()
+    ids = torch.randint(0, 50, (2, 12))
+    emb = torch.randn(2, 3, 32) if prepend else None
+    with torch.no_grad():
+        want, _ = ref(ids, embeddings=emb)
+        got = ours(ids, embeddings=emb)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        later = ids.clone()
+        later[:, 8:] = (later[:, 8:] + 1) % 50
+        k = 8 + (3 if prepend else 0)
+        torch.testing.assert_close(ours(later, embeddings=emb)[:, :k], got[:, :k])  # causal: the past is unchanged
+    with pytest.raises(ValueError, match="block size"):
+        ours(torch.zeros(1, 21, dtype=torch.long))
