@@ -131,3 +131,30 @@ def test_the_stage_two_transformer_gives_tamings_logits(n_unmasked, prepend):
         torch.testing.assert_close(ours(later, embeddings=emb)[:, :k], got[:, :k])  # causal: the past is unchanged
     with pytest.raises(ValueError, match="block size"):
         ours(torch.zeros(1, 21, dtype=torch.long))
+
+
+def test_sliding_window_sampling_is_plain_sampling_when_the_grid_fits_and_tamings_window_otherwise():
+    from tessera.generators.taming_gpt import TamingGPT, TamingGPTConfig
+    from tessera.sampling.window import _window_start, sample_grid
+
+    torch.manual_seed(0)
+    gpt = TamingGPT(TamingGPTConfig(vocab_size=30, block_size=17, n_layer=2, n_head=2, n_embd=16)).eval()
+    cond = torch.tensor([[7], [3]])  # a class / SOS id per row
+    with torch.no_grad():
+        ids = sample_grid(gpt, cond, (4, 4), 4, generator=torch.Generator().manual_seed(5), temperature=1.0)
+        g, x = torch.Generator().manual_seed(5), cond
+        for _ in range(16):  # taming's Net2NetTransformer.sample: the whole sequence, the last position's logits
+            probs = gpt(x)[:, -1].softmax(-1)
+            x = torch.cat([x, torch.multinomial(probs, 1, generator=g)], dim=1)
+    assert torch.equal(ids.reshape(2, 16), x[:, 1:])
+    for size, w in ((16, 8), (7, 4), (9, 4)):  # taming's window rule (scripts/sample_conditional.py)
+        half = w // 2
+        for i in range(size):
+            local = i if i <= half else (w - (size - i) if size - i < half else half)
+            assert _window_start(i, size, w) == i - local
+    with torch.no_grad():
+        big = sample_grid(gpt, cond, (6, 5), 4, generator=torch.Generator().manual_seed(1))
+        again = sample_grid(gpt, cond, (6, 5), 4, generator=torch.Generator().manual_seed(1))
+    assert big.shape == (2, 6, 5) and torch.equal(big, again) and 0 <= big.min() and big.max() < 30
+    with pytest.raises(ValueError, match="window"):
+        sample_grid(gpt, cond, (3, 3), 4, generator=torch.Generator())
