@@ -158,3 +158,48 @@ def test_sliding_window_sampling_is_plain_sampling_when_the_grid_fits_and_taming
     assert big.shape == (2, 6, 5) and torch.equal(big, again) and 0 <= big.min() and big.max() < 30
     with pytest.raises(ValueError, match="window"):
         sample_grid(gpt, cond, (3, 3), 4, generator=torch.Generator())
+
+
+def _net2net_release(root: Path, taming, cond: dict, n_embed: int = 64):
+    """A Net2NetTransformer release: the VQGAN of `_release` as first_stage_model + a small GPT."""
+    import yaml
+
+    from tessera.generators.taming_gpt import TamingGPT, TamingGPTConfig
+
+    vq_root = root.parent / (root.name + "-vq")
+    nets = _release(vq_root, taming, n_embed=n_embed)
+    torch.manual_seed(3)
+    gpt = TamingGPT(TamingGPTConfig(vocab_size=n_embed, block_size=65, n_layer=2, n_head=2, n_embd=32))
+    state = {f"first_stage_model.{name}.{k}": v for name, net in nets.items() for k, v in net.state_dict().items()}
+    state.update({f"transformer.{k}": v for k, v in gpt.state_dict().items()})
+    vq_params = yaml.safe_load((vq_root / "configs" / "model.yaml").read_text())["model"]["params"]
+    (root / "configs").mkdir(parents=True)
+    (root / "checkpoints").mkdir()
+    config = {"model": {"target": "taming.models.cond_transformer.Net2NetTransformer", "params": {
+        "transformer_config": {"target": "taming.modules.transformer.mingpt.GPT", "params": {
+            "vocab_size": n_embed, "block_size": 65, "n_layer": 2, "n_head": 2, "n_embd": 32}},
+        "first_stage_config": {"target": "taming.models.vqgan.VQModel", "params": vq_params},
+        "cond_stage_config": cond}}}
+    (root / "configs" / "model.yaml").write_text(yaml.safe_dump(config))
+    torch.save({"state_dict": state}, root / "checkpoints" / "last.ckpt")
+    return gpt.eval(), nets
+
+
+def test_a_taming_transformer_release_draws_class_conditional_images_at_any_size(taming, tmp_path):
+    gpt, nets = _net2net_release(tmp_path / "c2i", taming, {"target": "taming.modules.util.Labelator",
+                                                             "params": {"n_classes": 10}})
+    pipe = tessera.load(str(tmp_path / "c2i"))
+    assert type(pipe).__name__ == "TamingPipeline" and pipe.native_size == 32 and pipe.window == 8
+    out = pipe(class_label=3, num_images_per_prompt=2, generator=torch.Generator().manual_seed(4), output_type="pt")
+    g, x = torch.Generator().manual_seed(4), torch.full((2, 1), 3)
+    with torch.no_grad():
+        for _ in range(64):  # taming's sampling loop, by hand
+            x = torch.cat([x, torch.multinomial(gpt(x)[:, -1].softmax(-1), 1, generator=g)], dim=1)
+        z = nets["quantize"].embedding(x[:, 1:].reshape(2, 8, 8)).permute(0, 3, 1, 2)
+        want = nets["decoder"](nets["post_quant_conv"](z)).clamp(-1, 1).add(1).div(2)
+    assert torch.equal(out.parameters["tokens"].reshape(2, 64), x[:, 1:])
+    torch.testing.assert_close(out.images, want, atol=1e-4, rtol=1e-4)
+    big = pipe(class_label=3, generator=torch.Generator().manual_seed(4), height=48, width=64).images[0]
+    assert big.size == (64, 48)  # a 12 x 16 token grid through the sliding 8 x 8 window
+    with pytest.raises(Exception, match="class_label"):
+        pipe(class_label=10)

@@ -17,10 +17,14 @@ def load(path_or_preset, device=None, dtype=None):
     if str(path_or_preset) in paradigms() or is_pipeline_folder(path_or_preset):
         return load_pipeline(path_or_preset, device=device, dtype=dtype)
     from tessera.device import DTYPES
-    from tessera.tokenizer.taming import is_release_folder, load_release
+    from tessera.tokenizer.taming import is_release_folder, load_release, release_model
 
     weights = DTYPES["float32"] if dtype in (None, "auto") else DTYPES.get(str(dtype).removeprefix("torch."), dtype)
-    if is_release_folder(path_or_preset):  # a taming-transformers VQGAN release (configs/ + checkpoints/)
+    if is_release_folder(path_or_preset):  # a taming-transformers release (configs/ + checkpoints/)
+        if str(release_model(path_or_preset).get("target", "")).endswith("Net2NetTransformer"):
+            from tessera.pipelines.taming import TamingPipeline
+
+            return TamingPipeline.from_release(path_or_preset, weights)
         return load_release(path_or_preset, weights).to(resolve_device(device or "cpu"))
     return load_model(resolve(path_or_preset), dtype=weights).to(resolve_device(device or "cpu"))
 

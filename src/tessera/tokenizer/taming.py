@@ -217,22 +217,40 @@ def is_release_folder(path: str | Path) -> bool:
     return (Path(path) / MODEL_YAML).is_file() and (Path(path) / CHECKPOINT).is_file()
 
 
-def release_config(folder: Path) -> TamingVQConfig:
-    """`model.params` of configs/model.yaml (VQModel's ddconfig, embed_dim, n_embed)."""
+def vq_config(params: dict, where: Path) -> TamingVQConfig:
+    """A VQModel's `params` (ddconfig, embed_dim, n_embed) -> its config; a wrong one names `where`."""
+    try:
+        dd = params["ddconfig"]
+        if dd.get("double_z", False):
+            raise WrongModelError(f"{where}: double_z (a KL first stage), not a VQGAN")
+        return TamingVQConfig(ch=dd["ch"], ch_mult=tuple(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
+                              attn_resolutions=tuple(dd["attn_resolutions"]), resolution=dd["resolution"],
+                              in_channels=dd["in_channels"], out_ch=dd["out_ch"], z_channels=dd["z_channels"],
+                              embed_dim=params["embed_dim"], n_embed=params["n_embed"])
+    except (KeyError, TypeError, AttributeError) as e:
+        raise WrongModelError(f"{where}: not a taming VQModel config ({type(e).__name__}: {e})") from None
+
+
+def release_model(folder: str | Path) -> dict:
+    """The `model` entry of a release's configs/model.yaml ({"target", "params"})."""
     import yaml
 
+    folder = Path(folder)
     try:
-        params = yaml.safe_load((folder / MODEL_YAML).read_text())["model"]["params"]
-        dd = params["ddconfig"]
-        cfg = TamingVQConfig(ch=dd["ch"], ch_mult=tuple(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
-                             attn_resolutions=tuple(dd["attn_resolutions"]), resolution=dd["resolution"],
-                             in_channels=dd["in_channels"], out_ch=dd["out_ch"], z_channels=dd["z_channels"],
-                             embed_dim=params["embed_dim"], n_embed=params["n_embed"])
+        model = yaml.safe_load((folder / MODEL_YAML).read_text())["model"]
+        model["params"]
     except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
-        raise WrongModelError(f"{folder / MODEL_YAML}: not a taming VQModel config ({type(e).__name__}: {e})") from None
-    if dd.get("double_z", False):
-        raise WrongModelError(f"{folder / MODEL_YAML}: double_z (a KL first stage), not a VQGAN")
-    return cfg
+        raise WrongModelError(f"{folder / MODEL_YAML}: not a taming config ({type(e).__name__}: {e})") from None
+    return model
+
+
+def release_config(folder: Path) -> TamingVQConfig:
+    """`model.params` of configs/model.yaml."""
+    model = release_model(folder)
+    if str(model.get("target", "")).endswith("Net2NetTransformer"):
+        raise WrongModelError(f"{folder}: a taming transformer release (VQGAN + GPT): "
+                              f"tessera.pipelines.taming.TamingPipeline.from_release reads it")
+    return vq_config(model.get("params"), folder / MODEL_YAML)
 
 
 def read_ckpt(path: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
