@@ -196,6 +196,26 @@ def read_safetensors(path: str | Path, dtype: torch.dtype | None = None) -> dict
     return out
 
 
+def read_pickled_state(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The weights of a released PyTorch pickle (a Lightning .ckpt's `state_dict`, LlamaGen's `model` /
+    `module`): tensors only (`weights_only=True`), unless the user trusts the file (`trust_pickle`: a pickle
+    can run code). Tessera itself writes safetensors only (`tessera convert` reads such a file once)."""
+    import pickle
+
+    path = Path(path)
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as e:
+        raise WrongModelError(f"{path}: holds more than tensors, which Tessera does not unpickle by default "
+                              f"({str(e).splitlines()[0]}); if you trust the file, pass --trust-pickle") from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    state = next((ckpt[k] for k in ("state_dict", "model", "module") if isinstance(ckpt, dict) and k in ckpt), ckpt)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WrongModelError(f"{path}: no state dict of tensors (under state_dict / model / module)")
+    return state
+
+
 def is_model_folder(path: str | Path) -> bool:
     return all((Path(path) / name).is_file() for name in (CONFIG, WEIGHTS, META))
 

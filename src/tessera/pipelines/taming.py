@@ -38,9 +38,9 @@ class TamingPipeline:
 
     @classmethod
     def from_release(cls, folder: str | Path, dtype: torch.dtype = torch.float32, trust_pickle: bool = False):
-        from tessera.checkpoint import load_strict, on_meta
+        from tessera.checkpoint import load_strict, on_meta, read_pickled_state
         from tessera.generators.taming_gpt import TamingGPT, TamingGPTConfig
-        from tessera.tokenizer.taming import CHECKPOINT, MODEL_YAML, TamingVQGAN, read_ckpt, release_model, vq_config
+        from tessera.tokenizer.taming import CHECKPOINT, MODEL_YAML, TamingVQGAN, release_model, vq_config
 
         folder = Path(folder)
         model = release_model(folder)
@@ -60,7 +60,7 @@ class TamingPipeline:
         else:
             raise WrongModelError(f"{folder / MODEL_YAML}: conditioning {target!r} is not implemented "
                                   f"(unconditional / SOS and class labels are)")
-        state = read_ckpt(folder / CHECKPOINT, trust_pickle)
+        state = read_pickled_state(folder / CHECKPOINT, trust_pickle)
         part = {p: {k[len(p) + 1:]: v for k, v in state.items() if k.startswith(p + ".")}
                 for p in ("transformer", "first_stage_model")}
         gpt = load_strict(on_meta(lambda: TamingGPT(tcfg)), part["transformer"], folder / CHECKPOINT, dtype)

@@ -253,31 +253,15 @@ def release_config(folder: Path) -> TamingVQConfig:
     return vq_config(model.get("params"), folder / MODEL_YAML)
 
 
-def read_ckpt(path: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """The `state_dict` of a Lightning .ckpt: tensors only (`weights_only=True`), unless the user trusts the
-    file (`trust_pickle`: it can run code)."""
-    import pickle
-
-    try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
-    except pickle.UnpicklingError as e:
-        raise WrongModelError(f"{path}: holds more than tensors, which Tessera does not unpickle by default "
-                              f"({str(e).splitlines()[0]}); if you trust the file, pass --trust-pickle") from None
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise WrongModelError(f"{path}: no state_dict")
-    return state
-
-
 def load_release(folder: str | Path, dtype: torch.dtype = torch.float32, trust_pickle: bool = False) -> TamingVQGAN:
     """A release folder as a TamingVQGAN, loaded strictly; the discriminator / LPIPS (`loss.*`) are left out."""
     import warnings
 
-    from tessera.checkpoint import load_strict, on_meta
+    from tessera.checkpoint import load_strict, on_meta, read_pickled_state
 
     folder = Path(folder)
     cfg = release_config(folder)
-    state = read_ckpt(folder / CHECKPOINT, trust_pickle)
+    state = read_pickled_state(folder / CHECKPOINT, trust_pickle)
     loss = [k for k in state if k.startswith("loss.")]
     if loss:
         warnings.warn(f"{folder / CHECKPOINT}: {len(loss)} loss.* tensors (the GAN discriminator / LPIPS) left out",
