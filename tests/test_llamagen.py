@@ -1,6 +1,8 @@
 """LlamaGen's GPT: a synthetic checkpoint with LlamaGen's exact key names and shapes (written here from the
 release layout, not from Tessera's module) loads strictly; and the invariants that fail on a wrong port:
 causality, 2-D RoPE scores that depend only on grid offsets, KV-cached == recomputed logits, CFG."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -83,3 +85,62 @@ def test_guided_sampling_mixes_the_null_class_and_scale_one_is_conditional(gpt):
                         cfg_scale=4.0)
     assert torch.equal(one, plain) and not torch.equal(guided, plain)
     assert guided.shape == (2, 16) and 0 <= guided.min() and guided.max() < 50
+
+
+def _taming_to_llamagen(name: str, levels: int) -> str:
+    """taming's first-stage names -> LlamaGen's (its decoder's conv_blocks run lowest resolution first)."""
+    import re
+
+    name = re.sub(r"^encoder\.down\.(\d+)\.block\.", r"encoder.conv_blocks.\1.res.", name)
+    name = re.sub(r"^encoder\.down\.(\d+)\.", r"encoder.conv_blocks.\1.", name)
+    if m := re.match(r"^decoder\.up\.(\d+)\.(block|attn|upsample)(.*)$", name):
+        kind = {"block": "res", "attn": "attn", "upsample": "upsample"}[m[2]]
+        name = f"decoder.conv_blocks.{levels - 1 - int(m[1])}.{kind}{m[3]}"
+    return re.sub(r"\.mid\.(block_1|attn_1|block_2)\.", lambda m: f".mid.{['block_1', 'attn_1', 'block_2'].index(m[1])}.",
+                  name)
+
+
+@pytest.mark.parametrize("l2", [False, True])
+def test_the_vq_tokenizer_is_tamings_stack_in_llamagens_layout(l2):
+    """LlamaGen's VQ is taming's encoder / decoder with attention at the lowest resolution only: taming's own
+    modules (attn_resolutions = that resolution), renamed into LlamaGen's layout, load strictly and give the
+    same tokens and images; with l2, the nearest normalised code."""
+    import torch.nn.functional as F
+    from test_taming import REF
+
+    if not (REF / "taming").is_dir():
+        pytest.skip("scripts/setup.sh unpacks taming-transformers into .venv/taming-reference")
+    import sys
+
+    sys.path.insert(0, str(REF))
+    try:
+        from taming.modules.diffusionmodules.model import Decoder, Encoder
+    finally:
+        sys.path.remove(str(REF))
+    from tessera.tokenizer.llamagen_vq import LlamaGenVQ, LlamaGenVQConfig
+
+    torch.manual_seed(0)
+    dd = dict(double_z=False, z_channels=16, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2, 2],
+              num_res_blocks=1, attn_resolutions=[8], dropout=0.0)
+    enc, dec = Encoder(**dd).eval(), Decoder(**dd).eval()
+    quant, post = torch.nn.Conv2d(16, 8, 1), torch.nn.Conv2d(8, 16, 1)
+    codebook = torch.randn(64, 8)
+    state = {**{f"encoder.{k}": v for k, v in enc.state_dict().items()},
+             **{f"decoder.{k}": v for k, v in dec.state_dict().items()},
+             **{f"quant_conv.{k}": v for k, v in quant.state_dict().items()},
+             **{f"post_quant_conv.{k}": v for k, v in post.state_dict().items()},
+             "quantize.embedding.weight": codebook, "quantize.codebook_used": torch.zeros(65536)}
+    state = {_taming_to_llamagen(k, 3): v for k, v in state.items()}
+    cfg = LlamaGenVQConfig(codebook_size=64, codebook_embed_dim=8, codebook_l2_norm=l2, encoder_ch_mult=(1, 2, 2),
+                           decoder_ch_mult=(1, 2, 2), z_channels=16, ch=32, num_res_blocks=1)
+    ours = load_strict(LlamaGenVQ(cfg), state, Path("vq")).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        z = quant(enc(x)).permute(0, 2, 3, 1).reshape(-1, 8)
+        codes = F.normalize(codebook, dim=-1) if l2 else codebook
+        z = F.normalize(z, dim=-1) if l2 else z
+        want = torch.cdist(z, codes).argmin(1).reshape(2, 8, 8)
+        tokens = ours.encode(x)
+        assert torch.equal(tokens, want) and len(tokens.unique()) > 1
+        image = dec(post(codes[tokens].permute(0, 3, 1, 2)))
+        torch.testing.assert_close(ours.decode_tokens(tokens), image, atol=1e-4, rtol=1e-4)

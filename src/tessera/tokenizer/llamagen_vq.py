@@ -1,0 +1,159 @@
+"""LlamaGen's VQ tokenizer (`VQ_16`: 16384 codes of dimension 8, l2-normalised; `vq_ds16_c2i.pt`) under
+its checkpoint's names. The convolutional stacks are taming's (tokenizer/taming.py's blocks) with
+attention only at the lowest resolution and a different container layout:
+
+    encoder.conv_blocks.{level}.res.{j} / .attn.{j} / .downsample,  encoder.mid.{0,1,2}
+    decoder.conv_blocks.{k}  (k = 0 is the LOWEST resolution: stored in the order they run), .upsample
+
+Quantization: z and the codebook both l2-normalised, nearest code by squared distance (codebook_l2_norm);
+decoding looks the normalised code up. `quantize.codebook_used` (a usage counter of training) is stored
+in the checkpoints and kept as a buffer so they load strictly.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tessera.config import Config
+from tessera.errors import InvalidInputError
+from tessera.registry import register_family
+from tessera.tokenizer.taming import AttnBlock, Downsample, ResnetBlock, Upsample, _norm
+
+
+@dataclasses.dataclass
+class LlamaGenVQConfig(Config):
+    codebook_size: int = 16384
+    codebook_embed_dim: int = 8
+    codebook_l2_norm: bool = True
+    codebook_show_usage: bool = True
+    encoder_ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    decoder_ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    z_channels: int = 256
+    ch: int = 128
+    num_res_blocks: int = 2
+
+    @property
+    def factor(self) -> int:
+        return 2 ** (len(self.encoder_ch_mult) - 1)
+
+
+def _blocks(c_in: int, c_out: int, n: int, attention: bool) -> nn.Module:
+    block = nn.Module()
+    block.res = nn.ModuleList(ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(n))
+    block.attn = nn.ModuleList(AttnBlock(c_out) for _ in range(n)) if attention else nn.ModuleList()
+    return block
+
+
+def _run(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    for j, res in enumerate(block.res):
+        h = res(h)
+        if len(block.attn):
+            h = block.attn[j](h)
+    return h
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: LlamaGenVQConfig):
+        super().__init__()
+        mult, n = (1, *cfg.encoder_ch_mult), len(cfg.encoder_ch_mult)
+        self.conv_in = nn.Conv2d(3, cfg.ch, 3, padding=1)
+        self.conv_blocks = nn.ModuleList()
+        for i, m in enumerate(cfg.encoder_ch_mult):
+            block = _blocks(cfg.ch * mult[i], cfg.ch * m, cfg.num_res_blocks, i == n - 1)
+            if i < n - 1:
+                block.downsample = Downsample(cfg.ch * m)
+            self.conv_blocks.append(block)
+        c = cfg.ch * cfg.encoder_ch_mult[-1]
+        self.mid = nn.ModuleList([ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)])
+        self.norm_out, self.conv_out = _norm(c), nn.Conv2d(c, cfg.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for block in self.conv_blocks:
+            h = _run(block, h)
+            if hasattr(block, "downsample"):
+                h = block.downsample(h)
+        for m in self.mid:
+            h = m(h)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, z, h, w)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: LlamaGenVQConfig):
+        super().__init__()
+        n = len(cfg.decoder_ch_mult)
+        c = cfg.ch * cfg.decoder_ch_mult[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
+        self.mid = nn.ModuleList([ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)])
+        self.conv_blocks = nn.ModuleList()
+        for level in reversed(range(n)):  # in the order they run: lowest resolution first
+            block = _blocks(c, cfg.ch * cfg.decoder_ch_mult[level], cfg.num_res_blocks + 1, level == n - 1)
+            c = cfg.ch * cfg.decoder_ch_mult[level]
+            if level > 0:
+                block.upsample = Upsample(c)
+            self.conv_blocks.append(block)
+        self.norm_out, self.conv_out = _norm(c), nn.Conv2d(c, 3, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(z)
+        for m in self.mid:
+            h = m(h)
+        for block in self.conv_blocks:
+            h = _run(block, h)
+            if hasattr(block, "upsample"):
+                h = block.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H, W)
+
+
+class Quantizer(nn.Module):
+    def __init__(self, cfg: LlamaGenVQConfig):
+        super().__init__()
+        self.l2 = cfg.codebook_l2_norm
+        self.embedding = nn.Embedding(cfg.codebook_size, cfg.codebook_embed_dim)
+        if cfg.codebook_show_usage:
+            self.register_buffer("codebook_used", torch.zeros(65536))  # training statistics, stored
+
+    def codebook(self) -> torch.Tensor:
+        w = self.embedding.weight.float()
+        return F.normalize(w, dim=-1) if self.l2 else w
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z [B,e,h,w] -> ids [B,h,w]: the nearest code in squared L2 (both sides normalised when l2)."""
+        b, e, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, e).float()  # (BHW, e)
+        flat = F.normalize(flat, dim=-1) if self.l2 else flat
+        codes = self.codebook()
+        d = flat.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1)[None] - 2 * flat @ codes.t()  # (BHW, n)
+        return d.argmin(dim=1).reshape(b, h, w)
+
+
+@register_family("llamagen-vq", LlamaGenVQConfig, role="tokenizer")
+class LlamaGenVQ(nn.Module):
+    def __init__(self, cfg: LlamaGenVQConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.quantize = Quantizer(cfg)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.codebook_embed_dim, cfg.z_channels, 1)
+
+    @property
+    def factor(self) -> int:
+        return self.config.factor
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B,3,H,W] in [-1,1] -> token ids [B,H/f,W/f]."""
+        if images.shape[-1] % self.factor or images.shape[-2] % self.factor:
+            raise InvalidInputError(f"image size {tuple(images.shape[-2:])} is not a multiple of {self.factor}")
+        return self.quantize(self.quant_conv(self.encoder(images)))
+
+    @torch.no_grad()
+    def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.min() < 0 or tokens.max() >= self.config.codebook_size:
+            raise InvalidInputError(f"token ids must lie in [0, {self.config.codebook_size})")
+        z = self.quantize.codebook()[tokens].permute(0, 3, 1, 2).to(self.post_quant_conv.weight.dtype)  # (B,e,h,w)
+        return self.decoder(self.post_quant_conv(z))
