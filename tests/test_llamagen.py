@@ -144,3 +144,38 @@ def test_the_vq_tokenizer_is_tamings_stack_in_llamagens_layout(l2):
         assert torch.equal(tokens, want) and len(tokens.unique()) > 1
         image = dec(post(codes[tokens].permute(0, 3, 1, 2)))
         torch.testing.assert_close(ours.decode_tokens(tokens), image, atol=1e-4, rtol=1e-4)
+
+
+TINY_VQ = dict(codebook_size=50, codebook_embed_dim=8, encoder_ch_mult=(1, 2, 2), decoder_ch_mult=(1, 2, 2),
+               z_channels=16, ch=32, num_res_blocks=1)
+
+
+def test_a_llamagen_release_draws_class_conditional_images_with_guidance(gpt, tmp_path):
+    from tessera.pipelines.llamagen import LlamaGenPipeline
+    from tessera.sampling.ar import sample_next
+    from tessera.tokenizer.llamagen_vq import LlamaGenVQ, LlamaGenVQConfig
+
+    torch.manual_seed(1)
+    vq = LlamaGenVQ(LlamaGenVQConfig(**TINY_VQ))
+    torch.save({"model": gpt.state_dict()}, tmp_path / "c2i_B_256.pt")
+    torch.save({"model": vq.state_dict()}, tmp_path / "vq_ds16_c2i.pt")
+    small = dict(n_layer=2, n_head=4, dim=32, multiple_of=32, num_classes=10, vocab_size=50, vq=TINY_VQ)
+    pipe = LlamaGenPipeline.from_release(tmp_path / "c2i_B_256.pt", tmp_path / "vq_ds16_c2i.pt", "B", 16, **small)
+    assert pipe.native_size == 16 and pipe.grid == 4
+    out = pipe(class_label=3, num_images_per_prompt=2, guidance_scale=4.0, top_k=20,
+               generator=torch.Generator().manual_seed(2), output_type="pt")
+    g, seq = torch.Generator().manual_seed(2), torch.zeros(2, 0, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(16):  # by hand: recompute the whole sequence, guide with the null class, draw
+            both = gpt(torch.tensor([3, 3, 10, 10]), torch.cat([seq, seq]) if seq.shape[1] else None)[:, -1]
+            c, u = both.chunk(2)
+            seq = torch.cat([seq, sample_next(u + 4.0 * (c - u), g, 1.0, 20)[:, None]], dim=1)
+    assert torch.equal(out.parameters["tokens"], seq)
+    assert out.images.shape == (2, 3, 16, 16)
+    with pytest.raises(Exception, match="class_label"):
+        pipe(class_label=10)
+    # tessera.load finds such a folder by its file names (here the shapes are the tiny ones, not GPT-B's)
+    import tessera
+
+    with pytest.raises(WrongModelError, match="c2i_B_256.pt"):
+        tessera.load(str(tmp_path))

@@ -20,6 +20,10 @@ def load(path_or_preset, device=None, dtype=None):
     from tessera.tokenizer.taming import is_release_folder, load_release, release_model
 
     weights = DTYPES["float32"] if dtype in (None, "auto") else DTYPES.get(str(dtype).removeprefix("torch."), dtype)
+    from tessera.pipelines.llamagen import LlamaGenPipeline, release_files
+
+    if release_files(path_or_preset):  # a LlamaGen class-to-image release (c2i_<size>_<res>.pt + vq_ds16_c2i.pt)
+        return LlamaGenPipeline.from_folder(path_or_preset, weights)
     if is_release_folder(path_or_preset):  # a taming-transformers release (configs/ + checkpoints/)
         if str(release_model(path_or_preset).get("target", "")).endswith("Net2NetTransformer"):
             from tessera.pipelines.taming import TamingPipeline
