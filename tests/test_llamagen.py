@@ -106,17 +106,10 @@ def test_the_vq_tokenizer_is_tamings_stack_in_llamagens_layout(l2):
     modules (attn_resolutions = that resolution), renamed into LlamaGen's layout, load strictly and give the
     same tokens and images; with l2, the nearest normalised code."""
     import torch.nn.functional as F
-    from test_taming import REF
+    from test_taming import reference
 
-    if not (REF / "taming").is_dir():
-        pytest.skip("scripts/setup.sh unpacks taming-transformers into .venv/taming-reference")
-    import sys
-
-    sys.path.insert(0, str(REF))
-    try:
-        from taming.modules.diffusionmodules.model import Decoder, Encoder
-    finally:
-        sys.path.remove(str(REF))
+    model = reference("taming.modules.diffusionmodules.model")
+    Encoder, Decoder = model.Encoder, model.Decoder
     from tessera.tokenizer.llamagen_vq import LlamaGenVQ, LlamaGenVQConfig
 
     torch.manual_seed(0)

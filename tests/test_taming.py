@@ -17,17 +17,23 @@ DD = dict(double_z=False, z_channels=16, resolution=32, in_channels=3, out_ch=3,
           num_res_blocks=1, attn_resolutions=[16], dropout=0.0)
 
 
-@pytest.fixture(scope="module")
-def taming():
+def reference(module: str):
+    """A module of the taming-transformers wheel in .venv/taming-reference (skips the test without it)."""
+    import importlib
+
     if not (REF / "taming").is_dir():
         pytest.skip("scripts/setup.sh unpacks taming-transformers into .venv/taming-reference")
     sys.path.insert(0, str(REF))
     try:
-        from taming.modules.diffusionmodules.model import Decoder, Encoder
-        from taming.modules.vqvae.quantize import VectorQuantizer
+        return importlib.import_module(module)
     finally:
         sys.path.remove(str(REF))
-    return Encoder, Decoder, VectorQuantizer
+
+
+@pytest.fixture(scope="module")
+def taming():
+    model = reference("taming.modules.diffusionmodules.model")
+    return model.Encoder, model.Decoder, reference("taming.modules.vqvae.quantize").VectorQuantizer
 
 
 def _release(root: Path, taming, n_embed: int = 64, embed_dim: int = 8):
@@ -103,13 +109,7 @@ def test_convert_writes_a_release_as_a_safetensors_model_folder(taming, tmp_path
 
 @pytest.mark.parametrize("n_unmasked,prepend", [(0, False), (3, True)])
 def test_the_stage_two_transformer_gives_tamings_logits(n_unmasked, prepend):
-    if not (REF / "taming").is_dir():
-        pytest.skip("scripts/setup.sh unpacks taming-transformers into .venv/taming-reference")
-    sys.path.insert(0, str(REF))
-    try:
-        from taming.modules.transformer.mingpt import GPT
-    finally:
-        sys.path.remove(str(REF))
+    GPT = reference("taming.modules.transformer.mingpt").GPT
     from tessera.checkpoint import load_strict
     from tessera.generators.taming_gpt import TamingGPT, TamingGPTConfig
 

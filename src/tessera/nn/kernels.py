@@ -35,7 +35,7 @@ def gemm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: int 
     return out
 
 
-def _best(a, b, repeats: int = 2) -> float:
+def _first_is_faster(a, b, repeats: int = 2) -> bool:
     times = []
     for fn in (a, b):
         fn()
@@ -53,7 +53,7 @@ def _gemm_wins(shape_q: tuple, shape_k: tuple, dtype: torch.dtype, threads: int)
     q = torch.randn(shape_q, generator=g).to(dtype)
     k, v = (torch.randn(shape_k, generator=g).to(dtype) for _ in range(2))
     with torch.no_grad():
-        return _best(lambda: gemm_attention(q, k, v), lambda: F.scaled_dot_product_attention(q, k, v))
+        return _first_is_faster(lambda: gemm_attention(q, k, v), lambda: F.scaled_dot_product_attention(q, k, v))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sdpa") -> torch.Tensor:

@@ -18,9 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.config import Config
-from tessera.errors import InvalidInputError
 from tessera.registry import register_family
-from tessera.tokenizer.taming import AttnBlock, Downsample, ResnetBlock, Upsample, _norm
+from tessera.tokenizer.taming import AttnBlock, Downsample, ResnetBlock, TokenAutoencoder, Upsample, _norm
 
 
 @dataclasses.dataclass
@@ -131,7 +130,7 @@ class Quantizer(nn.Module):
 
 
 @register_family("llamagen-vq", LlamaGenVQConfig, role="tokenizer")
-class LlamaGenVQ(nn.Module):
+class LlamaGenVQ(TokenAutoencoder):
     def __init__(self, cfg: LlamaGenVQConfig):
         super().__init__()
         self.config = cfg
@@ -139,21 +138,7 @@ class LlamaGenVQ(nn.Module):
         self.quantize = Quantizer(cfg)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.codebook_embed_dim, cfg.z_channels, 1)
+        self.codebook_size = cfg.codebook_size
 
-    @property
-    def factor(self) -> int:
-        return self.config.factor
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B,3,H,W] in [-1,1] -> token ids [B,H/f,W/f]."""
-        if images.shape[-1] % self.factor or images.shape[-2] % self.factor:
-            raise InvalidInputError(f"image size {tuple(images.shape[-2:])} is not a multiple of {self.factor}")
-        return self.quantize(self.quant_conv(self.encoder(images)))
-
-    @torch.no_grad()
-    def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.min() < 0 or tokens.max() >= self.config.codebook_size:
-            raise InvalidInputError(f"token ids must lie in [0, {self.config.codebook_size})")
-        z = self.quantize.codebook()[tokens].permute(0, 3, 1, 2).to(self.post_quant_conv.weight.dtype)  # (B,e,h,w)
-        return self.decoder(self.post_quant_conv(z))
+    def codes(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.quantize.codebook()[tokens]  # (B, h, w, e): the normalised codes when l2

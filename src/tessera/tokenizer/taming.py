@@ -179,15 +179,11 @@ class Quantize(nn.Module):
         return d.argmin(dim=1).reshape(b, h, w)
 
 
-@register_family("taming-vq", TamingVQConfig, role="tokenizer")
-class TamingVQGAN(nn.Module):
-    def __init__(self, cfg: TamingVQConfig):
-        super().__init__()
-        self.config = cfg
-        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
-        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
-        self.quantize = Quantize(cfg.n_embed, cfg.embed_dim)
+class TokenAutoencoder(nn.Module):
+    """encode / decode_tokens over `encoder`, `quant_conv`, `quantize` (-> ids), `post_quant_conv`, `decoder`
+    and `codes(ids)` (the code vectors to decode); shared by taming's and LlamaGen's VQ tokenizers."""
+
+    codebook_size: int
 
     @property
     def factor(self) -> int:
@@ -203,10 +199,25 @@ class TamingVQGAN(nn.Module):
     @torch.no_grad()
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """token ids [B,h,w] -> images [B,3,h*f,w*f] (about [-1,1])."""
-        if tokens.min() < 0 or tokens.max() >= self.config.n_embed:
-            raise InvalidInputError(f"token ids must lie in [0, {self.config.n_embed})")
-        z = self.quantize.embedding(tokens).permute(0, 3, 1, 2)  # (B, e, h, w)
+        if tokens.min() < 0 or tokens.max() >= self.codebook_size:
+            raise InvalidInputError(f"token ids must lie in [0, {self.codebook_size})")
+        z = self.codes(tokens).permute(0, 3, 1, 2).to(self.post_quant_conv.weight.dtype)  # (B, e, h, w)
         return self.decoder(self.post_quant_conv(z))
+
+
+@register_family("taming-vq", TamingVQConfig, role="tokenizer")
+class TamingVQGAN(TokenAutoencoder):
+    def __init__(self, cfg: TamingVQConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        self.quantize = Quantize(cfg.n_embed, cfg.embed_dim)
+        self.codebook_size = cfg.n_embed
+
+    def codes(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.quantize.embedding(tokens)  # (B, h, w, e)
 
 
 # ---- a taming-transformers release folder ---------------------------------------------------------------
