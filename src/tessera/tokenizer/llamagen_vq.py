@@ -19,7 +19,16 @@ from torch import nn
 
 from tessera.config import Config
 from tessera.registry import register_family
-from tessera.tokenizer.taming import AttnBlock, Downsample, ResnetBlock, TokenAutoencoder, Upsample, _norm
+from tessera.tokenizer.taming import (
+    AttnBlock,
+    Downsample,
+    ResnetBlock,
+    TokenAutoencoder,
+    Upsample,
+    _norm,
+    level,
+    run_level,
+)
 
 
 @dataclasses.dataclass
@@ -39,21 +48,6 @@ class LlamaGenVQConfig(Config):
         return 2 ** (len(self.encoder_ch_mult) - 1)
 
 
-def _blocks(c_in: int, c_out: int, n: int, attention: bool) -> nn.Module:
-    block = nn.Module()
-    block.res = nn.ModuleList(ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(n))
-    block.attn = nn.ModuleList(AttnBlock(c_out) for _ in range(n)) if attention else nn.ModuleList()
-    return block
-
-
-def _run(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    for j, res in enumerate(block.res):
-        h = res(h)
-        if len(block.attn):
-            h = block.attn[j](h)
-    return h
-
-
 class Encoder(nn.Module):
     def __init__(self, cfg: LlamaGenVQConfig):
         super().__init__()
@@ -61,7 +55,7 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(3, cfg.ch, 3, padding=1)
         self.conv_blocks = nn.ModuleList()
         for i, m in enumerate(cfg.encoder_ch_mult):
-            block = _blocks(cfg.ch * mult[i], cfg.ch * m, cfg.num_res_blocks, i == n - 1)
+            block = level(cfg.ch * mult[i], cfg.ch * m, cfg.num_res_blocks, i == n - 1, "res")
             if i < n - 1:
                 block.downsample = Downsample(cfg.ch * m)
             self.conv_blocks.append(block)
@@ -72,7 +66,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for block in self.conv_blocks:
-            h = _run(block, h)
+            h = run_level(block, h, "res")
             if hasattr(block, "downsample"):
                 h = block.downsample(h)
         for m in self.mid:
@@ -88,10 +82,10 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
         self.mid = nn.ModuleList([ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)])
         self.conv_blocks = nn.ModuleList()
-        for level in reversed(range(n)):  # in the order they run: lowest resolution first
-            block = _blocks(c, cfg.ch * cfg.decoder_ch_mult[level], cfg.num_res_blocks + 1, level == n - 1)
-            c = cfg.ch * cfg.decoder_ch_mult[level]
-            if level > 0:
+        for lv in reversed(range(n)):  # in the order they run: lowest resolution first
+            block = level(c, cfg.ch * cfg.decoder_ch_mult[lv], cfg.num_res_blocks + 1, lv == n - 1, "res")
+            c = cfg.ch * cfg.decoder_ch_mult[lv]
+            if lv > 0:
                 block.upsample = Upsample(c)
             self.conv_blocks.append(block)
         self.norm_out, self.conv_out = _norm(c), nn.Conv2d(c, 3, 3, padding=1)
@@ -101,7 +95,7 @@ class Decoder(nn.Module):
         for m in self.mid:
             h = m(h)
         for block in self.conv_blocks:
-            h = _run(block, h)
+            h = run_level(block, h, "res")
             if hasattr(block, "upsample"):
                 h = block.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H, W)

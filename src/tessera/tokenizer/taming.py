@@ -93,11 +93,13 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
 
 
-def _level(c_in: int, c_out: int, blocks: int, attention: bool) -> nn.Module:
-    level = nn.Module()
-    level.block = nn.ModuleList(ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(blocks))
-    level.attn = nn.ModuleList(AttnBlock(c_out) for _ in range(blocks)) if attention else nn.ModuleList()
-    return level
+def level(c_in: int, c_out: int, blocks: int, attention: bool, resnets: str = "block") -> nn.Module:
+    """One resolution: `blocks` resnets under the name `resnets` (taming: block, LlamaGen: res), each
+    followed by an attention block when `attention`."""
+    out = nn.Module()
+    setattr(out, resnets, nn.ModuleList(ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(blocks)))
+    out.attn = nn.ModuleList(AttnBlock(c_out) for _ in range(blocks)) if attention else nn.ModuleList()
+    return out
 
 
 def _mid(c: int) -> nn.Module:
@@ -106,11 +108,11 @@ def _mid(c: int) -> nn.Module:
     return mid
 
 
-def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    for j, block in enumerate(level.block):
+def run_level(lvl: nn.Module, h: torch.Tensor, resnets: str = "block") -> torch.Tensor:
+    for j, block in enumerate(getattr(lvl, resnets)):
         h = block(h)
-        if len(level.attn):
-            h = level.attn[j](h)
+        if len(lvl.attn):
+            h = lvl.attn[j](h)
     return h
 
 
@@ -121,20 +123,20 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         self.down = nn.ModuleList()
         for i, m in enumerate(cfg.ch_mult):
-            level = _level(cfg.ch * mult[i], cfg.ch * m, cfg.num_res_blocks, res in cfg.attn_resolutions)
+            lvl = level(cfg.ch * mult[i], cfg.ch * m, cfg.num_res_blocks, res in cfg.attn_resolutions)
             if i < len(cfg.ch_mult) - 1:
-                level.downsample, res = Downsample(cfg.ch * m), res // 2
-            self.down.append(level)
+                lvl.downsample, res = Downsample(cfg.ch * m), res // 2
+            self.down.append(lvl)
         c = cfg.ch * cfg.ch_mult[-1]
         self.mid, self.norm_out = _mid(c), _norm(c)
         self.conv_out = nn.Conv2d(c, cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
-        for level in self.down:
-            h = _run_level(level, h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
+        for lvl in self.down:
+            h = run_level(lvl, h)
+            if hasattr(lvl, "downsample"):
+                h = lvl.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, z, h, w)
 
@@ -148,20 +150,20 @@ class Decoder(nn.Module):
         self.mid = _mid(c)
         up = []
         for i in reversed(range(n)):  # lowest resolution first; stored by level index
-            level = _level(c, cfg.ch * cfg.ch_mult[i], cfg.num_res_blocks + 1, res in cfg.attn_resolutions)
+            lvl = level(c, cfg.ch * cfg.ch_mult[i], cfg.num_res_blocks + 1, res in cfg.attn_resolutions)
             c = cfg.ch * cfg.ch_mult[i]
             if i > 0:
-                level.upsample, res = Upsample(c), res * 2
-            up.insert(0, level)
+                lvl.upsample, res = Upsample(c), res * 2
+            up.insert(0, lvl)
         self.up = nn.ModuleList(up)
         self.norm_out, self.conv_out = _norm(c), nn.Conv2d(c, cfg.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
-        for level in reversed(self.up):
-            h = _run_level(level, h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+        for lvl in reversed(self.up):
+            h = run_level(lvl, h)
+            if hasattr(lvl, "upsample"):
+                h = lvl.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H, W)
 
 
