@@ -89,6 +89,17 @@ def test_a_release_that_does_not_fit_or_holds_more_than_tensors_is_one_clear_err
     torch.save({**state, "callbacks": {"cb": Path("x")}}, tmp_path / "b" / "checkpoints" / "last.ckpt")  # an object
     with pytest.raises(WrongModelError, match="trust-pickle"):
         tessera.load(str(tmp_path / "b"))
+    # the user who trusts the file converts it once; safetensors from then on
+    from click.testing import CliRunner
+
+    from tessera.cli import main
+
+    args = ["convert", str(tmp_path / "b"), "-o", str(tmp_path / "m")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code != 0 and "--trust-pickle" in r.output and not (tmp_path / "m").exists()
+    r = CliRunner().invoke(main, [*args, "--trust-pickle"])
+    assert r.exit_code == 0, r.output
+    assert tessera.load(str(tmp_path / "m")).kind == "taming-vq"
 
 
 def test_convert_writes_a_release_as_a_safetensors_model_folder(taming, tmp_path):

@@ -241,7 +241,7 @@ def pipeline_save(paradigm, model, tokenizer, text_encoder, out) -> None:
 @options(opt("-o", "--out", required=True, type=NEWDIR), opt("--dtype", default="float16", help="storage: float16 | bfloat16 | float32"),
          opt("--tokenizer", type=DIR, help="single file: a CLIP tokenizer folder"), opt("--variant", help="diffusers: fp16 | bf16"),
          opt("--prediction", default="epsilon", type=click.Choice(["epsilon", "v"]), help="single file: v for SD 2.x 768"),
-         opt("--vae", type=DIR, help="diffusers: another autoencoder folder (e.g. TAESD)"))
+         opt("--vae", type=DIR, help="diffusers: another autoencoder (TAESD)"), opt("--trust-pickle", is_flag=True))
 def convert(src, out, **kw) -> None:
     """Write SRC (a diffusers SD folder, a single-file SD .safetensors, a Tessera pipeline or generator) as a pipeline folder."""
     from tessera.pipelines.convert import convert as run

@@ -22,10 +22,12 @@ KEEP = (".json", ".txt", ".model", ".safetensors")
 
 
 def convert(src: str | Path, out: str | Path, dtype: str = "float16", tokenizer: str | Path | None = None,
-            prediction: str = "epsilon", variant: str | None = None, vae: str | Path | None = None) -> Path:
+            prediction: str = "epsilon", variant: str | None = None, vae: str | Path | None = None,
+            trust_pickle: bool = False) -> Path:
     """Read SRC in whichever layout it has and write it as a pipeline folder at OUT (weights stored in `dtype`;
     `tokenizer`: the CLIP tokenizer folder a single file lacks; `prediction`: "v" for SD 2.x 768 single
-    files; `vae`: another autoencoder folder, e.g. TAESD, for a diffusers folder)."""
+    files; `vae`: another autoencoder folder, e.g. TAESD, for a diffusers folder; `trust_pickle`: read a
+    taming .ckpt that holds more than tensors — it can run code)."""
     from tessera.device import placement
     from tessera.pipelines.folder import load_pipeline, save_pipeline
     from tessera.pipelines.stable_diffusion import is_diffusers_folder, load_diffusers_folder
@@ -35,7 +37,7 @@ def convert(src: str | Path, out: str | Path, dtype: str = "float16", tokenizer:
         raise InvalidInputError(f"--dtype {dtype}: must be one of {', '.join(STORAGE)}")
     place, src = placement("cpu", dtype), Path(src)
     if is_release_folder(src):  # a taming VQGAN release: its pickle read once, written as safetensors
-        return _convert_model(src, Path(out), dtype)
+        return _convert_model(src, Path(out), dtype, trust_pickle)
     if src.is_file():
         from tessera.pipelines.single_file import load_single_file
 
@@ -52,7 +54,7 @@ def convert(src: str | Path, out: str | Path, dtype: str = "float16", tokenizer:
     return save_pipeline(pipe, out)
 
 
-def _convert_model(src: Path, out: Path, dtype: str) -> Path:
+def _convert_model(src: Path, out: Path, dtype: str, trust_pickle: bool) -> Path:
     """A taming VQGAN release folder -> a Tessera model folder (config.json + model.safetensors + meta.json)."""
     import torch
 
@@ -61,7 +63,8 @@ def _convert_model(src: Path, out: Path, dtype: str) -> Path:
 
     if out.exists() and any(out.iterdir()):
         raise InvalidInputError(f"-o {out}: the folder exists and is not empty (choose a new one)")
-    return export_model(load_release(src), out, {"source": str(src)}, dtype=getattr(torch, dtype))
+    return export_model(load_release(src, trust_pickle=trust_pickle), out, {"source": str(src)},
+                        dtype=getattr(torch, dtype))
 
 
 def _reachable(endpoint: str) -> None:
