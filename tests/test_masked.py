@@ -96,3 +96,26 @@ def test_categorical_matches_its_distribution_and_never_draws_zero_probability()
     # unnormalised rows and rows with all mass on one id
     q = torch.tensor([[0.0, 0.0, 3.0], [2.0, 0.0, 0.0]])
     assert categorical(q, g).tolist() == [2, 0]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_the_amused_rule_equals_diffusers_amused_scheduler_step_for_step(schedule):
+    from diffusers import AmusedScheduler
+
+    from tessera.sampling.masked import amused_step, amused_temperatures
+
+    steps, mask_id, b, n, v = 6, 20, 2, 36, 20
+    ref = AmusedScheduler(mask_token_id=mask_id, masking_schedule=schedule)
+    ref.set_timesteps(steps, temperature=(2.0, 0.0))
+    temps = amused_temperatures(steps, (2.0, 0.0))
+    logits_g = torch.Generator().manual_seed(0)
+    theirs = torch.full((b, n), mask_id)
+    theirs[:, :3] = 5  # known tokens (inpainting) stay
+    ours = theirs.clone()
+    g_ref, g_ours = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    for i, t in enumerate(ref.timesteps):
+        logits = torch.randn(b, n, v, generator=logits_g) * 3
+        theirs = ref.step(logits, int(t), theirs, generator=g_ref).prev_sample
+        ours, _ = amused_step(logits, ours, i, steps, mask_id, temps, g_ours, schedule)
+        assert torch.equal(ours, theirs), i
+    assert not (ours == mask_id).any() and torch.equal(ours[:, :3], torch.full((b, 3), 5))

@@ -114,3 +114,37 @@ def masked_nll(model, tokens: torch.Tensor, masked: torch.Tensor, cond=None, mas
     logits = model(inp, cond, mask, drop)  # (B, N, V)
     nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), tokens, reduction="none")  # (B, N)
     return (nll * masked).sum(1) / masked.sum(1)
+
+
+# ---- aMUSEd's rule (diffusers' AmusedScheduler), for its released checkpoints --------------------------
+def amused_temperatures(steps: int, temperature: float | tuple[float, float] = (2.0, 0.0)) -> torch.Tensor:
+    """The choice temperature of each step: a linear ramp (start, end), or (t, 0.01) from a single value."""
+    start, end = (temperature, 0.01) if isinstance(temperature, (int, float)) else temperature
+    return torch.linspace(start, end, steps)
+
+
+def amused_step(logits: torch.Tensor, ids: torch.Tensor, step: int, steps: int, mask_id: int,
+                temperatures: torch.Tensor, generator: torch.Generator | None = None, schedule: str = "cosine",
+                start_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step `step` (0 = first) of `steps`: logits [B,N,V], ids [B,N] -> (next ids, predicted ids). Every masked
+    position gets a token drawn from its softmax; then, but at the last step, the floor(N * gamma) least
+    confident (log p + Gumbel noise at this step's temperature; at least one, at most all-but-one of the
+    masked) are masked again, gamma(r) = cos(pi r / 2) (or 1 - r) at r = (step + 1) / steps. The draws come
+    in diffusers' order (multinomial, then the Gumbel uniforms), so the same generator gives its tokens."""
+    b, n, v = logits.shape
+    unknown = ids == mask_id
+    probs = logits.float().softmax(-1)
+    drawn = torch.multinomial(probs.reshape(-1, v), 1, generator=generator).view(b, n)
+    pred = torch.where(unknown, drawn, ids)
+    if step == steps - 1:
+        return pred, pred
+    r = torch.tensor((step + 1) / steps, dtype=torch.float32)
+    gamma = torch.cos(r * math.pi / 2) if schedule == "cosine" else 1 - r
+    count = (n * (start_ratio * gamma)).floor()
+    count = torch.clamp(torch.minimum(unknown.sum(-1, keepdim=True) - 1, count), min=1)  # (B, 1)
+    chosen = probs.gather(-1, pred[..., None])[..., 0]
+    chosen = torch.where(unknown, chosen, torch.finfo(chosen.dtype).max)  # known tokens are never re-masked
+    u = torch.zeros_like(chosen).uniform_(0, 1, generator=generator)
+    confidence = chosen.clamp(1e-20).log() + temperatures[step] * -torch.log((-torch.log(u.clamp(1e-20))).clamp(1e-20))
+    cutoff = confidence.sort(dim=-1).values.gather(1, count.long())
+    return torch.where(confidence < cutoff, mask_id, pred), pred
