@@ -103,3 +103,31 @@ def test_kl_settings_it_does_not_have_are_refused():
         KLAutoencoderConfig.from_diffusers({"latents_mean": [0.1] * 4})
     with pytest.raises(ValueError, match="unknown key"):
         KLAutoencoderConfig.from_diffusers({"temporal": True})
+
+
+@pytest.mark.parametrize("mid_attention", [False, True])
+def test_diffusers_vqmodel_gives_the_same_tokens_and_images(mid_attention, tmp_path):
+    """aMUSEd's tokenizer: diffusers' VQModel (saved by diffusers) read into Tessera's VQModel strictly; the
+    tokens of `encode` and the images of `decode_tokens` equal diffusers' quantize / decode(force_not_quantize,
+    lookup_from_codebook) path."""
+    from tessera.pipelines.stable_diffusion import load_vae
+
+    torch.manual_seed(0)
+    ref = diffusers.VQModel(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=8,
+                            num_vq_embeddings=32, vq_embed_dim=6, norm_num_groups=8, lookup_from_codebook=True,
+                            mid_block_add_attention=mid_attention).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ref.save_pretrained(tmp_path / "vqvae")
+    ours = load_vae(tmp_path / "vqvae", dtype=torch.float32)
+    assert ours.kind == "vqmodel" and ours.factor == 2
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        _, _, (_, _, idx) = ref.quantize(ref.encode(x).latents)
+        want_tokens = idx.reshape(2, 8, 8)
+        tokens = ours.encode(x)
+        assert torch.equal(tokens, want_tokens) and len(tokens.unique()) > 1
+        want = ref.decode(tokens.reshape(-1), force_not_quantize=True, shape=(2, 8, 8, 6)).sample
+        torch.testing.assert_close(ours.decode_tokens(tokens), want, atol=1e-4, rtol=1e-4)

@@ -299,14 +299,16 @@ def load_unet(folder: str | Path, variant: str | None = None, dtype: torch.dtype
 
 
 def load_vae(folder: str | Path, variant: str | None = None, dtype: torch.dtype | None = None):
-    """AutoencoderKL (the SD VAE) or AutoencoderTiny (TAESD), by the folder's `_class_name`."""
+    """AutoencoderKL (the SD VAE), AutoencoderTiny (TAESD) or VQModel (aMUSEd's), by the folder's `_class_name`."""
     from tessera.tokenizer.kl import KLAutoencoder, KLAutoencoderConfig
     from tessera.tokenizer.taesd import TinyAutoencoder, TinyAutoencoderConfig
 
     folder = Path(folder)
     config = _config(folder)
+    from tessera.tokenizer.vqmodel import VQModel, VQModelConfig
+
     classes = {"AutoencoderKL": (KLAutoencoder, KLAutoencoderConfig),
-               "AutoencoderTiny": (TinyAutoencoder, TinyAutoencoderConfig)}
+               "AutoencoderTiny": (TinyAutoencoder, TinyAutoencoderConfig), "VQModel": (VQModel, VQModelConfig)}
     if config.get("_class_name") not in classes:
         raise WrongModelError(f"{folder}: a {config.get('_class_name')!r} autoencoder; Tessera reads {sorted(classes)}")
     model_cls, config_cls = classes[config["_class_name"]]

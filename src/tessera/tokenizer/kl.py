@@ -145,7 +145,7 @@ class Level(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: KLAutoencoderConfig):
+    def __init__(self, cfg: KLAutoencoderConfig, double_z: bool = True):
         super().__init__()
         ch, g, last = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels) - 1
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
@@ -153,7 +153,8 @@ class Encoder(nn.Module):
                                                "down" if i < last else None) for i in range(len(ch)))
         self.mid_block = MidBlock(ch[-1], g, cfg.mid_attention)
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)  # mean and log-variance
+        # mean and log-variance (a VQ model's encoder: the latents alone)
+        self.conv_out = nn.Conv2d(ch[-1], (2 if double_z else 1) * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)
