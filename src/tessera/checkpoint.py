@@ -230,8 +230,7 @@ def read_meta(folder: str | Path) -> ModelMeta:
 def _build(fam, cfg) -> nn.Module:
     """The network without memory (on the meta device, its tensors then assigned from the checkpoint), unless
     its construction computes buffers that are not stored (DiT's positional table): then for real."""
-    with torch.device("meta"):
-        model = fam.model(cfg)
+    model = on_meta(lambda: fam.model(cfg))
     if set(dict(model.named_buffers())) - set(model.state_dict()):
         model = fam.model(cfg)
     return model

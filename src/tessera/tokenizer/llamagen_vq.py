@@ -22,6 +22,7 @@ from tessera.registry import register_family
 from tessera.tokenizer.taming import (
     AttnBlock,
     Downsample,
+    Quantize,
     ResnetBlock,
     TokenAutoencoder,
     Upsample,
@@ -101,26 +102,11 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H, W)
 
 
-class Quantizer(nn.Module):
+class Quantizer(Quantize):
     def __init__(self, cfg: LlamaGenVQConfig):
-        super().__init__()
-        self.l2 = cfg.codebook_l2_norm
-        self.embedding = nn.Embedding(cfg.codebook_size, cfg.codebook_embed_dim)
+        super().__init__(cfg.codebook_size, cfg.codebook_embed_dim, cfg.codebook_l2_norm)
         if cfg.codebook_show_usage:
             self.register_buffer("codebook_used", torch.zeros(65536))  # training statistics, stored
-
-    def codebook(self) -> torch.Tensor:
-        w = self.embedding.weight.float()
-        return F.normalize(w, dim=-1) if self.l2 else w
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """z [B,e,h,w] -> ids [B,h,w]: the nearest code in squared L2 (both sides normalised when l2)."""
-        b, e, h, w = z.shape
-        flat = z.permute(0, 2, 3, 1).reshape(-1, e).float()  # (BHW, e)
-        flat = F.normalize(flat, dim=-1) if self.l2 else flat
-        codes = self.codebook()
-        d = flat.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1)[None] - 2 * flat @ codes.t()  # (BHW, n)
-        return d.argmin(dim=1).reshape(b, h, w)
 
 
 @register_family("llamagen-vq", LlamaGenVQConfig, role="tokenizer")
@@ -133,6 +119,3 @@ class LlamaGenVQ(TokenAutoencoder):
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.codebook_embed_dim, cfg.z_channels, 1)
         self.codebook_size = cfg.codebook_size
-
-    def codes(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.quantize.codebook()[tokens]  # (B, h, w, e): the normalised codes when l2

@@ -168,22 +168,31 @@ class Decoder(nn.Module):
 
 
 class Quantize(nn.Module):
-    def __init__(self, n_embed: int, dim: int):
+    """The nearest code of each latent vector by squared L2, |z|^2 + |e|^2 - 2 z.e (taming's and LlamaGen's
+    arithmetic); with `l2`, z and the codes are unit-normalised first (LlamaGen's codebook_l2_norm)."""
+
+    def __init__(self, n_embed: int, dim: int, l2: bool = False):
         super().__init__()
-        self.embedding = nn.Embedding(n_embed, dim)
+        self.embedding, self.l2 = nn.Embedding(n_embed, dim), l2
+
+    def codebook(self) -> torch.Tensor:
+        w = self.embedding.weight.float()
+        return F.normalize(w, dim=-1) if self.l2 else w  # (n, e)
+
+    def distances(self, flat: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        return flat.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1)[None] - 2 * flat @ codes.t()  # (BHW, n)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """z [B,e,h,w] -> ids [B,h,w] of the nearest codes: argmin |z|^2 - 2 z.e + |e|^2."""
+        """z [B,e,h,w] -> ids [B,h,w]."""
         b, e, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, e).float()  # (BHW, e)
-        codes = self.embedding.weight.float()
-        d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codes.t() + codes.pow(2).sum(1)[None]  # (BHW, n)
-        return d.argmin(dim=1).reshape(b, h, w)
+        flat = F.normalize(flat, dim=-1) if self.l2 else flat
+        return self.distances(flat, self.codebook()).argmin(dim=1).reshape(b, h, w)
 
 
 class TokenAutoencoder(nn.Module):
-    """encode / decode_tokens over `encoder`, `quant_conv`, `quantize` (-> ids), `post_quant_conv`, `decoder`
-    and `codes(ids)` (the code vectors to decode); shared by taming's and LlamaGen's VQ tokenizers."""
+    """encode / decode_tokens over `encoder`, `quant_conv`, `quantize` (a Quantize: ids, and the codebook the
+    ids decode through), `post_quant_conv`, `decoder`; shared by the taming, LlamaGen and diffusers VQ models."""
 
     codebook_size: int
 
@@ -203,7 +212,7 @@ class TokenAutoencoder(nn.Module):
         """token ids [B,h,w] -> images [B,3,h*f,w*f] (about [-1,1])."""
         if tokens.min() < 0 or tokens.max() >= self.codebook_size:
             raise InvalidInputError(f"token ids must lie in [0, {self.codebook_size})")
-        z = self.codes(tokens).permute(0, 3, 1, 2).to(self.post_quant_conv.weight.dtype)  # (B, e, h, w)
+        z = self.quantize.codebook()[tokens].permute(0, 3, 1, 2).to(self.post_quant_conv.weight.dtype)  # (B,e,h,w)
         return self.decoder(self.post_quant_conv(z))
 
 
@@ -217,9 +226,6 @@ class TamingVQGAN(TokenAutoencoder):
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
         self.quantize = Quantize(cfg.n_embed, cfg.embed_dim)
         self.codebook_size = cfg.n_embed
-
-    def codes(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.quantize.embedding(tokens)  # (B, h, w, e)
 
 
 # ---- a taming-transformers release folder ---------------------------------------------------------------

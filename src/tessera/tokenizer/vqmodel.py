@@ -16,7 +16,7 @@ from torch import nn
 from tessera.config import Config, check_diffusers_config
 from tessera.registry import register_family
 from tessera.tokenizer.kl import Decoder, Encoder, KLAutoencoderConfig
-from tessera.tokenizer.taming import TokenAutoencoder
+from tessera.tokenizer.taming import Quantize, TokenAutoencoder
 
 
 @dataclasses.dataclass
@@ -65,16 +65,11 @@ DIFFUSERS_DEFAULTS = {"in_channels": 3, "out_channels": 3, "block_out_channels":
                       "scaling_factor": 0.18215, "mid_block_add_attention": True, "force_upcast": False}
 
 
-class Quantize(nn.Module):
-    def __init__(self, n: int, dim: int):
-        super().__init__()
-        self.embedding = nn.Embedding(n, dim)
+class CdistQuantize(Quantize):
+    """The nearest code by euclidean distance as diffusers' VectorQuantizer computes it (torch.cdist)."""
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """z [B,e,h,w] -> ids [B,h,w] of the nearest code (euclidean distance, as diffusers' cdist)."""
-        b, e, h, w = z.shape
-        flat = z.permute(0, 2, 3, 1).reshape(-1, e).float()  # (BHW, e)
-        return torch.cdist(flat, self.embedding.weight.float()).argmin(dim=1).reshape(b, h, w)
+    def distances(self, flat: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        return torch.cdist(flat, codes)
 
 
 @register_family("vqmodel", VQModelConfig, role="tokenizer")
@@ -85,8 +80,5 @@ class VQModel(TokenAutoencoder):
         self.encoder, self.decoder = Encoder(cfg.stacks(), double_z=False), Decoder(cfg.stacks())
         self.quant_conv = nn.Conv2d(cfg.latent_channels, cfg.vq_embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.vq_embed_dim, cfg.latent_channels, 1)
-        self.quantize = Quantize(cfg.num_vq_embeddings, cfg.vq_embed_dim)
+        self.quantize = CdistQuantize(cfg.num_vq_embeddings, cfg.vq_embed_dim)
         self.codebook_size = cfg.num_vq_embeddings
-
-    def codes(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.quantize.embedding(tokens)  # (B, h, w, e)
