@@ -21,3 +21,11 @@ def check_output_path(out: str | Path, suffixes: tuple[str, ...] = (".png",)) ->
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InvalidInputError(f"-o {out}: the folder {parent} is not writable")
     return p
+
+
+def check_new_folder(out: str | Path) -> Path:
+    """An output folder that does not exist yet or is empty (what is already there is never overwritten)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InvalidInputError(f"-o {out}: the folder exists and is not empty (choose a new one)")
+    return out

@@ -59,11 +59,10 @@ def _convert_model(src: Path, out: Path, dtype: str, trust_pickle: bool) -> Path
     import torch
 
     from tessera.checkpoint import export_model
+    from tessera.paths import check_new_folder
     from tessera.tokenizer.taming import load_release
 
-    if out.exists() and any(out.iterdir()):
-        raise InvalidInputError(f"-o {out}: the folder exists and is not empty (choose a new one)")
-    return export_model(load_release(src, trust_pickle=trust_pickle), out, {"source": str(src)},
+    return export_model(load_release(src, trust_pickle=trust_pickle), check_new_folder(out), {"source": str(src)},
                         dtype=getattr(torch, dtype))
 
 

@@ -216,9 +216,9 @@ def _export_component(model, out: Path) -> None:
 
 def save_pipeline(pipe, folder: str | Path, overwrite: bool = False) -> Path:
     """Write `pipe` as a pipeline folder (built beside it, then moved into place: nothing half-written)."""
-    folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise InvalidInputError(f"-o {folder}: the folder exists and is not empty (choose a new one)")
+    from tessera.paths import check_new_folder
+
+    folder = Path(folder) if overwrite else check_new_folder(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
