@@ -29,12 +29,14 @@ def convert(src: str | Path, out: str | Path, dtype: str = "float16", tokenizer:
     files; `vae`: another autoencoder folder, e.g. TAESD, for a diffusers folder; `trust_pickle`: read a
     taming .ckpt that holds more than tensors — it can run code)."""
     from tessera.device import placement
+    from tessera.paths import check_new_folder
     from tessera.pipelines.folder import load_pipeline, save_pipeline
     from tessera.pipelines.stable_diffusion import is_diffusers_folder, load_diffusers_folder
     from tessera.tokenizer.taming import is_release_folder
 
     if dtype not in STORAGE:
         raise InvalidInputError(f"--dtype {dtype}: must be one of {', '.join(STORAGE)}")
+    check_new_folder(out)  # before reading gigabytes
     place, src = placement("cpu", dtype), Path(src)
     if is_release_folder(src):  # a taming VQGAN release: its pickle read once, written as safetensors
         return _convert_model(src, Path(out), dtype, trust_pickle)
@@ -59,10 +61,9 @@ def _convert_model(src: Path, out: Path, dtype: str, trust_pickle: bool) -> Path
     import torch
 
     from tessera.checkpoint import export_model
-    from tessera.paths import check_new_folder
     from tessera.tokenizer.taming import load_release
 
-    return export_model(load_release(src, trust_pickle=trust_pickle), check_new_folder(out), {"source": str(src)},
+    return export_model(load_release(src, trust_pickle=trust_pickle), out, {"source": str(src)},
                         dtype=getattr(torch, dtype))
 
 
