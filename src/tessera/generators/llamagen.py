@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.config import Config
+from tessera.nn.layers import RMSNorm
 from tessera.registry import register_family
 
 
@@ -74,16 +75,6 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     cos, sin = table[None, :, None, :, 0], table[None, :, None, :, 1]
     out = torch.stack([pairs[..., 0] * cos - pairs[..., 1] * sin, pairs[..., 1] * cos + pairs[..., 0] * sin], -1)
     return out.flatten(3).type_as(x)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 class FeedForward(nn.Module):

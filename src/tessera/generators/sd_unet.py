@@ -88,9 +88,9 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class TimestepEmbedding(nn.Module):
-    def __init__(self, c_in: int, c_out: int, cond_dim: int | None = None):
+    def __init__(self, c_in: int, c_out: int, cond_dim: int | None = None, bias: bool = True):
         super().__init__()
-        self.linear_1, self.linear_2 = nn.Linear(c_in, c_out), nn.Linear(c_out, c_out)
+        self.linear_1, self.linear_2 = nn.Linear(c_in, c_out, bias), nn.Linear(c_out, c_out, bias)
         self.cond_proj = nn.Linear(cond_dim, c_in, bias=False) if cond_dim else None
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -121,13 +121,16 @@ class ResnetBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, context_dim: int | None = None):
+    """diffusers' `Attention` (to_q / to_k / to_v / to_out.0; scale head_dim^-1/2): self-attention, or
+    cross-attention to a `context_dim`-wide context. `bias`: on q / k / v (SD: none); `out_bias`: on to_out."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, bias: bool = False, out_bias: bool = True):
         super().__init__()
         self.heads = heads
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
+        self.to_q = nn.Linear(dim, dim, bias=bias)
+        self.to_k = nn.Linear(context_dim or dim, dim, bias=bias)
+        self.to_v = nn.Linear(context_dim or dim, dim, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim, bias=out_bias), nn.Dropout(0.0)])
         self.impl = "sdpa"  # nn/kernels.py: sdpa | gemm | auto (SDUNet.set_attention)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
@@ -142,9 +145,11 @@ class Attention(nn.Module):
 
 
 class GEGLU(nn.Module):
-    def __init__(self, dim: int, inner: int):
+    """h * GELU(gate), [h, gate] = proj(x) (Shazeer 2020)."""
+
+    def __init__(self, dim: int, inner: int, bias: bool = True):
         super().__init__()
-        self.proj = nn.Linear(dim, 2 * inner)
+        self.proj = nn.Linear(dim, 2 * inner, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, gate = self.proj(x).chunk(2, dim=-1)
@@ -152,9 +157,12 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, mult: int = 4):
+    """diffusers' GEGLU feed-forward (net.0 = GEGLU, net.2 = the output Linear); `inner` default 4 dim."""
+
+    def __init__(self, dim: int, inner: int | None = None, bias: bool = True):
         super().__init__()
-        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim)])
+        inner = inner or 4 * dim
+        self.net = nn.ModuleList([GEGLU(dim, inner, bias), nn.Dropout(0.0), nn.Linear(inner, dim, bias)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net[2](self.net[0](x))

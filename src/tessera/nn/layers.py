@@ -16,6 +16,21 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
 
 
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) over the last axis, computed in float32, times a learned gain (absent with
+    `affine=False`); Zhang & Sennrich 2019. The Llama / LlamaGen and diffusers (aMUSEd) convention."""
+
+    def __init__(self, dim: int, eps: float, affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        return out if self.weight is None else out.to(self.weight.dtype) * self.weight
+
+
 class ResBlock2d(nn.Module):
     """norm -> SiLU -> conv3x3, twice, plus a (1x1 projected) skip connection. With `temb_dim` > 0 a
     projection of the timestep embedding is added between the two convolutions (DDPM / diffusers'

@@ -129,7 +129,11 @@ def load_pipeline(spec: str | Path | None = None, tokenizer: str | None = None, 
 
     if is_pipeline_folder(spec) and tokenizer is not None:
         raise InvalidInputError(f"--tokenizer: {spec} is a pipeline folder, which holds its own tokenizer")
-    if is_diffusers_folder(spec):
+    from tessera.pipelines.amused import is_amused_folder, load_amused_folder
+
+    if is_amused_folder(spec):
+        pipe = load_amused_folder(spec, place)
+    elif is_diffusers_folder(spec):
         pipe = load_diffusers_folder(spec, place)
     elif is_pipeline_folder(spec):
         pipe = load_pipeline_folder(spec, place, text_encoder)
@@ -270,8 +274,11 @@ def paradigm_of(spec: str | Path) -> str:
     """The paradigm a pipeline folder, generator (folder or preset) or paradigm name generates in."""
     if str(spec) in paradigms():
         return str(spec)
+    from tessera.pipelines.amused import is_amused_folder
     from tessera.pipelines.stable_diffusion import is_diffusers_folder
 
+    if is_amused_folder(spec):  # a diffusers aMUSEd folder
+        return "masked"
     if is_diffusers_folder(spec):  # a diffusers Stable Diffusion folder
         return "diffusion"
     if is_pipeline_folder(spec):

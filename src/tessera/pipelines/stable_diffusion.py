@@ -124,9 +124,7 @@ class StableDiffusionPipeline(Pipeline):
         return {} if (h, w) == (self.native_size,) * 2 else {"size": (h, w)}
 
     def too_long(self, prompts: list[str], batch: int = 64) -> list[str | None]:
-        limit = self.text_encoder.max_tokens
-        return [None if n <= limit else f"{n} prompt tokens; CLIP takes at most {limit}"
-                for n in self.text_encoder.token_counts(prompts)]
+        return clip_too_long(self.text_encoder, prompts)
 
     def load_lora(self, path: str | Path, scale: float = 1.0) -> int:
         """Merge a LoRA file (diffusers / PEFT or kohya names) into the U-Net and the text encoder at `scale`;
@@ -216,6 +214,13 @@ class StableDiffusionPipeline(Pipeline):
     def _vae_input(self, x: torch.Tensor) -> torch.Tensor:
         """`x` on the device in the autoencoder's own weight dtype (see `to`)."""
         return x.to(self.device, next(self.tokenizer.parameters()).dtype)
+
+
+def clip_too_long(text_encoder, prompts: list[str]) -> list[str | None]:
+    """Per prompt: None if the CLIP encoder takes it whole, else why not (prompts are never cut)."""
+    limit = text_encoder.max_tokens
+    return [None if n <= limit else f"{n} prompt tokens; CLIP takes at most {limit}"
+            for n in text_encoder.token_counts(prompts)]
 
 
 def _vae_dtype(config, dtype: torch.dtype) -> torch.dtype:

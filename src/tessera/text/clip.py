@@ -2,7 +2,8 @@
 checkpoint's own `text_encoder/` and `tokenizer/` folders (never rewritten here), behind Tessera's
 text-encoder protocol. As SD was trained: every prompt padded to the tokenizer's 77 positions and all of
 them attended to, the last hidden state (or, with `clip_skip` k, the hidden state k layers before the
-last, through the final LayerNorm, as diffusers does). Prompts longer than 77 tokens are refused, not cut.
+last, through the final LayerNorm, as diffusers does; aMUSEd takes the penultimate state without it,
+`final_norm=False`). Prompts longer than 77 tokens are refused, not cut.
 """
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from tessera.text.base import PromptError, TextEncoding, check_prompts
 
 
 class CLIPPromptEncoder:
-    def __init__(self, text_model, tokenizer, name: str = "clip", clip_skip: int | None = None):
+    def __init__(self, text_model, tokenizer, name: str = "clip", clip_skip: int | None = None, final_norm: bool = True):
         self.model, self.tokenizer = text_model.eval().requires_grad_(False), tokenizer
-        self.name, self.clip_skip = name, clip_skip
+        self.name, self.clip_skip, self.final_norm = name, clip_skip, final_norm
         self.dim = int(text_model.config.hidden_size)
         self.max_tokens = int(tokenizer.model_max_length)
         if clip_skip is not None and not 0 <= clip_skip < text_model.config.num_hidden_layers:
@@ -24,7 +25,8 @@ class CLIPPromptEncoder:
 
     @classmethod
     def from_folders(cls, text_encoder_dir: str | Path, tokenizer_dir: str | Path, clip_skip: int | None = None,
-                     dtype: torch.dtype = torch.float32, variant: str | None = None) -> "CLIPPromptEncoder":
+                     dtype: torch.dtype = torch.float32, variant: str | None = None,
+                     final_norm: bool = True) -> "CLIPPromptEncoder":
         """`CLIPTextModel` (or `...WithProjection`) and `CLIPTokenizer` from local folders only."""
         from transformers import AutoConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -36,14 +38,15 @@ class CLIPPromptEncoder:
             tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
         except OSError as e:
             raise FileNotFoundError(f"CLIP text encoder in {text_encoder_dir} / {tokenizer_dir}: {e}") from None
-        return cls(model, tokenizer, name=str(text_encoder_dir), clip_skip=clip_skip)
+        return cls(model, tokenizer, name=str(text_encoder_dir), clip_skip=clip_skip, final_norm=final_norm)
 
     def save(self, folder: str | Path) -> dict:
         """The model (safetensors) and tokenizer files in one folder, as `from_folders(folder, folder)` reads
         them; -> the record a pipeline folder keeps beside them (text_encoder.json)."""
         self.model.save_pretrained(str(folder), safe_serialization=True)
         self.tokenizer.save_pretrained(str(folder))
-        return {"name": self.name, "format": "transformers-clip", "clip_skip": self.clip_skip}
+        return {"name": self.name, "format": "transformers-clip", "clip_skip": self.clip_skip,
+                "final_norm": self.final_norm}
 
     def token_counts(self, prompts: list[str]) -> list[int]:
         return [len(ids) for ids in self.tokenizer(prompts, truncation=False, verbose=False)["input_ids"]]
@@ -62,8 +65,9 @@ class CLIPPromptEncoder:
             states = out.last_hidden_state
         else:
             out = self.model(ids.to(device), output_hidden_states=True)
-            final_norm = getattr(self.model, "text_model", self.model).final_layer_norm  # transformers 4 | 5
-            states = final_norm(out.hidden_states[-(self.clip_skip + 1)])
+            states = out.hidden_states[-(self.clip_skip + 1)]
+            if self.final_norm:
+                states = getattr(self.model, "text_model", self.model).final_layer_norm(states)  # transformers 4 | 5
         pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
         states = states.float()  # (B, 77, D)
         return TextEncoding(states, torch.ones(states.shape[:2], dtype=torch.bool, device=states.device), pooled.float())
