@@ -133,3 +133,28 @@ def test_the_whole_system_runs_an_amused_folder(amused_folder, tmp_path):
     r = CliRunner().invoke(main, ["generate", "a red apple", "--model", str(folder), "--paradigm", "diffusion",
                                   "-o", str(tmp_path / "y.png")])
     assert r.exit_code != 0 and "masked" in r.output and not (tmp_path / "y.png").exists()
+
+
+def test_bf16_pipeline_prepacks_the_uvit_and_keeps_its_logits(amused_folder):
+    """In bf16 on a CPU the U-ViT and CLIP are prepacked for oneDNN (the VQ decoder is not); the packed U-ViT,
+    with the step-constant condition computed once (`prepare`), gives the plain layers' logits."""
+    from tessera.nn import onednn
+
+    folder, _ = amused_folder
+    pipe = tessera.load(str(folder), dtype="bfloat16")
+    if not onednn.available():
+        pytest.skip("no oneDNN in this torch build")
+    assert onednn.is_packed(pipe.generator) and not onednn.is_packed(pipe.tokenizer)
+    torch.manual_seed(2)
+    ids = torch.randint(0, 40, (2, 4, 4))
+    text, pooled = torch.randn(2, 77, 32, dtype=torch.bfloat16), torch.randn(2, 24, dtype=torch.bfloat16)
+    micro = torch.tensor([[8.0, 8, 0, 0, 6]] * 2, dtype=torch.bfloat16)
+    with torch.no_grad():
+        packed = pipe.generator(ids, prepared=pipe.generator.prepare(text, pooled, micro)).float()
+        with pipe.unpacked():
+            assert not onednn.is_packed(pipe.generator)
+            plain = pipe.generator(ids, text, pooled, micro).float()
+    assert onednn.is_packed(pipe.generator)
+    torch.testing.assert_close(packed, plain, atol=0.05 * plain.abs().max().item(), rtol=0)
+    image = pipe("a red apple", num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(1)).images[0]
+    assert image.size == (8, 8)

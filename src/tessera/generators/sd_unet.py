@@ -133,14 +133,19 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim, bias=out_bias), nn.Dropout(0.0)])
         self.impl = "sdpa"  # nn/kernels.py: sdpa | gemm | auto (SDUNet.set_attention)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def split(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, c = t.shape
+        return t.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)  # (B, H, L, C/H)
+
+    def keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of a context [B,L,*] -> each [B,H,L,C/H] (a fixed context's can be kept)."""
+        return self.split(self.to_k(context)), self.split(self.to_v(context))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         b, n, c = x.shape
-        ctx = x if context is None else context
-
-        def split(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(b, t.shape[1], self.heads, c // self.heads).transpose(1, 2)  # (B, H, L, C/H)
-
-        out = attend(split(self.to_q(x)), split(self.to_k(ctx)), split(self.to_v(ctx)), self.impl)  # (B, H, N, C/H)
+        k, v = kv if kv is not None else self.keys_values(x if context is None else context)
+        out = attend(self.split(self.to_q(x)), k, v, self.impl)  # (B, H, N, C/H)
         return self.to_out[0](out.transpose(1, 2).reshape(b, n, c))  # (B, N, C)
 
 

@@ -15,6 +15,10 @@ cross-attention; the pooled CLIP embedding concatenated with the sinusoidal embe
 micro-conditions (width, height, crop top, crop left, aesthetic score; SDXL's micro-conditioning) ->
 Linear, SiLU, Linear -> the AdaLN modulation of every block. Classifier-free guidance uses the empty
 prompt's states (no learned null condition). No decoding loop here: `sampling/masked.amused_step`.
+
+What depends on the condition alone (every AdaLN's scale / shift, every cross-attention's keys / values of
+the text) is the same at every decoding step: `prepare(...)` computes it once, `forward(ids,
+prepared=...)` reuses it (the same arithmetic, so the same logits as computing it at each call).
 """
 from __future__ import annotations
 
@@ -28,6 +32,21 @@ from tessera.config import Config, check_diffusers_config
 from tessera.generators.sd_unet import Attention, FeedForward, TimestepEmbedding, timestep_embedding
 from tessera.nn.layers import RMSNorm
 from tessera.registry import register_family
+
+
+@dataclasses.dataclass
+class Prepared:
+    """The condition of a call: the projected text [B,L,D], the AdaLN vector [B,D] and, when kept, each
+    module's part of it (AdaLN: (scale, shift); cross-attention: (keys, values))."""
+
+    text: torch.Tensor
+    cond: torch.Tensor
+    static: dict = dataclasses.field(default_factory=dict)
+
+    def get(self, module: nn.Module, compute):
+        if module not in self.static:
+            return compute()
+        return self.static[module]
 
 
 @dataclasses.dataclass
@@ -128,12 +147,16 @@ class ConvNextBlock(nn.Module):
         self.channelwise_linear_2 = nn.Linear(c * mult, c, bias=bias)
         self.cond_embeds_mapper = nn.Linear(cfg.hidden_size, 2 * c, bias=bias)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def modulation(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, shift = self.cond_embeds_mapper(F.silu(cond)).chunk(2, dim=1)  # each (B, C)
+        return scale[:, :, None, None], shift[:, :, None, None]
+
+    def forward(self, x: torch.Tensor, p: Prepared) -> torch.Tensor:
         h = self.norm(self.depthwise(x).permute(0, 2, 3, 1))  # (B, h, w, C)
         h = self.channelwise_linear_2(self.channelwise_norm(F.gelu(self.channelwise_linear_1(h))))
         x = h.permute(0, 3, 1, 2) + x  # (B, C, h, w)
-        scale, shift = self.cond_embeds_mapper(F.silu(cond)).chunk(2, dim=1)  # each (B, C)
-        return x * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+        scale, shift = p.get(self, lambda: self.modulation(p.cond))
+        return x * (1 + scale) + shift
 
 
 class SkipFFBlock(nn.Module):
@@ -149,11 +172,15 @@ class SkipFFBlock(nn.Module):
         self.norm2 = RMSNorm(c, 1e-6)
         self.attn2 = Attention(c, cfg.block_num_heads, c, bias=bias, out_bias=bias)
 
-    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def keys_values(self, text: torch.Tensor) -> tuple:
         if self.kv_mapper is not None:
             text = self.kv_mapper(F.silu(text))  # (B, L, C)
-        x = self.attn1(self.norm1(x), text) + x
-        return self.attn2(self.norm2(x), text) + x
+        return self.attn1.keys_values(text), self.attn2.keys_values(text)
+
+    def forward(self, x: torch.Tensor, p: Prepared) -> torch.Tensor:
+        kv1, kv2 = p.get(self, lambda: self.keys_values(p.text))
+        x = self.attn1(self.norm1(x), kv=kv1) + x
+        return self.attn2(self.norm2(x), kv=kv2) + x
 
 
 class Resample(nn.Module):
@@ -180,13 +207,13 @@ class UVitBlock(nn.Module):
         self.attention_blocks = nn.ModuleList(SkipFFBlock(cfg) for _ in range(cfg.num_res_blocks))
         self.upsample = Resample(cfg, up=True) if up else None
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, p: Prepared) -> torch.Tensor:
         if self.downsample is not None:
             x = self.downsample(x)
         for res, attn in zip(self.res_blocks, self.attention_blocks):
-            x = res(x, cond)
+            x = res(x, p)
             b, c, h, w = x.shape
-            t = attn(x.reshape(b, c, h * w).transpose(1, 2), text)  # (B, hw, C)
+            t = attn(x.reshape(b, c, h * w).transpose(1, 2), p)  # (B, hw, C)
             x = t.transpose(1, 2).reshape(b, c, h, w)
         return self.upsample(x) if self.upsample is not None else x
 
@@ -201,9 +228,13 @@ class AdaNorm(nn.Module):
         self.norm = RMSNorm(d, cfg.layer_norm_eps, cfg.ln_elementwise_affine) if kind == "rms" else \
             nn.LayerNorm(d, cfg.layer_norm_eps, cfg.ln_elementwise_affine, bias=bias)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.linear(F.silu(cond).to(x.dtype)).chunk(2, dim=1)  # each (B, D)
-        return self.norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
+    def modulation(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, shift = self.linear(F.silu(cond)).chunk(2, dim=1)  # each (B, D)
+        return scale[:, None, :], shift[:, None, :]
+
+    def forward(self, x: torch.Tensor, p: Prepared) -> torch.Tensor:
+        scale, shift = p.get(self, lambda: self.modulation(p.cond))
+        return self.norm(x) * (1 + scale) + shift
 
 
 class TransformerLayer(nn.Module):
@@ -217,10 +248,10 @@ class TransformerLayer(nn.Module):
         self.norm2, self.attn2 = AdaNorm(cfg, "rms"), Attention(d, heads, d, bias=bias, out_bias=bias)
         self.norm3, self.ff = AdaNorm(cfg, "layer"), FeedForward(d, cfg.intermediate_size, bias)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        x = self.attn1(self.norm1(x, cond)) + x
-        x = self.attn2(self.norm2(x, cond), text) + x
-        return self.ff(self.norm3(x, cond)) + x
+    def forward(self, x: torch.Tensor, p: Prepared) -> torch.Tensor:
+        x = self.attn1(self.norm1(x, p)) + x
+        x = self.attn2(self.norm2(x, p), kv=p.get(self.attn2, lambda: self.attn2.keys_values(p.text))) + x
+        return self.ff(self.norm3(x, p)) + x
 
 
 class MlmLayer(nn.Module):
@@ -262,21 +293,36 @@ class UVit2D(nn.Module):
         x = torch.cat([pooled, micro.reshape(b, -1).to(pooled.dtype)], dim=1)  # (B, cond_embed_dim + 5e)
         return self.cond_embed(x.to(self.cond_embed.linear_1.weight.dtype))
 
-    def forward(self, ids: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor,
-                micro_conds: torch.Tensor) -> torch.Tensor:
-        """ids [B,h,w]; text [B,L,encoder_hidden_size]; pooled [B,cond_embed_dim]; micro_conds [B,5]
-        (width, height, crop top, crop left, aesthetic score) -> logits [B, h*w, codebook_size]."""
+    def prepare(self, text: torch.Tensor, pooled: torch.Tensor, micro_conds: torch.Tensor,
+                keep: bool = True) -> Prepared:
+        """text [B,L,encoder_hidden_size]; pooled [B,cond_embed_dim]; micro_conds [B,5] (width, height, crop
+        top, crop left, aesthetic score) -> the call's condition; `keep`: every module's part computed now."""
+        text = self.encoder_proj_layer_norm(self.encoder_proj(text))  # (B, L, D)
+        p = Prepared(text, self.condition(pooled, micro_conds).to(text.dtype))  # cond (B, D)
+        if keep:
+            for m in self.modules():
+                if isinstance(m, (AdaNorm, ConvNextBlock)):
+                    p.static[m] = m.modulation(p.cond)
+                elif isinstance(m, SkipFFBlock):
+                    p.static[m] = m.keys_values(p.text)
+            for layer in self.transformer_layers:
+                p.static[layer.attn2] = layer.attn2.keys_values(p.text)
+        return p
+
+    def forward(self, ids: torch.Tensor, text: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
+                micro_conds: torch.Tensor | None = None, prepared: Prepared | None = None) -> torch.Tensor:
+        """ids [B,h,w] and the condition (text, pooled, micro_conds as in `prepare`, or `prepared`) ->
+        logits [B, h*w, codebook_size]."""
         if ids.shape[-1] % self.config.grid_factor or ids.shape[-2] % self.config.grid_factor:
             raise ValueError(f"a {tuple(ids.shape[-2:])} token grid: its sides must be multiples of "
                              f"{self.config.grid_factor}")
-        text = self.encoder_proj_layer_norm(self.encoder_proj(text))  # (B, L, D)
-        cond = self.condition(pooled, micro_conds).to(text.dtype)  # (B, D)
-        x = self.down_block(self.embed(ids), cond, text)  # (B, C, h', w')
+        p = prepared if prepared is not None else self.prepare(text, pooled, micro_conds, keep=False)
+        x = self.down_block(self.embed(ids), p)  # (B, C, h', w')
         b, c, h, w = x.shape
         t = self.project_to_hidden(self.project_to_hidden_norm(x.permute(0, 2, 3, 1).reshape(b, h * w, c)))
         for layer in self.transformer_layers:
-            t = layer(t, cond, text)  # (B, h'w', D)
+            t = layer(t, p)  # (B, h'w', D)
         t = self.project_from_hidden(self.project_from_hidden_norm(t))  # (B, h'w', C)
-        x = self.up_block(t.reshape(b, h, w, c).permute(0, 3, 1, 2), cond, text)  # (B, C, h, w)
+        x = self.up_block(t.reshape(b, h, w, c).permute(0, 3, 1, 2), p)  # (B, C, h, w)
         logits = self.mlm_layer(x)  # (B, V, h, w)
         return logits.flatten(2).transpose(1, 2)  # (B, hw, V)

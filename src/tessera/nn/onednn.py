@@ -13,6 +13,7 @@ The packed weight REPLACES the plain one (no second copy of an 866 M network): w
 """
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
@@ -97,3 +98,25 @@ def unpack(model: nn.Module) -> int:
 
 def is_packed(model: nn.Module) -> bool:
     return any(hasattr(m, PACKED) for m in model.modules())
+
+
+class Prepacked:
+    """A pipeline mixin: its `networks` prepacked on a CPU in bf16 while `prepack` is on, and `unpacked()`,
+    the context in which their plain weights are back (to read, change, move or save them)."""
+
+    prepack: bool = True
+
+    @property
+    def networks(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def unpacked(self):
+        for m in self.networks:
+            unpack(m)
+        try:
+            yield self
+        finally:
+            if self.prepack and self.placement.device.type == "cpu":
+                for m in self.networks:
+                    pack(m)

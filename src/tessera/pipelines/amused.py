@@ -24,6 +24,7 @@ from tessera.checkpoint import load_strict, on_meta
 from tessera.config import check_diffusers_config
 from tessera.device import Placement, placement
 from tessera.errors import InvalidInputError, ModelNotFoundError, WrongModelError
+from tessera.nn import onednn
 from tessera.pipelines.base import Pipeline, check_limits
 from tessera.sampling.masked import amused_step, amused_temperatures
 
@@ -50,12 +51,14 @@ class AmusedSampleParams:
             raise InvalidInputError(f"temperature={self.temperature}: a value or (start, end), each in [0, 100]")
 
 
-class AmusedPipeline(Pipeline):
+class AmusedPipeline(onednn.Prepacked, Pipeline):
     paradigm = "masked"
     Params = AmusedSampleParams
     CALL_NAMES = {"num_inference_steps": "steps", "guidance_scale": "cfg_scale", "negative_prompt": "negative_prompt"}
 
-    def __init__(self, transformer, vqvae, text_encoder, *, mask_id: int, schedule: str = "cosine", **kw):
+    def __init__(self, transformer, vqvae, text_encoder, *, mask_id: int, schedule: str = "cosine",
+                 prepack: bool = True, **kw):
+        """`prepack`: on a CPU in bf16, the networks' weights prepacked for oneDNN once (nn/onednn.py)."""
         cfg = transformer.config
         if cfg.codebook_size != vqvae.codebook_size:
             raise WrongModelError(f"the U-ViT predicts {cfg.codebook_size} codes; the VQ model has {vqvae.codebook_size}")
@@ -66,18 +69,26 @@ class AmusedPipeline(Pipeline):
             raise WrongModelError(f"mask_token_id={mask_id}: must lie in [{cfg.codebook_size}, {cfg.vocab_size})")
         if schedule not in ("cosine", "linear"):
             raise WrongModelError(f"masking_schedule={schedule!r}: Tessera implements 'cosine' and 'linear'")
-        self.mask_id, self.schedule = mask_id, schedule
+        self.mask_id, self.schedule, self.prepack = mask_id, schedule, prepack
         super().__init__(transformer, vqvae, text_encoder, **kw)
 
+    @property
+    def networks(self) -> list[torch.nn.Module]:
+        """The prepacked networks. Not the VQ decoder: packed for one map size, its convolutions run 1.5-6x
+        slower at the others (16x16 768-channel maps up to 256x256; benchmarks/RESULTS.md)."""
+        return [self.generator, self.text_encoder.model]
+
     def to(self, device=None, dtype=None):
-        """The weights held in the compute dtype (as Stable Diffusion's: the 600 M U-ViT is 1.2 GB in bf16)."""
+        """The weights held in the compute dtype (as Stable Diffusion's: the 600 M U-ViT is 1.2 GB in bf16),
+        the VQ model channels-last; on a CPU in bf16 then prepacked for oneDNN (unless `prepack` is off)."""
         from tessera.pipelines.stable_diffusion import _vae_dtype
 
-        super().to(device, dtype)
-        p = self.placement
-        self.generator.to(p.device, p.dtype)
-        self.text_encoder.model.to(p.device, p.dtype)
-        self.tokenizer.to(p.device, _vae_dtype(self.tokenizer.config, p.dtype))
+        with self.unpacked():
+            super().to(device, dtype)
+            p = self.placement
+            self.generator.to(p.device, p.dtype)
+            self.text_encoder.model.to(p.device, p.dtype)
+            self.tokenizer.to(p.device, _vae_dtype(self.tokenizer.config, p.dtype), memory_format=torch.channels_last)
         return self
 
     @property
@@ -126,10 +137,12 @@ class AmusedPipeline(Pipeline):
         micro = micro[None].expand(states.shape[0], -1)  # (2n | n, 5)
         temps = amused_temperatures(p.steps, p.temperature)
         g = generator or torch.Generator().manual_seed(p.seed)
+        with self.placement.autocast():
+            cond = self.generator.prepare(states, pooled, micro)  # the same at every step: computed once
         for i in range(p.steps):
             x = (torch.cat([ids, ids]) if guided else ids).to(self.device)
             with self.placement.autocast():
-                logits = self.generator(x, states, pooled, micro).float().cpu()  # (2n | n, hw, V)
+                logits = self.generator(x, prepared=cond).float().cpu()  # (2n | n, hw, V)
             if guided:
                 u, c = logits.chunk(2)
                 logits = u + p.cfg_scale * (c - u)

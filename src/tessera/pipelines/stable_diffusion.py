@@ -10,7 +10,6 @@ and the VAE decodes x_0 / scaling_factor + shift_factor (tests/test_stable_diffu
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 from pathlib import Path
@@ -37,7 +36,7 @@ SD_DEFAULTS = {"steps": 50, "cfg_scale": 7.5}  # diffusers' StableDiffusionPipel
 LCM_DEFAULTS = {"steps": 4, "cfg_scale": 8.5}  # its LatentConsistencyModelPipeline's (an LCM-distilled U-Net)
 
 
-class StableDiffusionPipeline(Pipeline):
+class StableDiffusionPipeline(onednn.Prepacked, Pipeline):
     paradigm = "diffusion"
     Params = DiffusionSampleParams  # the same sampling settings as Tessera's own diffusion pipelines
     CALL_NAMES = {"num_inference_steps": "steps", "guidance_scale": "cfg_scale", "negative_prompt": "negative_prompt"}
@@ -93,19 +92,6 @@ class StableDiffusionPipeline(Pipeline):
 
     def _unet(self, *args):
         return (self._compiled if self._compiled is not None else self.generator)(*args)
-
-    @contextlib.contextmanager
-    def unpacked(self):
-        """The networks with their plain weights (for anything that reads or changes weights), packed again
-        after it where the placement and `prepack` say so."""
-        for m in self.networks:
-            onednn.unpack(m)
-        try:
-            yield self
-        finally:
-            if self.prepack and self.placement.device.type == "cpu":
-                for m in self.networks:
-                    onednn.pack(m)
 
     @property
     def native_size(self) -> int:
