@@ -172,3 +172,43 @@ def test_a_llamagen_release_draws_class_conditional_images_with_guidance(gpt, tm
 
     with pytest.raises(WrongModelError, match="c2i_B_256.pt"):
         tessera.load(str(tmp_path))
+
+
+def test_the_compiled_one_token_step_equals_the_eager_one(gpt):
+    """compile_step(): one graph for every position (the position is a tensor input), the same logits."""
+    import copy
+
+    model = copy.deepcopy(gpt)
+    labels, ids = torch.tensor([3, 10]), torch.randint(0, 50, (2, 6))
+    with torch.no_grad():
+        want = torch.stack([prefix_logits_fn(gpt, labels)(ids[:, :t]) for t in range(1, 7)], 1)
+        model.compile_step()
+        fn = prefix_logits_fn(model, labels)
+        got = torch.stack([fn(ids[:, :t]) for t in range(1, 7)], 1)  # (2, 6, 50)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_int8_weight_only_layers_stay_close_to_bf16(gpt):
+    """nn/quant.py: per-output-channel int8 weights; a layer within 1% of its bf16 output's scale, the whole
+    GPT's logits close enough that the argmax token mostly agrees, and the decode still runs on the cache."""
+    import copy
+
+    from tessera.nn.quant import Int8Linear, available, quantize_int8
+
+    if not available():
+        pytest.skip("no int8 weight-only matmul in this torch build")
+    lin = torch.nn.Linear(64, 96).to(torch.bfloat16)
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    q = Int8Linear(lin)
+    assert q.weight_int8.dtype == torch.int8 and q.weight_int8.abs().max() == 127
+    with torch.no_grad():
+        ref = lin(x).float()
+        assert (q(x).float() - ref).abs().max() <= 0.01 * ref.abs().max()
+    bf16 = copy.deepcopy(gpt).to(torch.bfloat16)
+    model = copy.deepcopy(bf16)
+    assert quantize_int8(model) == 1 + 2 * 5  # output + per layer wqkv, wo, w1, w2, w3
+    labels, ids = torch.tensor([3, 7]), torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        want, got = bf16(labels, ids), model(labels, ids)
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.8

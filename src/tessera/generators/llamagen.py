@@ -88,12 +88,16 @@ class FeedForward(nn.Module):
 
 
 class KVCache:
-    """Keys / values per layer, grown as positions are fed (B, H, T, D)."""
+    """Static keys / values per layer, (B, kv_heads, max_len, head_dim), preallocated and written at the fed
+    positions. Attention reads the whole buffer with the unfed positions masked, so every decode step has
+    the same shapes: no copy of the past per step, and one compiled graph serves every step."""
 
-    def __init__(self, layers: int):
-        self.k: list[torch.Tensor | None] = [None] * layers
-        self.v: list[torch.Tensor | None] = [None] * layers
-        self.length = 0
+    def __init__(self, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.max_len, self.length = max_len, 0
 
 
 class Attention(nn.Module):
@@ -104,21 +108,22 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, table: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, table: torch.Tensor, allowed: torch.Tensor, cache: KVCache | None,
+                layer: int, pos: torch.Tensor) -> torch.Tensor:
+        """x [B,T,C] at positions `pos` [T]; `allowed` [T,S] the causal mask over the S keys (the cache's
+        max_len with a cache, else T)."""
         b, t, c = x.shape
         q, k, v = self.wqkv(x).split([c, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=-1)
         q = apply_rope(q.view(b, t, self.n_head, self.head_dim), table).transpose(1, 2)  # (B, H, T, D)
         k = apply_rope(k.view(b, t, self.n_kv, self.head_dim), table).transpose(1, 2)
         v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        past = 0
         if cache is not None:
-            if cache.k[layer] is not None:
-                past = cache.k[layer].shape[2]
-                k, v = torch.cat([cache.k[layer], k], dim=2), torch.cat([cache.v[layer], v], dim=2)
-            cache.k[layer], cache.v[layer] = k, v
-        rep = self.n_head // self.n_kv
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        allowed = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)  # (T, past + T) causal
+            cache.k[layer].index_copy_(2, pos, k.to(cache.k[layer].dtype))  # written at their positions
+            cache.v[layer].index_copy_(2, pos, v.to(cache.v[layer].dtype))
+            k, v = cache.k[layer].to(q.dtype), cache.v[layer].to(q.dtype)  # (B, H_kv, max_len, D)
+        if self.n_head != self.n_kv:
+            rep = self.n_head // self.n_kv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         return self.wo(y.transpose(1, 2).reshape(b, t, c))  # (B, T, C)
 
@@ -129,8 +134,8 @@ class TransformerBlock(nn.Module):
         self.attention, self.feed_forward = Attention(cfg), FeedForward(cfg)
         self.attention_norm, self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps), RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, table, cache, layer):
-        h = x + self.attention(self.attention_norm(x), table, cache, layer)
+    def forward(self, x, table, allowed, cache, layer, pos):
+        h = x + self.attention(self.attention_norm(x), table, allowed, cache, layer, pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -172,6 +177,7 @@ class LlamaGenGPT(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
         self.norm, self.output = RMSNorm(cfg.dim, cfg.norm_eps), nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self._step = None  # compile_step()
         self.register_buffer("rope", rope_2d(math.isqrt(cfg.block_size), cfg.dim // cfg.n_head, cfg.rope_base,
                                              cfg.cls_token_num), persistent=False)
 
@@ -183,6 +189,12 @@ class LlamaGenGPT(nn.Module):
         """labels [B] (c2i; `null_class` for CFG's unconditional rows) or caption states [B,120,caption_dim]."""
         return self.cls_embedding(cond)
 
+    def new_cache(self, batch: int, dtype: torch.dtype | None = None) -> KVCache:
+        """A static cache for `batch` rows over the whole sequence (condition + image tokens)."""
+        cfg, w = self.config, self.tok_embeddings.weight
+        return KVCache(cfg.n_layer, batch, cfg.n_kv_head or cfg.n_head, self.rope.shape[0], cfg.dim // cfg.n_head,
+                       dtype or w.dtype, w.device)
+
     def forward(self, cond: torch.Tensor | None, ids: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
         """The sequence [condition; image ids] (either part may be absent when the cache holds the earlier
         positions) -> logits [B, T, vocab] (float); logits[:, i] predicts the token after position i."""
@@ -192,9 +204,33 @@ class LlamaGenGPT(nn.Module):
         start = cache.length if cache is not None else 0
         if start + h.shape[1] > self.rope.shape[0]:
             raise ValueError(f"{start + h.shape[1]} positions: this model takes {self.rope.shape[0]}")
-        table = self.rope[start:start + h.shape[1]]
-        for i, layer in enumerate(self.layers):
-            h = layer(h, table, cache, i)
+        pos = torch.arange(start, start + h.shape[1], device=h.device)
+        logits = self.run(h, pos, cache)
         if cache is not None:
             cache.length = start + h.shape[1]
+        return logits
+
+    def decode_step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token per row, ids [B,1], at the cache's next position -> logits [B, vocab] (through the compiled
+        step after `compile_step()`: one graph for every position, the position being a tensor input)."""
+        if cache.length >= cache.max_len:
+            raise ValueError(f"the cache is full ({cache.max_len} positions)")
+        pos = torch.tensor([cache.length], device=ids.device)
+        logits = (self._step or self.run)(self.tok_embeddings(ids), pos, cache)[:, -1]
+        cache.length += 1
+        return logits
+
+    def compile_step(self, on: bool = True) -> None:
+        """torch.compile the one-token step (inductor, weights frozen into the graph: compile after any change
+        to them); the first step compiles (~20 s for GPT-B on 2 cores)."""
+        self._step = torch.compile(self.run, dynamic=False, options={"freezing": True}) if on else None
+
+    def run(self, h: torch.Tensor, pos: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Embedded positions h [B,T,C] at `pos` [T] -> logits [B,T,vocab] (float). With a cache every key
+        position is read, the unfed ones masked: a one-token step has one set of shapes (`compiled_step`)."""
+        keys = torch.arange(cache.max_len if cache is not None else h.shape[1], device=h.device)
+        allowed = keys[None] <= pos[:, None]  # (T, S) causal
+        table = self.rope[pos]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, table, allowed, cache, i, pos)
         return self.output(self.norm(h)).float()

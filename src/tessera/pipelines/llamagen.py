@@ -47,6 +47,18 @@ class LlamaGenPipeline:
     def native_size(self) -> int:
         return self.grid * self.vq.factor
 
+    def set_speed(self, int8: bool = False, compile: bool = False):
+        """The decode-step options (benchmarks/bench_llamagen.py measures them): `int8` swaps the GPT's linear
+        layers for int8 weight-only ones (nn/quant.py: half the weight bytes per token; lossy, so the tokens
+        differ from bf16's; irreversible: reload to undo); `compile` compiles the one-token step."""
+        if int8:
+            from tessera.nn.quant import quantize_int8
+
+            self.gpt.to(torch.bfloat16)  # the int8 kernel's input dtype
+            quantize_int8(self.gpt)
+        self.gpt.compile_step(compile)
+        return self
+
     @classmethod
     def from_release(cls, gpt_file: str | Path, vq_file: str | Path, size: str = "B", image_size: int = 256,
                      dtype: torch.dtype = torch.float32, **gpt_config):

@@ -108,16 +108,14 @@ def prefix_logits_fn(model, cond: torch.Tensor, null: torch.Tensor | None = None
     """KV-cached, for networks whose sequence starts with their condition (LlamaGen: `model(cond, ids, cache)`):
     the first call prefills the condition rows ([cond; null] with CFG, `null` the unconditional condition),
     every later call feeds only the newest token."""
-    from tessera.generators.llamagen import KVCache
-
     rows = cond if null is None else torch.cat([cond, null])
-    cache, state = KVCache(len(model.layers)), {"fed": 0, "logits": None}
+    cache, state = model.new_cache(rows.shape[0]), {"fed": 0, "logits": None}
 
     def fn(tokens: torch.Tensor) -> torch.Tensor:
         if state["logits"] is None:
             state["logits"] = model(rows, None, cache)[:, -1]  # (R, V): the first image token's logits
         for i in range(state["fed"], tokens.shape[1]):
-            state["logits"] = model(None, tokens[:, i:i + 1], cache)[:, -1]
+            state["logits"] = model.decode_step(tokens[:, i:i + 1], cache)
             state["fed"] = i + 1
         return state["logits"]
 
