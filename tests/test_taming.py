@@ -199,18 +199,54 @@ def _net2net_release(root: Path, taming, cond: dict, n_embed: int = 64):
 def test_a_taming_transformer_release_draws_class_conditional_images_at_any_size(taming, tmp_path):
     gpt, nets = _net2net_release(tmp_path / "c2i", taming, {"target": "taming.modules.util.Labelator",
                                                              "params": {"n_classes": 10}})
-    pipe = tessera.load(str(tmp_path / "c2i"))
+    pipe = tessera.load(str(tmp_path / "c2i"), dtype=torch.float32)
     assert type(pipe).__name__ == "TamingPipeline" and pipe.native_size == 32 and pipe.window == 8
     out = pipe(class_label=3, num_images_per_prompt=2, generator=torch.Generator().manual_seed(4), output_type="pt")
+    tokens = pipe(class_label=3, num_images_per_prompt=2, generator=torch.Generator().manual_seed(4),
+                  output_type="latent").images
     g, x = torch.Generator().manual_seed(4), torch.full((2, 1), 3)
     with torch.no_grad():
         for _ in range(64):  # taming's sampling loop, by hand
             x = torch.cat([x, torch.multinomial(gpt(x)[:, -1].softmax(-1), 1, generator=g)], dim=1)
         z = nets["quantize"].embedding(x[:, 1:].reshape(2, 8, 8)).permute(0, 3, 1, 2)
         want = nets["decoder"](nets["post_quant_conv"](z)).clamp(-1, 1).add(1).div(2)
-    assert torch.equal(out.parameters["tokens"].reshape(2, 64), x[:, 1:])
+    assert torch.equal(tokens.reshape(2, 64), x[:, 1:])
     torch.testing.assert_close(out.images, want, atol=1e-4, rtol=1e-4)
     big = pipe(class_label=3, generator=torch.Generator().manual_seed(4), height=48, width=64).images[0]
     assert big.size == (64, 48)  # a 12 x 16 token grid through the sliding 8 x 8 window
     with pytest.raises(Exception, match="class_label"):
         pipe(class_label=10)
+
+
+def test_the_whole_system_runs_a_class_conditional_release(taming, tmp_path):
+    """`tessera generate --model DIR --class-label N` and `tessera serve --model DIR` with `class_label`: the
+    release is the ar paradigm's pipeline; the class is recorded; a missing or out-of-range class, or a class
+    for a model without classes, is one clear error and nothing is written."""
+    from click.testing import CliRunner
+    from fastapi.testclient import TestClient
+
+    from tessera.cli import main
+    from tessera.pipelines.records import read_record
+    from tessera.serve.app import ServeConfig, create_app
+
+    folder = tmp_path / "c2i"
+    _net2net_release(folder, taming, {"target": "taming.modules.util.Labelator", "params": {"n_classes": 10}})
+    run = ["generate", "a dog", "--model", str(folder), "--size", "64", "--seed", "2", "--dtype", "float32"]
+    r = CliRunner().invoke(main, [*run, "--class-label", "7", "-o", str(tmp_path / "x.png")])
+    assert r.exit_code == 0, r.output
+    record = read_record(tmp_path / "x.png")
+    assert record["class_label"] == 7 and record["paradigm"] == "ar" and record["model"] == str(folder)
+    for extra, rule in ((["--class-label", "10"], "class_label=10"), ([], "class_label=None")):
+        r = CliRunner().invoke(main, [*run, *extra, "-o", str(tmp_path / "y.png")])
+        assert r.exit_code != 0 and rule in r.output and "Traceback" not in r.output and not (tmp_path / "y.png").exists()
+    r = CliRunner().invoke(main, ["generate", "a dog", "--paradigm", "ar", "--class-label", "3", "-o", str(tmp_path / "z.png")])
+    assert r.exit_code != 0 and "class_label" in r.output and not (tmp_path / "z.png").exists()
+    app = create_app(ServeConfig(data_dir=str(tmp_path / "serve"), models={"ar": str(folder)}, preload=("ar",),
+                                 dtype="float32"))
+    with TestClient(app) as c:
+        body = {"prompt": "a dog", "size": "128x128", "seed": 3, "paradigm": "ar", "class_label": 4}
+        r = c.post("/v1/images/generations", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["tessera"]["model"] == str(folder)
+        r = c.post("/v1/images/generations", json={**body, "class_label": 12})
+        assert r.status_code == 400 and "class_label" in r.text

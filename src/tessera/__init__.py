@@ -11,24 +11,18 @@ def load(path_or_preset, device=None, dtype=None):
     their weights in it); for a model the dtype its weights are read in (default float32)."""
     from tessera.checkpoint import load_model
     from tessera.device import resolve_device
-    from tessera.pipelines.folder import is_pipeline_folder, load_pipeline
+    from tessera.pipelines.folder import is_pipeline_folder, is_release_pipeline, load_pipeline
     from tessera.registry import paradigms, resolve
 
-    if str(path_or_preset) in paradigms() or is_pipeline_folder(path_or_preset):
+    # pipelines: a paradigm, a pipeline folder (Tessera's, diffusers' SD / aMUSEd), a LlamaGen c2i release
+    # (c2i_<size>_<res>.pt + vq_ds16_c2i.pt), a taming-transformers Net2Net release (configs/ + checkpoints/)
+    if str(path_or_preset) in paradigms() or is_pipeline_folder(path_or_preset) or is_release_pipeline(path_or_preset):
         return load_pipeline(path_or_preset, device=device, dtype=dtype)
     from tessera.device import DTYPES
-    from tessera.tokenizer.taming import is_release_folder, load_release, release_model
+    from tessera.tokenizer.taming import is_release_folder, load_release
 
     weights = DTYPES["float32"] if dtype in (None, "auto") else DTYPES.get(str(dtype).removeprefix("torch."), dtype)
-    from tessera.pipelines.llamagen import LlamaGenPipeline, release_files
-
-    if release_files(path_or_preset):  # a LlamaGen class-to-image release (c2i_<size>_<res>.pt + vq_ds16_c2i.pt)
-        return LlamaGenPipeline.from_folder(path_or_preset, weights)
-    if is_release_folder(path_or_preset):  # a taming-transformers release (configs/ + checkpoints/)
-        if str(release_model(path_or_preset).get("target", "")).endswith("Net2NetTransformer"):
-            from tessera.pipelines.taming import TamingPipeline
-
-            return TamingPipeline.from_release(path_or_preset, weights)
+    if is_release_folder(path_or_preset):  # a taming-transformers first stage (the VQGAN alone)
         return load_release(path_or_preset, weights).to(resolve_device(device or "cpu"))
     return load_model(resolve(path_or_preset), dtype=weights).to(resolve_device(device or "cpu"))
 

@@ -211,7 +211,7 @@ def inpaint(image, mask_path, prompt, model, tokenizer, text_encoder, out, devic
          opt("--seed", default=-1, help="-1: random (printed and stored in the PNG)"),
          opt("--steps", type=int, help="masked / diffusion steps"), opt("--cfg", "cfg_scale", type=float),
          opt("--temperature", type=float, help="ar / masked"), opt("--top-k", type=int, help="ar"),
-         opt("--top-p", type=float, help="ar"), opt("--negative-prompt", default="", help="diffusion"),
+         opt("--top-p", type=float, help="ar"), opt("--negative-prompt", default="", help="diffusion"), opt("--class-label", type=int),
          opt("--no-enhance", is_flag=True, help="use the prompt as written"), opt("--lora", "loras", multiple=True, help="FILE[:SCALE], SD"),
          opt("--diversify", is_flag=True, help="vary skin tone / gender in people prompts"), *DEVICE_OPTS, *SPEED_OPTS)
 def generate(prompt, out, **kw) -> None:

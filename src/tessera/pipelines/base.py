@@ -5,7 +5,7 @@ Every paradigm pipeline (ar.py, masked.py, diffusion.py) implements `generate(pr
 
     pipe(prompt, negative_prompt=None, num_inference_steps=None, guidance_scale=None, num_images_per_prompt=1,
          generator=None, height=None, width=None, latents=None, output_type="pil", callback_on_step_end=None,
-         **paradigm_options) -> PipelineOutput(images=[PIL.Image, ...])
+         **paradigm_options) -> PipelineOutput(images=[PIL.Image, ...])   (output_type "pt" | "np" | "latent")
 
 plus device placement, the one place images are decoded to PIL, and the pipeline folder (folder.py).
 The system pipeline of `tessera generate` (text2image.py: safety, enhancement, harm detection, SR)
@@ -51,6 +51,14 @@ def check_limits(params) -> None:
         bad("cfg_scale", f"must be between 0 and {LIMITS.max_cfg_scale:g}")
     if not 0 <= params.seed <= LIMITS.max_seed:
         bad("seed", f"must be between 0 and {LIMITS.max_seed}")
+
+
+def class_labels(label: int | None, n_classes: int, n: int) -> torch.Tensor:
+    """A class-conditional model's labels [n] for class `label` (the prompt does not choose one)."""
+    if label is None or not 0 <= label < n_classes:
+        raise InvalidInputError(f"class_label={label}: this model is class-conditional; give a class in "
+                                f"[0, {n_classes}) (tessera generate --class-label N)")
+    return torch.full((n,), int(label), dtype=torch.long)
 
 
 @dataclasses.dataclass
@@ -199,6 +207,8 @@ class Pipeline:
         record = {"paradigm": self.paradigm, **dataclasses.asdict(params)}
         if generator is not None:
             record["seed"] = generator.initial_seed()
+        if output_type == "latent":  # diffusers' convention: what the decoder would take (tokens / latents)
+            return PipelineOutput(out, record)
         return PipelineOutput(to_images(self.decode(out), output_type), record)
 
     def call_size(self, height: int | None, width: int | None) -> dict:

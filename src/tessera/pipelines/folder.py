@@ -131,7 +131,10 @@ def load_pipeline(spec: str | Path | None = None, tokenizer: str | None = None, 
         raise InvalidInputError(f"--tokenizer: {spec} is a pipeline folder, which holds its own tokenizer")
     from tessera.pipelines.amused import is_amused_folder, load_amused_folder
 
-    if is_amused_folder(spec):
+    release = load_release_pipeline(spec, place)
+    if release is not None:
+        pipe = release
+    elif is_amused_folder(spec):
         pipe = load_amused_folder(spec, place)
     elif is_diffusers_folder(spec):
         pipe = load_diffusers_folder(spec, place)
@@ -141,6 +144,34 @@ def load_pipeline(spec: str | Path | None = None, tokenizer: str | None = None, 
         generator = load_model(resolve(spec)).to(place.device)
         pipe = assemble(generator, str(spec), tokenizer, text_encoder, place)
     return pipe
+
+
+def load_release_pipeline(spec: str | Path, device: Placement):
+    """The pipeline of a LlamaGen c2i release or a taming-transformers Net2Net release folder (weights in the
+    compute dtype), or None when `spec` is neither."""
+    from tessera.pipelines.llamagen import LlamaGenPipeline, release_files
+
+    if release_files(spec):
+        pipe = LlamaGenPipeline.from_folder(spec, device.dtype, device)
+    elif is_release_pipeline(spec):
+        from tessera.pipelines.taming import TamingPipeline
+
+        pipe = TamingPipeline.from_release(spec, device.dtype, device=device)
+    else:
+        return None
+    pipe.source = str(spec)
+    pipe.models = {"generator": {"name": str(spec), "kind": pipe.generator.kind},
+                   "tokenizer": {"name": str(spec), "kind": pipe.tokenizer.kind}}
+    return pipe
+
+
+def is_release_pipeline(spec: str | Path) -> bool:
+    """A LlamaGen c2i release or a taming-transformers Net2Net (transformer + VQGAN) release folder."""
+    from tessera.pipelines.llamagen import release_files
+    from tessera.tokenizer.taming import is_release_folder, release_model
+
+    return bool(release_files(spec)) or (is_release_folder(spec) and str(
+        release_model(spec).get("target", "")).endswith("Net2NetTransformer"))
 
 
 def load_pipeline_folder(folder: str | Path, device: Placement | None = None, text_encoder: str | None = None):
@@ -279,6 +310,8 @@ def paradigm_of(spec: str | Path) -> str:
 
     if is_amused_folder(spec):  # a diffusers aMUSEd folder
         return "masked"
+    if is_release_pipeline(spec):  # LlamaGen / taming-transformers
+        return "ar"
     if is_diffusers_folder(spec):  # a diffusers Stable Diffusion folder
         return "diffusion"
     if is_pipeline_folder(spec):

@@ -11,19 +11,45 @@ class id, embedded by the same table as the image tokens. Weights are read as te
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
 from tessera.errors import InvalidInputError, WrongModelError
-from tessera.pipelines.base import PipelineOutput, to_images
+from tessera.pipelines.base import Pipeline, check_limits, class_labels
 
 NET2NET = "taming.models.cond_transformer.Net2NetTransformer"
 
 
-class TamingPipeline:
-    def __init__(self, transformer, vqgan, sos_token: int | None = 0, n_classes: int | None = None):
-        self.transformer, self.vqgan = transformer.eval(), vqgan.eval()
+@dataclasses.dataclass
+class TamingSampleParams:
+    """taming-transformers' sampler: temperature and top-k, no guidance (cfg_scale stays 1)."""
+
+    seed: int = 0
+    n: int = 1
+    class_label: int | None = None
+    cfg_scale: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 0
+
+    def validate(self) -> None:
+        check_limits(self)
+        if self.cfg_scale != 1.0:
+            raise InvalidInputError(f"cfg_scale={self.cfg_scale}: a taming-transformers model has no guidance (1 only)")
+        if not 0 < self.temperature <= 5 or self.top_k < 0:
+            raise InvalidInputError(f"temperature={self.temperature}, top_k={self.top_k}: temperature in (0, 5], "
+                                    f"top_k >= 0 (0: off)")
+
+
+class TamingPipeline(Pipeline):
+    """The autoregressive paradigm's pipeline for a Net2Net release: unconditional (SOS) or class-conditional
+    (the class label, not the prompt), any size through the sliding window (`height` / `width`)."""
+
+    paradigm = "ar"
+    Params = TamingSampleParams
+
+    def __init__(self, transformer, vqgan, sos_token: int | None = 0, n_classes: int | None = None, **kw):
         self.sos_token, self.n_classes = sos_token, n_classes
         # the window is the token grid the transformer was trained on (the first stage's training resolution);
         # it sees one conditioning id (SOS or the class) and all but the window's last token
@@ -31,13 +57,23 @@ class TamingPipeline:
         if self.window ** 2 > transformer.config.block_size:
             raise WrongModelError(f"a {self.window}x{self.window} token window needs a block size of at least "
                                   f"{self.window ** 2}; the transformer has {transformer.config.block_size}")
+        super().__init__(transformer, vqgan, **kw)
+
+    @property
+    def transformer(self):
+        return self.generator
+
+    @property
+    def vqgan(self):
+        return self.tokenizer
 
     @property
     def native_size(self) -> int:
         return self.window * self.vqgan.factor
 
     @classmethod
-    def from_release(cls, folder: str | Path, dtype: torch.dtype = torch.float32, trust_pickle: bool = False):
+    def from_release(cls, folder: str | Path, dtype: torch.dtype = torch.float32, trust_pickle: bool = False,
+                     device=None):
         from tessera.checkpoint import load_strict, on_meta, read_pickled_state
         from tessera.generators.taming_gpt import TamingGPT, TamingGPTConfig
         from tessera.tokenizer.taming import CHECKPOINT, MODEL_YAML, TamingVQGAN, release_model, vq_config
@@ -65,28 +101,42 @@ class TamingPipeline:
                 for p in ("transformer", "first_stage_model")}
         gpt = load_strict(on_meta(lambda: TamingGPT(tcfg)), part["transformer"], folder / CHECKPOINT, dtype)
         vq = load_strict(on_meta(lambda: TamingVQGAN(vcfg)), part["first_stage_model"], folder / CHECKPOINT, dtype)
-        return cls(gpt, vq, sos, n_classes)
+        return cls(gpt, vq, sos, n_classes, device=device)
 
-    @torch.no_grad()
-    def __call__(self, class_label: int | None = None, num_images_per_prompt: int = 1,
-                 generator: torch.Generator | None = None, height: int | None = None, width: int | None = None,
-                 temperature: float = 1.0, top_k: int | None = None, output_type: str = "pil",
-                 callback=None) -> PipelineOutput:
-        from tessera.sampling.window import sample_grid
+    def too_long(self, prompts: list[str], batch: int = 64) -> list[str | None]:
+        return [None] * len(prompts)  # the prompt is not read
 
-        if self.n_classes is not None and (class_label is None or not 0 <= class_label < self.n_classes):
-            raise InvalidInputError(f"class_label={class_label}: this model takes a class in [0, {self.n_classes})")
-        if self.n_classes is None and class_label is not None:
-            raise InvalidInputError("class_label: this model is unconditional")
+    def call_size(self, height: int | None, width: int | None) -> dict:
+        """Any multiple of the VQ factor from the native size up (the window slides over a larger grid)."""
         f = self.vqgan.factor
         h, w = height or self.native_size, width or self.native_size
-        if h % f or w % f or min(h, w) < self.native_size:
-            raise InvalidInputError(f"height / width must be multiples of {f}, at least {self.native_size}")
-        first = self.sos_token if self.n_classes is None else class_label
-        cond = torch.full((num_images_per_prompt, 1), first, dtype=torch.long)
-        g = generator or torch.Generator().manual_seed(0)
-        ids = sample_grid(self.transformer, cond, (h // f, w // f), self.window, generator=g,
-                          temperature=temperature, top_k=top_k or 0, callback=callback)
-        images = to_images(self.vqgan.decode_tokens(ids).float().clamp(-1, 1), output_type)
-        return PipelineOutput(images, {"class_label": class_label, "temperature": temperature, "top_k": top_k,
-                                       "seed": g.initial_seed(), "tokens": ids})
+        if h % f or w % f or min(h, w) < self.native_size or max(h, w) > 2048:
+            raise InvalidInputError(f"height={h}, width={w}: must be multiples of {f} between {self.native_size} "
+                                    f"and 2048")
+        return {} if (h, w) == (self.native_size,) * 2 else {"size": (h, w)}
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], p: TamingSampleParams, generator: torch.Generator | None = None,
+                 latents: torch.Tensor | None = None, callback=None, size: tuple[int, int] | None = None):
+        """-> token grids [n, h, w] (size: the image's height, width; default native)."""
+        from tessera.sampling.window import sample_grid
+
+        p.validate()
+        n = len(prompts)
+        if self.n_classes is None:
+            if p.class_label is not None:
+                raise InvalidInputError("class_label: this model is unconditional")
+            first = torch.full((n,), self.sos_token, dtype=torch.long)
+        else:
+            first = class_labels(p.class_label, self.n_classes, n)
+        if latents is not None:
+            raise InvalidInputError("latents: an autoregressive draw starts from its condition alone")
+        f = self.vqgan.factor
+        h, w = size or (self.native_size, self.native_size)
+        g = generator or torch.Generator().manual_seed(p.seed)
+        return sample_grid(self.transformer, first[:, None].to(self.device), (h // f, w // f), self.window,
+                           generator=g, temperature=p.temperature, top_k=p.top_k, callback=callback)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.vqgan.decode_tokens(tokens.to(self.device)).float().clamp(-1, 1)

@@ -50,6 +50,7 @@ class Request:
     negative_prompt: str = ""         # diffusion
     enhance: bool = True
     diversify: bool = False
+    class_label: int | None = None    # class-conditional models (LlamaGen / taming c2i): the class drawn
 
     def validate(self) -> None:
         """Every rule up front, with the field and the rule in the message."""
@@ -80,6 +81,8 @@ class Request:
             bad("top_p", "applies to ar only, in (0, 1]")
         if self.negative_prompt and self.paradigm != "diffusion":
             bad("negative_prompt", "applies to diffusion only")
+        if self.class_label is not None and self.class_label < 0:
+            bad("class_label", "must be a class index >= 0")
 
 
 @dataclasses.dataclass
@@ -111,6 +114,8 @@ def sampling_settings(req: Request) -> dict:
     given = {"steps": req.steps, "cfg_scale": req.cfg_scale, "temperature": req.temperature,
              "top_k": req.top_k, "top_p": req.top_p}
     settings = {k: v for k, v in given.items() if v is not None}
+    if req.class_label is not None:  # a model without classes names it as an unknown setting
+        settings["class_label"] = req.class_label
     if req.paradigm == "diffusion":
         settings["negative_prompt"] = req.negative_prompt
     return settings
@@ -363,7 +368,7 @@ def generate_file(prompt: str, out: str, paradigm: str | None = None, model: str
                   negative_prompt: str = "", no_enhance: bool = False, diversify: bool = False,
                   device: str | None = None, dtype: str | None = None, progress: bool = True,
                   loras: tuple[str, ...] = (), attention: str | None = None, tome: float | None = None,
-                  compile: bool = False) -> tuple[str, FileResult]:
+                  compile: bool = False, class_label: int | None = None) -> tuple[str, FileResult]:
     """`tessera generate`: the system pipeline for one request, written as one PNG (a grid when n > 1)
     with its record. `model` (a pipeline folder, generator or preset) decides the paradigm unless given."""
     from tqdm import tqdm
@@ -374,7 +379,7 @@ def generate_file(prompt: str, out: str, paradigm: str | None = None, model: str
 
     paradigm = paradigm or (paradigm_of(model) if model else "diffusion")
     req = Request(prompt, paradigm, size, n, seed, steps, cfg_scale, temperature, top_k, top_p, negative_prompt,
-                  not no_enhance, diversify)
+                  not no_enhance, diversify, class_label)
     req.validate()
     check_output_path(out)
     pipe = TextToImage({paradigm: model} if model else None, device=device, dtype=dtype,

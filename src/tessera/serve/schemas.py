@@ -36,6 +36,7 @@ class ImageGenerationRequest(Strict):
     seed: int = Field(-1, ge=-1, le=LIMITS.max_seed)
     steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     cfg_scale: float | None = Field(None, ge=0, le=LIMITS.max_cfg_scale, allow_inf_nan=False)
+    class_label: int | None = Field(None, ge=0, le=1 << 20, description="class-conditional models (LlamaGen)")
     enhance: bool = True
     diversify: bool = False
     deadline_seconds: float | None = Field(None, ge=1, le=MAX_DEADLINE_S, allow_inf_nan=False)
@@ -58,7 +59,8 @@ class ImageGenerationRequest(Strict):
         paradigm = self.chosen_paradigm()
         return Request(prompt=self.prompt, paradigm=paradigm, size=int(self.size.split("x")[0]), n=self.n,
                        seed=self.seed, steps=self.steps, cfg_scale=self.cfg_scale,
-                       negative_prompt=self.negative_prompt, enhance=self.enhance, diversify=self.diversify)
+                       negative_prompt=self.negative_prompt, enhance=self.enhance, diversify=self.diversify,
+                       class_label=self.class_label)
 
 
 class ImageData(BaseModel):

@@ -46,6 +46,7 @@ class StageSettings(Strict):
     top_k: int | None = Field(None, ge=0, le=1 << 20)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    class_label: int | None = Field(None, ge=0, le=1 << 20)
     noise_seeds: list[tuple[int, int]] | None = Field(None, max_length=MAX_BATCH)
 
 
