@@ -108,7 +108,7 @@ TRAIN = options(opt("--data", "data_dir", required=True, type=DIR), opt("--out",
                 opt("--set", "overrides", multiple=True, help="override KEY=JSON, e.g. train.lr=1e-4"), *DEVICE_OPTS)
 TOKENIZER = opt("--tokenizer", default="vq-f8", help="tokenizer whose caches to train on")
 TEXT = opt("--text-encoder", default="minilm", help="prompt encoder ('none': unconditional)")
-TRAIN_EXTRA = {"tokenizer": [], "ar": [TOKENIZER, TEXT], "masked": [TOKENIZER, TEXT], "contrastive": [TEXT],
+TRAIN_EXTRA = {"tokenizer": [], "ar": [TOKENIZER, TEXT], "masked": [TOKENIZER, TEXT], "masked_sr": [TOKENIZER, TEXT], "contrastive": [TEXT],
                "diffusion": [opt("--arch", default="unet", type=click.Choice(["unet", "dit"]), help="default preset: ARCH-s"),
                              TOKENIZER, opt("--space", default="latent", type=click.Choice(["latent", "pixel"])), TEXT],
                "sr": [opt("--tokenizer", default="vq-f8", help="round trip degrading half of the inputs ('': bicubic)")]}
@@ -230,11 +230,11 @@ pipeline_ = group(main, "pipeline", "Inference pipeline folders (model_index.jso
 @options(opt("--paradigm", required=True, type=click.Choice(["ar", "masked", "diffusion"])),
          opt("--model", help="generator folder or preset (default: the paradigm's bundled one)"),
          opt("--tokenizer", help="default: the generator's"), opt("--text-encoder", help="default: minilm"),
-         opt("-o", "--out", required=True, type=NEWDIR, help="new pipeline folder"))
-def pipeline_save(paradigm, model, tokenizer, text_encoder, out) -> None:
+         opt("--token-sr", help="masked: a token SR stage"), opt("-o", "--out", required=True, type=NEWDIR))
+def pipeline_save(paradigm, model, tokenizer, text_encoder, token_sr, out) -> None:
     """Write the pipeline folder of the bundled default of PARADIGM (or of the given components)."""
     from tessera.pipelines.folder import save_default_pipeline
-    click.echo(str(save_default_pipeline(paradigm, out, model, tokenizer, text_encoder)))
+    click.echo(str(save_default_pipeline(paradigm, out, model, tokenizer, text_encoder, token_sr)))
 
 @main.command("convert")
 @click.argument("src", type=P(exists=True))

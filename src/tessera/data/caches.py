@@ -101,6 +101,31 @@ class TokenTextData(_Cached):
         return self
 
 
+class SRTokenTextData(TokenTextData):
+    """Pairs of token grids of one image (x: the full-resolution grid [N, h*w]; low: the grid of the image
+    reduced `scale` times [N, h*w / scale²]) + caption embeddings: the super-resolution transformer's data."""
+
+    def __init__(self, data_dir: str | Path, tokens: str, low_tokens: str, text: str = "minilm",
+                 conditional: bool = True):
+        super().__init__(data_dir, tokens, text, conditional)
+        low = TokenTextData(data_dir, low_tokens, text, conditional=False)
+        if low.keys != self.keys or low.codebook_size != self.codebook_size:
+            raise ValueError(f"token caches {tokens} and {low_tokens} are not of the same images and tokenizer")
+        self.low, self.low_grid = low.x, low.grid
+
+    def check(self, mc) -> "SRTokenTextData":
+        super().check(mc)
+        if self.low_grid != tuple(mc.low_grid):
+            raise ValueError(f"low-resolution cache grid {self.low_grid}; the model expects {tuple(mc.low_grid)}")
+        return self
+
+    def item(self, j: int):
+        """(high ids, low ids) or (high ids, low ids, caption states, caption mask)."""
+        if self.cond is None:
+            return self.x[j], self.low[j]
+        return self.x[j], self.low[j], self.cond[j].float(), self.mask[j]
+
+
 class DiffusionData(_Cached):
     """x_0 (scaled latents or pixels: [N, C, h, w]) + caption embeddings."""
 

@@ -11,6 +11,7 @@
                              checkpoint's own CLIP (Stable Diffusion), {"format": "transformers-clip",
                              "clip_skip"} beside that model's and tokenizer's files (save_pretrained)
     DIR/scheduler/           scheduler_config.json (diffusion: the noise schedule)
+    DIR/token_sr/            a masked pipeline's token super-resolution stage (model folder; optional)
 
 A Stable Diffusion pipeline's folder ("_class_name": "StableDiffusionPipeline") has the same layout: the
 `sd-unet` generator, the `kl` or `taesd` autoencoder as tokenizer/, its CLIP in text_encoder/.
@@ -184,7 +185,7 @@ def load_pipeline_folder(folder: str | Path, device: Placement | None = None, te
         index = json.loads((folder / INDEX).read_text())
     except (OSError, ValueError) as e:
         raise ModelNotFoundError(f"{folder / INDEX}: not a readable pipeline index ({e})") from None
-    for comp in ("generator",) + (("tokenizer",) if "tokenizer" in index else ()):
+    for comp in ("generator",) + tuple(c for c in ("tokenizer", "token_sr") if c in index):
         if not is_model_folder(folder / comp):
             raise ModelNotFoundError(f"{folder}: the {comp} component is missing ({folder / comp} is not a model folder)")
     from tessera.pipelines.stable_diffusion import is_tessera_sd_folder
@@ -207,6 +208,8 @@ def load_pipeline_folder(folder: str | Path, device: Placement | None = None, te
     if enc_name is None and (folder / "text_encoder" / TEXT_ENCODER_JSON).is_file():
         enc_name = json.loads((folder / "text_encoder" / TEXT_ENCODER_JSON).read_text())["name"]
     tok = load_model(folder / "tokenizer").to(device.device) if "tokenizer" in index else None
+    if "token_sr" in index:  # a masked pipeline's token super-resolution stage
+        kw["token_sr"] = load_model(folder / "token_sr")
     enc = _text_encoder(enc_name, generator.config.conditional)
     pipe = cls(generator, tok, enc, text_encoder_name=enc_name, sampler=index.get("sampler"), device=device, **kw)
     pipe.models = {"generator": _identity(str(folder / "generator"), generator)}
@@ -214,6 +217,8 @@ def load_pipeline_folder(folder: str | Path, device: Placement | None = None, te
         pipe.models["tokenizer"] = _identity(str(folder / "tokenizer"), tok)
     if enc is not None:
         pipe.models["text_encoder"] = {"name": enc_name}
+    if kw.get("token_sr") is not None:
+        pipe.models["token_sr"] = _identity(str(folder / "token_sr"), kw["token_sr"])
     pipe.source = str(folder)
     return pipe
 
@@ -277,6 +282,9 @@ def _write_pipeline(pipe, out: Path) -> None:
     if pipe.tokenizer is not None:
         index["tokenizer"] = ["tessera", type(pipe.tokenizer).__name__]
         _export_component(pipe.tokenizer, out / "tokenizer")
+    if getattr(pipe, "token_sr", None) is not None:
+        index["token_sr"] = ["tessera", type(pipe.token_sr).__name__]
+        _export_component(pipe.token_sr, out / "token_sr")
     if pipe.text_encoder is not None:
         index["text_encoder"] = ["tessera", type(pipe.text_encoder).__name__]
         record = pipe.text_encoder.save(out / "text_encoder") if hasattr(pipe.text_encoder, "save") else \
@@ -292,12 +300,19 @@ def _write_pipeline(pipe, out: Path) -> None:
 
 
 def save_default_pipeline(paradigm: str, out: str | Path, generator: str | None = None, tokenizer: str | None = None,
-                          text_encoder: str | None = None) -> Path:
-    """`tessera pipeline save`: the bundled default of `paradigm`, or the given components, as a folder."""
+                          text_encoder: str | None = None, token_sr: str | None = None) -> Path:
+    """`tessera pipeline save`: the bundled default of `paradigm`, or the given components, as a folder
+    (`token_sr`: a masked pipeline's token super-resolution stage, a masked-sr model folder)."""
     if paradigm not in paradigms():
         raise InvalidInputError(f"--paradigm {paradigm}: must be one of {paradigms()}")
     pipe = load_pipeline(generator or paradigm, tokenizer, text_encoder, device="cpu", dtype="float32",
                          paradigm=paradigm)
+    if token_sr is not None:
+        from tessera.checkpoint import load_model
+
+        if not hasattr(pipe, "set_token_sr"):
+            raise InvalidInputError(f"--token-sr: the {paradigm} paradigm has no token super-resolution stage (masked)")
+        pipe.set_token_sr(load_model(resolve(token_sr)))
     return save_pipeline(pipe, out)
 
 

@@ -112,7 +112,9 @@ def masked_nll(model, tokens: torch.Tensor, masked: torch.Tensor, cond=None, mas
         cond, mask = trim_padding(cond, mask)
     inp = torch.where(masked, torch.full_like(tokens, model.config.mask_id), tokens)
     logits = model(inp, cond, mask, drop)  # (B, N, V)
-    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), tokens, reduction="none")  # (B, N)
+    b, n, v = logits.shape  # the class axis last: cross_entropy over a transposed (B, V, N) view is ~10x slower
+    nll = torch.nn.functional.cross_entropy(logits.float().reshape(b * n, v), tokens.reshape(-1), reduction="none")
+    nll = nll.view(b, n)  # (B, N)
     return (nll * masked).sum(1) / masked.sum(1)
 
 

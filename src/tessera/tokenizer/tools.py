@@ -43,9 +43,11 @@ def roundtrip(model, x: torch.Tensor, placement: Placement | None = None) -> tup
     return tokens.cpu(), rec.cpu()
 
 
-def tokenize_dataset(data_dir: str, model: str = "vq-f8", batch_size: int = 32, progress: bool = True) -> Path:
-    """Write DATA/tokens/<name>/tokens.npy (memmap [N,h,w] int16/int32) + index.json (keys in row order)."""
-    return cache_dataset(data_dir, model, "tokens", batch_size, progress)
+def tokenize_dataset(data_dir: str, model: str = "vq-f8", batch_size: int = 32, progress: bool = True,
+                     downscale: int = 1) -> Path:
+    """Write DATA/tokens/<name>/tokens.npy (memmap [N,h,w] int16/int32) + index.json (keys in row order);
+    `downscale` k > 1: of the images reduced k times first (bicubic, antialiased), in <name>-down<k>."""
+    return cache_dataset(data_dir, model, "tokens", batch_size, progress, downscale)
 
 
 def cache_latents(data_dir: str, model: str = "vq-f8", batch_size: int = 32, progress: bool = True) -> Path:
@@ -54,7 +56,15 @@ def cache_latents(data_dir: str, model: str = "vq-f8", batch_size: int = 32, pro
     return cache_dataset(data_dir, model, "latents", batch_size, progress)
 
 
-def cache_dataset(data_dir: str, model: str, what: str, batch_size: int = 32, progress: bool = True) -> Path:
+def downscaled(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Images [B,3,H,W] in [-1,1] reduced k times (bicubic, antialiased): the low-resolution view of an image."""
+    if k == 1:
+        return x
+    return torch.nn.functional.interpolate(x, scale_factor=1 / k, mode="bicubic", antialias=True).clamp(-1, 1)
+
+
+def cache_dataset(data_dir: str, model: str, what: str, batch_size: int = 32, progress: bool = True,
+                  downscale: int = 1) -> Path:
     """Encode every kept image of a prepared folder with a tokenizer into DATA/<what>/<model>-<sha12>/.
 
     Resumable: rows are written in order and `done` in progress.json marks how many are final."""
@@ -65,9 +75,9 @@ def cache_dataset(data_dir: str, model: str, what: str, batch_size: int = 32, pr
     if len(ds) == 0:
         raise ValueError(f"{data_dir}: no kept images to encode")
     sha = (m.meta.sha256 if m.meta is not None else "random")[:12]
-    out = Path(data_dir) / what / f"{Path(model).name}-{sha}"
+    out = Path(data_dir) / what / (f"{Path(model).name}-{sha}" + (f"-down{downscale}" if downscale > 1 else ""))
     out.mkdir(parents=True, exist_ok=True)
-    x0 = ds[0][0]
+    x0 = downscaled(ds[0][0][None], downscale)[0]
     h, w = x0.shape[1] // m.factor, x0.shape[2] // m.factor
     if what == "tokens":
         dtype = np.int16 if m.config.codebook_size <= 32767 else np.int32
@@ -88,7 +98,7 @@ def cache_dataset(data_dir: str, model: str, what: str, batch_size: int = 32, pr
     bar = tqdm(total=len(ds), initial=done, disable=not progress, desc=what, unit="img")
     for start in range(done, len(ds), batch_size):
         idx = range(start, min(start + batch_size, len(ds)))
-        x = torch.stack([ds[i][0] for i in idx])
+        x = downscaled(torch.stack([ds[i][0] for i in idx]), downscale)
         if x.shape[-2:] != x0.shape[-2:]:
             raise ValueError(f"{data_dir}: images differ in size; encoding needs one resolution")
         with torch.no_grad():

@@ -174,6 +174,20 @@ def prepare_token_inputs(data_dir: str, tokenizer: str = "vq-f8", text_encoder: 
     return model_updates, task_updates
 
 
+def prepare_sr_token_inputs(data_dir: str, tokenizer: str = "vq-f8", text_encoder: str = "minilm", scale: int = 2,
+                            **_) -> tuple[dict, dict]:
+    """For the token super-resolution transformer: the token grids of every image at its own size and of the
+    image reduced `scale` times (both cached, resumable), and the captions."""
+    from tessera.tokenizer.tools import tokenize_dataset
+
+    high, low = tokenize_dataset(data_dir, tokenizer), tokenize_dataset(data_dir, tokenizer, downscale=scale)
+    index, low_index = (json.loads((d / "index.json").read_text()) for d in (high, low))
+    model_updates, task_updates = _prepare_text(data_dir, text_encoder)
+    model_updates.update(vocab_size=index["codebook_size"], grid=index["grid"], low_grid=low_index["grid"])
+    task_updates.update(tokens=high.name, low_tokens=low.name, tokenizer=tokenizer)
+    return model_updates, task_updates
+
+
 def prepare_diffusion_inputs(data_dir: str, tokenizer: str = "vq-f8", text_encoder: str = "minilm",
                              space: str = "latent", **_) -> tuple[dict, dict]:
     """Latent space: cache the tokenizer's latents and measure the scale that gives them unit variance
