@@ -214,3 +214,83 @@ def test_int8_weight_only_layers_stay_close_to_bf16(gpt):
         want, got = bf16(labels, ids), model(labels, ids)
     assert (got - want).abs().max() <= 0.05 * want.abs().max()
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.8
+
+
+T2I = LlamaGenConfig(dim=32, n_layer=2, n_head=4, multiple_of=32, vocab_size=50, block_size=16, model_type="t2i",
+                     cls_token_num=8, caption_dim=12)
+
+
+def _tiny_t5(folder: Path) -> None:
+    """A transformers T5 encoder (random) with a word-level tokenizer, saved as a release's T5 folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    words = ["<pad>", "</s>", "<unk>", "a", "red", "fox", "blue", "car", "in", "the", "snow", "big", "small"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(5)
+    T5EncoderModel(T5Config(vocab_size=len(words), d_model=12, d_kv=4, d_ff=24, num_layers=1, num_heads=3)
+                   ).save_pretrained(folder)
+    fast.save_pretrained(folder)
+
+
+def test_text_to_image_padding_is_masked_and_the_cache_matches(tmp_path):
+    """t2i: caption positions marked padding change nothing (no position attends to them); the KV-cached
+    decode with the mask equals recomputing the masked sequence."""
+    torch.manual_seed(0)
+    model = LlamaGenGPT(T2I).eval()
+    cond, ids = torch.randn(2, 8, 12), torch.randint(0, 50, (2, 6))
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[0, :5], mask[1, :2] = False, False  # left padding
+    with torch.no_grad():
+        full = model(cond, ids, cond_mask=mask)  # (2, 14, 50)
+        noisy = torch.where(mask[..., None], cond, torch.randn_like(cond) * 5)
+        torch.testing.assert_close(model(noisy, ids, cond_mask=mask)[:, 7:], full[:, 7:])
+        assert (model(noisy, ids)[:, 7:] - full[:, 7:]).abs().max() > 1e-3  # unmasked, the padding is read
+        fn = prefix_logits_fn(model, cond, cond_mask=mask)
+        cached = torch.stack([fn(ids[:, :t]) for t in range(ids.shape[1] + 1)], 1)
+    torch.testing.assert_close(cached, full[:, 7:], atol=1e-4, rtol=1e-4)
+
+
+def test_a_text_to_image_release_draws_with_its_t5_left_padding_and_null_caption(tmp_path):
+    """A t2i folder (t2i_*_stage1_256.pt + vq_ds16_t2i.pt + a T5 folder): the prompt's T5 states, left-padded
+    and zeroed, guided by the stored uncond_embedding under the same mask — as a hand-written loop."""
+    from tessera.pipelines.llamagen import LlamaGenPipeline, left_padded
+    from tessera.sampling.ar import sample_next
+    from tessera.text import HFTextEncoder
+    from tessera.tokenizer.llamagen_vq import LlamaGenVQ, LlamaGenVQConfig
+
+    torch.manual_seed(1)
+    gpt = LlamaGenGPT(T2I).eval()
+    with torch.no_grad():
+        gpt.cls_embedding.uncond_embedding.normal_()
+    vq = LlamaGenVQ(LlamaGenVQConfig(**TINY_VQ))
+    torch.save({"model": gpt.state_dict()}, tmp_path / "t2i_B_stage1_256.pt")
+    torch.save({"model": vq.state_dict()}, tmp_path / "vq_ds16_t2i.pt")
+    _tiny_t5(tmp_path / "flan-t5-tiny")
+    small = dict(n_layer=2, n_head=4, dim=32, multiple_of=32, vocab_size=50, cls_token_num=8, caption_dim=12,
+                 vq=TINY_VQ)
+    pipe = LlamaGenPipeline.from_release(tmp_path / "t2i_B_stage1_256.pt", tmp_path / "vq_ds16_t2i.pt", "B", 16,
+                                         **small)
+    assert pipe.sampler.cfg_scale == 7.5 and pipe.sampler.top_k == 1000
+    tokens = pipe("a red fox", guidance_scale=3.0, top_k=20, generator=torch.Generator().manual_seed(2),
+                  output_type="latent").images
+    enc = HFTextEncoder(tmp_path / "flan-t5-tiny").encode(["a red fox"])
+    assert enc.mask.sum() == 4  # a red fox </s>
+    states, valid = left_padded(enc.tokens, enc.mask, 8)
+    assert valid[0].tolist() == [False] * 4 + [True] * 4 and torch.equal(states[0, 4:], enc.tokens[0])
+    rows = torch.cat([states * valid[..., None], gpt.cls_embedding.uncond_embedding[None]])
+    g, seq = torch.Generator().manual_seed(2), torch.zeros(1, 0, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(16):  # by hand: the whole masked sequence each time, guided by the null caption
+            both = gpt(rows, torch.cat([seq, seq]) if seq.shape[1] else None, cond_mask=torch.cat([valid, valid]))
+            c, u = both[:, -1].chunk(2)
+            seq = torch.cat([seq, sample_next(u + 3.0 * (c - u), g, 1.0, 20)[:, None]], dim=1)
+    assert torch.equal(tokens.reshape(1, 16), seq)
+    assert pipe.too_long(["a red fox " * 2]) == [None] and "10 prompt tokens" in pipe.too_long(["a red fox " * 3])[0]
+    with pytest.raises(Exception, match="class_label"):
+        pipe("a red fox", class_label=3)

@@ -97,6 +97,7 @@ class KVCache:
         shape = (batch, kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)  # False: a padded caption position
         self.max_len, self.length = max_len, 0
 
 
@@ -195,9 +196,12 @@ class LlamaGenGPT(nn.Module):
         return KVCache(cfg.n_layer, batch, cfg.n_kv_head or cfg.n_head, self.rope.shape[0], cfg.dim // cfg.n_head,
                        dtype or w.dtype, w.device)
 
-    def forward(self, cond: torch.Tensor | None, ids: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, cond: torch.Tensor | None, ids: torch.Tensor | None, cache: KVCache | None = None,
+                cond_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The sequence [condition; image ids] (either part may be absent when the cache holds the earlier
-        positions) -> logits [B, T, vocab] (float); logits[:, i] predicts the token after position i."""
+        positions) -> logits [B, T, vocab] (float); logits[:, i] predicts the token after position i.
+        `cond_mask` [B,L] (t2i): False marks padded caption positions, which no position attends to (but
+        itself, so that its attention is defined), as LlamaGen's generate masks them."""
         parts = ([self.embed_condition(cond)] if cond is not None else []) + \
             ([self.tok_embeddings(ids)] if ids is not None else [])
         h = torch.cat(parts, dim=1)  # (B, T, C)
@@ -205,7 +209,15 @@ class LlamaGenGPT(nn.Module):
         if start + h.shape[1] > self.rope.shape[0]:
             raise ValueError(f"{start + h.shape[1]} positions: this model takes {self.rope.shape[0]}")
         pos = torch.arange(start, start + h.shape[1], device=h.device)
-        logits = self.run(h, pos, cache)
+        valid = None
+        if cond_mask is not None:
+            if cond is None or cond_mask.shape != h.shape[:1] + (self.config.cls_token_num,):
+                raise ValueError(f"cond_mask: one flag per condition position, [B, {self.config.cls_token_num}]")
+            valid = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+            valid[:, :cond_mask.shape[1]] = cond_mask.bool()
+            if cache is not None:
+                cache.valid[:, start:start + h.shape[1]] = valid
+        logits = self.run(h, pos, cache, valid)
         if cache is not None:
             cache.length = start + h.shape[1]
         return logits
@@ -225,11 +237,17 @@ class LlamaGenGPT(nn.Module):
         to them); the first step compiles (~20 s for GPT-B on 2 cores)."""
         self._step = torch.compile(self.run, dynamic=False, options={"freezing": True}) if on else None
 
-    def run(self, h: torch.Tensor, pos: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def run(self, h: torch.Tensor, pos: torch.Tensor, cache: KVCache | None = None,
+            valid: torch.Tensor | None = None) -> torch.Tensor:
         """Embedded positions h [B,T,C] at `pos` [T] -> logits [B,T,vocab] (float). With a cache every key
-        position is read, the unfed ones masked: a one-token step has one set of shapes (`compiled_step`)."""
+        position is read, the unfed ones masked: a one-token step has one set of shapes (`compiled_step`).
+        `valid` [B,S] (else the cache's): keys that may be attended to besides the query's own position."""
         keys = torch.arange(cache.max_len if cache is not None else h.shape[1], device=h.device)
         allowed = keys[None] <= pos[:, None]  # (T, S) causal
+        valid = cache.valid if cache is not None and self.config.model_type == "t2i" else valid
+        if valid is not None:
+            own = keys[None] == pos[:, None]  # (T, S)
+            allowed = (allowed[None] & (valid[:, None, :] | own[None]))[:, None]  # (B, 1, T, S)
         table = self.rope[pos]
         for i, layer in enumerate(self.layers):
             h = layer(h, table, allowed, cache, i, pos)

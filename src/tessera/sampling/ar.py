@@ -104,16 +104,17 @@ def cached_logits_fn(model, batch: int, cond=None, cond_mask=None, guided: bool 
     return fn
 
 
-def prefix_logits_fn(model, cond: torch.Tensor, null: torch.Tensor | None = None) -> LogitsFn:
+def prefix_logits_fn(model, cond: torch.Tensor, null: torch.Tensor | None = None,
+                     cond_mask: torch.Tensor | None = None) -> LogitsFn:
     """KV-cached, for networks whose sequence starts with their condition (LlamaGen: `model(cond, ids, cache)`):
-    the first call prefills the condition rows ([cond; null] with CFG, `null` the unconditional condition),
-    every later call feeds only the newest token."""
+    the first call prefills the condition rows ([cond; null] with CFG, `null` the unconditional condition;
+    `cond_mask` [R,L]: their valid condition positions), every later call feeds only the newest token."""
     rows = cond if null is None else torch.cat([cond, null])
     cache, state = model.new_cache(rows.shape[0]), {"fed": 0, "logits": None}
 
     def fn(tokens: torch.Tensor) -> torch.Tensor:
-        if state["logits"] is None:
-            state["logits"] = model(rows, None, cache)[:, -1]  # (R, V): the first image token's logits
+        if state["logits"] is None:  # (R, V): the first image token's logits
+            state["logits"] = model(rows, None, cache, cond_mask=cond_mask)[:, -1]
         for i in range(state["fed"], tokens.shape[1]):
             state["logits"] = model.decode_step(tokens[:, i:i + 1], cache)
             state["fed"] = i + 1

@@ -28,12 +28,14 @@ class HFTextEncoder:
 
     def __init__(self, name_or_path: str | Path, allow_download: bool = False, max_tokens: int = 256,
                  dtype: torch.dtype = torch.float32):
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
 
         local = not allow_download
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=local)
-            model = AutoModel.from_pretrained(str(name_or_path), local_files_only=local, dtype=dtype)
+            t5 = AutoConfig.from_pretrained(str(name_or_path), local_files_only=local).model_type in ("t5", "mt5")
+            model = (T5EncoderModel if t5 else AutoModel).from_pretrained(  # a T5: its encoder alone
+                str(name_or_path), local_files_only=local, dtype=dtype)
         except OSError as e:
             hint = "" if allow_download else " (downloads are off; pass allow_download=True to fetch it)"
             raise FileNotFoundError(f"text encoder {name_or_path!r} not found{hint}: {e}") from None
