@@ -166,6 +166,16 @@ def test_a_llamagen_release_draws_class_conditional_images_with_guidance(gpt, tm
             c, u = both.chunk(2)
             seq = torch.cat([seq, sample_next(u + 4.0 * (c - u), g, 1.0, 20)[:, None]], dim=1)
     assert torch.equal(tokens.reshape(2, 16), seq) and out.parameters["class_label"] == 3
+    # cfg_interval as generate.py counts it: the prefill's token and decode steps 0..K guided (K = 1 here)
+    tokens = pipe(class_label=3, num_images_per_prompt=2, guidance_scale=4.0, top_k=20, cfg_interval=1,
+                  generator=torch.Generator().manual_seed(2), output_type="latent").images
+    g, seq = torch.Generator().manual_seed(2), torch.zeros(2, 0, dtype=torch.long)
+    with torch.no_grad():
+        for t in range(16):
+            both = gpt(torch.tensor([3, 3, 10, 10]), torch.cat([seq, seq]) if seq.shape[1] else None)[:, -1]
+            c, u = both.chunk(2)
+            seq = torch.cat([seq, sample_next(u + 4.0 * (c - u) if t <= 2 else c, g, 1.0, 20)[:, None]], dim=1)
+    assert torch.equal(tokens.reshape(2, 16), seq)
     assert out.images.shape == (2, 3, 16, 16)
     with pytest.raises(Exception, match="class_label"):
         pipe(class_label=10)

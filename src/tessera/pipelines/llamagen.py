@@ -86,7 +86,7 @@ class LlamaGenSampleParams:
     temperature: float = 1.0
     top_k: int = 2000
     top_p: float = 1.0
-    cfg_interval: int = -1   # guide only the first K tokens (-1: all)
+    cfg_interval: int = -1   # generate.py's: guide the prefill token and decode steps 0..K (-1: all)
 
     def validate(self) -> None:
         check_limits(self)
@@ -173,9 +173,12 @@ class LlamaGenPipeline(Pipeline):
         g = generator or torch.Generator().manual_seed(p.seed)
         tokens = sample(prefix_logits_fn(self.gpt, cond, null, cond_mask), n, self.grid * self.grid, generator=g,
                         temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                        cfg_scale=p.cfg_scale if null is not None else 1.0, cfg_interval=p.cfg_interval,
-                        callback=callback)
+                        cfg_scale=p.cfg_scale if null is not None else 1.0, callback=callback,
+                        cfg_interval=p.cfg_interval + 2 if p.cfg_interval >= 0 else -1)  # generate.py's count*
         return tokens.reshape(n, self.grid, self.grid)
+
+    # * generate.py guides the prefill's token and then decode step i while i <= cfg_interval, i.e. image
+    #   tokens 0 .. cfg_interval + 1; sampling/ar.sample guides tokens t < its cfg_interval
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
