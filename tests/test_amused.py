@@ -118,7 +118,8 @@ def test_amused_folder_loads_strictly(amused_folder, tmp_path):
 
 
 def test_the_whole_system_runs_an_amused_folder(amused_folder, tmp_path):
-    """`tessera generate --model DIR --paradigm masked`: safety, enhancement, SR and the PNG record around aMUSEd."""
+    """`tessera generate --model DIR --paradigm masked` and `tessera serve --model DIR`: safety, enhancement, SR
+    and the record around aMUSEd."""
     from click.testing import CliRunner
 
     from tessera.cli import main
@@ -133,6 +134,17 @@ def test_the_whole_system_runs_an_amused_folder(amused_folder, tmp_path):
     r = CliRunner().invoke(main, ["generate", "a red apple", "--model", str(folder), "--paradigm", "diffusion",
                                   "-o", str(tmp_path / "y.png")])
     assert r.exit_code != 0 and "masked" in r.output and not (tmp_path / "y.png").exists()
+    from fastapi.testclient import TestClient
+
+    from tessera.serve.app import ServeConfig, create_app
+
+    app = create_app(ServeConfig(data_dir=str(tmp_path / "serve"), models={"masked": str(folder)}, preload=("masked",),
+                                 dtype="float32"))
+    with TestClient(app) as c:  # `tessera serve --model DIR`
+        r = c.post("/v1/images/generations", json={"prompt": "a blue car", "size": "128x128", "steps": 2, "seed": 4,
+                                                    "paradigm": "masked"})
+        assert r.status_code == 200, r.text
+        assert r.json()["tessera"]["model"] == str(folder)
 
 
 def test_bf16_pipeline_prepacks_the_uvit_and_keeps_its_logits(amused_folder):
