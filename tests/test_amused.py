@@ -89,6 +89,10 @@ def test_amused_folder_gives_diffusers_image(amused_folder):
     for kw in (dict(guidance_scale=1.0), dict(negative_prompt="blurry"), dict(height=16, width=48, num_inference_steps=3)):
         assert np.abs(_call(pipe, **kw) - _call(ref, **kw)).max() <= 2, kw
     assert np.abs(_call(pipe, generator=torch.Generator("cpu").manual_seed(6)) - got).max() > 20
+    from tessera.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="latents"):  # a bad starting grid is named, not a crash
+        pipe("a red apple", latents=torch.full((1, 16, 16), 35), height=32, width=32)
 
 
 def test_amused_folder_loads_strictly(amused_folder, tmp_path):

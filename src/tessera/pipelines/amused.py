@@ -128,6 +128,9 @@ class AmusedPipeline(onednn.Prepacked, Pipeline):
         ids = torch.full(shape, self.mask_id, dtype=torch.long) if latents is None else latents.long().cpu()
         if tuple(ids.shape) != shape:
             raise InvalidInputError(f"latents: shape {tuple(ids.shape)}, expected {shape}")
+        codes = self.generator.config.codebook_size
+        if ((ids < 0) | ((ids >= codes) & (ids != self.mask_id))).any():
+            raise InvalidInputError(f"latents: token ids must be codes in [0, {codes}) or the mask id {self.mask_id}")
         states, pooled = self._encode(prompts)
         guided = p.cfg_scale > 1.0
         if guided:
