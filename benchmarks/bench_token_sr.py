@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12, help="base decoding steps")
     ap.add_argument("--sr-steps", type=int, default=8)
     ap.add_argument("--sr-cfg", type=float, default=1.0)
+    ap.add_argument("--sr-temperature", type=float, default=1.0, help="the SR stage's sampling temperature")
+    ap.add_argument("--sr-choice-temperature", type=float, default=4.5, help="its Gumbel noise on confidences")
     ap.add_argument("--batch", type=int, default=8)
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -67,8 +69,9 @@ def main() -> None:
         base_s += time.perf_counter() - t
         t = time.perf_counter()
         cond, mask = pipe.encode_prompt(batch)
-        high = pipe.upsample_tokens(low, cond, mask, pipe.params(sr_steps=args.sr_steps, sr_cfg_scale=args.sr_cfg),
-                                    torch.Generator().manual_seed(10_000 + s))
+        sr_p = pipe.params(sr_steps=args.sr_steps, sr_cfg_scale=args.sr_cfg, temperature=args.sr_temperature,
+                           choice_temperature=args.sr_choice_temperature)
+        high = pipe.upsample_tokens(low, cond, mask, sr_p, torch.Generator().manual_seed(10_000 + s))
         images["token SR"] += to_images(pipe.decode(high))
         seconds["token SR"] += time.perf_counter() - t
         t = time.perf_counter()
@@ -90,7 +93,8 @@ def main() -> None:
     print(json.dumps({"images": len(prompts), "base_seconds_per_image": base_s / len(prompts),
                       "feature_space": OPEN_NSFW_SPACE, "alignment_model": scorer.space, "rows": rows}, indent=1))
     print(f"\n{len(prompts)} held-out captions of {args.data} ({args.split}); base {args.base} {args.steps} steps "
-          f"({base_s / len(prompts):.3f} s / image, shared); token SR {args.sr_steps} steps, guidance {args.sr_cfg}")
+          f"({base_s / len(prompts):.3f} s / image, shared); token SR {args.sr_steps} steps, guidance {args.sr_cfg}, "
+          f"temperature {args.sr_temperature}, choice temperature {args.sr_choice_temperature}")
     print("| 128² -> 256² | FD | KID | CLIPScore | R-precision | s / image (upscaling) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
