@@ -4,11 +4,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-# Debian packages: real photos for training/evaluation data (tuxpaint stamps, MATE backgrounds); Chromium for
-# the web page's end-to-end test (driven by Playwright's Python package, no browser download).
+# Debian packages: real photos for training data (tuxpaint stamps, MATE / GNOME / UKUI / Sway / Lomiri
+# backgrounds, Debian's desktop-base; plasma-workspace-wallpapers is the external evaluation set and is never
+# trained on); Chromium for the web page's end-to-end test (driven by Playwright's Python package).
 if [ "${TESSERA_SKIP_APT:-0}" != "1" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
   need=""
-  for p in tuxpaint-stamps-default mate-backgrounds chromium; do
+  for p in tuxpaint-stamps-default mate-backgrounds gnome-backgrounds ukui-wallpapers sway-backgrounds \
+           lomiri-wallpapers lomiri-wallpapers-20.04 desktop-base chromium; do
     dpkg -s "$p" >/dev/null 2>&1 || need="$need $p"
   done
   if [ -n "$need" ]; then
