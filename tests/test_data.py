@@ -325,3 +325,53 @@ def test_outputs_get_the_umask_mode_and_sizes_are_bounded(tmp_path):
     assert all(p.stat().st_mode & 0o777 == 0o644 for p in (tmp_path / "out" / "shards").glob("*.tar"))
     with pytest.raises(ValueError, match="size must be between 8 and 4096"):
         PrepareConfig(size=100_000)
+
+
+def test_native_resolution_crops_keep_detail_and_split_by_source(tmp_path):
+    """`--crops N[:mode[:max downscale]]`: N crops per image at native resolution (or after at most the bounded
+    downscale, never an upscale), one catalog row each linked to its source, every crop of a source in its
+    split; an image smaller than the crop is rejected; the same crops on a rerun; the source pixel count."""
+    from click.testing import CliRunner
+
+    from tessera.cli import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(8):
+        photo_like(200 + i, (160 + 8 * i, 120)).save(src / f"p{i}.png")
+        (src / f"p{i}.txt").write_text(f"photo {i}")
+    photo_like(99, (40, 40)).save(src / "small.png")
+    cfg = PrepareConfig.from_options(min_size=32, phash_distance=2, crops="3:random:1.5", size=48, workers=1,
+                                     val_fraction=0.4)
+    report = prepare([src], tmp_path / "out", cfg, progress=False)
+    assert report["kept"] == 24 and report["kept_sources"] == 8
+    assert report["source_pixels"] == sum((160 + 8 * i) * 120 for i in range(8))
+    assert report["rejected_by_reason"] == {"smaller_than_crop": 1}
+    ds = ShardImages(tmp_path / "out", split=None)
+    metas = [json.loads(m) for m in _shard_members(tmp_path / "out", ".json")]
+    by_source: dict[str, set] = {}
+    for m in metas:
+        by_source.setdefault(m["source"], set()).add(m["split"])
+        left, top, right, bottom = m["crop"]["box"]
+        assert 1.0 <= m["crop"]["scale"] <= 1.5 and 0 <= left < right <= m["original_width"]
+        assert 0 <= top < bottom <= m["original_height"] and abs((right - left) - 48 * m["crop"]["scale"]) <= 1
+    assert all(len(s) == 1 for s in by_source.values()) and len(by_source) == 8  # a source's crops share a split
+    assert {s for v in by_source.values() for s in v} == {"train", "val"}
+    assert len(ds) == 24 and ds[0][0].shape == (3, 48, 48)
+    again = prepare([src], tmp_path / "again", cfg, progress=False)
+    assert again["kept"] == 24 and sorted(_shard_members(tmp_path / "again", ".png")) == \
+        sorted(_shard_members(tmp_path / "out", ".png"))  # the same crops: drawn from each source's hash
+    grid = PrepareConfig.from_options(min_size=32, phash_distance=2, crops="4:grid", size=48, workers=1)
+    prepare([src], tmp_path / "grid", grid, progress=False)
+    boxes = [json.loads(m)["crop"]["box"] for m in _shard_members(tmp_path / "grid", ".json")]
+    assert len(boxes) == 32 and all(b[2] - b[0] == 48 for b in boxes)  # max downscale 1: native pixels
+    r = CliRunner().invoke(main, ["data", "prepare", str(src), "--out", str(tmp_path / "bad"), "--crops", "3:zigzag"])
+    assert r.exit_code != 0 and "crop" in r.output and "Traceback" not in r.output
+
+
+def _shard_members(out: Path, suffix: str) -> list:
+    found = []
+    for shard in sorted((out / "shards").glob("*.tar")):
+        with tarfile.open(shard) as tf:
+            found += [tf.extractfile(m).read() for m in tf.getmembers() if m.name.endswith(suffix)]
+    return found

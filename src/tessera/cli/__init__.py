@@ -72,15 +72,14 @@ data = group(main, "data", "Data curation.")
          opt("--phash-distance", default=6, help="near-duplicate Hamming threshold"),
          opt("--max-pixels", default=64_000_000, help="decompression-bomb cap"),
          opt("--scorer", "scorers", multiple=True, help="registered scorer, e.g. 'nsfw?max_score=0.8'"),
-         opt("--engine", default="local", type=click.Choice(["local", "ray"]), help="ray: Ray Data stages (same output)"))
-def data_prepare(sources, out, size, image_format, val_fraction, workers, min_size, phash_distance, max_pixels,
-                 scorers, engine) -> None:
+         opt("--engine", default="local", type=click.Choice(["local", "ray"]), help="ray: Ray Data stages (same output)"),
+         opt("--crops", default="0", help="N[:random|grid[:MAX_DOWNSCALE]]: N native-resolution crops per image"))
+def data_prepare(sources, out, engine, **kw) -> None:
     """Decode, filter, deduplicate and shard SOURCES (folders, .tar shards, .parquet files) into OUT."""
     from tessera.data.prepare import PrepareConfig, prepare
-    cfg = PrepareConfig.from_options(size=size, image_format=image_format, val_fraction=val_fraction, workers=workers,
-                                     max_pixels=max_pixels, scorers=scorers, min_size=min_size, phash_distance=phash_distance)
-    report = prepare(list(sources), out, cfg, engine=engine)
-    echo_json({k: report[k] for k in ("kept", "kept_by_split", "rejected", "rejected_by_reason", "images_per_second")})
+    report = prepare(list(sources), out, PrepareConfig.from_options(**kw), engine=engine)
+    echo_json({k: report[k] for k in ("kept", "kept_by_split", "kept_sources", "source_pixels", "rejected",
+                                      "rejected_by_reason", "images_per_second")})
 
 @data.command("from-serving")
 @options(opt("--serve-dir", required=True, type=DIR, help="`tessera serve --data-dir`"), opt("--out", required=True, type=NEWDIR),

@@ -105,6 +105,12 @@ class Catalog:
         return {"kept": sum(n for _, n in kept), "kept_by_split": dict(kept),
                 "rejected": sum(n for _, n in rej), "rejected_by_reason": dict(rej)}
 
+    def source_pixels(self) -> dict:
+        """The kept source images (a source cut into crops counts once) and their pixels at full size."""
+        n, px = self.db.execute("SELECT COUNT(*), COALESCE(SUM(width * height), 0) FROM (SELECT DISTINCT sha256, "
+                                "width, height FROM images WHERE status='kept')").fetchone()
+        return {"kept_sources": n, "source_pixels": px}
+
     def rows(self, status: str | None = None) -> list[dict]:
         cur = self.db.execute("SELECT * FROM images" + (" WHERE status=?" if status else "") + " ORDER BY id",
                               (status,) if status else ())

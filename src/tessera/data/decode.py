@@ -81,3 +81,30 @@ def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
     im = im.resize((nw, nh), Image.Resampling.LANCZOS, reducing_gap=3.0 if s < 0.5 else None)
     left, top = (nw - size) // 2, (nh - size) // 2
     return im.crop((left, top, left + size, top + size))
+
+
+def native_crops(im: Image.Image, size: int, n: int, mode: str = "random", max_downscale: float = 1.0,
+                 seed: int = 0) -> list[tuple[Image.Image, dict]]:
+    """`n` crops of size x size from `im` at its native resolution, or after one downscale by a factor drawn
+    in [1, max_downscale] (never an upscale; never below the crop size): random positions, or a grid spread
+    over the image. -> [(crop, {"box": [l, t, r, b] in the source's pixels, "scale": factor})]. The draws come
+    from `seed` (the source's hash: the same crops on every run)."""
+    w, h = im.size
+    if min(w, h) < size:
+        raise ValueError(f"{w}x{h} is smaller than the {size}px crop")
+    rng = np.random.default_rng(seed)
+    scale = min(float(rng.uniform(1.0, max_downscale)) if max_downscale > 1 else 1.0, min(w, h) / size)
+    if scale > 1.0:
+        im = im.resize((max(size, round(w / scale)), max(size, round(h / scale))), Image.Resampling.LANCZOS)
+    sw, sh = im.size
+    if mode == "grid":
+        cols = max(1, round((n * sw / sh) ** 0.5))
+        rows = -(-n // cols)
+        spots = [(round(x), round(y)) for y in np.linspace(0, sh - size, rows) for x in np.linspace(0, sw - size, cols)][:n]
+    else:
+        spots = list(zip(rng.integers(0, sw - size + 1, n).tolist(), rng.integers(0, sh - size + 1, n).tolist()))
+    out = []
+    for x, y in spots:
+        box = [round(x * scale), round(y * scale), round((x + size) * scale), round((y + size) * scale)]
+        out.append((im.crop((x, y, x + size, y + size)), {"box": box, "scale": round(scale, 4)}))
+    return out

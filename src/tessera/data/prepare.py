@@ -26,7 +26,7 @@ import numpy as np
 from tessera.checkpoint import atomic_write_bytes
 from tessera.config import Config
 from tessera.data.catalog import Catalog
-from tessera.data.decode import DEFAULT_MAX_PIXELS, Rejected, decode_image, resize_center_crop
+from tessera.data.decode import DEFAULT_MAX_PIXELS, Rejected, decode_image, native_crops, resize_center_crop
 from tessera.data.filters import (
     FilterConfig,
     Scorer,
@@ -55,8 +55,14 @@ class PrepareConfig(Config):
     workers: int = 2
     scorers: tuple[str, ...] = ()   # 'module:factory' specs of Scorer plug-ins
     filters: FilterConfig = dataclasses.field(default_factory=FilterConfig)
+    crops_per_image: int = 0        # > 0: that many size x size crops of the image at native resolution
+    crop_mode: str = "random"       # random | grid positions of the crops
+    max_downscale: float = 1.0      # crops: the image first reduced by a factor in [1, this] (never enlarged)
 
     def __post_init__(self):
+        if not 0 <= self.crops_per_image <= 256 or self.crop_mode not in ("random", "grid") or self.max_downscale < 1:
+            raise ValueError(f"crops: {self.crops_per_image} per image (0-256), mode {self.crop_mode!r} (random | "
+                             f"grid), max downscale {self.max_downscale} (>= 1)")
         if self.image_format not in ("png", "jpg"):
             raise ValueError(f"image_format must be 'png' or 'jpg', got {self.image_format!r}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -69,9 +75,17 @@ class PrepareConfig(Config):
             raise ValueError(f"workers and chunk_size must be >= 1, got {self.workers} and {self.chunk_size}")
 
     @classmethod
-    def from_options(cls, min_size: int, phash_distance: int, scorers=(), **kw) -> "PrepareConfig":
-        """The flat options of `tessera data prepare` (the filter thresholds among them)."""
-        return cls(scorers=tuple(scorers), filters=FilterConfig(min_size=min_size, phash_distance=phash_distance), **kw)
+    def from_options(cls, min_size: int, phash_distance: int, scorers=(), crops: str = "0", **kw) -> "PrepareConfig":
+        """The flat options of `tessera data prepare` (the filter thresholds among them; `crops`:
+        'N[:random|grid[:MAX_DOWNSCALE]]')."""
+        parts = str(crops).split(":")
+        try:
+            n, mode, down = (parts + ["random", "1"][len(parts) - 1:]) if len(parts) <= 3 else ("bad",) * 3
+            crop = dict(crops_per_image=int(n), crop_mode=mode, max_downscale=float(down))
+        except ValueError:
+            raise ValueError(f"--crops {crops!r}: must be N[:random|grid[:MAX_DOWNSCALE]], e.g. 8:random:2") from None
+        return cls(scorers=tuple(scorers), filters=FilterConfig(min_size=min_size, phash_distance=phash_distance),
+                   **crop, **kw)
 
 
 ENGINES = ("local", "ray")
@@ -154,10 +168,22 @@ def score_stage(row: dict, cfg: "PrepareConfig", scorers: list[Scorer]) -> dict:
 
 
 def transform_stage(row: dict, cfg: "PrepareConfig") -> dict:
-    """Standardize (resize the shorter side, center crop), perceptual hash, encode."""
+    """Standardize (resize the shorter side, center crop), perceptual hash, encode; with crops_per_image, the
+    crops at native resolution instead (hashed as the whole image: a source is deduplicated once)."""
     if row["status"] != "pending":
         return row
-    out = resize_center_crop(_image(row, cfg), cfg.size)
+    im = _image(row, cfg)
+    if cfg.crops_per_image:
+        if min(im.size) < cfg.size:
+            return _reject(row, "smaller_than_crop")
+        crops = native_crops(im, cfg.size, cfg.crops_per_image, cfg.crop_mode, cfg.max_downscale,
+                             seed=int(row["sha256"][:16], 16))
+        row["phash"] = f"{phash(im):016x}"
+        row["crops"] = [(_encode(c, cfg), info) for c, info in crops]
+        row.update(status="kept", raw=None)
+        row.pop("_image", None)
+        return row
+    out = resize_center_crop(im, cfg.size)
     row["phash"] = f"{phash(out):016x}"
     row["data"] = _encode(out, cfg)
     row.update(status="kept", raw=None)
@@ -216,28 +242,36 @@ def _write_shard(path: Path, members: list[tuple[str, bytes]]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+RECORD = ("id", "source", "sha256", "phash", "width", "height", "caption", "verdicts", "status", "reason", "split")
+
+
 def _finish_chunk(chunk: int, rows: list[dict], dedup: _Dedup, cfg: PrepareConfig, out: Path, cat: Catalog) -> None:
+    """Deduplicate, key and shard a chunk's rows. Crops: one catalog row and shard member per crop, all with
+    their source's hash, and so its split (no crop of a val image is in train)."""
     members, records, n_kept = [], [], 0
     for i, row in enumerate(rows):
         if row["status"] == "kept":
             reason = dedup.reason(row)
             if reason:
-                row.update(status="rejected", reason=reason, data=None)
-        if row["status"] == "kept":
-            dedup.add(row)
-            key = f"{chunk:05d}{n_kept:04d}"
+                row.update(status="rejected", reason=reason, data=None, crops=None)
+        if row["status"] != "kept":
+            row["id"], row["split"] = f"rej-{chunk:05d}-{i:04d}", None
+            records.append({k: row[k] for k in RECORD})
+            continue
+        dedup.add(row)
+        row["split"] = split_of(row["sha256"], cfg.val_fraction)
+        for data, crop in row.get("crops") or [(row["data"], None)]:
+            key = f"{chunk:05d}{n_kept:06d}" if crop else f"{chunk:05d}{n_kept:04d}"
             n_kept += 1
-            row["id"], row["split"] = key, split_of(row["sha256"], cfg.val_fraction)
             meta = {"key": key, "source": row["source"], "sha256": row["sha256"], "split": row["split"],
-                    "original_width": row["width"], "original_height": row["height"]}
+                    "original_width": row["width"], "original_height": row["height"], **({"crop": crop} if crop else {})}
             if row["meta"]:
                 meta["source_meta"] = row["meta"]
-            members += [(f"{key}.{cfg.image_format}", row["data"]), (f"{key}.txt", row["caption"].encode()),
+            members += [(f"{key}.{cfg.image_format}", data), (f"{key}.txt", row["caption"].encode()),
                         (f"{key}.json", json.dumps(meta).encode())]
-        else:
-            row["id"], row["split"] = f"rej-{chunk:05d}-{i:04d}", None
-        records.append({k: row[k] for k in ("id", "source", "sha256", "phash", "width", "height", "caption",
-                                            "verdicts", "status", "reason", "split")})
+            verdicts = {**row["verdicts"], **({"crop": crop} if crop else {})}
+            records.append({**{k: row[k] for k in RECORD if k != "id"}, "id": key, "verdicts": verdicts})
+        row["id"] = key  # the last of its keys
     shard = f"shard-{chunk:05d}.tar" if members else None
     if shard:
         _write_shard(out / "shards" / shard, members)
@@ -337,7 +371,7 @@ def prepare(sources: list[str | Path], out: str | Path, cfg: PrepareConfig | Non
             getattr(results, "close", lambda: None)()
             bar.close()
         elapsed = time.time() - t0
-        report = {**cat.counts(), "inputs": len(items), "processed_this_run": n_new,
+        report = {**cat.counts(), **cat.source_pixels(), "inputs": len(items), "processed_this_run": n_new,
                   "images_per_second": round(n_new / elapsed, 2) if n_new else None,
                   "config": cfg.to_dict(), "sources": [str(s) for s in sources]}
     finally:
