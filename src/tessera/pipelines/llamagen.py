@@ -5,15 +5,14 @@ by batch duplication (when the scale is > 1, as the release's generate.py):
     class-to-image  c2i_{B,L,XL,XXL}_{256,384}.pt + vq_ds16_c2i.pt; the null class guides
     text-to-image   t2i_XL_stage{1,2}_{256,512}.pt + vq_ds16_t2i.pt + a FLAN-T5 folder (transformers; the
                     encoder's 120-token states, left-padded, padding masked); the stored
-                    uncond_embedding guides. Defaults of sample_t2i.py: guidance 7.5, top-k 1000.
-
+                    uncond_embedding guides.
 
     pipe = tessera.load(DIR)        # or LlamaGenPipeline.from_release(gpt_file, vq_file)
     pipe(class_label=207, num_images_per_prompt=2, guidance_scale=4.0, top_k=2000,
          generator=torch.Generator().manual_seed(0)).images
     tessera generate "a dog" --model DIR --class-label 207   (the whole system; the prompt is not read)
 
-Defaults are the release's (`sample_c2i.py`): guidance 4.0, top-k 2000, temperature 1.0.
+Defaults are the releases' (`sample_c2i.py`: guidance 4.0, top-k 2000; `sample_t2i.py`: 7.5, 1000).
 """
 from __future__ import annotations
 
