@@ -328,7 +328,7 @@ def test_outputs_get_the_umask_mode_and_sizes_are_bounded(tmp_path):
 
 
 def test_native_resolution_crops_keep_detail_and_split_by_source(tmp_path):
-    """`--crops N[:mode[:max downscale]]`: N crops per image at native resolution (or after at most the bounded
+    """`--crops-per-image N` (`--crop-mode`, `--max-downscale`): N crops per image at native resolution (or after at most the bounded
     downscale, never an upscale), one catalog row each linked to its source, every crop of a source in its
     split; an image smaller than the crop is rejected; the same crops on a rerun; the source pixel count."""
     from click.testing import CliRunner
@@ -341,8 +341,8 @@ def test_native_resolution_crops_keep_detail_and_split_by_source(tmp_path):
         photo_like(200 + i, (160 + 8 * i, 120)).save(src / f"p{i}.png")
         (src / f"p{i}.txt").write_text(f"photo {i}")
     photo_like(99, (40, 40)).save(src / "small.png")
-    cfg = PrepareConfig.from_options(min_size=32, phash_distance=2, crops="3:random:1.5", size=48, workers=1,
-                                     val_fraction=0.4)
+    cfg = PrepareConfig.from_options(min_size=32, phash_distance=2, crops_per_image=3, max_downscale=1.5, size=48,
+                                     workers=1, val_fraction=0.4)
     report = prepare([src], tmp_path / "out", cfg, progress=False)
     assert report["kept"] == 24 and report["kept_sources"] == 8
     assert report["source_pixels"] == sum((160 + 8 * i) * 120 for i in range(8))
@@ -361,12 +361,14 @@ def test_native_resolution_crops_keep_detail_and_split_by_source(tmp_path):
     again = prepare([src], tmp_path / "again", cfg, progress=False)
     assert again["kept"] == 24 and sorted(_shard_members(tmp_path / "again", ".png")) == \
         sorted(_shard_members(tmp_path / "out", ".png"))  # the same crops: drawn from each source's hash
-    grid = PrepareConfig.from_options(min_size=32, phash_distance=2, crops="4:grid", size=48, workers=1)
+    grid = PrepareConfig.from_options(min_size=32, phash_distance=2, crops_per_image=4, crop_mode="grid", size=48,
+                                      workers=1)
     prepare([src], tmp_path / "grid", grid, progress=False)
     boxes = [json.loads(m)["crop"]["box"] for m in _shard_members(tmp_path / "grid", ".json")]
     assert len(boxes) == 32 and all(b[2] - b[0] == 48 for b in boxes)  # max downscale 1: native pixels
-    r = CliRunner().invoke(main, ["data", "prepare", str(src), "--out", str(tmp_path / "bad"), "--crops", "3:zigzag"])
-    assert r.exit_code != 0 and "crop" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["data", "prepare", str(src), "--out", str(tmp_path / "bad"), "--crops-per-image", "3",
+                                  "--max-downscale", "0.5"])
+    assert r.exit_code != 0 and "max downscale 0.5" in r.output and "Traceback" not in r.output
 
 
 def _shard_members(out: Path, suffix: str) -> list:

@@ -73,7 +73,8 @@ data = group(main, "data", "Data curation.")
          opt("--max-pixels", default=64_000_000, help="decompression-bomb cap"),
          opt("--scorer", "scorers", multiple=True, help="registered scorer, e.g. 'nsfw?max_score=0.8'"),
          opt("--engine", default="local", type=click.Choice(["local", "ray"]), help="ray: Ray Data stages (same output)"),
-         opt("--crops", default="0", help="N[:random|grid[:MAX_DOWNSCALE]]: N native-resolution crops per image"))
+         opt("--crops-per-image", default=0, help="N > 0: N native-resolution crops per image"),
+         opt("--crop-mode", default="random", type=click.Choice(["random", "grid"])), opt("--max-downscale", default=1.0))
 def data_prepare(sources, out, engine, **kw) -> None:
     """Decode, filter, deduplicate and shard SOURCES (folders, .tar shards, .parquet files) into OUT."""
     from tessera.data.prepare import PrepareConfig, prepare

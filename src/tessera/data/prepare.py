@@ -75,17 +75,9 @@ class PrepareConfig(Config):
             raise ValueError(f"workers and chunk_size must be >= 1, got {self.workers} and {self.chunk_size}")
 
     @classmethod
-    def from_options(cls, min_size: int, phash_distance: int, scorers=(), crops: str = "0", **kw) -> "PrepareConfig":
-        """The flat options of `tessera data prepare` (the filter thresholds among them; `crops`:
-        'N[:random|grid[:MAX_DOWNSCALE]]')."""
-        parts = str(crops).split(":")
-        try:
-            n, mode, down = (parts + ["random", "1"][len(parts) - 1:]) if len(parts) <= 3 else ("bad",) * 3
-            crop = dict(crops_per_image=int(n), crop_mode=mode, max_downscale=float(down))
-        except ValueError:
-            raise ValueError(f"--crops {crops!r}: must be N[:random|grid[:MAX_DOWNSCALE]], e.g. 8:random:2") from None
-        return cls(scorers=tuple(scorers), filters=FilterConfig(min_size=min_size, phash_distance=phash_distance),
-                   **crop, **kw)
+    def from_options(cls, min_size: int, phash_distance: int, scorers=(), **kw) -> "PrepareConfig":
+        """The flat options of `tessera data prepare` (the filter thresholds among them)."""
+        return cls(scorers=tuple(scorers), filters=FilterConfig(min_size=min_size, phash_distance=phash_distance), **kw)
 
 
 ENGINES = ("local", "ray")
