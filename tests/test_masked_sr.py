@@ -10,7 +10,7 @@ from tessera.registry import build
 
 
 def test_the_sr_transformer_reads_its_low_grid_and_binds_it_for_guidance():
-    from tessera.generators.masked_sr import with_low
+    from tessera.generators.masked_sr import WithLow
 
     torch.manual_seed(0)
     m = build("masked-sr-tiny").eval()
@@ -22,7 +22,7 @@ def test_the_sr_transformer_reads_its_low_grid_and_binds_it_for_guidance():
         assert logits.shape == (2, 64, 64) and torch.isfinite(logits).all()
         assert (m(hi, cond, mask, low=low.flip(0)) - logits).abs().max() > 1e-3  # the low grid matters
         drop = torch.tensor([False, False, True, True])  # CFG doubles the batch: the low grids follow
-        both = with_low(m, low)(torch.cat([hi, hi]), torch.cat([cond, cond]), torch.cat([mask, mask]), drop)
+        both = WithLow(m, low)(torch.cat([hi, hi]), torch.cat([cond, cond]), torch.cat([mask, mask]), drop)
         torch.testing.assert_close(both[:2], logits)
         assert (both[2:] - logits).abs().max() > 1e-4  # the null prompt
 

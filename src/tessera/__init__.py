@@ -14,8 +14,8 @@ def load(path_or_preset, device=None, dtype=None):
     from tessera.pipelines.folder import is_pipeline_folder, is_release_pipeline, load_pipeline
     from tessera.registry import paradigms, resolve
 
-    # pipelines: a paradigm, a pipeline folder (Tessera's, diffusers' SD / aMUSEd), a LlamaGen c2i release
-    # (c2i_<size>_<res>.pt + vq_ds16_c2i.pt), a taming-transformers Net2Net release (configs/ + checkpoints/)
+    # pipelines: a paradigm, a pipeline folder (Tessera's, diffusers' SD / aMUSEd), a LlamaGen release
+    # (c2i_<size>_<res>.pt + vq_ds16_c2i.pt, or t2i + T5), a taming-transformers Net2Net release (configs/ + checkpoints/)
     if str(path_or_preset) in paradigms() or is_pipeline_folder(path_or_preset) or is_release_pipeline(path_or_preset):
         return load_pipeline(path_or_preset, device=device, dtype=dtype)
     from tessera.device import DTYPES

@@ -244,7 +244,7 @@ def on_meta(make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
 
 
 def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path,
-            dtype: torch.dtype | None = None) -> torch.nn.Module:
+                dtype: torch.dtype | None = None) -> torch.nn.Module:
     """load_state_dict(strict=True), with every missing / unexpected key and shape mismatch named; the
     tensors are assigned (cast to `dtype`, default: float32)."""
     ours = model.state_dict()

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tessera.generators.tokens import TokenTransformerConfig
-from tessera.nn.attention import Block, KVCache
+from tessera.nn.attention import Block, KVCache, normal_init
 from tessera.registry import register_family, register_preset
 
 
@@ -50,14 +50,7 @@ class ARTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(normal_init)
 
     # ---- embeddings ---------------------------------------------------------------------------------
     def image_embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tessera.generators.tokens import TokenTransformerConfig
-from tessera.nn.attention import CrossBlock
+from tessera.nn.attention import CrossBlock, normal_init
 from tessera.nn.conditioning import with_null_condition
 from tessera.registry import register_family, register_preset
 
@@ -53,14 +53,7 @@ class MaskedTransformer(nn.Module):
                                     for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size)
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(normal_init)
 
     def forward(self, tokens: torch.Tensor, cond: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 drop: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,7 +10,7 @@ and the text. Here over Tessera's vq-f8: the 16x16 grid of a 128² image -> the 
 
 Trained with the masked objective on pairs (tokens of a 256² image, tokens of the same image at 128²) and
 decoded with `sampling/masked.sample` like the base model (`pipelines/masked.py`'s `sr=` stage).
-`with_low(model, low)` binds the low-resolution grids so the base model's guided logits / objective
+`WithLow(model, low)` binds the low-resolution grids so the base model's guided logits / objective
 functions drive it unchanged.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from tessera.generators.tokens import TokenTransformerConfig
-from tessera.nn.attention import Block, CrossBlock
+from tessera.nn.attention import Block, CrossBlock, normal_init
 from tessera.nn.conditioning import with_null_condition
 from tessera.registry import register_family, register_preset
 
@@ -65,14 +65,7 @@ class MaskedSRTransformer(nn.Module):
         self.blocks = nn.ModuleList(CrossBlock(d, d, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, cfg.vocab_size)
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(normal_init)
 
     @staticmethod
     def _positions(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -108,7 +101,7 @@ class MaskedSRTransformer(nn.Module):
         return self.head(self.norm(x))
 
 
-class with_low(nn.Module):  # noqa: N801  (a binding, used like a function)
+class WithLow(nn.Module):
     """`model` with its low-resolution grids bound: forward(tokens, cond, mask, drop) as the base masked
     generator's, the low grids repeated when the batch is (classifier-free guidance doubles it)."""
 

@@ -7,6 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def normal_init(m: nn.Module) -> None:
+    """GPT-2's initialisation for `model.apply`: Linear / Embedding weights N(0, 0.02), Linear biases zero."""
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
 class KVCache:
     """Static, preallocated keys/values per layer: (B, heads, max_len, head_dim), written by index."""
 

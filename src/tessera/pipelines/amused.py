@@ -97,14 +97,7 @@ class AmusedPipeline(onednn.Prepacked, Pipeline):
 
     def call_size(self, height: int | None, width: int | None) -> dict:
         """Any height / width the VQ factor and the U-ViT's down block divide (diffusers' rule), up to 2048."""
-        if height is None and width is None:
-            return {}
-        step = self.tokenizer.factor * self.generator.config.grid_factor
-        h, w = height or self.native_size, width or self.native_size
-        for name, value in (("height", h), ("width", w)):
-            if not (step <= value <= 2048 and value % step == 0):
-                raise InvalidInputError(f"{name}={value}: must be a multiple of {step} between {step} and 2048")
-        return {} if (h, w) == (self.native_size,) * 2 else {"size": (h, w)}
+        return self.any_size(height, width, self.tokenizer.factor * self.generator.config.grid_factor)
 
     def too_long(self, prompts: list[str], batch: int = 64) -> list[str | None]:
         from tessera.pipelines.stable_diffusion import clip_too_long

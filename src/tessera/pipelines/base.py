@@ -220,6 +220,18 @@ class Pipeline:
                                         f"(upscale with tessera.superres or `tessera generate --size`)")
         return {}
 
+    def any_size(self, height: int | None, width: int | None, step: int) -> dict:
+        """`call_size` for networks that draw any size: height / width multiples of `step` up to the limit
+        (default: the native size); -> {"size": (h, w)} for `generate`, {} at the native size."""
+        if height is None and width is None:
+            return {}
+        h, w = height or self.native_size, width or self.native_size
+        for name, value in (("height", h), ("width", w)):
+            if not (step <= value <= LIMITS.max_size and value % step == 0):
+                raise InvalidInputError(f"{name}={value}: must be a multiple of {step} between {step} and "
+                                        f"{LIMITS.max_size}")
+        return {} if (h, w) == (self.native_size,) * 2 else {"size": (h, w)}
+
     def save_pretrained(self, folder, **kw):
         from tessera.pipelines.folder import save_pipeline
 

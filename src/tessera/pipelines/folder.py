@@ -148,8 +148,8 @@ def load_pipeline(spec: str | Path | None = None, tokenizer: str | None = None, 
 
 
 def load_release_pipeline(spec: str | Path, device: Placement):
-    """The pipeline of a LlamaGen c2i release or a taming-transformers Net2Net release folder (weights in the
-    compute dtype), or None when `spec` is neither."""
+    """The pipeline of a LlamaGen (c2i / t2i) release or a taming-transformers Net2Net release folder (weights
+    in the compute dtype), or None when `spec` is neither."""
     from tessera.pipelines.llamagen import LlamaGenPipeline, release_files
 
     if release_files(spec):
@@ -167,7 +167,7 @@ def load_release_pipeline(spec: str | Path, device: Placement):
 
 
 def is_release_pipeline(spec: str | Path) -> bool:
-    """A LlamaGen c2i release or a taming-transformers Net2Net (transformer + VQGAN) release folder."""
+    """A LlamaGen (c2i / t2i) release or a taming-transformers Net2Net (transformer + VQGAN) release folder."""
     from tessera.pipelines.llamagen import release_files
     from tessera.tokenizer.taming import is_release_folder, release_model
 

@@ -120,10 +120,10 @@ class MaskedPipeline(Pipeline):
     def upsample_tokens(self, low: torch.Tensor, cond, mask, p: MaskedSampleParams, g: torch.Generator) -> torch.Tensor:
         """Base grids [n,h,w] -> the token SR stage's grids [n,2h,2w] (Muse 3.3: every high-resolution token
         starts masked; `sr_steps` steps of parallel decoding given the low grid and the prompt)."""
-        from tessera.generators.masked_sr import with_low
+        from tessera.generators.masked_sr import WithLow
 
         sr = self.token_sr.config
-        fn = guided_logits_fn(with_low(self.token_sr, low.to(self.device)), cond, mask, p.sr_cfg_scale)
+        fn = guided_logits_fn(WithLow(self.token_sr, low.to(self.device)), cond, mask, p.sr_cfg_scale)
 
         def fp32_logits(x):
             with self.placement.autocast():

@@ -100,14 +100,7 @@ class StableDiffusionPipeline(onednn.Prepacked, Pipeline):
     def call_size(self, height: int | None, width: int | None) -> dict:
         """Any height / width the U-Net's levels divide (diffusers' rule: multiples of the VAE factor; here also
         of the U-Net's downsampling, which Tessera's U-Net does not pad); default: the native size."""
-        if height is None and width is None:
-            return {}
-        step = self.tokenizer.factor * 2 ** (len(self.generator.config.block_out_channels) - 1)
-        h, w = height or self.native_size, width or self.native_size
-        for name, value in (("height", h), ("width", w)):
-            if not (step <= value <= 2048 and value % step == 0):
-                raise InvalidInputError(f"{name}={value}: must be a multiple of {step} between {step} and 2048")
-        return {} if (h, w) == (self.native_size,) * 2 else {"size": (h, w)}
+        return self.any_size(height, width, self.tokenizer.factor * 2 ** (len(self.generator.config.block_out_channels) - 1))
 
     def too_long(self, prompts: list[str], batch: int = 64) -> list[str | None]:
         return clip_too_long(self.text_encoder, prompts)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tessera.data.caches import SRTokenTextData
-from tessera.generators.masked_sr import MaskedSRTransformer, with_low
+from tessera.generators.masked_sr import MaskedSRTransformer, WithLow
 from tessera.sampling.masked import masked_nll, random_mask
 from tessera.train.ar import ARTaskConfig
 
@@ -47,7 +47,7 @@ class MaskedSRTask:
         b, n = tokens.shape
         ratio = torch.cos(torch.rand(b) * math.pi / 2).to(tokens.device)  # r ~ p(r) = 2/pi (1 - r^2)^(-1/2)
         drop = (torch.rand(b) < self.cfg.cond_drop).to(tokens.device) if cond is not None else None
-        loss = masked_nll(with_low(self.model, low), tokens, random_mask(b, n, ratio), cond, mask, drop).mean()
+        loss = masked_nll(WithLow(self.model, low), tokens, random_mask(b, n, ratio), cond, mask, drop).mean()
         return {"model": loss}, {"loss": float(loss.detach()), "mask_ratio": float(ratio.mean())}
 
     @torch.no_grad()
@@ -67,8 +67,8 @@ class MaskedSRTask:
         out = {}
         for ratio in (1.0, 0.5):
             masked = random_mask(len(idx), tokens.shape[1], torch.full((len(idx),), ratio), g).to(device)
-            nll = masked_nll(with_low(model, low), tokens, masked, cond, mask).mean()
-            other = masked_nll(with_low(model, shuffled), tokens, masked, cond, mask).mean()
+            nll = masked_nll(WithLow(model, low), tokens, masked, cond, mask).mean()
+            other = masked_nll(WithLow(model, shuffled), tokens, masked, cond, mask).mean()
             out[f"val_nll_r{ratio:g}"], out[f"low_margin_r{ratio:g}"] = float(nll), float(other - nll)
         model.train(was)
         return out
