@@ -197,6 +197,14 @@ def test_train_export_eval_and_upscale_cli(tiny_dataset, tmp_path):
     assert res.exit_code == 0, res.output
     results = json.loads(res.output)["results"]
     assert set(results) == {"bicubic", "lanczos", str(model)} and results[str(model)]["psnr"] > 10
+    assert all(r["perceptual"] >= 0 for r in results.values())
+    plain = tmp_path / "plain"  # a plain folder of images (no catalog) is evaluated whole
+    plain.mkdir()
+    for i in range(3):
+        photo(i, 32).save(plain / f"{i}.png")
+    res = r.invoke(main, ["eval", "sr", "--data", str(plain), "--model", str(model), "--scale", "2"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["results"]["bicubic"]["images"] == 3
     bic = {}
     for degrade in ("bicubic", "tokenizer"):
         res = r.invoke(main, ["eval", "sr", "--data", str(tiny_dataset), "--model", str(model), "--scale", "2",
@@ -209,5 +217,75 @@ def test_train_export_eval_and_upscale_cli(tiny_dataset, tmp_path):
     res = r.invoke(main, ["upscale", str(src), "-o", str(tmp_path / "o.png"), "--size", "96x80", "--model", str(model)])
     assert res.exit_code == 0, res.output
     assert Image.open(tmp_path / "o.png").size == (96, 80)
+    assert json.loads(Image.open(tmp_path / "o.png").text["tessera"])["sr_model"] == str(model)  # says which
     res = r.invoke(main, ["upscale", str(src), "-o", str(tmp_path / "p.png"), "--scale", "3", "--model", str(model)])
     assert res.exit_code != 0 and "must be 2 or 4" in res.output and not (tmp_path / "p.png").exists()
+
+
+def test_realesrgan_degradation_is_seeded_and_degrades():
+    from tessera.superres.degrade import gaussian_kernel, realesrgan_degrade
+
+    k = gaussian_kernel(9, 1.0, 2.5, 0.7)
+    assert k.shape == (9, 9) and abs(float(k.sum()) - 1) < 1e-5 and not torch.allclose(k, k.T)  # anisotropic
+    hr = torch.from_numpy(np.asarray(photo(0, 64), dtype=np.float32) / 255).permute(2, 0, 1)
+    outs = [realesrgan_degrade(hr, 4, torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+    assert all(o.shape == (3, 16, 16) and 0 <= float(o.min()) and float(o.max()) <= 1 for o in outs)
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])  # drawn from the seed
+    bicubic = torch.nn.functional.interpolate(hr[None], scale_factor=0.25, mode="area")[0]
+    assert float((outs[0] - bicubic).abs().mean()) > 0.01  # blur / noise / JPEG changed it
+
+
+def photo(seed: int, side: int) -> Image.Image:
+    """Smooth colour fields plus texture: enough structure for a degradation to change."""
+    rng = np.random.RandomState(seed)
+    base = Image.fromarray(rng.randint(0, 255, (4, 4, 3), dtype=np.uint8)).resize((side, side), Image.BICUBIC)
+    a = np.asarray(base, dtype=np.int16) + rng.randint(-20, 20, (side, side, 3))
+    return Image.fromarray(a.clip(0, 255).astype(np.uint8))
+
+
+def test_perceptual_sr_training_and_fine_tuning_from_a_model(tiny_dataset, tmp_path):
+    """task.degradation=realesrgan with the perceptual and GAN losses trains (both optimisers step), and
+    train.init starts a run from a model's weights, strictly: same weights at lr 0, a clear error otherwise."""
+    import json
+
+    from click.testing import CliRunner
+
+    from tessera.checkpoint import load_model
+    from tessera.cli import main
+
+    r, run = CliRunner(), tmp_path / "run"
+    common = ["--preset", "sr-tiny", "--tokenizer", "", "--set", "task.crop=32", "--set", "train.batch_size=4",
+              "--set", "train.warmup_steps=1", "--set", "train.val_every=1000"]
+    res = r.invoke(main, ["train", "sr", "--data", str(tiny_dataset), "--out", str(run), "--max-steps", "4", *common,
+                          "--set", "task.degradation=realesrgan", "--set", "task.perceptual_weight=0.5",
+                          "--set", "task.gan_weight=0.1", "--set", "task.gan_start=2"])
+    assert res.exit_code == 0, res.output
+    logs = [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines()]
+    assert any("perc" in ln and "l1" in ln for ln in logs)
+    assert r.invoke(main, ["export", str(run), "-o", str(tmp_path / "m")]).exit_code == 0
+    res = r.invoke(main, ["train", "sr", "--data", str(tiny_dataset), "--out", str(tmp_path / "ft"), "--max-steps", "1",
+                          *common, "--set", f"train.init={tmp_path / 'm'}", "--set", "train.lr=0"])
+    assert res.exit_code == 0, res.output
+    assert r.invoke(main, ["export", str(tmp_path / "ft"), "-o", str(tmp_path / "m2")]).exit_code == 0
+    a, b = load_model(tmp_path / "m").state_dict(), load_model(tmp_path / "m2").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the run started from the model's weights
+    res = r.invoke(main, ["train", "sr", "--data", str(tiny_dataset), "--out", str(tmp_path / "bad"), "--max-steps", "1",
+                          *common, "--set", "model.num_feat=12", "--set", f"train.init={tmp_path / 'm'}"])
+    assert res.exit_code != 0 and "fine-tuning needs the same architecture" in res.output and "num_feat" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_grown_srvgg_computes_the_same_and_its_new_channels_learn():
+    from tessera.superres.srvgg import SRVGGConfig, SRVGGNetCompact, grown
+
+    torch.manual_seed(0)
+    small = SRVGGNetCompact(SRVGGConfig(num_feat=8, num_conv=3, upscale=2)).eval()
+    big = grown(small, 12, 5).eval()
+    assert big.config.num_feat == 12 and big.config.num_conv == 5
+    x = torch.rand(2, 3, 10, 12)
+    assert torch.allclose(big(x), small(x), atol=1e-6)  # function-preserving (Net2Net)
+    big(x).square().mean().backward()
+    last = [m for m in big.body if isinstance(m, torch.nn.Conv2d)][-1]
+    assert float(last.weight.grad[:, 8:].abs().sum()) > 0  # the new channels' outgoing weights get gradients
+    with pytest.raises(ValueError, match="can only grow"):
+        grown(small, 4, 3)

@@ -147,7 +147,7 @@ def export(run_dir, out, dtype) -> None:
 
 @main.command("reconstruct")
 @click.argument("inputs", nargs=-1, required=True, type=FILE)
-@options(opt("-o", "--out", required=True, type=P(), help="output file (one input) or folder"), opt("--model", default="vq-f8"),
+@options(opt("-o", "--out", required=True, type=P(), help="output file (one input) or folder"), opt("--model", default="vq-f8-photo"),
          *DEVICE_OPTS)
 def reconstruct(inputs, out, model, device, dtype) -> None:
     """Round-trip images through the tokenizer at their own size; prints PSNR and SSIM."""
@@ -157,7 +157,7 @@ def reconstruct(inputs, out, model, device, dtype) -> None:
                    f"PSNR {r['psnr']:.2f} dB  SSIM {r['ssim']:.4f}")
 
 @main.command("tokenize")
-@options(opt("--data", "data_dir", required=True, type=DIR), opt("--model", default="vq-f8"), opt("--batch-size", default=32))
+@options(opt("--data", "data_dir", required=True, type=DIR), opt("--model", default="vq-f8-photo"), opt("--batch-size", default=32))
 def tokenize(data_dir, model, batch_size) -> None:
     """Cache every kept image's token grid beside the shards (DATA/tokens/<model-sha>/)."""
     from tessera.tokenizer.tools import tokenize_dataset
@@ -297,7 +297,7 @@ def serve(stage, host, port, models, generation_url, decoding_url, superres_url,
 @options(opt("-o", "--out", required=True, type=PNG_OUT, help=".png/.jpg/.webp (an existing file is replaced)"),
          opt("--size", help="exact output size: N (square) or WxH, up to 2048x2048 pixels"),
          opt("--scale", type=int, help="2 or 4 (instead of --size)"),
-         opt("--model", default="fast", help="fast | x4plus (Real-ESRGAN) | a model folder or preset"),
+         opt("--model", default="fidelity", help="fidelity | perceptual | x4plus (Real-ESRGAN) | a folder or preset"),
          opt("--tile", default=192, help="tile side in input pixels"), *DEVICE_OPTS)
 def upscale(src, out, size, scale, model, tile, device, dtype) -> None:
     """Super-resolve SRC to exactly --size through the x4 / x2 cascade (tiled, bounded memory)."""

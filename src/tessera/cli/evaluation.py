@@ -19,7 +19,7 @@ SAMPLES = options(opt("--model", required=True, help="pipeline folder, generator
 eval_ = group(main, "eval", "Evaluation.")
 
 @eval_.command("reconstruction")
-@options(DATA, opt("--model", default="vq-f8"), opt("--split", default="val", type=click.Choice(["val", "train", "all"])),
+@options(DATA, opt("--model", default="vq-f8-photo"), opt("--split", default="val", type=click.Choice(["val", "train", "all"])),
          LIMIT, opt("--rfd", is_flag=True, help="also the Fréchet distance of reconstructions to originals"),
          *DEVICE_OPTS)
 def eval_reconstruction(data_dir, model, split, limit, rfd, device, dtype) -> None:
@@ -49,7 +49,7 @@ def eval_fid(real, fake, kid_subsets, kid_subset_size, inception_weights) -> Non
 
 @eval_.command("sr")
 @options(opt("--data", "data_dir", required=True, type=DIR, help="held-out HR photos"),
-         opt("--model", "models", multiple=True, default=("fast",), help="fast | x4plus | folder"),
+         opt("--model", "models", multiple=True, default=("fidelity",), help="fidelity | perceptual | x4plus | folder"),
          opt("--scale", default=4), SPLIT, LIMIT,
          opt("--degrade", default="bicubic", type=click.Choice(["bicubic", "tokenizer"])),
          opt("--tokenizer", default="vq-f8", help="tokenizer for --degrade tokenizer"), *DEVICE_OPTS)

@@ -69,3 +69,34 @@ class ShardImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str, str]:
         return to_tensor(self.image(i)), self.captions[i], self.keys[i]
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+class FolderImages(torch.utils.data.Dataset):
+    """Every image file directly in a plain folder (sorted by name), for evaluating on photos that were
+    never prepared: the same items as ShardImages, with the file name as key and no caption."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.files = sorted(p for p in self.root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise FileNotFoundError(f"{root}: no catalog.sqlite and no image files ({', '.join(IMAGE_SUFFIXES)})")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def image(self, i: int) -> Image.Image:
+        with Image.open(self.files[i]) as im:
+            return im.convert("RGB")
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, str]:
+        return to_tensor(self.image(i)), "", self.files[i].name
+
+
+def eval_images(root: str | Path, split: str | None) -> ShardImages | FolderImages:
+    """A prepared folder's split, or (no catalog) every image of a plain folder, whose split is all of it."""
+    if (Path(root) / "catalog.sqlite").exists() or not Path(root).is_dir():
+        return ShardImages(root, split)
+    return FolderImages(root)

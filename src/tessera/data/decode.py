@@ -85,26 +85,34 @@ def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
 
 def native_crops(im: Image.Image, size: int, n: int, mode: str = "random", max_downscale: float = 1.0,
                  seed: int = 0) -> list[tuple[Image.Image, dict]]:
-    """`n` crops of size x size from `im` at its native resolution, or after one downscale by a factor drawn
-    in [1, max_downscale] (never an upscale; never below the crop size): random positions, or a grid spread
-    over the image. -> [(crop, {"box": [l, t, r, b] in the source's pixels, "scale": factor})]. The draws come
-    from `seed` (the source's hash: the same crops on every run)."""
+    """Up to `n` crops of size x size from `im` at its native resolution, or each after its own downscale by a
+    factor drawn log-uniformly in [1, max_downscale] (never an upscale; never below the crop size), so one
+    photo gives detail at several scales. No more crops than the image holds disjoint native tiles
+    (w * h // size**2: a small stamp gives a few, a 5K photo the full `n`). Random positions, or a grid
+    spread over the image. -> [(crop, {"box": [l, t, r, b] in the source's pixels, "scale": factor})]. The
+    draws come from `seed` (the source's hash: the same crops on every run)."""
     w, h = im.size
     if min(w, h) < size:
         raise ValueError(f"{w}x{h} is smaller than the {size}px crop")
     rng = np.random.default_rng(seed)
-    scale = min(float(rng.uniform(1.0, max_downscale)) if max_downscale > 1 else 1.0, min(w, h) / size)
-    if scale > 1.0:
-        im = im.resize((max(size, round(w / scale)), max(size, round(h / scale))), Image.Resampling.LANCZOS)
-    sw, sh = im.size
+    n = max(1, min(n, w * h // size**2))
+    top_scale = min(max_downscale, min(w, h) / size)
+    scales = np.exp(rng.uniform(0.0, np.log(top_scale), n)) if top_scale > 1 else np.ones(n)
+    sides = [min(round(size * s), w, h) for s in scales]  # the box each crop is reduced from
     if mode == "grid":
-        cols = max(1, round((n * sw / sh) ** 0.5))
+        cols = max(1, round((n * w / h) ** 0.5))
         rows = -(-n // cols)
-        spots = [(round(x), round(y)) for y in np.linspace(0, sh - size, rows) for x in np.linspace(0, sw - size, cols)][:n]
+        fx = np.linspace(0, 1, cols) if cols > 1 else [0.5]
+        fy = np.linspace(0, 1, rows) if rows > 1 else [0.5]
+        spots = [(x, y) for y in fy for x in fx][:n]
     else:
-        spots = list(zip(rng.integers(0, sw - size + 1, n).tolist(), rng.integers(0, sh - size + 1, n).tolist()))
+        spots = list(zip(rng.uniform(0, 1, n).tolist(), rng.uniform(0, 1, n).tolist()))
     out = []
-    for x, y in spots:
-        box = [round(x * scale), round(y * scale), round((x + size) * scale), round((y + size) * scale)]
-        out.append((im.crop((x, y, x + size, y + size)), {"box": box, "scale": round(scale, 4)}))
+    for (fx_, fy_), side in zip(spots, sides):
+        left, top = round(fx_ * (w - side)), round(fy_ * (h - side))
+        box = [left, top, left + side, top + side]
+        crop = im.crop(box)
+        if side != size:
+            crop = crop.resize((size, size), Image.Resampling.LANCZOS)
+        out.append((crop, {"box": box, "scale": round(side / size, 4)}))
     return out

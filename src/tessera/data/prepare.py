@@ -57,7 +57,7 @@ class PrepareConfig(Config):
     filters: FilterConfig = dataclasses.field(default_factory=FilterConfig)
     crops_per_image: int = 0        # > 0: that many size x size crops of the image at native resolution
     crop_mode: str = "random"       # random | grid positions of the crops
-    max_downscale: float = 1.0      # crops: the image first reduced by a factor in [1, this] (never enlarged)
+    max_downscale: float = 1.0      # crops: each reduced by its own factor in [1, this] (never enlarged)
 
     def __post_init__(self):
         if not 0 <= self.crops_per_image <= 256 or self.crop_mode not in ("random", "grid") or self.max_downscale < 1:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from tessera.data.dataset import ShardImages, to_pil, to_tensor
+from tessera.data.dataset import eval_images, to_pil, to_tensor
 from tessera.device import Placement
 from tessera.eval.metrics import psnr, ssim
 
@@ -16,8 +16,9 @@ from tessera.eval.metrics import psnr, ssim
 def evaluate_reconstruction(model, data_dir: str, split: str | None = "val", batch_size: int = 16,
                             placement=None, limit: int | None = None, rfd: bool = False) -> dict:
     """Round-trip every image of `split` through encode -> decode_tokens; images never seen in training
-    when split='val' (the split is fixed by each image's sha256 at prepare time)."""
-    ds = ShardImages(data_dir, split)
+    when split='val' (the split is fixed by each image's sha256 at prepare time). A plain folder of
+    same-size images (no catalog) is evaluated whole."""
+    ds = eval_images(data_dir, split)
     n = len(ds) if limit is None else min(limit, len(ds))
     if n == 0:
         raise ValueError(f"{data_dir}: split {split!r} has no images")
@@ -65,7 +66,7 @@ def evaluate_tokenizer(model: str, data_dir: str, split: str = "val", limit: int
                                    placement=place, limit=limit, rfd=rfd)
 
 
-def reconstruct_files(inputs: list[str], out: str, model: str = "vq-f8", device: str | None = None,
+def reconstruct_files(inputs: list[str], out: str, model: str = "vq-f8-photo", device: str | None = None,
                       dtype: str | None = None) -> list[dict]:
     """`tessera reconstruct`: each image through encode -> decode at its own size (float32 on the CPU by
     default, so the printed PSNR / SSIM are float32's)."""

@@ -1,6 +1,7 @@
 """Super-resolution fidelity on held-out photos: each HR image is downscaled by the scale factor with
 Pillow's bicubic (the classic SR benchmark degradation), upscaled back by each method, and compared with
-the original: PSNR (8-bit RGB) and SSIM, ignoring `border` pixels at the edges."""
+the original: PSNR (8-bit RGB), SSIM and the LPIPS-style perceptual distance in the open_nsfw ResNet-50
+feature space (tokenizer/perceptual.py; lower is closer), ignoring `border` pixels at the edges."""
 from __future__ import annotations
 
 import time
@@ -9,7 +10,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from tessera.data.dataset import ShardImages, to_tensor
+from tessera.data.dataset import eval_images, to_tensor
 from tessera.eval.metrics import psnr, ssim
 from tessera.superres.degrade import bicubic_down
 
@@ -40,14 +41,18 @@ def tokenizer_degrader(vq) -> Callable[[Image.Image], Image.Image]:
 @torch.no_grad()
 def evaluate_sr(methods: dict[str, Upscaler], data_dir: str, scale: int = 4, split: str = "val",
                 border: int = 4, limit: int | None = None,
-                degrade: Callable[[Image.Image], Image.Image] | None = None) -> dict[str, dict[str, float]]:
-    """`degrade` (optional) is applied to the bicubic low-resolution image before upscaling."""
-    ds = ShardImages(data_dir, split)
+                degrade: Callable[[Image.Image], Image.Image] | None = None,
+                perceptual: Callable | None = None) -> dict[str, dict[str, float]]:
+    """`degrade` (optional) is applied to the bicubic low-resolution image before upscaling. DATA is a
+    prepared folder (its `split`) or a plain folder of images (all of them). `perceptual(x, ref)`, on
+    images in [-1, 1], adds a per-image perceptual distance."""
+    ds = eval_images(data_dir, split)
     n = len(ds) if limit is None else min(limit, len(ds))
     if n == 0:
         raise ValueError(f"{data_dir}: split {split!r} has no images")
     crop = (slice(None), slice(None), slice(border, -border or None), slice(border, -border or None))
-    scores: dict[str, dict[str, list]] = {k: {"psnr": [], "ssim": [], "seconds": []} for k in methods}
+    keys = ("psnr", "ssim", "seconds") + (("perceptual",) if perceptual is not None else ())
+    scores: dict[str, dict[str, list]] = {k: {m: [] for m in keys} for k in methods}
     for i in range(n):
         hr = ds.image(i)
         lr = bicubic_down(hr, scale)
@@ -62,11 +67,13 @@ def evaluate_sr(methods: dict[str, Upscaler], data_dir: str, scale: int = 4, spl
             x = to_tensor(out)[None][crop]
             scores[name]["psnr"].append(float(psnr(x, ref)))
             scores[name]["ssim"].append(float(ssim(x, ref)))
+            if perceptual is not None:
+                scores[name]["perceptual"].append(float(perceptual(x, ref).mean()))
     return {name: {"images": n, **{k: sum(v) / n for k, v in s.items()},
                    "psnr_min": min(s["psnr"]), "psnr_max": max(s["psnr"])} for name, s in scores.items()}
 
 
-def evaluate_sr_models(data_dir: str, models: tuple[str, ...] = ("fast",), scale: int = 4, split: str = "val",
+def evaluate_sr_models(data_dir: str, models: tuple[str, ...] = ("fidelity",), scale: int = 4, split: str = "val",
                        limit: int | None = None, degrade: str = "bicubic", tokenizer: str = "vq-f8",
                        device: str | None = None, dtype: str | None = None) -> dict[str, dict[str, float]]:
     """`tessera eval sr`: bicubic and Lanczos baselines beside each SR model (by name, folder or preset)."""
@@ -86,4 +93,7 @@ def evaluate_sr_models(data_dir: str, models: tuple[str, ...] = ("fast",), scale
         if scale not in found:
             raise InvalidInputError(f"--model {name}: has no x{scale} model (has x{sorted(found)})")
         methods[name] = model_upscaler(found[scale], scale, placement)
-    return evaluate_sr(methods, data_dir, scale, split, limit=limit, degrade=degrader)
+    from tessera.tokenizer.perceptual import PerceptualLoss
+
+    return evaluate_sr(methods, data_dir, scale, split, limit=limit, degrade=degrader,
+                       perceptual=PerceptualLoss.open_nsfw().eval())

@@ -126,7 +126,7 @@ class LocalStages:
     `serve.services` puts each method behind its own HTTP API; `serve.remote` calls them by URL.
     `models`: per paradigm a pipeline folder, a generator folder or bundled preset (default: the bundled one)."""
 
-    def __init__(self, models: dict[str, str] | None = None, sr_model: str = "fast", text_encoder: str | None = None,
+    def __init__(self, models: dict[str, str] | None = None, sr_model: str = "perceptual", text_encoder: str | None = None,
                  device: str | None = None, dtype: str | None = None, loras: dict[str, list[str]] | None = None,
                  speed: dict | None = None):
         """`loras`: per paradigm 'FILE[:SCALE]' LoRA files merged into its (Stable Diffusion) pipeline on load;
@@ -212,6 +212,13 @@ class _Prepared:
     timings: dict[str, float]
 
 
+def _sr_name(stages) -> str | None:
+    from tessera.superres.cascade import describe_sr
+
+    name = getattr(stages, "sr_model", None)
+    return describe_sr(name) if name else name
+
+
 def _timed(timings: dict, name: str, fn, *args):
     t = time.perf_counter()
     out = fn(*args)
@@ -220,7 +227,7 @@ def _timed(timings: dict, name: str, fn, *args):
 
 
 class TextToImage:
-    def __init__(self, models: dict[str, str] | None = None, sr_model: str = "fast", prompt_safety=None,
+    def __init__(self, models: dict[str, str] | None = None, sr_model: str = "perceptual", prompt_safety=None,
                  image_safety=None, text_encoder: str | None = None, device: str | None = None,
                  dtype: str | None = None, stages=None, loras: dict[str, list[str]] | None = None,
                  speed: dict | None = None):
@@ -346,7 +353,7 @@ class TextToImage:
         timings["total"] = round(sum(timings.values()), 4)
         drop = {"n", "noise_seeds", "model"}
         settings = {"paradigm": p.req.paradigm, "model": params["model"], "size": p.req.size or images[0].width,
-                    "sr_model": getattr(self.stages, "sr_model", None), "enhance": p.req.enhance, "diversify": p.req.diversify,
+                    "sr_model": _sr_name(self.stages), "enhance": p.req.enhance, "diversify": p.req.diversify,
                     **{k: v for k, v in params.items() if k not in drop}, "seed": p.seed, "n": p.req.n}
         return Result(kept, p.revised, p.prompts, p.changes, p.seed, timings, p.verdict, verdicts, withheld,
                       settings, batch)

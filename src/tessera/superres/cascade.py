@@ -81,15 +81,31 @@ def upscale(img: Image.Image, target: Size, models: dict[int, nn.Module], **tili
     return out if p.post is None else out.resize(p.post, Image.Resampling.LANCZOS)
 
 
+# the bundled cascades, each named for what it is for (docs/superres.md):
+CASCADES = {
+    "fidelity": ("sr-fidelity-x4", "sr-fidelity-x2"),      # bicubic degradation, L1: photos (`tessera upscale`)
+    "perceptual": ("sr-perceptual-x4", "sr-perceptual-x2"),  # Real-ESRGAN degradation + tokenizer round trip,
+}                                                           #   L1 + perceptual + GAN: generated images
+ALIASES = {"fast": "perceptual"}  # the name of the bundled cascade before issue 23
+
+
+def describe_sr(name: str) -> str:
+    """What a cascade name stands for, for records: 'perceptual (sr-perceptual-x4 + sr-perceptual-x2)'."""
+    cascade = ALIASES.get(name, name)
+    return f"{cascade} ({' + '.join(CASCADES[cascade])})" if cascade in CASCADES else name
+
+
 def load_sr_models(name: str, device: torch.device | str = "cpu") -> dict[int, nn.Module]:
-    """{scale: model} for a cascade. 'fast': Tessera's bundled sr-compact-x4 + sr-compact-x2;
-    'x4plus': the imported Real-ESRGAN x4plus (x2 stages = x4 then halve); anything else: one model
-    folder or preset (its own scale)."""
+    """{scale: model} for a cascade. 'fidelity' / 'perceptual' ('fast' = 'perceptual'): Tessera's bundled
+    x4 + x2 pairs (CASCADES); 'x4plus': the imported Real-ESRGAN x4plus (x2 stages = x4 then halve);
+    anything else: one model folder or preset (its own scale)."""
     from tessera import load
     from tessera.superres.pretrained import NCNN_MODELS, load_pretrained
 
-    if name == "fast":
-        return {4: load("sr-compact-x4", device), 2: load("sr-compact-x2", device)}
+    cascade = ALIASES.get(name, name)
+    if cascade in CASCADES:
+        x4, x2 = CASCADES[cascade]
+        return {4: load(x4, device), 2: load(x2, device)}
     if name == "x4plus":
         name = "realesrgan-x4plus"
     if name in NCNN_MODELS:
@@ -116,11 +132,12 @@ def parse_size(text: str) -> Size:
 MAX_OUTPUT_PIXELS = 2048 * 2048  # the generate limit: a 99999^2 output would take hours and tens of GB
 
 
-def upscale_file(src: str, out: str, size: Size | None = None, scale: int | None = None, model: str = "fast",
+def upscale_file(src: str, out: str, size: Size | None = None, scale: int | None = None, model: str = "fidelity",
                  max_pixels: int = MAX_OUTPUT_PIXELS, device: str | None = None, dtype: str | None = None,
                  **tiling) -> Image.Image:
-    """Read `src` (safely decoded), upscale it to `size` or by `scale`, write `out`. Returns the image.
-    The output path and size are checked before any work; outputs beyond `max_pixels` are refused.
+    """Read `src` (safely decoded), upscale it to `size` or by `scale`, write `out` (a PNG also records the
+    models in its `parameters` / `tessera` text chunks). Returns the image. The output path and size are
+    checked before any work; outputs beyond `max_pixels` are refused.
     `device` / `dtype`: where it runs (tessera.device), unless `tiling` gives a placement."""
     from pathlib import Path
 
@@ -151,5 +168,12 @@ def upscale_file(src: str, out: str, size: Size | None = None, scale: int | None
     place = tiling["placement"]
     result = upscale(img, size, load_sr_models(model, place.device), **tiling)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    result.save(out)
+    if Path(out).suffix.lower() == ".png":
+        from tessera.pipelines.records import png_info
+
+        record = {"task": "upscale", "source": Path(src).name, "source_size": f"{img.width}x{img.height}",
+                  "size": f"{size[0]}x{size[1]}", "sr_model": describe_sr(model)}
+        result.save(out, pnginfo=png_info("", record))
+    else:
+        result.save(out)
     return result

@@ -68,6 +68,48 @@ class SRVGGNetCompact(nn.Module):
         out = F.pixel_shuffle(out, self.config.upscale)  # (B, C*s*s, H, W) -> (B, C, H*s, W*s)
         return out + F.interpolate(x, scale_factor=self.config.upscale, mode="nearest")
 
+
+@torch.no_grad()
+def grown(src: SRVGGNetCompact, num_feat: int, num_conv: int, noise: float = 1e-2, seed: int = 0) -> SRVGGNetCompact:
+    """A wider / deeper SRVGGNetCompact computing exactly what `src` computes (Net2Net, Chen et al. 2016):
+    new channels receive small random inputs but feed nothing old (their outgoing weights are zero), and
+    new layers are identity convolutions with identity PReLUs, spread evenly between the old ones. The
+    starting point for training a bigger model from a smaller trained one."""
+    c = src.config
+    if num_feat < c.num_feat or num_conv < c.num_conv or c.act != "prelu":
+        raise ValueError(f"grown: {c.num_feat}x{c.num_conv} can only grow (to {num_feat}x{num_conv}); prelu only")
+    g = torch.Generator().manual_seed(seed)
+    dst = SRVGGNetCompact(dataclasses.replace(c, num_feat=num_feat, num_conv=num_conv))
+    old = [m for m in src.body if isinstance(m, nn.Conv2d)]
+    new = [m for m in dst.body if isinstance(m, nn.Conv2d)]
+    acts = [m for m in dst.body if isinstance(m, nn.PReLU)]
+    keep = {round(i * num_conv / c.num_conv) for i in range(1, c.num_conv + 1)}  # hidden layers that carry old ones
+    hidden = iter(old[1:-1])
+    for i, (conv, act) in enumerate(zip(new[:-1], acts)):  # i = 0: the input conv; 1..num_conv: hidden
+        conv.weight.zero_(), conv.bias.zero_()
+        if i == 0 or i in keep:
+            o = next(hidden) if i else old[0]
+            o_act = src.body[list(src.body).index(o) + 1]
+            n_out, n_in = o.weight.shape[:2]
+            conv.weight[n_out:].normal_(0, noise, generator=g)            # into the new channels, from all
+            conv.weight[:n_out, :n_in] = o.weight
+            conv.bias[:n_out] = o.bias
+            act.weight.fill_(0.25)
+            act.weight[:n_out] = o_act.weight
+        else:  # an inserted identity layer
+            conv.weight[:, :, 1, 1] = torch.eye(num_feat)
+            act.weight.fill_(1.0)
+    last_old, last_new = old[-1], new[-1]
+    last_new.weight.zero_()
+    last_new.weight[:, :last_old.weight.shape[1]] = last_old.weight       # the new channels feed nothing yet
+    last_new.bias.copy_(last_old.bias)
+    return dst
+
 # compact residual nets for Tessera's own fast x4 / x2 models
-register_preset("sr-compact-x4", "srvgg", weights=True, num_feat=48, num_conv=12, upscale=4)
-register_preset("sr-compact-x2", "srvgg", weights=True, num_feat=32, num_conv=8, upscale=2)
+# the architectures to train (issue 6's bundled sizes) and the bundled models (issue 23: trained on photo crops)
+register_preset("sr-compact-x4", "srvgg", num_feat=48, num_conv=12, upscale=4)
+register_preset("sr-compact-x2", "srvgg", num_feat=32, num_conv=8, upscale=2)
+register_preset("sr-fidelity-x4", "srvgg", weights=True, num_feat=64, num_conv=16, upscale=4)
+register_preset("sr-fidelity-x2", "srvgg", weights=True, num_feat=48, num_conv=12, upscale=2)
+register_preset("sr-perceptual-x4", "srvgg", weights=True, num_feat=64, num_conv=16, upscale=4)
+register_preset("sr-perceptual-x2", "srvgg", weights=True, num_feat=48, num_conv=12, upscale=2)

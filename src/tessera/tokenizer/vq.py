@@ -192,5 +192,8 @@ class VQModel(nn.Module):
 
 # 128 px -> 16x16 tokens, 8192 codes of dim 8 (seed 000 "Image tokenizer"); the bundled default
 register_preset("vq-f8", "vq", default=True, base_channels=32, channel_mult=(1, 2, 4, 8), codebook_size=8192)
+# vq-f8 fine-tuned on photo crops at native resolution (issue 23): the default of reconstruct / tokenize; the
+# bundled generators keep vq-f8, whose tokens they were trained on
+register_preset("vq-f8-photo", "vq", weights=True, base_channels=32, channel_mult=(1, 2, 4, 8), codebook_size=8192)
 # 256 px -> 16x16 tokens
 register_preset("vq-f16", "vq", resolution=256, base_channels=32, channel_mult=(1, 2, 2, 4, 8), codebook_size=8192)

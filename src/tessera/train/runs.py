@@ -94,6 +94,8 @@ def run_training(task_name: str, data_dir: str, run_dir: str, preset: str | None
     train_cfg = TrainConfig.from_dict(spec["train"])
     torch.manual_seed(train_cfg.seed)
     model = cls(cfg_cls.from_dict(spec["model"]))
+    if train_cfg.init and not (resume and (run / "state.pt").exists()):
+        init_weights(model, train_cfg.init)
     task = task_cls(model, data_dir, task_cfg_cls.from_dict(spec["task"]))
     trainer = Trainer(task, train_cfg, run)
     if trainer.rank == 0:
@@ -102,6 +104,20 @@ def run_training(task_name: str, data_dir: str, run_dir: str, preset: str | None
     logs = trainer.fit(max_steps=max_steps, resume=resume)
     shutdown()
     return logs
+
+
+def init_weights(model: torch.nn.Module, source: str) -> None:
+    """Start a fine-tuning run from SOURCE's weights: the same class and config, every tensor (strict)."""
+    from tessera.checkpoint import load_model
+    from tessera.registry import resolve
+
+    src = load_model(resolve(source))
+    if type(src) is not type(model) or src.config != model.config:
+        theirs, ours = src.config.to_dict(), model.config.to_dict()
+        diff = {k: (theirs.get(k), ours.get(k)) for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)}
+        raise ValueError(f"train.init={source}: a {type(src).__name__} whose config differs from the run's "
+                         f"({diff or 'class'}); fine-tuning needs the same architecture")
+    model.load_state_dict(src.state_dict(), strict=True)
 
 
 def export_run(run_dir: str, out: str, dtype: str = "float32") -> Path:

@@ -1,7 +1,12 @@
-"""Training task for Tessera's own super-resolution models: L1 between the network's output and the
-high-resolution crop, on pairs whose low-resolution side is the bicubic downscale or (a fraction
-`tokenizer_fraction` of the time) the bicubic downscale after the tokenizer's round trip. The
-degraded images are computed once, at start-up; crops and flips are drawn per sample from the seed."""
+"""Training task for Tessera's own super-resolution models, in two kinds:
+- fidelity (degradation="bicubic", L1): the low-resolution side is the bicubic downscale, the classic SR
+  benchmark degradation; what `tessera upscale` runs on photos;
+- perceptual (degradation="realesrgan", L1 + perceptual + GAN, as Real-ESRGAN): the low-resolution side is
+  Real-ESRGAN's second-order blur / resize / noise / JPEG model drawn per sample; what the generate cascade
+  runs on decoded images.
+A fraction `tokenizer_fraction` of the pairs instead use the bicubic downscale after the tokenizer's round
+trip (what a generator's decoded output looks like). Bicubic and tokenizer images are computed once, at
+start-up; crops, flips and Real-ESRGAN draws per sample from the seed."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +19,9 @@ from torch import nn
 from tessera.config import Config
 from tessera.data.dataset import ShardImages
 from tessera.eval.metrics import psnr, ssim
-from tessera.superres.degrade import bicubic_down, to_uint8, tokenizer_round_trip
+from tessera.superres.degrade import bicubic_down, realesrgan_degrade, to_uint8, tokenizer_round_trip
+from tessera.tokenizer.losses import PatchDiscriminator, hinge_d_loss
+from tessera.tokenizer.perceptual import PerceptualLoss
 
 
 @dataclasses.dataclass
@@ -28,10 +35,18 @@ class SRTaskConfig(Config):
     stream: str = ""                # WebDataset shard URLs to stream instead of DATA's shards (data/stream.py);
     stream_epoch: int = 0           #   bicubic degradation only (tokenizer_fraction must be 0); 0: DATA's train size
     stream_resampled: bool = True
+    degradation: str = "bicubic"    # bicubic (fidelity models) | realesrgan (perceptual models)
+    perceptual_weight: float = 0.0  # LPIPS-style distance in the open_nsfw feature space (tokenizer/perceptual.py)
+    gan_weight: float = 0.0         # hinge GAN with a PatchGAN discriminator (Real-ESRGAN: 0.1)
+    gan_start: int = 0              # step at which the GAN loss switches on
 
     def __post_init__(self):
         if not 0 <= self.tokenizer_fraction <= 1:
             raise ValueError(f"tokenizer_fraction={self.tokenizer_fraction} must be in [0, 1]")
+        if self.degradation not in ("bicubic", "realesrgan"):
+            raise ValueError(f"degradation={self.degradation!r} must be bicubic or realesrgan")
+        if self.perceptual_weight < 0 or self.gan_weight < 0:
+            raise ValueError("perceptual_weight and gan_weight must be >= 0")
         if self.stream and self.tokenizer and self.tokenizer_fraction > 0:
             raise ValueError("a streamed SR run degrades by bicubic only: set task.tokenizer=\"\" or "
                              "task.tokenizer_fraction=0")
@@ -73,11 +88,13 @@ class PairCrops(torch.utils.data.Dataset):
         top = int(torch.randint(0, h - c + 1, (1,), generator=g))
         left = int(torch.randint(0, w - c + 1, (1,), generator=g))
         use_tok = self.tok is not None and bool(torch.rand((), generator=g) < self.cfg.tokenizer_fraction)
-        lr = (self.tok if use_tok else self.lr)[i][:, top:top + c, left:left + c]
-        hr = self.hr[i][:, top * s:(top + c) * s, left * s:(left + c) * s]
+        lr = (self.tok if use_tok else self.lr)[i][:, top:top + c, left:left + c].float() / 255
+        hr = self.hr[i][:, top * s:(top + c) * s, left * s:(left + c) * s].float() / 255
+        if self.cfg.degradation == "realesrgan" and not use_tok:
+            lr = realesrgan_degrade(hr, s, g)
         if self.cfg.flip and bool(torch.rand((), generator=g) < 0.5):
             lr, hr = lr.flip(-1), hr.flip(-1)
-        return lr.float() / 255, hr.float() / 255
+        return lr, hr
 
 
 class StreamPairs(torch.utils.data.IterableDataset):
@@ -117,17 +134,37 @@ class SRTask:
         n = min(cfg.val_images, len(val))
         self.val_hr = torch.stack([to_uint8(val.image(i)) for i in range(n)])
         self.val_lr = torch.stack([to_uint8(bicubic_down(val.image(i), s)) for i in range(n)])
+        self.perceptual = PerceptualLoss.open_nsfw() if cfg.perceptual_weight > 0 else None
+        self.discriminator = PatchDiscriminator(3, 64, 3) if cfg.gan_weight > 0 else None
 
     def trainable_modules(self) -> dict[str, nn.Module]:
-        return {"model": self.model}
+        return {"model": self.model, **({"disc": self.discriminator} if self.discriminator is not None else {})}
 
     def optim_groups(self) -> dict[str, list]:
-        return {"model": list(self.model.parameters())}
+        groups = {"model": list(self.model.parameters())}
+        if self.discriminator is not None:
+            groups["disc"] = list(self.discriminator.parameters())
+        return groups
 
     def losses(self, batch, step: int):
+        """L = |sr - hr|_1 + w_p * LPIPS(sr, hr) + w_g * (-D(sr)); L_D = hinge (images scaled to [-1, 1])."""
         lr, hr = batch
-        loss = F.l1_loss(self.model(lr).float(), hr)
-        return {"model": loss}, {"loss": float(loss.detach())}
+        sr = self.model(lr).float()
+        l1 = F.l1_loss(sr, hr)
+        loss, logs = l1, {"l1": float(l1.detach())}
+        if self.perceptual is not None:
+            perc = self.perceptual(sr * 2 - 1, hr * 2 - 1).mean()
+            loss = loss + self.cfg.perceptual_weight * perc
+            logs["perc"] = float(perc.detach())
+        losses = {"model": loss}
+        if self.discriminator is not None and step >= self.cfg.gan_start:
+            g_loss = -self.discriminator(sr * 2 - 1).float().mean()
+            loss = loss + self.cfg.gan_weight * g_loss
+            d_loss = hinge_d_loss(self.discriminator(hr * 2 - 1).float(), self.discriminator(sr.detach() * 2 - 1).float())
+            losses = {"model": loss, "disc": d_loss}
+            logs.update(g=float(g_loss.detach()), d=float(d_loss.detach()))
+        logs["loss"] = float(loss.detach())
+        return losses, logs
 
     @torch.no_grad()
     def validate(self, model: nn.Module, out_dir: Path, step: int) -> dict[str, float]:

@@ -55,6 +55,8 @@ class TrainConfig(Config):
     num_workers: int = 0
     tensorboard: bool = False
     strategy: str = "ddp"        # under torchrun: ddp | fsdp (FSDP2)
+    init: str = ""               # fine-tune: a model folder / preset of the same family and config whose
+                                 #   weights start a fresh run (loaded strictly; ignored on --resume)
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
