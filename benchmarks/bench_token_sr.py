@@ -5,7 +5,7 @@ masked-xxs, 16x16 vq-f8 tokens = 128²) draws ONE token grid (seeded per caption
 
     token SR   the masked-sr model decodes the 32x32 grid from it and the caption (`--sr-steps` steps),
                the tokenizer decodes that at 256²
-    fast SR    the tokenizer decodes the 16x16 grid at 128², the bundled sr-compact-x2 doubles it
+    fast SR    the tokenizer decodes the 16x16 grid at 128², the bundled perceptual x2 (sr-perceptual-x2) doubles it
     bicubic    the 128² decode, bicubic x2 (the floor)
 
 measured against the held-out real images at 256² (Fréchet distance and KID in the open_nsfw feature

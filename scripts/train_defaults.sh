@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The exact commands that rebuild Tessera's bundled default models from scratch (CPU, 2 cores).
 # Each training command resumes from its run folder when re-run (--resume), so it can be stopped and
-# continued across sessions. Usage: scripts/train_defaults.sh [tokenizer|ar|masked|masked-bundled|diffusion|dit|sr|clip|safety|all]
+# continued across sessions. Usage: scripts/train_defaults.sh [tokenizer|tokenizer-photo|ar|masked|masked-bundled|diffusion|dit|sr|clip|safety|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=.venv/bin/tessera
 WHAT=${1:-all}
 resume() { [ -f "$1/state.pt" ] && echo --resume || true; }
+PHOTOS="/usr/share/backgrounds /usr/share/wallpapers"  # never plasma-workspace-wallpapers: the external eval set
 
 if [ "$WHAT" = tokenizer ] || [ "$WHAT" = all ]; then
   # photos and drawings only (the tokenizer's held-out numbers are on data/photos128 val)
@@ -15,6 +16,17 @@ if [ "$WHAT" = tokenizer ] || [ "$WHAT" = all ]; then
   $T train tokenizer --data data/photos128 --out runs/vq-f8 --set train.val_every=500 $(resume runs/vq-f8)
   $T export runs/vq-f8 -o src/tessera/weights/vq-f8 --dtype float16
   $T eval reconstruction --data data/photos128 --split val
+fi
+
+if [ "$WHAT" = tokenizer-photo ] || [ "$WHAT" = all ]; then
+  # issue 23: vq-f8 fine-tuned on native-resolution photo crops (16 per photo, each downscaled by at most 8x)
+  # mixed with the Tux Paint stamps; the default of reconstruct / tokenize (the generators keep vq-f8)
+  [ -f data/photomix128/report.json ] || $T data prepare $PHOTOS /usr/share/tuxpaint/stamps --out data/photomix128 \
+    --size 128 --crops-per-image 16 --max-downscale 8 --val-fraction 0.2
+  OMP_NUM_THREADS=1 $T train tokenizer --data data/photomix128 --out runs/vq-f8-photo --preset vq-f8 --set train.init=vq-f8 \
+    --set train.lr=1e-4 --set train.warmup_steps=100 --set train.max_steps=${VQP_STEPS:-4000} --set train.val_every=250 \
+    --set task.loss.disc_start=1000 $(resume runs/vq-f8-photo)
+  $T export runs/vq-f8-photo -o src/tessera/weights/vq-f8-photo --dtype float16
 fi
 
 if [ "$WHAT" = ar ] || [ "$WHAT" = all ]; then
@@ -61,17 +73,49 @@ if [ "$WHAT" = dit ] || [ "$WHAT" = all ]; then
 fi
 
 if [ "$WHAT" = sr ] || [ "$WHAT" = all ]; then
-  # the fast super-resolution models: photos >= 256 px (Tux Paint stamps + MATE backgrounds), DOWNscaled to
-  # 256 (--min-size = --size: no image is upscaled, so every high-resolution target is a real one)
+  # issue 23: photo crops at native resolution (or after a downscale of at most 24x, drawn per crop; never an
+  # upscale), 32 per photo, split by source photo; the Debian photo packages of scripts/setup.sh
+  [ -f data/photo256b/report.json ] || $T data prepare $PHOTOS --out data/photo256b --size 256 \
+    --crops-per-image 32 --max-downscale 24 --val-fraction 0.2
+  # the starting points: issue 6's sr-compact models (stamps + MATE photos resized to 256; x4 with vq-f8's round trip)
   [ -f data/photos256/report.json ] || $T data prepare /usr/share/tuxpaint/stamps /usr/share/backgrounds/mate \
     --out data/photos256 --size 256 --min-size 256 --val-fraction 0.1
   $T train sr --data data/photos256 --out runs/sr-x4 --preset sr-compact-x4 --tokenizer vq-f8 \
-    --set train.max_steps=${SR4_STEPS:-6000} $(resume runs/sr-x4)
-  $T export runs/sr-x4 -o src/tessera/weights/sr-compact-x4 --dtype float16
+    --set train.max_steps=6000 $(resume runs/sr-x4)
+  $T export runs/sr-x4 -o models/sr-compact-x4
   $T train sr --data data/photos256 --out runs/sr-x2 --preset sr-compact-x2 --tokenizer "" \
-    --set train.max_steps=${SR2_STEPS:-4000} $(resume runs/sr-x2)
-  $T export runs/sr-x2 -o src/tessera/weights/sr-compact-x2 --dtype float16
-  $T eval sr --data data/photos256 --model fast --model x4plus
+    --set train.max_steps=4000 $(resume runs/sr-x2)
+  $T export runs/sr-x2 -o models/sr-compact-x2
+  # fidelity x4: sr-compact-x4 fine-tuned on photos (bicubic only), grown to 64 x 16 (Net2Net: the same
+  # function), fine-tuned again
+  [ -f data/photo256/report.json ] || $T data prepare $PHOTOS --out data/photo256 --size 256 \
+    --crops-per-image 32 --max-downscale 8 --val-fraction 0.2
+  [ -f runs/sr-fid-x4-small/state.pt ] || $T train sr --data data/photo256 --out runs/sr-fid-x4-small \
+    --preset sr-compact-x4 --tokenizer "" --set train.init=models/sr-compact-x4 --set train.lr=2e-4 \
+    --set train.warmup_steps=100 --set train.max_steps=3500
+  $T export runs/sr-fid-x4-small -o models/sr-fid-x4-small
+  [ -d models/sr-fid-x4-grown ] || .venv/bin/python -c "from tessera.checkpoint import load_model, export_model; \
+from tessera.superres.srvgg import grown; export_model(grown(load_model('models/sr-fid-x4-small'), 64, 16), 'models/sr-fid-x4-grown')"
+  OMP_NUM_THREADS=1 $T train sr --data data/photo256b --out runs/sr-fid-x4 --preset sr-fidelity-x4 --tokenizer "" \
+    --set train.init=models/sr-fid-x4-grown --set train.lr=2e-4 --set train.warmup_steps=100 \
+    --set train.max_steps=${SR4_STEPS:-6000} --set train.val_every=1000 $(resume runs/sr-fid-x4)
+  $T export runs/sr-fid-x4 -o src/tessera/weights/sr-fidelity-x4 --dtype float16
+  # fidelity x2: sr-compact-x2 fine-tuned on photos (bicubic only)
+  OMP_NUM_THREADS=1 $T train sr --data data/photo256b --out runs/sr-fid-x2 --preset sr-fidelity-x2 --tokenizer "" \
+    --set train.init=models/sr-compact-x2 --set train.lr=2e-4 --set train.warmup_steps=100 \
+    --set train.max_steps=${SR2_STEPS:-4000} --set train.val_every=1000 $(resume runs/sr-fid-x2)
+  $T export runs/sr-fid-x2 -o src/tessera/weights/sr-fidelity-x2 --dtype float16
+  # perceptual x4 / x2: half of the pairs Real-ESRGAN's degradation, half vq-f8's round trip; L1 + 0.01
+  # perceptual + 0.002 GAN from step 100; from the fidelity weights
+  for S in 4 2; do
+    INIT=src/tessera/weights/sr-fidelity-x$S; STEPS=$([ $S = 4 ] && echo 700 || echo 500)
+    OMP_NUM_THREADS=1 $T train sr --data data/photo256b --out runs/sr-per-x$S --preset sr-perceptual-x$S --tokenizer vq-f8 \
+      --set task.tokenizer_fraction=0.5 --set train.init=$INIT --set task.degradation=realesrgan \
+      --set task.perceptual_weight=0.01 --set task.gan_weight=0.002 --set task.gan_start=100 --set train.lr=1e-4 \
+      --set train.warmup_steps=50 --set train.max_steps=$STEPS --set train.val_every=350 $(resume runs/sr-per-x$S)
+    $T export runs/sr-per-x$S -o src/tessera/weights/sr-perceptual-x$S --dtype float16
+  done
+  $T eval sr --data data/photo256b --model fidelity --model perceptual --model x4plus
 fi
 
 if [ "$WHAT" = clip ] || [ "$WHAT" = all ]; then

@@ -243,9 +243,10 @@ def photo(seed: int, side: int) -> Image.Image:
     return Image.fromarray(a.clip(0, 255).astype(np.uint8))
 
 
-def test_perceptual_sr_training_and_fine_tuning_from_a_model(tiny_dataset, tmp_path):
-    """task.degradation=realesrgan with the perceptual and GAN losses trains (both optimisers step), and
-    train.init starts a run from a model's weights, strictly: same weights at lr 0, a clear error otherwise."""
+def test_perceptual_sr_training_and_fine_tuning_from_a_model(tiny_dataset, tiny_model, tmp_path):
+    """task.degradation=realesrgan (+ the tokenizer round trip) with the perceptual and GAN losses trains
+    (both optimisers step), and train.init starts a run from a model's weights, strictly: same weights at
+    lr 0, a clear error otherwise."""
     import json
 
     from click.testing import CliRunner
@@ -257,11 +258,11 @@ def test_perceptual_sr_training_and_fine_tuning_from_a_model(tiny_dataset, tmp_p
     common = ["--preset", "sr-tiny", "--tokenizer", "", "--set", "task.crop=32", "--set", "train.batch_size=4",
               "--set", "train.warmup_steps=1", "--set", "train.val_every=1000"]
     res = r.invoke(main, ["train", "sr", "--data", str(tiny_dataset), "--out", str(run), "--max-steps", "4", *common,
-                          "--set", "task.degradation=realesrgan", "--set", "task.perceptual_weight=0.5",
+                          "--tokenizer", str(tiny_model), "--set", "task.degradation=realesrgan", "--set", "task.perceptual_weight=0.5",
                           "--set", "task.gan_weight=0.1", "--set", "task.gan_start=2"])
     assert res.exit_code == 0, res.output
     logs = [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines()]
-    assert any("perc" in ln and "l1" in ln for ln in logs)
+    assert any("perc" in ln and "l1" in ln for ln in logs) and any("d" in ln and "g" in ln for ln in logs)
     assert r.invoke(main, ["export", str(run), "-o", str(tmp_path / "m")]).exit_code == 0
     res = r.invoke(main, ["train", "sr", "--data", str(tiny_dataset), "--out", str(tmp_path / "ft"), "--max-steps", "1",
                           *common, "--set", f"train.init={tmp_path / 'm'}", "--set", "train.lr=0"])

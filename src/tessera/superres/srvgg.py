@@ -86,7 +86,8 @@ def grown(src: SRVGGNetCompact, num_feat: int, num_conv: int, noise: float = 1e-
     keep = {round(i * num_conv / c.num_conv) for i in range(1, c.num_conv + 1)}  # hidden layers that carry old ones
     hidden = iter(old[1:-1])
     for i, (conv, act) in enumerate(zip(new[:-1], acts)):  # i = 0: the input conv; 1..num_conv: hidden
-        conv.weight.zero_(), conv.bias.zero_()
+        conv.weight.zero_()
+        conv.bias.zero_()
         if i == 0 or i in keep:
             o = next(hidden) if i else old[0]
             o_act = src.body[list(src.body).index(o) + 1]
@@ -105,11 +106,12 @@ def grown(src: SRVGGNetCompact, num_feat: int, num_conv: int, noise: float = 1e-
     last_new.bias.copy_(last_old.bias)
     return dst
 
+
 # compact residual nets for Tessera's own fast x4 / x2 models
 # the architectures to train (issue 6's bundled sizes) and the bundled models (issue 23: trained on photo crops)
 register_preset("sr-compact-x4", "srvgg", num_feat=48, num_conv=12, upscale=4)
 register_preset("sr-compact-x2", "srvgg", num_feat=32, num_conv=8, upscale=2)
 register_preset("sr-fidelity-x4", "srvgg", weights=True, num_feat=64, num_conv=16, upscale=4)
-register_preset("sr-fidelity-x2", "srvgg", weights=True, num_feat=48, num_conv=12, upscale=2)
+register_preset("sr-fidelity-x2", "srvgg", weights=True, num_feat=32, num_conv=8, upscale=2)
 register_preset("sr-perceptual-x4", "srvgg", weights=True, num_feat=64, num_conv=16, upscale=4)
-register_preset("sr-perceptual-x2", "srvgg", weights=True, num_feat=48, num_conv=12, upscale=2)
+register_preset("sr-perceptual-x2", "srvgg", weights=True, num_feat=32, num_conv=8, upscale=2)

@@ -64,7 +64,7 @@ def degraded_pairs(images: ShardImages, scale: int, tokenizer: str) -> tuple[tor
     lr = torch.stack([to_uint8(bicubic_down(im, scale)) for im in pil])
     tok = None
     if tokenizer:
-        from tessera.registry import load
+        from tessera import load
 
         tok = tokenizer_round_trip(load(tokenizer), lr)
     return hr, lr, tok
