@@ -1,27 +1,12 @@
-"""Generated images on disk: the one PNG record (A1111-style `parameters` text chunk + a JSON chunk of
-every setting) and grids, used by the CLI, the serving worker and evaluation."""
+"""Generated images on disk: the PNG record (tessera/records.py) and grids, used by the CLI, the serving
+worker and evaluation."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
-
-def png_info(prompt: str, params: dict) -> PngImagePlugin.PngInfo:
-    """A1111-style `parameters` text chunk + a JSON chunk with every parameter."""
-    info = PngImagePlugin.PngInfo()
-    kv = ", ".join(f"{k}: {v}" for k, v in params.items())
-    info.add_text("parameters", f"{prompt}\n{kv}")
-    info.add_text("tessera", json.dumps({"prompt": prompt, **params}, default=str))
-    return info
-
-
-def read_record(path: str | Path) -> dict:
-    """The JSON record a Tessera PNG carries ({} when it has none)."""
-    with Image.open(path) as im:
-        text = im.text.get("tessera") if hasattr(im, "text") else None
-    return json.loads(text) if text else {}
+from tessera.records import png_info, read_record  # noqa: F401  (the record's home; re-exported here)
 
 
 def grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:

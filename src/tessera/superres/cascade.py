@@ -169,7 +169,7 @@ def upscale_file(src: str, out: str, size: Size | None = None, scale: int | None
     result = upscale(img, size, load_sr_models(model, place.device), **tiling)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     if Path(out).suffix.lower() == ".png":
-        from tessera.pipelines.records import png_info
+        from tessera.records import png_info
 
         record = {"task": "upscale", "source": Path(src).name, "source_size": f"{img.width}x{img.height}",
                   "size": f"{size[0]}x{size[1]}", "sr_model": describe_sr(model)}
