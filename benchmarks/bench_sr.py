@@ -1,9 +1,9 @@
-"""Super-resolution latency and memory on 2 CPU cores, side by side in one run: Tessera's fast cascade
-(sr-compact-x4 / -x2) vs the imported Real-ESRGAN x4plus vs Pillow bicubic, for 256 -> 1024 and
+"""Super-resolution latency and memory on 2 CPU cores, side by side in one run: one of Tessera's cascades
+(--fast fidelity | perceptual: 64x16 x4 + 32x8 x2) vs the imported Real-ESRGAN x4plus vs Pillow bicubic, for 256 -> 1024 and
 1024 -> 2048 (a real photo, downscaled). Peak RSS of producing a 2048x2048 output is measured in a fresh
 child process per case (VmHWM), so earlier cases do not count.
 
-    .venv/bin/python benchmarks/bench_sr.py [--fast fast] [--bf16/--fp32] [--x4plus-2048] [--repeats 2]
+    .venv/bin/python benchmarks/bench_sr.py [--fast fidelity] [--bf16/--fp32] [--x4plus-2048] [--repeats 2]
 """
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ def source(side: int) -> Image.Image:
 def run_case(models, src: Image.Image, side: int, bf16: bool, tile: int) -> Image.Image:
     if models is None:
         return src.resize((side, side), Image.Resampling.BICUBIC)
-    return upscale(src, (side, side), models, bf16=bf16, tile=tile)
+    from tessera.device import placement
+
+    return upscale(src, (side, side), models, placement=placement("cpu", "bfloat16" if bf16 else "float32"), tile=tile)
 
 
 def best_time(models, src, side, bf16, tile, repeats) -> float:
@@ -72,7 +74,7 @@ def peak_rss(name, src_side, side, bf16, tile) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--fast", default="fast", help="'fast' (bundled) or a model folder")
+    ap.add_argument("--fast", default="fidelity", help="a bundled cascade (fidelity | perceptual) or a model folder")
     ap.add_argument("--bf16", dest="bf16", action="store_true", default=True)
     ap.add_argument("--fp32", dest="bf16", action="store_false")
     ap.add_argument("--tile", type=int, default=192)
