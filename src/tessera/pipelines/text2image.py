@@ -212,13 +212,6 @@ class _Prepared:
     timings: dict[str, float]
 
 
-def _sr_name(stages) -> str | None:
-    from tessera.superres.cascade import describe_sr
-
-    name = getattr(stages, "sr_model", None)
-    return describe_sr(name) if name else name
-
-
 def _timed(timings: dict, name: str, fn, *args):
     t = time.perf_counter()
     out = fn(*args)
@@ -346,6 +339,8 @@ class TextToImage:
         return results
 
     def _result(self, p: _Prepared, images, verdicts, params: dict, shared: dict, batch: int) -> Result:
+        from tessera.superres.cascade import describe_sr
+
         timings = {**p.timings, **shared}
         withheld = withheld_of(verdicts)
         kept = [im for im, v in zip(images, verdicts) if not v.flagged]
@@ -353,7 +348,7 @@ class TextToImage:
         timings["total"] = round(sum(timings.values()), 4)
         drop = {"n", "noise_seeds", "model"}
         settings = {"paradigm": p.req.paradigm, "model": params["model"], "size": p.req.size or images[0].width,
-                    "sr_model": _sr_name(self.stages), "enhance": p.req.enhance, "diversify": p.req.diversify,
+                    "sr_model": describe_sr(getattr(self.stages, "sr_model", None)), "enhance": p.req.enhance, "diversify": p.req.diversify,
                     **{k: v for k, v in params.items() if k not in drop}, "seed": p.seed, "n": p.req.n}
         return Result(kept, p.revised, p.prompts, p.changes, p.seed, timings, p.verdict, verdicts, withheld,
                       settings, batch)

@@ -89,7 +89,7 @@ CASCADES = {
 ALIASES = {"fast": "perceptual"}  # the name of the bundled cascade before issue 23
 
 
-def describe_sr(name: str) -> str:
+def describe_sr(name: str | None) -> str | None:
     """What a cascade name stands for, for records: 'perceptual (sr-perceptual-x4 + sr-perceptual-x2)'."""
     cascade = ALIASES.get(name, name)
     return f"{cascade} ({' + '.join(CASCADES[cascade])})" if cascade in CASCADES else name

@@ -69,6 +69,11 @@ class SRVGGNetCompact(nn.Module):
         return out + F.interpolate(x, scale_factor=self.config.upscale, mode="nearest")
 
 
+def _conv_act_pairs(body: nn.ModuleList) -> list[tuple[nn.Conv2d, nn.Module]]:
+    """The (conv, activation) pairs of a body: [conv, act] * (num_conv + 1) + [last conv]."""
+    return [(body[k], body[k + 1]) for k in range(0, len(body) - 1, 2)]
+
+
 @torch.no_grad()
 def grown(src: SRVGGNetCompact, num_feat: int, num_conv: int, noise: float = 1e-2, seed: int = 0) -> SRVGGNetCompact:
     """A wider / deeper SRVGGNetCompact computing exactly what `src` computes (Net2Net, Chen et al. 2016):
@@ -80,17 +85,14 @@ def grown(src: SRVGGNetCompact, num_feat: int, num_conv: int, noise: float = 1e-
         raise ValueError(f"grown: {c.num_feat}x{c.num_conv} can only grow (to {num_feat}x{num_conv}); prelu only")
     g = torch.Generator().manual_seed(seed)
     dst = SRVGGNetCompact(dataclasses.replace(c, num_feat=num_feat, num_conv=num_conv))
-    old = [m for m in src.body if isinstance(m, nn.Conv2d)]
-    new = [m for m in dst.body if isinstance(m, nn.Conv2d)]
-    acts = [m for m in dst.body if isinstance(m, nn.PReLU)]
+    old, new = _conv_act_pairs(src.body), _conv_act_pairs(dst.body)
     keep = {round(i * num_conv / c.num_conv) for i in range(1, c.num_conv + 1)}  # hidden layers that carry old ones
-    hidden = iter(old[1:-1])
-    for i, (conv, act) in enumerate(zip(new[:-1], acts)):  # i = 0: the input conv; 1..num_conv: hidden
+    carried = iter(old)
+    for i, (conv, act) in enumerate(new):  # i = 0: the input conv; 1..num_conv: hidden
         conv.weight.zero_()
         conv.bias.zero_()
         if i == 0 or i in keep:
-            o = next(hidden) if i else old[0]
-            o_act = src.body[list(src.body).index(o) + 1]
+            o, o_act = next(carried)
             n_out, n_in = o.weight.shape[:2]
             conv.weight[n_out:].normal_(0, noise, generator=g)            # into the new channels, from all
             conv.weight[:n_out, :n_in] = o.weight
@@ -100,7 +102,7 @@ def grown(src: SRVGGNetCompact, num_feat: int, num_conv: int, noise: float = 1e-
         else:  # an inserted identity layer
             conv.weight[:, :, 1, 1] = torch.eye(num_feat)
             act.weight.fill_(1.0)
-    last_old, last_new = old[-1], new[-1]
+    last_old, last_new = src.body[-1], dst.body[-1]
     last_new.weight.zero_()
     last_new.weight[:, :last_old.weight.shape[1]] = last_old.weight       # the new channels feed nothing yet
     last_new.bias.copy_(last_old.bias)
