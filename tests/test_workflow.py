@@ -79,3 +79,40 @@ def test_pipeline_under_torchrun_trains_on_two_ranks_and_rank0_reports(tiny_data
     report = json.loads((tmp_path / "runs" / "dist" / "report.json").read_text())
     assert report["promoted"] and (tmp_path / "deployed" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "runs" / "dist" / "train" / "run.json").read_text())["train"]["strategy"] == "fsdp"
+
+
+def test_an_optimize_step_whose_student_lost_quality_is_rejected(tiny_dataset, tiny_model, tmp_path):
+    """The workflow's optimize step (few-step distillation) gated on sample metrics: a student distilled with a
+    learning rate that wrecks it is rejected, with the metrics saying why, and the deployed teacher stays."""
+    import shutil
+
+    r = CliRunner().invoke(main, ["train", "diffusion", "--data", str(tiny_dataset), "--out", str(tmp_path / "t"),
+                                  "--preset", tiny_preset("unet-tiny"), "--tokenizer", str(tiny_model), "--text-encoder",
+                                  "tiny", "--max-steps", "30", "--set", "train.batch_size=8", "--set", "train.val_every=0",
+                                  "--set", "train.lr=0.003", "--set", "train.warmup_steps=2"])
+    assert r.exit_code == 0, r.output
+    assert CliRunner().invoke(main, ["export", str(tmp_path / "t"), "-o", str(tmp_path / "teacher")]).exit_code == 0
+    shutil.copytree(tmp_path / "teacher", tmp_path / "deployed")
+    clip = tmp_path / "clip"
+    r = CliRunner().invoke(main, ["train", "contrastive", "--data", str(tiny_dataset), "--out", str(tmp_path / "c"),
+                                  "--preset", tiny_preset("clip-tiny"), "--text-encoder", "tiny", "--max-steps", "3",
+                                  "--set", "train.batch_size=8", "--set", "train.val_every=0"])
+    assert r.exit_code == 0 and CliRunner().invoke(main, ["export", str(tmp_path / "c"), "-o", str(clip)]).exit_code == 0
+    cfg = {"name": "distill", "workdir": str(tmp_path / "runs"), "deployed": str(tmp_path / "deployed"),
+           "data": {"prepared": str(tiny_dataset)}, "train": {"text_encoder": "tiny"},
+           "optimize": {"source": str(tmp_path / "teacher"), "distill_steps": 2, "max_steps": 4,
+                        "overrides": ["train.batch_size=8", "train.val_every=0", "train.lr=3.0", "train.warmup_steps=1",
+                                      "task.teacher_steps=6", "train.ema_decay=0.0"]},
+           "evaluate": {"metrics": "samples", "limit": 4, "clip": str(clip), "prompts": ["a synthetic picture number 1"]},
+           "gate": {"tolerances": {"fd": 1.0, "kid": 0.01}}}
+    (tmp_path / "w.json").write_text(json.dumps(cfg))
+    weights = tmp_path / "deployed" / "model.safetensors"
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    r = CliRunner().invoke(main, ["workflow", "run", str(tmp_path / "w.json"), "--run-id", "opt"])
+    assert r.exit_code == 3, r.output
+    report = json.loads((tmp_path / "runs" / "opt" / "report.json").read_text())
+    cand, dep = report["metrics"]["candidate"], report["metrics"]["deployed"]
+    assert set(cand) == {"fd", "kid", "clipscore", "r_precision"} and cand["fd"] > dep["fd"] + 1.0
+    assert not report["promoted"] and report["decision"]["compared"]["fd"]["ok"] is False
+    assert json.loads((tmp_path / "runs" / "opt" / "candidate" / "meta.json").read_text())["task"]["student_steps"] == 2
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == sha  # the deployed model did not change

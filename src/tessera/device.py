@@ -26,14 +26,24 @@ DEVICE_CHOICES = "cpu, cuda, cuda:N or auto"
 
 
 @functools.cache
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU executes bf16 dot products natively (avx512_bf16 or amx_bf16 in its flags)."""
+def _cpu_flags() -> list[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
-        return False
+        return []
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU executes bf16 dot products natively (avx512_bf16 or amx_bf16 in its flags)."""
+    flags = _cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_has_vnni() -> bool:
+    """True when the CPU has u8 x s8 dot products that do not saturate (AVX-512 VNNI, AVX-VNNI or AMX)."""
+    flags = _cpu_flags()
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def resolve_device(spec: str | torch.device | None = None) -> torch.device:

@@ -247,6 +247,17 @@ def convert(src, out, **kw) -> None:
     from tessera.pipelines.convert import convert as run
     click.echo(str(run(src, out, **kw)))
 
+@main.command("optimize")
+@click.argument("src")
+@options(opt("-o", "--out", required=True, type=NEWDIR), opt("--int8", is_flag=True, help="static int8 U-Net of an SD folder"),
+         opt("--calibration", type=FILE, help="--int8: prompts, one per line"), opt("--size", type=int), opt("--steps", type=int),
+         opt("--distill-steps", type=int, help="a few-step student of a Tessera diffusion model"), opt("--data", "data_dir", type=DIR),
+         opt("--max-steps", default=3000), opt("--set", "overrides", multiple=True))
+def optimize(src, out, **kw) -> None:
+    """Write an optimized SRC to OUT (seed 004's model optimization); prints the report."""
+    from tessera.optimize import optimize as run
+    echo_json(run(src, out, **kw))
+
 @main.command("pull")
 @click.argument("repo_id")
 @options(opt("-o", "--out", required=True, type=NEWDIR), opt("--revision"), opt("--variant", help="fp16 | bf16 where a folder has it"))
@@ -261,8 +272,7 @@ workflow = group(main, "workflow", "The training workflow: data -> train -> eval
 @click.argument("config_file", type=FILE)
 @click.option("--run-id", help="run folder name under the config's workdir (default: a timestamp)")
 def workflow_run(config_file, run_id) -> None:
-    """Run the workflow CONFIG_FILE (JSON) describes; writes report.json / report.md in the run folder.
-    Exit code 0 when the candidate was promoted, 3 when the gate rejected it."""
+    """Run the workflow CONFIG_FILE (JSON) describes (report.json / report.md in the run folder); exit 0: promoted, 3: rejected."""
     from tessera.train.workflow import run_file
     report = run_file(config_file, run_id)
     if "promoted" in report:  # rank 0 reports (a rank > 0 under torchrun returns nothing)

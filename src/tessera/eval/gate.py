@@ -8,6 +8,7 @@ import dataclasses
 DIRECTIONS = {
     "nll_true": -1, "margin": +1, "frac_true_better": +1,      # caption test (ar / masked / diffusion)
     "psnr": +1, "ssim": +1, "codebook_usage": +1,               # tokenizer reconstruction
+    "fd": -1, "kid": -1, "clipscore": +1, "r_precision": +1,    # samples for held-out captions
 }
 
 

@@ -23,7 +23,11 @@ PACKED = "_onednn_weight"  # the attribute that holds a layer's packed weight
 
 
 def available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    """oneDNN's bf16 kernels on this CPU (they need AVX-512 BW/VL/DQ or AVX-NE-CONVERT; an AVX2-only CPU has
+    none, and its emulated bf16 is slow anyway: device.py runs float32 there)."""
+    mkldnn = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_convolution_pointwise")
+            and hasattr(mkldnn, "_is_mkldnn_bf16_supported") and bool(mkldnn._is_mkldnn_bf16_supported()))
 
 
 def _conv_forward(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,7 @@
-"""Int8 weight-only linear layers for memory-bound inference (an autoregressive decode step reads every weight
+"""Int8 inference layers: weight-only linear layers (below) and static int8 convolutions / linear layers
+(further down, with their calibration).
+
+Weight-only int8 linear layers for memory-bound inference (an autoregressive decode step reads every weight
 once per token: LlamaGen-B with CFG streams 195 MB of bf16 weights per token).
 
     w_q = round(w / s), s = max|w_row| / 127     (symmetric, one scale per output channel)
@@ -53,3 +56,204 @@ def quantize_int8(model: nn.Module, keep: Callable[[str], bool] = lambda name: T
                 setattr(module, child_name, Int8Linear(child))
                 n += 1
     return n
+
+
+# ---- static int8 (PT2E-style "int8-mixed-float"): convolutions and linear layers -------------------------
+# Static int8 for compute-bound layers (the U-Net's convolutions and projections), the scheme of PyTorch's
+# PT2E X86InductorQuantizer run on oneDNN's int8 kernels (the ones inductor lowers to) without a compile:
+#
+#     x_q = clamp(round(x / s_x) + z_x, 0, q_max)  (u8, ONE scale per tensor, from calibration: the input
+#                                                    range [lo, hi] seen on held-out prompts)
+#     w_q = round(w / s_w)                         (s8, symmetric, one scale per output channel)
+#     y   = s_x s_w (x_q - z_x) * w_q + b          (onednn.qconv_pointwise / qlinear_pointwise; s32 accumulate,
+#                                                    output in the input's float dtype)
+#
+# q_max = 255 where the CPU has VNNI (u8 x s8 dot products); 127 elsewhere: AVX2's vpmaddubsw adds pairs of
+# u8 x s8 products in int16 and saturates with 8-bit activations (measured: 10% error vs 0% at 7 bits), so
+# the same stored range is re-gridded to 7 bits on such a CPU. The stored state is int8 weights, their
+# scales, the bias and the calibrated range; the oneDNN-packed weight is built at the first call.
+def cpu_quant_max() -> int:
+    from tessera.device import cpu_has_vnni
+
+    return 255 if cpu_has_vnni() else 127
+
+
+def static_available() -> bool:
+    return hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qconv_pointwise")
+
+
+def quantize_u8(x: torch.Tensor, scale: float, zero_point: int, qmax: int) -> torch.Tensor:
+    """Per-tensor affine u8 codes of x (computed in float32: bf16 cannot hold x / s to a unit)."""
+    y = x.float() * (1.0 / scale)
+    return y.add_(zero_point).round_().clamp_(0, qmax).to(torch.uint8)
+
+
+def _qparams(lo: float, hi: float, qmax: int) -> tuple[float, int]:
+    lo, hi = min(lo, 0.0), max(hi, 0.0)  # zero must be exact (padding, ReLU zeros)
+    scale = max(hi - lo, 1e-8) / qmax
+    return scale, int(min(max(round(-lo / scale), 0), qmax))
+
+
+class _StaticInt8(nn.Module):
+    """Shared state of the static int8 layers: int8 weight, per-channel scale, bias, calibrated input range."""
+
+    def _init_state(self, weight_shape: tuple[int, ...], bias: bool) -> None:
+        self.register_buffer("weight_int8", torch.zeros(weight_shape, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(weight_shape[0]))
+        self.register_buffer("bias", torch.zeros(weight_shape[0]) if bias else None)
+        self.register_buffer("input_range", torch.tensor([-1.0, 1.0]))
+        self._packed = None
+
+    def set_from(self, layer: nn.Module, lo: float, hi: float) -> "_StaticInt8":
+        w = layer.weight.detach().float()
+        scale = w.flatten(1).abs().amax(1).clamp(min=1e-12) / 127  # (out,)
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        self.weight_int8 = (w / scale.view(shape)).round().clamp(-127, 127).to(torch.int8)
+        self.weight_scale = scale
+        self.bias = None if layer.bias is None else layer.bias.detach().float()
+        self.input_range = torch.tensor([lo, hi])
+        self._packed = None
+        return self
+
+    def _pack(self, x: torch.Tensor):
+        key = (x.dtype, x.device)
+        if self._packed is None or self._packed[0] != key:
+            lo, hi = (float(v) for v in self.input_range.float())
+            qmax = cpu_quant_max()
+            scale, zp = _qparams(lo, hi, qmax)
+            w_scale = self.weight_scale.float()
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            self._packed = (key, scale, zp, qmax, self._prepack(w_scale, scale, zp, x), w_scale,
+                            torch.zeros(len(w_scale), dtype=torch.int64), bias)
+        return self._packed[1:]
+
+    def _apply(self, fn, recurse=True):  # .to() / .float(): the packed weight is rebuilt at the next call
+        self._packed = None
+        return super()._apply(fn, recurse)
+
+
+class StaticInt8Conv2d(_StaticInt8):
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.stride, self.padding, self.dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
+        self.groups, self.in_channels, self.out_channels = conv.groups, conv.in_channels, conv.out_channels
+        self._init_state(tuple(conv.weight.shape), conv.bias is not None)
+
+    def _prepack(self, w_scale, scale, zp, x):
+        return torch.ops.onednn.qconv_prepack(self.weight_int8.contiguous(), w_scale, scale, zp, self.stride, self.padding,
+                                              self.dilation, self.groups, list(x.shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, zp, qmax, w, w_scale, w_zp, bias = self._pack(x)
+        x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's layout (a no-op in the SD U-Net)
+        return torch.ops.onednn.qconv_pointwise(quantize_u8(x, scale, zp, qmax), scale, zp, w, w_scale, w_zp, bias,
+                                                self.stride, self.padding, self.dilation, self.groups, 1.0, 0,
+                                                x.dtype, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}, padding={self.padding}, static int8"
+
+
+class StaticInt8Linear(_StaticInt8):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._init_state(tuple(linear.weight.shape), linear.bias is not None)
+
+    def _prepack(self, w_scale, scale, zp, x):
+        return torch.ops.onednn.qlinear_prepack(self.weight_int8.contiguous(), [x.numel() // self.in_features, self.in_features])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, zp, qmax, w, w_scale, w_zp, bias = self._pack(x)
+        return torch.ops.onednn.qlinear_pointwise(quantize_u8(x, scale, zp, qmax), scale, zp, w, w_scale, w_zp, bias,
+                                                  1.0, 0, x.dtype, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, static int8"
+
+
+def _static_target(m: nn.Module) -> bool:
+    if type(m) is nn.Conv2d:
+        return m.padding_mode == "zeros" and not isinstance(m.padding, str) and m.groups == 1
+    return type(m) is nn.Linear
+
+
+def observe_inputs(model: nn.Module, run: Callable[[], None]) -> dict[str, dict]:
+    """Run `run()` (the calibration: the model on held-out inputs) with every Conv2d / Linear input watched:
+    -> name -> {"lo", "hi": the range seen, "rows": the fewest GEMM rows (tokens / pixels) in one call}."""
+    seen: dict[str, dict] = {}
+
+    def hook(name):
+        def record(module, args):
+            x = args[0].detach()
+            rows = x.numel() // (x.shape[1] if x.dim() == 4 else x.shape[-1])
+            s = seen.setdefault(name, {"lo": float("inf"), "hi": float("-inf"), "rows": rows})
+            s["lo"], s["hi"] = min(s["lo"], float(x.min())), max(s["hi"], float(x.max()))
+            s["rows"] = min(s["rows"], rows)
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if _static_target(m)]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def keep_reason(name: str, module: nn.Module, stats: dict | None, min_rows: int = 16, min_k: int = 64) -> str | None:
+    """Why a layer stays in float (None: it is quantized)."""
+    if stats is None:
+        return "not reached during calibration"
+    k = module.in_channels * module.kernel_size[0] * module.kernel_size[1] if isinstance(module, nn.Conv2d) \
+        else module.in_features
+    if k < min_k:
+        return f"reduction of {k} < {min_k}: too few input channels for int8 to pay (and the most sensitive layer)"
+    if stats["rows"] < min_rows:
+        return f"{stats['rows']} rows per call (< {min_rows}): memory-bound, int8 activations only add work"
+    return None
+
+
+def quantize_static(model: nn.Module, stats: dict[str, dict], layers: list[str] | None = None) -> dict:
+    """Swap the observed Conv2d / Linear layers for static int8 ones (those `keep_reason` does not keep, or
+    exactly `layers` when given, e.g. from a stored report) -> {"quantized": [names], "kept": {name: why}}."""
+    quantized, kept = [], {}
+    named = dict(model.named_modules())
+    for name, m in list(named.items()):
+        if not _static_target(m):
+            continue
+        why = None if layers is None else (None if name in layers else "kept as stored")
+        if layers is None:
+            why = keep_reason(name, m, stats.get(name))
+        if why:
+            kept[name] = why
+            continue
+        cls = StaticInt8Conv2d if isinstance(m, nn.Conv2d) else StaticInt8Linear
+        q = cls(m)  # structure only (its state loaded next) unless calibrated here
+        if name in stats and m.weight.device.type != "meta":
+            q.set_from(m, stats[name]["lo"], stats[name]["hi"])
+        parent, _, child = name.rpartition(".")
+        setattr(named[parent] if parent else model, child, q)
+        quantized.append(name)
+    return {"quantized": quantized, "kept": kept}
+
+
+QUANT_FILE = "quantization.json"  # beside a component's weights: which layers are static int8
+
+
+def apply_stored(model: nn.Module, folder) -> dict | None:
+    """Give a network built on meta the int8 layers its folder's quantization.json names, before the strict
+    load of its weights; -> the record, or None for a float network (no such file)."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / QUANT_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    got = quantize_static(model, {}, layers=record["quantized"])
+    missing = sorted(set(record["quantized"]) - set(got["quantized"]))
+    if missing:
+        raise ValueError(f"{path}: names layers the network does not have as Conv2d / Linear: {missing[:3]}")
+    return record

@@ -97,12 +97,16 @@ def assemble(generator, generator_name: str, tokenizer: str | None = None, text_
         kw.setdefault("space", task.get("space", "latent"))
         kw.setdefault("scheduler", DiffusionConfig.from_dict(task.get("diffusion", {})))
         kw.setdefault("latent_scale", float(task.get("latent_scale", 1.0)))
+        if task.get("sampler"):  # a distilled model's own step count and guidance
+            kw.setdefault("sampler", dict(task["sampler"]))
     needs_tokenizer = cls.paradigm != "diffusion" or kw.get("space") == "latent"
     tok_name = tokenizer or task.get("tokenizer") or default_model("tokenizer")
     tok = _load_model(tok_name, "tokenizer", device.device) if needs_tokenizer else None
     enc = _text_encoder(text_encoder, generator.config.conditional)
     pipe = cls(generator, tok, enc, text_encoder_name=text_encoder or ("minilm" if enc else None), device=device, **kw)
     pipe.models = {"generator": _identity(generator_name, generator)}
+    if task.get("teacher"):  # a few-step student (tessera optimize --distill-steps): the record says so
+        pipe.models["generator"]["distilled"] = f"{task['student_steps']}-step student of {task['teacher']}"
     if tok is not None:
         pipe.models["tokenizer"] = _identity(str(tok_name), tok)
     if enc is not None:

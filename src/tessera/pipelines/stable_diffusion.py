@@ -276,10 +276,13 @@ def _config(folder: Path) -> dict:
 
 def load_unet(folder: str | Path, variant: str | None = None, dtype: torch.dtype | None = None):
     from tessera.generators.sd_unet import SDUNet, SDUNetConfig
+    from tessera.nn.quant import apply_stored
 
     folder = Path(folder)
     config = SDUNetConfig.from_diffusers(_config(folder))
-    return load_strict(on_meta(lambda: SDUNet(config)), _weights(folder, variant, dtype), folder, dtype).eval()
+    unet = on_meta(lambda: SDUNet(config))
+    unet.quantization = apply_stored(unet, folder)  # an int8 U-Net (`tessera optimize --int8`), or None
+    return load_strict(unet, _weights(folder, variant, dtype), folder, dtype).eval()
 
 
 def load_vae(folder: str | Path, variant: str | None = None, dtype: torch.dtype | None = None):
@@ -299,6 +302,12 @@ def load_vae(folder: str | Path, variant: str | None = None, dtype: torch.dtype 
     config = config_cls.from_diffusers(config)
     dtype = _vae_dtype(config, dtype or torch.float32)
     return load_strict(on_meta(lambda: model_cls(config)), _weights(folder, variant, dtype), folder, dtype).eval()
+
+
+def _quant_note(unet) -> dict:
+    """What the PNG record says of an int8 U-Net (nothing for a float one)."""
+    q = getattr(unet, "quantization", None)
+    return {} if q is None else {"quantization": f"int8 static, {len(q['quantized'])} layers ({len(q['kept'])} kept float)"}
 
 
 def load_diffusers_folder(folder: str | Path, device=None, variant: str | None = None, vae: str | Path | None = None,
@@ -326,6 +335,6 @@ def load_diffusers_folder(folder: str | Path, device=None, variant: str | None =
     pipe = StableDiffusionPipeline(unet, load_vae(vae or folder / "vae", variant, device.dtype), text, scheduler=scheduler,
                                    sampler={**defaults, "method": method or "dpmpp_2m"}, device=device)
     pipe.source = str(folder)
-    pipe.models = {"generator": {"name": str(folder / "unet"), "kind": "sd-unet"},
+    pipe.models = {"generator": {"name": str(folder / "unet"), "kind": "sd-unet", **_quant_note(unet)},
                    "tokenizer": {"name": str(vae or folder / "vae")}, "text_encoder": {"name": text.name}}
     return pipe

@@ -1,10 +1,15 @@
 """Training task for diffusion denoisers (U-Net or DiT): epsilon- or v-prediction MSE on the forward
 process (seed 004), in the tokenizer's latent space (default) or in pixel space for small images;
-prompts from the caption-embedding cache, dropped for `cond_drop` of the samples (CFG)."""
+prompts from the caption-embedding cache, dropped for `cond_drop` of the samples (CFG).
+
+With `teacher` set, the run is few-step distillation instead (sampling/distill.py): the model, started from
+the teacher's weights (train.init), learns `student_steps` DDIM steps that each land where the teacher's
+guided `teacher_steps / student_steps` steps land; its pipeline then samples with that many steps, no CFG."""
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,10 +32,17 @@ class DiffusionTaskConfig(Config):
     diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
     val_images: int = 256
     val_timesteps: tuple[int, ...] = VAL_TIMESTEPS
+    teacher: str = ""              # few-step distillation of this model ('' = ordinary training)
+    teacher_steps: int = 20        # the teacher's DDIM steps the student's steps replace
+    teacher_cfg: float = 5.0       # the teacher's guidance scale, folded into the student
+    student_steps: int = 4
+    sampler: dict[str, Any] = dataclasses.field(default_factory=dict)  # the pipeline's sampling defaults ({}: its own)
 
     def __post_init__(self):
         if self.space not in ("latent", "pixel"):
             raise ValueError(f"space={self.space!r}: expected 'latent' or 'pixel'")
+        if self.teacher and not self.sampler:  # a distilled student samples its own step count, unguided
+            self.sampler = {"steps": self.student_steps, "cfg_scale": 1.0, "method": "ddim"}
 
 
 class DiffusionTask:
@@ -42,6 +54,22 @@ class DiffusionTask:
                                   mc.conditional).check(mc)
         self.dataset = self.data.view("train")
         self.val_idx = self.data.indices("val")[: cfg.val_images]
+        self.teacher = self.table = None
+        if cfg.teacher:
+            self._load_teacher(cfg)
+
+    def _load_teacher(self, cfg: DiffusionTaskConfig) -> None:
+        from tessera.checkpoint import load_model
+        from tessera.registry import resolve
+        from tessera.sampling.distill import segments
+
+        if not self.model.config.conditional:
+            raise ValueError("task.teacher: distillation folds guidance in, so it needs a conditional model")
+        self.teacher = load_model(resolve(cfg.teacher)).float().eval().requires_grad_(False)
+        if self.teacher.config != self.model.config:
+            raise ValueError(f"task.teacher={cfg.teacher}: its config differs from the student's (start the "
+                             f"student from it: train.init={cfg.teacher})")
+        self.table = segments(self.schedule, cfg.student_steps, cfg.teacher_steps)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"model": self.model}
@@ -53,10 +81,22 @@ class DiffusionTask:
         if self.model.config.conditional:
             x0, cond, mask = batch
             cond, mask = trim_padding(cond, mask)
+            if self.teacher is not None:
+                return self._distill(x0, cond, mask)
             drop = (torch.rand(x0.shape[0]) < self.cfg.cond_drop).to(x0.device)
             loss = diffusion_loss(lambda x, t: self.model(x, t, cond, mask, drop), self.schedule, x0).mean()
         else:
             loss = diffusion_loss(lambda x, t: self.model(x, t), self.schedule, batch).mean()
+        return {"model": loss}, {"loss": float(loss.detach())}
+
+    def _distill(self, x0, cond, mask):
+        from tessera.sampling.diffusion import guided_denoiser
+        from tessera.sampling.distill import distill_loss
+
+        self.teacher.to(x0.device)
+        teacher = guided_denoiser(self.teacher, cond, mask, self.cfg.teacher_cfg)
+        loss = distill_loss(lambda x, t: self.model(x, t, cond, mask, None), teacher, self.schedule, self.table,
+                            x0).mean()
         return {"model": loss}, {"loss": float(loss.detach())}
 
     def validate(self, model: nn.Module, out_dir: Path, step: int) -> dict[str, float]:

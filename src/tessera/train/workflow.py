@@ -14,6 +14,15 @@ The config (JSON, strict: an unknown key is an error):
      "train": {"task": "ar", "preset": "ar-xs", "max_steps": 1500, "overrides": ["train.lr=6e-4"]},
      "evaluate": {"limit": 0},
      "gate": {"tolerances": {"nll_true": 0.02, "frac_true_better": 0.02}}}
+
+With an `optimize` step (seed 004's model optimization pipeline) the candidate is not trained from scratch
+but made from `optimize.source` by `tessera optimize` (a few-step student: `distill_steps`), and the gate
+compares it with the deployed model on samples (`evaluate.metrics: "samples"`: FD, KID, CLIPScore,
+R-precision on the held-out captions, each model with its own sampling defaults):
+
+    {"optimize": {"source": "unet-xs", "distill_steps": 4, "max_steps": 900},
+     "evaluate": {"metrics": "samples", "limit": 64},
+     "gate": {"tolerances": {"fd": 5.0, "clipscore": 0.5, "r_precision": 0.05}}}
 """
 from __future__ import annotations
 
@@ -54,8 +63,18 @@ class TrainStep(Config):
 
 
 @dataclasses.dataclass
+class OptimizeStep(Config):
+    source: str = ""                   # the model to optimize ('' = no optimize step: the train step runs)
+    distill_steps: int = 0             # a few-step student of a Tessera diffusion model
+    max_steps: int = 1000
+    overrides: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass
 class EvalStep(Config):
     limit: int = 0                     # held-out images to score (0: all)
+    metrics: str = "caption"           # caption: the caption test / reconstruction; samples: FD, KID, CLIPScore, R-precision
+    clip: str = "clip-xs"              # samples: the image-text model of CLIPScore / R-precision
     prompts: tuple[str, ...] = ("red apple emoji", "grinning face emoji", "snowman emoji", "a frog")
 
 
@@ -72,6 +91,7 @@ class WorkflowConfig(Config):
     deployed: str = "models/deployed"
     data: DataStep = dataclasses.field(default_factory=DataStep)
     train: TrainStep = dataclasses.field(default_factory=TrainStep)
+    optimize: OptimizeStep = dataclasses.field(default_factory=OptimizeStep)
     evaluate: EvalStep = dataclasses.field(default_factory=EvalStep)
     gate: GateStep = dataclasses.field(default_factory=GateStep)
 
@@ -102,9 +122,32 @@ def train_step(cfg: TrainStep, data_dir: str, run: Path) -> None:
                       list(cfg.overrides), model_updates, task_updates)
 
 
-def evaluate(model_dir: str | Path, data_dir: str, cfg: EvalStep) -> dict[str, float]:
-    """Held-out metrics the gate compares: the caption test for generators, reconstruction for tokenizers."""
+def optimize_step(cfg: OptimizeStep, data_dir: str, run: Path) -> Path:
+    """The candidate made by `tessera optimize` from cfg.source (its run folder under RUN/candidate.run)."""
+    from tessera.optimize import optimize
+
+    if not cfg.distill_steps:
+        raise ValueError("optimize: give distill_steps (the workflow gates Tessera's own models; an int8 SD folder "
+                         "has no held-out quality to gate on here)")
+    optimize(cfg.source, str(run / "candidate"), distill_steps=cfg.distill_steps, data_dir=data_dir,
+             max_steps=cfg.max_steps, overrides=tuple(cfg.overrides))
+    return run / "candidate"
+
+
+def evaluate(model_dir: str | Path, data_dir: str, cfg: EvalStep, text_encoder: str = "minilm",
+             out: Path | None = None) -> dict[str, float]:
+    """Held-out metrics the gate compares: the caption test for generators, reconstruction for tokenizers, or
+    (metrics "samples") the sample metrics of `tessera bench paradigms` with the model's own defaults."""
     import tessera
+
+    if cfg.metrics == "samples":
+        from tessera.eval.paradigms import Case, run_paradigms
+
+        rows = run_paradigms(data_dir, out or Path(str(model_dir) + ".samples"), [Case("candidate", str(model_dir))],
+                             limit=cfg.limit or None, clip_model=cfg.clip, text_encoder=text_encoder, progress=False)
+        return {k: rows[-1][k] for k in ("fd", "kid", "clipscore", "r_precision")}
+    if cfg.metrics != "caption":
+        raise ValueError(f"evaluate.metrics={cfg.metrics!r}: expected 'caption' or 'samples'")
 
     model = tessera.load(str(model_dir))
     kind = model.kind
@@ -134,7 +177,7 @@ def sample_grid(model_dir: Path, train: TrainStep, prompts: tuple[str, ...], out
 
     if family(tessera.load(str(model_dir)).kind).role != "generator":
         return None
-    lp = load_pipeline(str(model_dir), tokenizer=train.tokenizer, text_encoder=train.text_encoder)
+    lp = load_pipeline(str(model_dir), tokenizer=train.tokenizer or None, text_encoder=train.text_encoder)
     images = lp.run([p for p in prompts for _ in range(2)], lp.params(seed=0, n=2 * len(prompts)))
     images = [Image.new("RGB", im.size, (128, 128, 128)) if v.flagged else im
               for im, v in zip(images, ImageSafety().check(images))]
@@ -185,15 +228,23 @@ def run_workflow(cfg: WorkflowConfig, run_id: str | None = None) -> dict:
     rank0_first(lambda: run.mkdir(parents=True, exist_ok=rank != 0))
     t0 = time.time()
     data_dir = rank0_first(data_step, cfg.data)
-    train_step(cfg.train, data_dir, run)
-    if rank != 0:
-        return {"rank": rank, "run": str(run)}
-    candidate = runs.export_run(str(run / "train"), str(run / "candidate"))
+    if cfg.optimize.source:
+        if world > 1:
+            raise ValueError("the optimize step runs in one process (no torchrun)")
+        candidate = optimize_step(cfg.optimize, data_dir, run)
+    else:
+        train_step(cfg.train, data_dir, run)
+        if rank != 0:
+            return {"rank": rank, "run": str(run)}
+        candidate = runs.export_run(str(run / "train"), str(run / "candidate"))
     deployed = Path(cfg.deployed)
-    metrics = {"candidate": evaluate(candidate, data_dir, cfg.evaluate),
-               "deployed": evaluate(deployed, data_dir, cfg.evaluate) if deployed.exists() else None}
+    enc = cfg.train.text_encoder
+    metrics = {"candidate": evaluate(candidate, data_dir, cfg.evaluate, enc, run / "samples-candidate"),
+               "deployed": evaluate(deployed, data_dir, cfg.evaluate, enc, run / "samples-deployed")
+               if deployed.exists() else None}
     decision = gate(metrics["candidate"], metrics["deployed"], cfg.gate.tolerances)
-    grid_file = sample_grid(candidate, cfg.train, cfg.evaluate.prompts, run / "samples.png")
+    grid_train = dataclasses.replace(cfg.train, tokenizer="") if cfg.optimize.source else cfg.train  # its own
+    grid_file = sample_grid(candidate, grid_train, cfg.evaluate.prompts, run / "samples.png")
     if decision.promote:
         promote(candidate, deployed)
     report = {"name": cfg.name, "run": str(run), "data": data_dir, "candidate": str(candidate),

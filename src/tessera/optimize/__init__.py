@@ -1,0 +1,34 @@
+"""The model optimization pipeline (seed 004): `tessera optimize SRC ... -o OUT` writes an optimized model or
+pipeline folder and returns a report of what changed. A model reaches production only through the
+evaluation gate of `tessera workflow` (train/workflow.py, its `optimize` step).
+
+    int8.py     static int8 of a Stable Diffusion U-Net, calibrated on held-out prompts
+    distill.py  few-step distillation of a Tessera diffusion model (sampling/distill.py's targets)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tessera.errors import InvalidInputError
+
+
+def optimize(src: str, out: str, int8: bool = False, distill_steps: int | None = None, data_dir: str | None = None,
+             max_steps: int = 3000, calibration: str | None = None, size: int | None = None,
+             steps: int | None = None, overrides: tuple[str, ...] = ()) -> dict:
+    """One optimization of SRC into OUT (`tessera optimize`); -> its report."""
+    if int8 == bool(distill_steps):
+        raise InvalidInputError("give one of --int8 or --distill-steps N")
+    if int8:
+        from tessera.optimize.int8 import quantize_sd_folder
+
+        prompts = None
+        if calibration:
+            prompts = [line.strip() for line in Path(calibration).read_text().splitlines() if line.strip()]
+            if not prompts:
+                raise InvalidInputError(f"--calibration {calibration}: no prompts (one per line)")
+        return quantize_sd_folder(src, out, prompts, size, steps)
+    if not data_dir:
+        raise InvalidInputError("--distill-steps: give --data (a prepared folder: the student trains on its images)")
+    from tessera.optimize.distill import distill
+
+    return distill(src, out, data_dir, distill_steps, max_steps, list(overrides))

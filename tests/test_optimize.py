@@ -1,0 +1,174 @@
+"""The model optimization pipeline (issue 24): static int8 layers and `tessera optimize --int8` on a Stable
+Diffusion folder, few-step distillation targets and `tessera optimize --distill-steps` on a tiny U-Net."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import tessera
+from tessera.cli import main
+from tessera.nn import quant
+
+pytestmark = pytest.mark.skipif(not quant.static_available(), reason="needs torch's oneDNN int8 ops")
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 64, 3, padding=1)
+        self.proj = nn.Linear(64, 24)
+        self.time = nn.Linear(64, 24)
+
+    def forward(self, x):
+        h = torch.nn.functional.silu(self.conv(x)).flatten(2).transpose(1, 2)  # (B, HW, 64)
+        return self.proj(h) + self.time(h.mean(1, keepdim=True))
+
+
+def _fake_quant(x, lo, hi, qmax):
+    scale, zp = quant._qparams(lo, hi, qmax)
+    return (torch.clamp(torch.round(x / scale) + zp, 0, qmax) - zp) * scale
+
+
+def test_static_int8_layers_equal_their_fake_quantized_float_layers(seeded):
+    net = Net().eval()
+    xs = [torch.randn(2, 16, 8, 8, generator=seeded) for _ in range(3)]
+    stats = quant.observe_inputs(net, lambda: [net(x) for x in xs])
+    assert stats["conv"]["rows"] == 128 and stats["time"]["rows"] == 2
+    conv, proj = net.conv, net.proj
+    report = quant.quantize_static(net, stats)
+    assert report["quantized"] == ["conv", "proj"] and "memory-bound" in report["kept"]["time"]
+    assert isinstance(net.conv, quant.StaticInt8Conv2d) and type(net.time) is nn.Linear
+    qmax = quant.cpu_quant_max()
+    x = xs[0]
+    with torch.no_grad():
+        got = net.conv(x)
+        w = net.conv.weight_int8.float() * net.conv.weight_scale[:, None, None, None]
+        want = nn.functional.conv2d(_fake_quant(x, stats["conv"]["lo"], stats["conv"]["hi"], qmax), w, conv.bias, padding=1)
+        torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=0)
+        assert ((got - conv(x)).norm() / conv(x).norm()) < 0.05  # and near the float layer
+        h = torch.randn(2, 5, 64, generator=seeded).clamp(stats["proj"]["lo"], stats["proj"]["hi"])
+        w = net.proj.weight_int8.float() * net.proj.weight_scale[:, None]
+        want = _fake_quant(h, stats["proj"]["lo"], stats["proj"]["hi"], qmax) @ w.T + proj.bias
+        torch.testing.assert_close(net.proj(h), want, atol=1e-4 * want.abs().max().item(), rtol=0)
+    state = net.state_dict()
+    assert state["conv.weight_int8"].dtype == torch.int8 and "conv.weight" not in state
+    fresh = Net()
+    quant.quantize_static(fresh, {}, layers=report["quantized"])  # the stored structure, then a strict load
+    fresh.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), net(x))
+
+
+@pytest.fixture(scope="module")
+def int8_folder(tmp_path_factory):
+    import diffusers
+    from test_stable_diffusion import tiny_components
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("sd-int8")
+    tokenizer, text, unet, vae = tiny_components(in_channels=4)
+    sched = diffusers.EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                      timestep_spacing="trailing")
+    diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=sched,
+                                      safety_checker=None, feature_extractor=None,
+                                      requires_safety_checker=False).save_pretrained(root / "pipe")
+    (root / "prompts.txt").write_text("a bowl of soup\na red bicycle\n")
+    r = run("optimize", root / "pipe", "--int8", "-o", root / "int8", "--steps", "2", "--calibration", root / "prompts.txt")
+    assert r.exit_code == 0, r.output
+    return root
+
+
+def test_optimize_int8_writes_a_folder_tessera_loads_with_int8_layers(int8_folder):
+    out = int8_folder / "int8"
+    record = json.loads((out / "unet" / "quantization.json").read_text())
+    assert record["calibration"]["prompts"] == ["a bowl of soup", "a red bicycle"]
+    assert "conv_in" in record["kept"] and "time_embedding.linear_1" in record["kept"]  # 4 channels; 1 row
+    assert any(k.endswith("attn1.to_q") for k in record["quantized"]) and "conv_out" in record["quantized"]
+    assert "_tessera_optimized" in json.loads((out / "model_index.json").read_text())
+    assert (out / "OPTIMIZED.md").is_file() and (out / "text_encoder").is_dir()
+    f, q = tessera.load(str(int8_folder / "pipe"), dtype="float32"), tessera.load(str(out), dtype="float32")
+    layers = [m for m in q.generator.modules() if isinstance(m, (quant.StaticInt8Conv2d, quant.StaticInt8Linear))]
+    assert len(layers) == len(record["quantized"])
+    assert "int8 static" in q.models["generator"]["quantization"] and "quantization" not in f.models["generator"]
+    torch.manual_seed(3)
+    x, t = torch.randn(1, 4, 8, 8) * 14.6, torch.tensor([999])  # the 1-step call's input (sigma_max x_T)
+    with torch.no_grad():
+        states = f._states(["a bowl of soup"])
+        want, got = f.generator(x, t, states), q.generator(x, t, states)
+    err = float((got - want).norm() / want.norm())
+    assert 0 < err < 0.1, err  # changed (int8), but close
+    image = q("a bowl of soup", num_inference_steps=1, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (16, 16)
+
+
+def test_optimize_int8_refuses_what_it_cannot_do_and_a_tampered_folder_fails_loudly(int8_folder, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = int8_folder / "int8"
+    r = run("optimize", out, "--int8", "-o", tmp_path / "again")
+    assert r.exit_code != 0 and "already int8" in r.output
+    r = run("optimize", int8_folder / "pipe", "--int8", "-o", out)
+    assert r.exit_code != 0 and "not empty" in r.output
+    r = run("optimize", int8_folder / "pipe", "-o", tmp_path / "x")
+    assert r.exit_code != 0 and "--int8 or --distill-steps" in r.output
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    state.pop("conv_out.input_range")
+    save_file(state, str(weights))
+    with pytest.raises(tessera.errors.WrongModelError, match="conv_out.input_range"):
+        tessera.load(str(broken), dtype="float32")
+
+
+# ---- few-step distillation --------------------------------------------------------------------------------
+def test_distillation_target_is_where_one_ddim_step_lands_on_the_teacher_jump(seeded):
+    from tessera.sampling.diffusion import DiffusionConfig, Schedule
+    from tessera.sampling.distill import segments, teacher_jump, x0_target
+
+    schedule = Schedule(DiffusionConfig(timestep_spacing="trailing"))
+    table = segments(schedule, 4, 20)
+    assert table.shape == (4, 6) and table[0, 0] == 999 and table[-1, -1] == -1 and table[1, 0] == table[0, -1]
+    with pytest.raises(ValueError, match="multiple"):
+        segments(schedule, 3, 20)
+    teacher = lambda x, t: torch.tanh(x) * 0.5 + 0.1  # noqa: E731  any deterministic eps-predictor
+    x_t = torch.randn(3, 2, 4, 4, generator=seeded)
+    for k in range(4):
+        path = table[k].expand(3, -1)
+        x_next = teacher_jump(teacher, schedule, x_t, path)
+        x0 = x0_target(schedule, x_t, path[:, 0], x_next, path[:, -1])
+        a, a_next = schedule.abar(path[:, 0], x_t), schedule.abar(path[:, -1], x_t)
+        eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+        torch.testing.assert_close(a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps, x_next, atol=1e-4, rtol=1e-4)
+
+
+def test_optimize_distill_trains_a_student_that_samples_its_own_steps(tiny_dataset, tiny_model, tmp_path):
+    from conftest import tiny_preset
+
+    r = run("train", "diffusion", "--data", tiny_dataset, "--out", tmp_path / "t", "--preset", tiny_preset("unet-tiny"),
+            "--tokenizer", tiny_model, "--text-encoder", "tiny", "--max-steps", "2", "--set", "train.batch_size=4",
+            "--set", "train.val_every=0")
+    assert r.exit_code == 0, r.output
+    assert run("export", tmp_path / "t", "-o", tmp_path / "teacher").exit_code == 0
+    r = run("optimize", tmp_path / "teacher", "--distill-steps", "2", "--data", tiny_dataset, "-o", tmp_path / "s",
+            "--max-steps", "3", "--set", "train.batch_size=4", "--set", "train.val_every=0", "--set", "task.teacher_steps=6")
+    assert r.exit_code == 0, r.output
+    task = json.loads((tmp_path / "s" / "meta.json").read_text())["task"]
+    assert task["teacher"] == str(tmp_path / "teacher") and task["diffusion"]["timestep_spacing"] == "trailing"
+    from tessera.pipelines.folder import load_pipeline
+
+    pipe = load_pipeline(str(tmp_path / "s"), text_encoder="tiny", dtype="float32")
+    assert pipe.sampler.steps == 2 and pipe.sampler.cfg_scale == 1.0
+    assert "2-step student" in pipe.models["generator"]["distilled"]
+    teacher, student = tessera.load(str(tmp_path / "teacher")), tessera.load(str(tmp_path / "s"))
+    assert any(not torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), student.state_dict().values()))
+    r = run("optimize", tmp_path / "s", "--distill-steps", "2", "--data", tiny_dataset, "-o", tmp_path / "s2")
+    assert r.exit_code != 0 and "already a distilled student" in r.output
