@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The exact commands that rebuild Tessera's bundled default models from scratch (CPU, 2 cores).
 # Each training command resumes from its run folder when re-run (--resume), so it can be stopped and
-# continued across sessions. Usage: scripts/train_defaults.sh [tokenizer|tokenizer-photo|ar|masked|masked-bundled|diffusion|dit|sr|clip|safety|all]
+# continued across sessions. Usage: scripts/train_defaults.sh [tokenizer|tokenizer-photo|ar|masked|masked-bundled|diffusion|distill|dit|sr|clip|safety|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=.venv/bin/tessera
@@ -61,6 +61,14 @@ if [ "$WHAT" = diffusion ] || [ "$WHAT" = all ]; then
     --set train.val_every=1000 $(resume runs/unet-xs)
   $T export runs/unet-xs -o src/tessera/weights/unet-xs --dtype float16
   $T eval caption-margin --data data/demo128 --model unet-xs
+fi
+
+if [ "$WHAT" = distill ] || [ "$WHAT" = all ]; then
+  # issue 24: unet-xs distilled into a 4-step, guidance-free student (20 guided DDIM steps -> 4; resumes from
+  # models/unet-xs-4step.run); the bundled copy is stopped at DISTILL_STEPS
+  OMP_NUM_THREADS=1 $T optimize unet-xs --distill-steps 4 --data data/demo128 -o models/unet-xs-4step \
+    --max-steps ${DISTILL_STEPS:-1500} --set train.batch_size=16 --set train.ckpt_every=50 --set train.val_every=0
+  $T export models/unet-xs-4step.run -o src/tessera/weights/unet-xs-4step --dtype float16
 fi
 
 if [ "$WHAT" = dit ] || [ "$WHAT" = all ]; then

@@ -60,6 +60,28 @@ def test_bundled_unet_xs_samples_follow_the_prompt_colour():
     assert _colourfulness(face)[1] - _colourfulness(snow)[1] > 40, (_colourfulness(face), _colourfulness(snow))
 
 
+def test_bundled_4step_student_samples_its_own_defaults_and_follows_the_prompt_colour(tmp_path):
+    """unet-xs-4step (issue 24): 4 unguided steps from its record; the PNG says it is a distilled student."""
+    from tessera.pipelines.folder import load_pipeline
+    from tessera.records import read_record
+
+    pipe = load_pipeline("unet-xs-4step", dtype="float32")
+    assert (pipe.sampler.steps, pipe.sampler.cfg_scale, pipe.scheduler.timestep_spacing) == (4, 1.0, "trailing")
+    params = pipe.params(seed=0, n=2)
+    face, snow = pipe.run("grinning face emoji", params), pipe.run("snowman emoji", params)
+    assert _colourfulness(face)[1] - _colourfulness(snow)[1] > 40, (_colourfulness(face), _colourfulness(snow))
+    from click.testing import CliRunner
+
+    from tessera.cli import main
+
+    r = CliRunner().invoke(main, ["generate", "grinning face emoji", "--model", "unet-xs-4step", "--size", "0",
+                                  "--seed", "1", "-o", str(tmp_path / "s.png")])
+    assert r.exit_code == 0, r.output
+    record = read_record(tmp_path / "s.png")
+    assert record["steps"] == 4 and record["optimized"]["distilled"] == "4-step student of unet-xs"
+    assert record["seconds"]["generate"] > 0
+
+
 def test_bundled_masked_xxs_samples_follow_the_prompt_colour():
     from tessera.pipelines.masked import MaskedSampleParams
     m = tessera.load("masked-xxs")

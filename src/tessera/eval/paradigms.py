@@ -125,7 +125,7 @@ def run_paradigms(data_dir: str | Path, out: str | Path, configs: list[Case], sp
         images = [read_image(f) for f in files]
         rows.append({"paradigm": c.paradigm, "config": c.slug, "model": c.model, "settings": record["settings"],
                      "params_m": _params_m(c.model), **_distances(real_feats, open_nsfw_pooled(images, net)),
-                     **_alignment(scorer, images, [p.prompt for p in prompts]),
+                     **_alignment(scorer, images, [r["prompt"] for r in record["images"]]),  # skipped / withheld out
                      "seconds_per_image": timing_summary(record)["seconds_per_image"], "images": len(images)})
     meta = {"data": str(data_dir), "split": split, "images": len(prompts), "batch_size": batch_size,
             "feature_space": "open_nsfw ResNet-50 pooled (1024-d); NOT Inception", "alignment_model": scorer.space}

@@ -166,3 +166,5 @@ class UNet(nn.Module):
 # latent-diffusion U-Nets over 16x16x8 vq-f8 latents, MiniLM (384-d) cross-attention
 register_preset("unet-s", "unet", base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, heads=4)
 register_preset("unet-xs", "unet", default=True, base_channels=48, channel_mult=(1, 2, 2), num_res_blocks=1, heads=4)
+# unet-xs distilled into 4 guidance-free steps (tessera optimize --distill-steps 4; its record holds the defaults)
+register_preset("unet-xs-4step", "unet", weights=True, base_channels=48, channel_mult=(1, 2, 2), num_res_blocks=1, heads=4)

@@ -117,6 +117,11 @@ class _StaticInt8(nn.Module):
 
     def _pack(self, x: torch.Tensor):
         key = (x.dtype, x.device)
+        if x.device.type != "cpu":
+            from tessera.errors import InvalidInputError
+
+            raise InvalidInputError(f"a static int8 layer runs on the CPU (oneDNN's int8 kernels), not {x.device}; "
+                                    f"load the float model for {x.device.type}")
         if self._packed is None or self._packed[0] != key:
             lo, hi = (float(v) for v in self.input_range.float())
             qmax = cpu_quant_max()
