@@ -3,7 +3,7 @@ pipeline folder and returns a report of what changed. A model reaches production
 evaluation gate of `tessera workflow` (train/workflow.py, its `optimize` step).
 
     int8.py     static int8 of a Stable Diffusion U-Net, calibrated on held-out prompts
-    distill.py  few-step distillation of a Tessera diffusion model (sampling/distill.py's targets)
+    (train/distill.py: few-step distillation of a Tessera diffusion model, sampling/distill.py's targets)
 """
 from __future__ import annotations
 
@@ -29,6 +29,6 @@ def optimize(src: str, out: str, int8: bool = False, distill_steps: int | None =
         return quantize_sd_folder(src, out, prompts, size, steps)
     if not data_dir:
         raise InvalidInputError("--distill-steps: give --data (a prepared folder: the student trains on its images)")
-    from tessera.optimize.distill import distill
+    from tessera.train.distill import distill
 
     return distill(src, out, data_dir, distill_steps, max_steps, list(overrides))

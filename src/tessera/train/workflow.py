@@ -124,13 +124,12 @@ def train_step(cfg: TrainStep, data_dir: str, run: Path) -> None:
 
 def optimize_step(cfg: OptimizeStep, data_dir: str, run: Path) -> Path:
     """The candidate made by `tessera optimize` from cfg.source (its run folder under RUN/candidate.run)."""
-    from tessera.optimize import optimize
+    from tessera.train.distill import distill
 
     if not cfg.distill_steps:
         raise ValueError("optimize: give distill_steps (the workflow gates Tessera's own models; an int8 SD folder "
                          "has no held-out quality to gate on here)")
-    optimize(cfg.source, str(run / "candidate"), distill_steps=cfg.distill_steps, data_dir=data_dir,
-             max_steps=cfg.max_steps, overrides=tuple(cfg.overrides))
+    distill(cfg.source, str(run / "candidate"), data_dir, cfg.distill_steps, cfg.max_steps, list(cfg.overrides))
     return run / "candidate"
 
 
