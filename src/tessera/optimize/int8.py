@@ -71,7 +71,7 @@ def quantize_sd_folder(src: str | Path, out: str | Path, prompts: list[str] | No
     src, out = Path(src), Path(out)
     if not is_diffusers_folder(src):
         raise InvalidInputError(f"{src}: --int8 takes a diffusers Stable Diffusion folder (model_index.json)")
-    if (src / "unet" / "quantization.json").is_file():
+    if (src / "unet" / QUANT_FILE).is_file():
         raise InvalidInputError(f"{src}: its U-Net is already int8")
     if out.exists() and any(out.iterdir()):
         raise InvalidInputError(f"-o {out}: not empty (an optimized folder is never written over another)")
