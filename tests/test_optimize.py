@@ -172,3 +172,52 @@ def test_optimize_distill_trains_a_student_that_samples_its_own_steps(tiny_datas
     assert any(not torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), student.state_dict().values()))
     r = run("optimize", tmp_path / "s", "--distill-steps", "2", "--data", tiny_dataset, "-o", tmp_path / "s2")
     assert r.exit_code != 0 and "already a distilled student" in r.output
+
+
+def test_pruning_removes_the_least_important_mlp_channels_and_keeps_the_rest_exact(seeded):
+    from conftest import tiny_preset
+    from tessera.optimize.prune import _pruned_mlps, prune_mlps
+    from tessera.registry import build
+
+    model = build(tiny_preset("masked-tiny")).eval()
+    mlps = _pruned_mlps(model)
+    assert len(mlps) == 2  # one per block
+    with torch.no_grad():  # half the channels of each MLP reach nothing: removing them changes no output
+        for i, mlp in enumerate(mlps.values()):
+            dead = torch.randperm(128, generator=torch.Generator().manual_seed(i))[:64]
+            mlp.fc2.weight[:, dead] = 0
+    pruned, report = prune_mlps(model, 0.5)
+    assert pruned.config.mlp_ratio == 2.0 and report["mlp_hidden"] == [128, 64]
+    assert report["parameters"][1] == report["parameters"][0] - 2 * 64 * (2 * 32 + 1)
+    tokens = torch.randint(0, 65, (2, 16), generator=torch.Generator().manual_seed(3))
+    cond, mask = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(4)), torch.ones(2, 8, dtype=torch.bool)
+    torch.testing.assert_close(pruned(tokens, cond, mask), model(tokens, cond, mask), atol=1e-5, rtol=1e-5)
+    heavier, _ = prune_mlps(model, 0.75)  # past the dead channels: live ones go, the output changes
+    assert heavier.config.mlp_ratio == 1.0
+    assert not torch.allclose(heavier(tokens, cond, mask), model(tokens, cond, mask), atol=1e-3)
+
+
+def test_optimize_prune_fine_tunes_a_smaller_model_that_loads_and_samples(tiny_dataset, tiny_model, tmp_path):
+    from conftest import tiny_preset
+
+    r = run("train", "masked", "--data", tiny_dataset, "--out", tmp_path / "m", "--preset", tiny_preset("masked-tiny"),
+            "--tokenizer", tiny_model, "--text-encoder", "tiny", "--max-steps", "2", "--set", "train.batch_size=4",
+            "--set", "train.val_every=0")
+    assert r.exit_code == 0, r.output
+    assert run("export", tmp_path / "m", "-o", tmp_path / "mm").exit_code == 0
+    r = run("optimize", tmp_path / "mm", "--prune", "0.5", "--data", tiny_dataset, "-o", tmp_path / "p",
+            "--max-steps", "2", "--set", "train.batch_size=4", "--set", "train.val_every=0")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output[r.output.index('{\n  "out"'):])  # after the caches' progress bars
+    assert report["mlp_hidden"] == [128, 64] and report["parameters"][1] < report["parameters"][0]
+    meta = json.loads((tmp_path / "p" / "meta.json").read_text())
+    assert meta["pruned"]["recovery_steps"] == 2 and meta["trained_steps"] == 2
+    pruned = tessera.load(str(tmp_path / "p"))
+    assert pruned.config.mlp_ratio == 2.0
+    r = run("sample", "masked", "a red fox", "--model", tmp_path / "p", "--tokenizer", tiny_model, "--text-encoder",
+            "tiny", "--steps", "2", "-n", "1", "-o", tmp_path / "s.png")
+    assert r.exit_code == 0, r.output
+    for args, message in ((["--prune", "1.5"], "must be in (0, 1)"), (["--prune", "0.5", "--int8"], "give one of"),
+                          (["--prune", "0.001"], "removes no channel")):
+        r = run("optimize", tmp_path / "mm", *args, "-o", tmp_path / "bad")
+        assert r.exit_code != 0 and message in r.output, r.output

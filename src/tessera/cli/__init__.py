@@ -251,7 +251,8 @@ def convert(src, out, **kw) -> None:
 @click.argument("src")
 @options(opt("-o", "--out", required=True, type=NEWDIR), opt("--int8", is_flag=True, help="static int8 U-Net of an SD folder"),
          opt("--calibration", type=FILE, help="--int8: prompts, one per line"), opt("--size", type=int), opt("--steps", type=int),
-         opt("--distill-steps", type=int, help="a few-step student of a Tessera diffusion model"), opt("--data", "data_dir", type=DIR),
+         opt("--distill-steps", type=int, help="a few-step student of a Tessera diffusion model"),
+         opt("--prune", type=float, help="remove this fraction of a Transformer's MLP channels"), opt("--data", "data_dir", type=DIR),
          opt("--max-steps", default=3000), opt("--set", "overrides", multiple=True))
 def optimize(src, out, **kw) -> None:
     """Write an optimized SRC to OUT (seed 004's model optimization); prints the report."""

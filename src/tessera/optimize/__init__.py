@@ -3,6 +3,7 @@ pipeline folder and returns a report of what changed. A model reaches production
 evaluation gate of `tessera workflow` (train/workflow.py, its `optimize` step).
 
     int8.py     static int8 of a Stable Diffusion U-Net, calibrated on held-out prompts
+    prune.py    structured pruning of a Tessera Transformer's MLP channels, with a recovery fine-tune
     (train/distill.py: few-step distillation of a Tessera diffusion model, sampling/distill.py's targets)
 """
 from __future__ import annotations
@@ -12,12 +13,16 @@ from pathlib import Path
 from tessera.errors import InvalidInputError
 
 
-def optimize(src: str, out: str, int8: bool = False, distill_steps: int | None = None, data_dir: str | None = None,
-             max_steps: int = 3000, calibration: str | None = None, size: int | None = None,
+def optimize(src: str, out: str, int8: bool = False, distill_steps: int | None = None, prune: float | None = None,
+             data_dir: str | None = None, max_steps: int = 3000, calibration: str | None = None, size: int | None = None,
              steps: int | None = None, overrides: tuple[str, ...] = ()) -> dict:
     """One optimization of SRC into OUT (`tessera optimize`); -> its report."""
-    if int8 == bool(distill_steps):
-        raise InvalidInputError("give one of --int8 or --distill-steps N")
+    if [bool(int8), bool(distill_steps), prune is not None].count(True) != 1:
+        raise InvalidInputError("give one of --int8, --distill-steps N or --prune F")
+    if prune is not None:
+        from tessera.optimize.prune import prune as run_prune
+
+        return run_prune(src, out, prune, data_dir, max_steps, list(overrides))
     if int8:
         from tessera.optimize.int8 import quantize_sd_folder
 
