@@ -116,7 +116,7 @@ def test_optimize_int8_refuses_what_it_cannot_do_and_a_tampered_folder_fails_lou
     r = run("optimize", int8_folder / "pipe", "--int8", "-o", out)
     assert r.exit_code != 0 and "not empty" in r.output
     r = run("optimize", int8_folder / "pipe", "-o", tmp_path / "x")
-    assert r.exit_code != 0 and "--int8 or --distill-steps" in r.output
+    assert r.exit_code != 0 and "give one of --int8, --distill-steps N or --prune F" in r.output
     import shutil
 
     broken = tmp_path / "broken"
