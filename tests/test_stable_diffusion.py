@@ -153,7 +153,8 @@ def test_requests_batched_together_keep_their_own_seeds(sd_folder):
     pipe = tessera.load(str(folder), dtype="float32")
     both = pipe.generate(["a cat", "a dog"], pipe.params(steps=2, cfg_scale=3.0, noise_seeds=[[3, 1], [4, 1]]))
     alone = [pipe.generate([p], pipe.params(steps=2, cfg_scale=3.0, seed=s)) for p, s in (("a cat", 3), ("a dog", 4))]
-    torch.testing.assert_close(both, torch.cat(alone), atol=1e-5, rtol=1e-5)
+    # batch-size-dependent GEMM blocking differs by ~1e-5 on AVX-512; another seed would differ by O(1)
+    torch.testing.assert_close(both, torch.cat(alone), atol=1e-4, rtol=1e-4)
 
 
 def test_clip_skip_takes_an_earlier_layer_through_the_final_norm(sd_folder):
