@@ -6,9 +6,14 @@
              CPU has it, float32 elsewhere); whole call and U-Net call medians, and their ratios.
     distill  `tessera generate`'s generation stage (the PNG's seconds.generate) of --model unet-xs (20 DDIM steps,
              guidance 5) vs --model unet-xs-4step (4 steps, no guidance), alternating processes.
+    prune    the same generation stage of --model masked-xxs vs its `tessera optimize --prune F` copies.
+    sr       the distilled SR student vs Real-ESRGAN x4plus: x4 of a 256 px input (bf16, alternating), and the
+             student's PSNR against x4plus's output on held-out photos.
 
     .venv/bin/python benchmarks/bench_optimize.py int8 [--calls 3] [--dtype float32|bfloat16]
     .venv/bin/python benchmarks/bench_optimize.py distill [--calls 5]
+    .venv/bin/python benchmarks/bench_optimize.py prune --models DIR... [--calls 5]   (pruned masked-xxs folders)
+    .venv/bin/python benchmarks/bench_optimize.py sr [--student DIR --data data/photo256b --images 64]
 """
 from __future__ import annotations
 
@@ -26,15 +31,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _unet_timer(pipe, bucket: list[float]) -> None:
-    fn = pipe._unet
+def _timer(pipe, attr: str, bucket: list[float]) -> None:
+    """Time every call of pipe.<attr> (the U-Net call `_unet`, the autoencoder's `decode`) into `bucket`."""
+    fn = getattr(pipe, attr)
 
-    def timed(*a):
+    def timed(*a, **kw):
         t0 = time.perf_counter()
-        out = fn(*a)
+        out = fn(*a, **kw)
         bucket.append(time.perf_counter() - t0)
         return out
-    pipe._unet = timed
+    setattr(pipe, attr, timed)
 
 
 def bench_int8(folder: Path, out: Path, calls: int, dtype: str) -> dict:
@@ -52,13 +58,14 @@ def bench_int8(folder: Path, out: Path, calls: int, dtype: str) -> dict:
         print(f"optimize --int8: {len(report['quantized'])} layers int8, {len(report['kept'])} kept float, "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
     sides = {name: tessera.load(str(path), dtype=dtype) for name, path in (("float", folder), ("int8", out))}
-    times = {name: {"call": [], "unet": []} for name in sides}
+    times = {name: {"call": [], "unet": [], "decode": []} for name in sides}
     for name, pipe in sides.items():
-        _unet_timer(pipe, times[name]["unet"])
+        _timer(pipe, "_unet", times[name]["unet"])
+        _timer(pipe, "decode", times[name]["decode"])
     images = {}
     for i in range(calls + 1):  # the first round is the warm-up (the int8 weights are packed at the first call)
         for name, pipe in sides.items():
-            n = len(times[name]["unet"])
+            n = {k: len(v) for k, v in times[name].items()}
             t0 = time.perf_counter()
             images[name] = pipe("a lake between mountains at sunset", num_inference_steps=1, guidance_scale=0.0,
                                 height=512, width=512, generator=torch.Generator().manual_seed(1),
@@ -66,40 +73,88 @@ def bench_int8(folder: Path, out: Path, calls: int, dtype: str) -> dict:
             if i:
                 times[name]["call"].append(time.perf_counter() - t0)
             else:
-                del times[name]["unet"][n:]
+                for k in ("unet", "decode"):
+                    del times[name][k][n[k]:]
     med = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
     diff = (images["float"] - images["int8"]).abs()
     return {"dtype": str(sides["float"].placement.dtype), "calls": calls, "float": med["float"], "int8": med["int8"],
             "call_ratio": med["float"]["call"] / med["int8"]["call"],
             "unet_ratio": med["float"]["unet"] / med["int8"]["unet"],
+            "decode_ratio": med["float"]["decode"] / med["int8"]["decode"],
             "image_mean_abs_diff": float(diff.mean()), "threads": torch.get_num_threads()}
 
 
-def bench_distill(calls: int) -> dict:
+def bench_generation_stage(models: list[str], calls: int) -> dict:
+    """`tessera generate`'s generation stage (the PNG's seconds.generate) per model, alternating processes;
+    ratios against the first model."""
+    from tessera.records import read_record
+
     exe = str(ROOT / ".venv" / "bin" / "tessera")
-    seconds: dict[str, list[float]] = {"unet-xs": [], "unet-xs-4step": []}
+    seconds: dict[str, list[float]] = {m: [] for m in models}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(calls):
-            for model in seconds:
-                png = Path(tmp) / f"{model}-{i}.png"
+            for j, model in enumerate(models):
+                png = Path(tmp) / f"{j}-{i}.png"
                 subprocess.run([exe, "generate", "grinning face emoji", "--model", model, "--size", "0",
                                 "--seed", str(i), "-o", str(png)], check=True, capture_output=True)
-                from tessera.records import read_record
-
                 seconds[model].append(float(read_record(png)["seconds"]["generate"]))
     med = {m: statistics.median(v) for m, v in seconds.items()}
-    return {"calls": calls, "seconds_generate": med, "all": seconds, "ratio": med["unet-xs"] / med["unet-xs-4step"]}
+    return {"calls": calls, "seconds_generate": med, "all": seconds,
+            "ratio": {m: med[models[0]] / med[m] for m in models[1:]}}
+
+
+def bench_sr(student: str, teacher: str, data: str, calls: int, images: int) -> dict:
+    """The SR student vs its teacher: seconds per x4 upscale of a 256 px input (bf16 autocast where the CPU has it, alternating),
+    and the student's PSNR against the teacher's output on `images` held-out photos of DATA (bicubic LR)."""
+    from tessera.data.dataset import ShardImages
+    from tessera.device import cpu_placement
+    from tessera.eval.metrics import psnr
+    from tessera.superres.cascade import load_sr_models
+    from tessera.superres.degrade import bicubic_down, to_uint8
+    from tessera.train.sr import teacher_outputs
+
+    nets = {"teacher": load_sr_models(teacher)[4].eval(), "student": load_sr_models(student)[4].eval()}
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    seconds: dict[str, list[float]] = {k: [] for k in nets}
+    with torch.no_grad(), cpu_placement("auto").autocast():  # bf16 where the CPU has it
+        for i in range(calls + 1):
+            for name, net in nets.items():
+                t0 = time.perf_counter()
+                net(x)
+                if i:
+                    seconds[name].append(time.perf_counter() - t0)
+    val = ShardImages(data, "val")
+    pick = [int(i) for i in torch.linspace(0, len(val) - 1, min(images, len(val))).round()]
+    lr = torch.stack([to_uint8(bicubic_down(val.image(i), 4)) for i in pick])
+    out = {k: teacher_outputs(net, lr, progress=False).float() / 127.5 - 1 for k, net in nets.items()}
+    b = 4  # the border the SR validation ignores
+    crop = (slice(None), slice(None), slice(b, -b), slice(b, -b))
+    db = psnr(out["student"][crop], out["teacher"][crop])
+    med = {k: statistics.median(v) for k, v in seconds.items()}
+    return {"seconds_256px_x4": med, "speedup": med["teacher"] / med["student"], "images": len(pick),
+            "psnr_vs_teacher_mean": float(db.mean()), "psnr_vs_teacher_min": float(db.min()),
+            "threads": torch.get_num_threads()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("case", choices=["int8", "distill"])
+    ap.add_argument("case", choices=["int8", "distill", "prune", "sr"])
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "tessera-bench-sd-turbo")
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "tessera-bench-sd-turbo-int8")
+    ap.add_argument("--models", nargs="+", default=[], help="prune: the pruned model folders (vs masked-xxs)")
+    ap.add_argument("--student", default="models/sr-x4plus-student", help="sr: the distilled SR student")
+    ap.add_argument("--data", default="data/photo256b", help="sr: a prepared photo folder (its val split)")
+    ap.add_argument("--images", type=int, default=64, help="sr: held-out photos for the PSNR")
     args = ap.parse_args()
-    result = bench_int8(args.folder, args.out, args.calls, args.dtype) if args.case == "int8" else bench_distill(args.calls)
+    if args.case == "int8":
+        result = bench_int8(args.folder, args.out, args.calls, args.dtype)
+    elif args.case == "sr":
+        result = bench_sr(args.student, "x4plus", args.data, args.calls, args.images)
+    else:
+        models = ["unet-xs", "unet-xs-4step"] if args.case == "distill" else ["masked-xxs", *args.models]
+        result = bench_generation_stage(models, args.calls)
     print(json.dumps(result, indent=2))
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The exact commands that rebuild Tessera's bundled default models from scratch (CPU, 2 cores).
 # Each training command resumes from its run folder when re-run (--resume), so it can be stopped and
-# continued across sessions. Usage: scripts/train_defaults.sh [tokenizer|tokenizer-photo|ar|masked|masked-bundled|diffusion|distill|dit|sr|clip|safety|all]
+# continued across sessions. Usage: scripts/train_defaults.sh [tokenizer|tokenizer-photo|ar|masked|masked-bundled|diffusion|distill|dit|sr|sr-distill|prune|clip|safety|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=.venv/bin/tessera
@@ -124,6 +124,25 @@ from tessera.superres.srvgg import grown; export_model(grown(load_model('models/
     $T export runs/sr-per-x$S -o src/tessera/weights/sr-perceptual-x$S --dtype float16
   done
   $T eval sr --data data/photo256b --model fidelity --model perceptual --model x4plus
+fi
+if [ "$WHAT" = sr-distill ] || [ "$WHAT" = all ]; then
+  # issue 24: a compact student of Real-ESRGAN x4plus (its outputs on the bicubic LR of data/photo256b's train
+  # crops are the targets, cached in data/photo256b/sr_teacher), from the fidelity x4 weights
+  [ -f data/photo256b/report.json ] || $T data prepare $PHOTOS --out data/photo256b --size 256 \
+    --crops-per-image 32 --max-downscale 24 --val-fraction 0.2
+  OMP_NUM_THREADS=1 $T train sr --data data/photo256b --out runs/sr-x4plus-student --preset sr-fidelity-x4 \
+    --tokenizer "" --set task.teacher=x4plus --set train.init=sr-fidelity-x4 --set train.lr=2e-4 \
+    --set train.warmup_steps=50 --set train.max_steps=${SRD_STEPS:-1500} --set train.val_every=500 \
+    $(resume runs/sr-x4plus-student)
+  $T export runs/sr-x4plus-student -o models/sr-x4plus-student --dtype float16
+fi
+if [ "$WHAT" = prune ]; then
+  # issue 24: masked-xxs with 25 / 50 / 75% of its MLP channels removed, each fine-tuned PRUNE_STEPS on demo128
+  for F in 25 50 75; do
+    OMP_NUM_THREADS=1 $T optimize masked-xxs --prune 0.$F --data data/demo128 -o models/masked-xxs-p$F \
+      --max-steps ${PRUNE_STEPS:-150} --set train.lr=1e-4 --set train.ema_decay=0.995 --set train.val_every=0 \
+      --set train.ckpt_every=50
+  done
 fi
 
 if [ "$WHAT" = clip ] || [ "$WHAT" = all ]; then

@@ -124,6 +124,14 @@ def test_read_prompts_tsv_and_text(tmp_path):
     (tmp_path / "bad.tsv").write_text("text\tCategory\nx\ty\n")
     with pytest.raises(ValueError, match="Prompt"):
         read_prompts(tmp_path / "bad.tsv")
+    drawbench = tmp_path / "DrawBench.csv"  # DrawBench's CSV layout (a user's copy: its licence is unstated)
+    drawbench.write_text('Prompts,Category\n"A red colored car.",Colors\n"A black apple, and a green backpack.",Colors\n'
+                         '"Two cats and one dog sitting on the grass.",Counting\n')
+    ps = read_prompts(drawbench)
+    assert [p.category for p in ps] == ["Colors", "Colors", "Counting"]
+    assert ps[1].prompt == "A black apple, and a green backpack."  # the quoted comma stays in the prompt
+    assert [p.prompt for p in read_prompts(drawbench, per_category=1)] == ["A red colored car.",
+                                                                          "Two cats and one dog sitting on the grass."]
 
 
 def test_retrieval_metrics_reference_values():
@@ -342,3 +350,41 @@ def test_prompts_longer_than_the_generator_takes_are_skipped_and_listed(models, 
     with pytest.raises(ValueError, match="every prompt was too long"):
         generate_samples(str(tmp_path / "m"), prompts[1:2], tmp_path / "t", {"steps": 2},
                          tokenizer=str(models / "vq"), text_encoder="tiny", progress=False)
+
+
+def test_frechet_in_sample_space_equals_the_feature_space_formula():
+    from tessera.eval.bootstrap import frechet_from_features
+    from tessera.eval.frechet import frechet_distance, statistics
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 64)), rng.normal(0.3, 1.5, size=(30, 64))
+    assert frechet_from_features(x, y) == pytest.approx(frechet_distance(*statistics(x), *statistics(y)), rel=1e-6)
+
+
+def test_the_gate_with_bootstrap_intervals_passes_noise_and_rejects_a_real_loss():
+    from tessera.eval.bootstrap import paired_intervals
+    from tessera.eval.gate import DIRECTIONS, gate
+
+    rng = np.random.default_rng(1)
+    real = rng.normal(size=(64, 16))
+
+    def model(shift, clip_mean, seed):
+        r = np.random.default_rng(seed)
+        return {"feats": r.normal(shift, 1.0, size=(64, 16)), "clipscore": r.normal(clip_mean, 3.0, 64),
+                "hit": (r.random(64) < 0.5).astype(float)}
+
+    deployed = model(0.0, 25.0, 2)
+    same, worse = model(0.0, 24.5, 3), model(0.0, 15.0, 4)  # 0.5 below: noise at n=64; 10 below: a real loss
+    tol = {"clipscore": 0.3}
+    for cand, promote in ((same, True), (worse, False)):
+        point = {"clipscore": float(cand["clipscore"].mean())}
+        ci = paired_intervals(cand, deployed, real, DIRECTIONS, replicates=200)
+        assert ci["clipscore"][0] < ci["clipscore"][1]
+        d = gate(point, {"clipscore": float(deployed["clipscore"].mean())}, tol, ci)
+        assert d.promote is promote and d.compared["clipscore"]["interval"] == ci["clipscore"]
+        assert "95% CI" in d.reasons[0]
+    # without intervals the same noise-level difference (0.29 here) is rejected on its point estimate
+    point = {"clipscore": float(same["clipscore"].mean())}
+    assert gate(point, {"clipscore": float(deployed["clipscore"].mean())}, {"clipscore": 0.2}).promote is False
+    ci = paired_intervals(same, deployed, real, DIRECTIONS, replicates=200)
+    assert gate(point, {"clipscore": float(deployed["clipscore"].mean())}, {"clipscore": 0.2}, ci).promote is True

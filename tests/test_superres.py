@@ -290,3 +290,36 @@ def test_grown_srvgg_computes_the_same_and_its_new_channels_learn():
     assert float(last.weight.grad[:, 8:].abs().sum()) > 0  # the new channels' outgoing weights get gradients
     with pytest.raises(ValueError, match="can only grow"):
         grown(small, 4, 3)
+
+
+def test_sr_distillation_learns_the_teachers_outputs_cached_once(tiny_dataset, tmp_path):
+    """task.teacher: the targets are a teacher's outputs on the bicubic LR (cached in DATA/sr_teacher), and
+    validation reports the student's PSNR against the teacher; a student trained on them approaches it."""
+    import json
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from tessera.checkpoint import export_model
+    from tessera.cli import main
+
+    torch.manual_seed(0)
+    export_model(build("sr-tiny"), tmp_path / "teacher")
+    r = CliRunner()
+    common = ["--data", str(tiny_dataset), "--preset", "sr-tiny", "--tokenizer", "", "--set", "task.crop=16",
+              "--set", f"task.teacher={tmp_path / 'teacher'}", "--set", "train.batch_size=8",
+              "--set", "train.warmup_steps=5", "--set", "train.lr=3e-3"]
+    res = r.invoke(main, ["train", "sr", "--out", str(tmp_path / "run"), "--max-steps", "40", *common,
+                          "--set", "train.val_every=40"])
+    assert res.exit_code == 0, res.output
+    cache = Path(tiny_dataset) / "sr_teacher" / "teacher-x2" / "targets.npy"
+    assert cache.is_file()
+    stamp = cache.stat().st_mtime_ns
+    logs = [json.loads(ln) for ln in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    val = [ln for ln in logs if "val/psnr_teacher" in ln]
+    assert val and val[-1]["val/psnr_teacher"] > val[-1]["val/psnr"]  # closer to its teacher than to the photos
+    res = r.invoke(main, ["train", "sr", "--out", str(tmp_path / "run2"), "--max-steps", "1", *common])
+    assert res.exit_code == 0 and cache.stat().st_mtime_ns == stamp  # the cached outputs were reused
+    res = r.invoke(main, ["train", "sr", "--out", str(tmp_path / "bad"), "--max-steps", "1", *common,
+                          "--set", "task.degradation=realesrgan"])
+    assert res.exit_code != 0 and "task.teacher" in res.output and "Traceback" not in res.output

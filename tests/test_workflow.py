@@ -104,7 +104,7 @@ def test_an_optimize_step_whose_student_lost_quality_is_rejected(tiny_dataset, t
                         "overrides": ["train.batch_size=8", "train.val_every=0", "train.lr=3.0", "train.warmup_steps=1",
                                       "task.teacher_steps=6", "train.ema_decay=0.0"]},
            "evaluate": {"metrics": "samples", "limit": 4, "clip": str(clip), "prompts": ["a synthetic picture number 1"]},
-           "gate": {"tolerances": {"fd": 1.0, "kid": 0.01}}}
+           "gate": {"tolerances": {"fd": 1.0, "kid": 0.01}, "bootstrap": 0}}  # 4 images: point estimates
     (tmp_path / "w.json").write_text(json.dumps(cfg))
     weights = tmp_path / "deployed" / "model.safetensors"
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
@@ -116,3 +116,16 @@ def test_an_optimize_step_whose_student_lost_quality_is_rejected(tiny_dataset, t
     assert not report["promoted"] and report["decision"]["compared"]["fd"]["ok"] is False
     assert json.loads((tmp_path / "runs" / "opt" / "candidate" / "meta.json").read_text())["task"]["student_steps"] == 2
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == sha  # the deployed model did not change
+    from tessera.train.workflow import WorkflowConfig, _intervals
+
+    ci = _intervals(tmp_path / "runs" / "opt", WorkflowConfig.from_dict({**cfg, "gate": {**cfg["gate"], "bootstrap": 50}}))
+    assert set(ci) == {"fd", "clipscore", "r_precision"} and all(lo <= hi for lo, hi in ci.values())
+    assert ci["fd"][1] > 0  # the wrecked student: worse in FD at the upper end at least
+
+
+def test_an_optimize_step_takes_exactly_one_optimization(tmp_path):
+    from tessera.train.workflow import OptimizeStep, optimize_step
+
+    for step in (OptimizeStep(source="masked-xxs"), OptimizeStep(source="unet-xs", distill_steps=4, prune=0.5)):
+        with pytest.raises(ValueError, match="give one of distill_steps or prune"):
+            optimize_step(step, str(tmp_path), tmp_path)

@@ -61,7 +61,7 @@ def eval_sr(data_dir, models, scale, split, limit, degrade, tokenizer, device, d
 
 @eval_.command("sample")
 @SAMPLES
-@options(opt("--prompts", "prompt_file", type=PNG_OUT, help="TSV with a Prompt column or one per line"),
+@options(opt("--prompts", "prompt_file", type=PNG_OUT, help="TSV / CSV with a Prompt(s) column, or one per line"),
          opt("--data", "data_dir", type=DIR, help="or: a prepared folder's captions"), SPLIT, LIMIT, *DEVICE_OPTS)
 def eval_sample(model, tokenizer, text_encoder, batch_size, no_safety, settings, out, prompt_file, data_dir, split,
                 limit, device, dtype) -> None:
@@ -95,7 +95,7 @@ def eval_latency(samples, price_per_hour) -> None:
          opt("--price-per-hour", default=0.10), *DEVICE_OPTS)
 def eval_prompts(prompt_file, model, tokenizer, text_encoder, batch_size, no_safety, settings, out, per_category,
                  categories, clip_model, price_per_hour, device, dtype) -> None:
-    """Prompt benchmark (e.g. PartiPrompts.tsv): CLIPScore and seconds per image per category -> OUT/report.*"""
+    """Prompt benchmark (PartiPrompts.tsv, or a DrawBench CSV of your own): CLIPScore and s / image per category -> OUT/report.*"""
     from tessera.eval.prompts import prompt_benchmark
     click.echo(prompt_benchmark(prompt_file, model, out, parse_settings(settings), batch_size, tokenizer, text_encoder,
                                 per_category, list(categories), clip_model, price_per_hour, device, dtype, not no_safety))

@@ -19,9 +19,13 @@ class Decision:
     compared: dict[str, dict]        # metric -> {"candidate", "deployed", "tolerance", "worse_by", "ok"}
 
 
-def gate(candidate: dict[str, float], deployed: dict[str, float] | None, tolerances: dict[str, float]) -> Decision:
+def gate(candidate: dict[str, float], deployed: dict[str, float] | None, tolerances: dict[str, float],
+         intervals: dict[str, list[float]] | None = None) -> Decision:
     """`tolerances`: metric -> how much worse (in the metric's own units) the candidate may be. Every
-    gated metric must be in both reports; nothing deployed yet promotes the candidate."""
+    gated metric must be in both reports; nothing deployed yet promotes the candidate. `intervals`: metric ->
+    [lo, hi], a confidence interval of worse_by (eval/bootstrap.py); a metric with one fails only when even
+    its lower end is beyond the tolerance (worse beyond noise), one without compares the point estimate."""
+    intervals = intervals or {}
     unknown = sorted(set(tolerances) - set(DIRECTIONS))
     if unknown:
         raise ValueError(f"gate tolerances {unknown}: unknown metrics; known: {sorted(DIRECTIONS)}")
@@ -35,11 +39,13 @@ def gate(candidate: dict[str, float], deployed: dict[str, float] | None, toleran
             if name not in report:
                 raise ValueError(f"gate: metric {name!r} missing from the {who} report ({sorted(report)})")
         worse_by = DIRECTIONS[name] * (deployed[name] - candidate[name])  # > 0: the candidate is worse
-        ok = worse_by <= tol
+        ci = intervals.get(name)
+        ok = (ci[0] if ci else worse_by) <= tol
         compared[name] = {"candidate": candidate[name], "deployed": deployed[name], "tolerance": tol,
-                          "worse_by": worse_by, "ok": ok}
+                          "worse_by": worse_by, "ok": ok, **({"interval": list(ci)} if ci else {})}
+        noise = f", 95% CI of worse_by [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else ""
         line = (f"{name}: candidate {candidate[name]:.5g} vs deployed {deployed[name]:.5g} "
-                f"({'worse' if worse_by > 0 else 'not worse'} by {abs(worse_by):.4g}; tolerance {tol:.4g})")
-        (good if ok else bad).append((worse_by - tol, line))
+                f"({'worse' if worse_by > 0 else 'not worse'} by {abs(worse_by):.4g}{noise}; tolerance {tol:.4g})")
+        (good if ok else bad).append(((ci[0] if ci else worse_by) - tol, line))
     reasons = [line for _, line in sorted(bad, reverse=True)] + [line for _, line in good]
     return Decision(not bad, reasons, compared)

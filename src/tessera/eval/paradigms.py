@@ -59,8 +59,9 @@ def parse_config(spec: str) -> Case:
     return Case(paradigm, model, settings)
 
 
-def _alignment(scorer, images, prompts: list[str]) -> dict:
-    """Mean CLIPScore with the own prompt, and R-precision over the prompt list (identical prompts count)."""
+def _alignment(scorer, images, prompts: list[str], per_image: dict | None = None) -> dict:
+    """Mean CLIPScore with the own prompt, and R-precision over the prompt list (identical prompts count);
+    `per_image` (a dict) receives each image's "clipscore" and "hit" (its own prompt ranked first)."""
     from tessera.data.dataset import to_tensor
 
     with torch.no_grad():
@@ -71,6 +72,8 @@ def _alignment(scorer, images, prompts: list[str]) -> dict:
     sim = img @ txt.T  # (N, U)
     own = torch.tensor([unique.index(p) for p in prompts])
     clip = 100 * sim.gather(1, own[:, None]).squeeze(1).clamp_min(0)
+    if per_image is not None:
+        per_image.update(clipscore=clip.double().numpy(), hit=(sim.argmax(1) == own).double().numpy())
     return {"clipscore": float(clip.double().mean()), "clipscore_sem": float(clip.double().std() / len(clip) ** 0.5),
             "r_precision": float((sim.argmax(1) == own).double().mean()), "candidates": len(unique)}
 
@@ -101,6 +104,7 @@ def run_paradigms(data_dir: str | Path, out: str | Path, configs: list[Case], sp
                   text_encoder: str = "minilm", progress: bool = True) -> list[dict]:
     """Sample every config for the held-out captions, measure, and write OUT/results.json."""
     from tessera.data.dataset import ShardImages
+    from tessera.eval.bootstrap import SCORES_FILE, save_scores
     from tessera.eval.clipscore import load_image_text_model
     from tessera.eval.frechet import open_nsfw_pooled, read_image
     from tessera.tokenizer.perceptual import load_open_nsfw
@@ -116,6 +120,8 @@ def run_paradigms(data_dir: str | Path, out: str | Path, configs: list[Case], sp
     real = [ds.image(i) for i in idx]
     net, scorer = load_open_nsfw(), load_image_text_model(clip_model)
     real_feats = open_nsfw_pooled(real, net)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / "real_features.npz", feats=real_feats.astype(np.float32))  # the paired bootstrap's reference
     rows = _reference_rows(data_dir, split, prompts, real, real_feats, scorer, net)
     for c in configs:
         folder = out / c.slug
@@ -123,10 +129,14 @@ def run_paradigms(data_dir: str | Path, out: str | Path, configs: list[Case], sp
                          progress=progress)
         record, files = read_samples(folder)
         images = [read_image(f) for f in files]
+        feats, own = open_nsfw_pooled(images, net), [r["prompt"] for r in record["images"]]
+        per_image: dict = {}
         rows.append({"paradigm": c.paradigm, "config": c.slug, "model": c.model, "settings": record["settings"],
-                     "params_m": _params_m(c.model), **_distances(real_feats, open_nsfw_pooled(images, net)),
-                     **_alignment(scorer, images, [r["prompt"] for r in record["images"]]),  # skipped / withheld out
+                     "params_m": _params_m(c.model), **_distances(real_feats, feats),
+                     **_alignment(scorer, images, own, per_image),  # skipped / withheld out
+                     "samples": str(folder),
                      "seconds_per_image": timing_summary(record)["seconds_per_image"], "images": len(images)})
+        save_scores(folder / SCORES_FILE, feats, per_image["clipscore"], per_image["hit"], own)
     meta = {"data": str(data_dir), "split": split, "images": len(prompts), "batch_size": batch_size,
             "feature_space": "open_nsfw ResNet-50 pooled (1024-d); NOT Inception", "alignment_model": scorer.space}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

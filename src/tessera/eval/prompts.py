@@ -20,12 +20,14 @@ def read_prompts(path: str | Path, per_category: int | None = None, categories: 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
-    if path.suffix.lower() == ".tsv":
+    if path.suffix.lower() in (".tsv", ".csv"):
         with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
-        if not rows or "Prompt" not in rows[0]:
-            raise ValueError(f"{path}: a TSV prompt file needs a 'Prompt' column (PartiPrompts layout)")
-        prompts = [Prompt(r["Prompt"].strip(), (r.get("Category") or "").strip()) for r in rows]
+            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+        column = next((c for c in ("Prompt", "Prompts") if rows and c in rows[0]), None)
+        if column is None:
+            raise ValueError(f"{path}: a {path.suffix[1:].upper()} prompt file needs a 'Prompt' column "
+                             f"(PartiPrompts' TSV) or 'Prompts' (DrawBench's CSV), with an optional 'Category'")
+        prompts = [Prompt(r[column].strip(), (r.get("Category") or "").strip()) for r in rows]
     else:
         prompts = [Prompt(line.strip()) for line in path.read_text(encoding="utf-8").splitlines()]
     prompts = [p for p in prompts if p.prompt]

@@ -13,6 +13,7 @@ Lossy (about 0.4% of a row's largest weight per element); `quantize_int8(model)`
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -83,10 +84,17 @@ def static_available() -> bool:
 
 
 def quantize_u8(x: torch.Tensor, scale: float, zero_point: int, qmax: int) -> torch.Tensor:
-    """Per-tensor affine u8 codes of x (computed in float32: bf16 cannot hold x / s to a unit). In place on
-    one float32 copy, rounding by the u8 cast's truncation of y + 0.5 (half up): two passes fewer than
-    round() then clamp(), measured 2.1x faster on a 1x320x64x64 bf16 activation."""
-    y = x.to(torch.float32, copy=True)
+    """Per-tensor affine u8 codes of x (computed in float32: bf16 cannot hold x / s to a unit). With 8-bit
+    codes, ATen's fused quantize kernel (one vectorized pass), its quint8 storage then taken as a plain uint8
+    tensor of the same shape and strides (`.view(torch.uint8)` would stay a QuantizedCPU tensor): measured
+    4.1x faster than the elementwise chain on a 1x320x64x64 bf16 activation (alternating, 30 rounds)."""
+    if qmax == 255 and hasattr(torch, "quantize_per_tensor"):
+        with warnings.catch_warnings():  # quantized tensors are deprecated as a user API; the kernel is not
+            warnings.simplefilter("ignore", UserWarning)
+            q = torch.quantize_per_tensor(x.float(), scale, zero_point, torch.quint8)
+        return torch.empty(0, dtype=torch.uint8, device=x.device).set_(q.untyped_storage(), q.storage_offset(),
+                                                                       q.shape, q.stride())
+    y = x.to(torch.float32, copy=True)  # 7-bit codes (AVX2): in place, rounding half up by the cast's truncation
     return y.mul_(1.0 / scale).add_(zero_point + 0.5).clamp_(0.0, qmax + 0.25).to(torch.uint8)
 
 

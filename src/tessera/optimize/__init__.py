@@ -3,8 +3,8 @@ pipeline folder and returns a report of what changed. A model reaches production
 evaluation gate of `tessera workflow` (train/workflow.py, its `optimize` step).
 
     int8.py     static int8 of a Stable Diffusion U-Net, calibrated on held-out prompts
-    prune.py    structured pruning of a Tessera Transformer's MLP channels, with a recovery fine-tune
-    (train/distill.py: few-step distillation of a Tessera diffusion model, sampling/distill.py's targets)
+    (train/distill.py: few-step distillation of a Tessera diffusion model, sampling/distill.py's targets;
+     train/prune.py: structured pruning, nn/prune.py, with a recovery fine-tune)
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def optimize(src: str, out: str, int8: bool = False, distill_steps: int | None =
     if [bool(int8), bool(distill_steps), prune is not None].count(True) != 1:
         raise InvalidInputError("give one of --int8, --distill-steps N or --prune F")
     if prune is not None:
-        from tessera.optimize.prune import prune as run_prune
+        from tessera.train.prune import prune as run_prune
 
         return run_prune(src, out, prune, data_dir, max_steps, list(overrides))
     if int8:

@@ -42,15 +42,13 @@ def _copy_tree(src: Path, out: Path, skip: set[Path]) -> None:
                 shutil.copy2(path, dest)
 
 
-def calibrate(pipe, prompts: list[str], size: int | None, steps: int | None) -> dict[str, dict[str, dict]]:
-    """The layer input ranges of the U-Net and the autoencoder over a pipeline call per prompt (its own defaults
-    unless given) -> component ("unet", "vae") -> layer -> range."""
+def calibrate(pipe, prompts: list[str], size: int | None, steps: int | None) -> dict[str, dict]:
+    """The U-Net's layer input ranges over a pipeline call per prompt (its own defaults unless given)."""
     from tessera.nn import quant
 
     kw = {} if steps is None else {"num_inference_steps": steps}
     if size is not None:
         kw.update(height=size, width=size)
-    stats: dict[str, dict] = {}
 
     def run():
         for i, prompt in enumerate(prompts):
@@ -58,9 +56,7 @@ def calibrate(pipe, prompts: list[str], size: int | None, steps: int | None) -> 
 
     with pipe.unpacked():  # the plain layers (prepacked ones bypass the hooks' modules' forward)
         pipe.prepack = False
-        stats["unet"] = quant.observe_inputs(pipe.generator, lambda: stats.update(
-            vae=quant.observe_inputs(pipe.tokenizer, run)))
-    return stats
+        return quant.observe_inputs(pipe.generator, run)
 
 
 def quantize_sd_folder(src: str | Path, out: str | Path, prompts: list[str] | None = None, size: int | None = None,
@@ -75,8 +71,8 @@ def quantize_sd_folder(src: str | Path, out: str | Path, prompts: list[str] | No
     src, out = Path(src), Path(out)
     if not is_diffusers_folder(src):
         raise InvalidInputError(f"{src}: --int8 takes a diffusers Stable Diffusion folder (model_index.json)")
-    if (src / "unet" / QUANT_FILE).is_file() or (src / "vae" / QUANT_FILE).is_file():
-        raise InvalidInputError(f"{src}: already int8 (unet/ or vae/ holds {QUANT_FILE})")
+    if (src / "unet" / QUANT_FILE).is_file():
+        raise InvalidInputError(f"{src}: its U-Net is already int8")
     if out.exists() and any(out.iterdir()):
         raise InvalidInputError(f"-o {out}: not empty (an optimized folder is never written over another)")
     if not quant.static_available():
@@ -87,44 +83,32 @@ def quantize_sd_folder(src: str | Path, out: str | Path, prompts: list[str] | No
     pipe = load_diffusers_folder(src, placement(None, dtype))
     prompts = list(prompts or CALIBRATION_PROMPTS)
     stats = calibrate(pipe, prompts, size, steps)
+    unet = pipe.generator
+    onednn.unpack(unet)
+    report = quant.quantize_static(unet, stats)
+    stored = weights_file(src / "unet", "diffusion_pytorch_model", None)
     tmp = out.with_name(out.name + ".incoming")
     shutil.rmtree(tmp, ignore_errors=True)
-    networks = {"unet": (pipe.generator, "diffusion_pytorch_model"), "vae": (pipe.tokenizer, "diffusion_pytorch_model")}
-    stored = {name: weights_file(src / name, stem, None) for name, (_, stem) in networks.items()}
-    _copy_tree(src, tmp, skip=set(stored.values()))
-    records = {}
-    for name, (net, _) in networks.items():
-        onednn.unpack(net)
-        report = quant.quantize_static(net, stats[name])
-        save_file(_int8_state(net, _stored_float_dtype(stored[name])), str(tmp / name / stored[name].name))
-        records[name] = {"scheme": SCHEME, "quantized": report["quantized"], "kept": report["kept"],
-                         "calibration": {"prompts": prompts, "size": size, "steps": steps,
-                                         "ranges": {k: [v["lo"], v["hi"]] for k, v in stats[name].items()}},
-                         "source": str(src)}
-    seconds = round(time.time() - t0, 1)
-    for name, record in records.items():
-        (tmp / name / QUANT_FILE).write_text(json.dumps({**record, "seconds": seconds}, indent=1) + "\n")
+    _copy_tree(src, tmp, skip={stored})
+    float_dtype = _stored_float_dtype(stored)
+    state = {k: (v.to(float_dtype) if v.is_floating_point() and not k.endswith(("weight_scale", "input_range"))
+                 else v).contiguous() for k, v in unet.state_dict().items()}
+    save_file(state, str(tmp / "unet" / stored.name))
+    record = {"scheme": "static int8: u8 activations per tensor (calibrated range), s8 weights per output "
+                        "channel, oneDNN kernels; float elsewhere", "quantized": report["quantized"],
+              "kept": report["kept"], "calibration": {"prompts": prompts, "size": size, "steps": steps,
+                                                      "ranges": {k: [v["lo"], v["hi"]] for k, v in stats.items()}},
+              "source": str(src), "seconds": round(time.time() - t0, 1)}
+    (tmp / "unet" / QUANT_FILE).write_text(json.dumps(record, indent=1) + "\n")
     index = json.loads((src / "model_index.json").read_text())
-    index["_tessera_optimized"] = {name: f"int8 static ({name}/{QUANT_FILE}); Tessera loads it, diffusers cannot"
-                                   for name in records}
+    index["_tessera_optimized"] = {"unet": "int8 static (unet/quantization.json); Tessera loads it, diffusers cannot"}
     (tmp / "model_index.json").unlink()
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (tmp / "OPTIMIZED.md").write_text(_card(records, str(src), len(prompts)))
+    (tmp / "OPTIMIZED.md").write_text(_card(record))
     if out.exists():
         out.rmdir()
     tmp.rename(out)
-    return {name: {"quantized": len(r["quantized"]), "kept": r["kept"]} for name, r in records.items()} | {
-        "seconds": seconds, "out": str(out)}
-
-
-SCHEME = ("static int8: u8 activations per tensor (calibrated range), s8 weights per output channel, oneDNN "
-          "kernels; float elsewhere")
-
-
-def _int8_state(net: torch.nn.Module, float_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The state to store: float tensors in the source file's dtype, but the int8 scales and ranges float32."""
-    return {k: (v.to(float_dtype) if v.is_floating_point() and not k.endswith(("weight_scale", "input_range"))
-                else v).contiguous() for k, v in net.state_dict().items()}
+    return {k: record[k] for k in ("quantized", "kept", "seconds")} | {"out": str(out)}
 
 
 def _stored_float_dtype(path: Path) -> torch.dtype:
@@ -138,12 +122,9 @@ def _stored_float_dtype(path: Path) -> torch.dtype:
     return {"BF16": torch.bfloat16, "F16": torch.float16}.get(next(iter(names & {"BF16", "F16"}), ""), torch.float32)
 
 
-def _card(records: dict[str, dict], source: str, prompts: int) -> str:
-    parts = [f"# Optimized: static int8 {' and '.join(records)}\n\nMade by `tessera optimize --int8` from `{source}`.\n\n"
-             f"{SCHEME}. Calibrated on {prompts} held-out prompts.\n"]
-    for name, record in records.items():
-        kept = "\n".join(f"- `{k}`: {v}" for k, v in sorted(record["kept"].items())) or "- none"
-        parts.append(f"\n## {name}\n\n{len(record['quantized'])} layers int8; these stayed float:\n\n{kept}\n")
-    parts.append("\nThe speed ratio and quality change are measured by `benchmarks/bench_optimize.py` "
-                 "(benchmarks/RESULTS.md).\n")
-    return "".join(parts)
+def _card(record: dict) -> str:
+    kept = "\n".join(f"- `{k}`: {v}" for k, v in sorted(record["kept"].items())) or "- none"
+    return (f"# Optimized: static int8 U-Net\n\nMade by `tessera optimize --int8` from `{record['source']}`.\n\n"
+            f"{record['scheme']}.\n\n{len(record['quantized'])} layers int8; these stayed float:\n\n{kept}\n\n"
+            f"Calibrated on {len(record['calibration']['prompts'])} held-out prompts. The speed ratio and quality change "
+            f"are measured by `benchmarks/bench_optimize.py` (benchmarks/RESULTS.md).\n")

@@ -287,7 +287,6 @@ def load_unet(folder: str | Path, variant: str | None = None, dtype: torch.dtype
 
 def load_vae(folder: str | Path, variant: str | None = None, dtype: torch.dtype | None = None):
     """AutoencoderKL (the SD VAE), AutoencoderTiny (TAESD) or VQModel (aMUSEd's), by the folder's `_class_name`."""
-    from tessera.nn.quant import apply_stored
     from tessera.tokenizer.kl import KLAutoencoder, KLAutoencoderConfig
     from tessera.tokenizer.taesd import TinyAutoencoder, TinyAutoencoderConfig
 
@@ -302,14 +301,12 @@ def load_vae(folder: str | Path, variant: str | None = None, dtype: torch.dtype 
     model_cls, config_cls = classes[config["_class_name"]]
     config = config_cls.from_diffusers(config)
     dtype = _vae_dtype(config, dtype or torch.float32)
-    vae = on_meta(lambda: model_cls(config))
-    vae.quantization = apply_stored(vae, folder)  # an int8 decoder (`tessera optimize --int8`), or None
-    return load_strict(vae, _weights(folder, variant, dtype), folder, dtype).eval()
+    return load_strict(on_meta(lambda: model_cls(config)), _weights(folder, variant, dtype), folder, dtype).eval()
 
 
-def _quant_note(net) -> dict:
-    """What the PNG record says of an int8 U-Net or autoencoder (nothing for a float one)."""
-    q = getattr(net, "quantization", None)
+def _quant_note(unet) -> dict:
+    """What the PNG record says of an int8 U-Net (nothing for a float one)."""
+    q = getattr(unet, "quantization", None)
     return {} if q is None else {"quantization": f"int8 static, {len(q['quantized'])} layers ({len(q['kept'])} kept float)"}
 
 
@@ -339,6 +336,5 @@ def load_diffusers_folder(folder: str | Path, device=None, variant: str | None =
                                    sampler={**defaults, "method": method or "dpmpp_2m"}, device=device)
     pipe.source = str(folder)
     pipe.models = {"generator": {"name": str(folder / "unet"), "kind": "sd-unet", **_quant_note(unet)},
-                   "tokenizer": {"name": str(vae or folder / "vae"), **_quant_note(pipe.tokenizer)},
-                   "text_encoder": {"name": text.name}}
+                   "tokenizer": {"name": str(vae or folder / "vae")}, "text_encoder": {"name": text.name}}
     return pipe

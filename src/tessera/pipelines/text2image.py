@@ -184,12 +184,10 @@ class LocalStages:
         extra = {"loras": self.loras[paradigm]} if paradigm in self.loras else {}
         if self.speed and hasattr(self.loaded(paradigm), "set_speed"):
             extra["speed"] = self.speed  # ToMe changes the image: the record says so
-        models = getattr(pipe, "models", None) or {}
-        optimized = {k: v for k, v in models.get("generator", {}).items() if k in ("quantization", "distilled")}
-        if "quantization" in models.get("tokenizer", {}):
-            optimized["autoencoder_quantization"] = models["tokenizer"]["quantization"]
+        optimized = {k: v for k, v in (getattr(pipe, "models", None) or {}).get("generator", {}).items()
+                     if k in ("quantization", "distilled")}
         if optimized:
-            extra["optimized"] = optimized  # an int8 / distilled generator or decoder: the record says so
+            extra["optimized"] = optimized  # an int8 / distilled generator: the record says so
         return out.cpu(), {"model": self.models[paradigm], **extra, **dataclasses.asdict(params)}
 
     def decode(self, paradigm: str, out: torch.Tensor) -> list[Image.Image]:

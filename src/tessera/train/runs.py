@@ -120,7 +120,7 @@ def init_weights(model: torch.nn.Module, source: str) -> None:
     model.load_state_dict(src.state_dict(), strict=True)
 
 
-def export_run(run_dir: str, out: str, dtype: str = "float32") -> Path:
+def export_run(run_dir: str, out: str, dtype: str = "float32", extra_meta: dict | None = None) -> Path:
     run = Path(run_dir)
     for name in ("run.json", "state.pt"):
         if not (run / name).is_file():
@@ -131,7 +131,7 @@ def export_run(run_dir: str, out: str, dtype: str = "float32") -> Path:
     state = load_training_state(run / "state.pt")
     model.load_state_dict(state["ema"], strict=True)
     return export_model(model, out, {"trained_steps": int(state["step"]), "preset": spec["preset"],
-                                                   "train": spec["train"], "task": spec["task"]},
+                                     "train": spec["train"], "task": spec["task"], **(extra_meta or {})},
                         dtype=_DTYPES[dtype])
 
 

@@ -3,7 +3,12 @@
   benchmark degradation; what `tessera upscale` runs on photos;
 - perceptual (degradation="realesrgan", L1 + perceptual + GAN, as Real-ESRGAN): the low-resolution side is
   Real-ESRGAN's second-order blur / resize / noise / JPEG model drawn per sample; what the generate cascade
-  runs on decoded images.
+  runs on decoded images;
+- distilled (teacher set, e.g. "x4plus"): the target is the TEACHER's output on the bicubic low-resolution
+  crop instead of the photo (seed 004 "Model distillation": a compact student of Real-ESRGAN x4plus). The
+  teacher runs once over the train images at start-up (bf16 where the CPU has it), its outputs cached in
+  DATA/sr_teacher/<teacher>-x<scale>/ (reused by later runs and by --resume); validation adds the student's
+  PSNR against the teacher's output on the held-out images.
 A fraction `tokenizer_fraction` of the pairs instead use the bicubic downscale after the tokenizer's round
 trip (what a generator's decoded output looks like). Bicubic and tokenizer images are computed once, at
 start-up; crops, flips and Real-ESRGAN draws per sample from the seed."""
@@ -39,6 +44,7 @@ class SRTaskConfig(Config):
     perceptual_weight: float = 0.0  # LPIPS-style distance in the open_nsfw feature space (tokenizer/perceptual.py)
     gan_weight: float = 0.0         # hinge GAN with a PatchGAN discriminator (Real-ESRGAN: 0.1)
     gan_start: int = 0              # step at which the GAN loss switches on
+    teacher: str = ""               # distillation: an SR model (x4plus, a folder) whose outputs are the targets
 
     def __post_init__(self):
         if not 0 <= self.tokenizer_fraction <= 1:
@@ -47,6 +53,9 @@ class SRTaskConfig(Config):
             raise ValueError(f"degradation={self.degradation!r} must be bicubic or realesrgan")
         if self.perceptual_weight < 0 or self.gan_weight < 0:
             raise ValueError("perceptual_weight and gan_weight must be >= 0")
+        if self.teacher and (self.degradation != "bicubic" or self.stream or (self.tokenizer and self.tokenizer_fraction > 0)):
+            raise ValueError("task.teacher: the student learns the teacher's output on the bicubic downscale (set "
+                             "task.tokenizer=\"\" or task.tokenizer_fraction=0; no stream; degradation bicubic)")
         if self.stream and self.tokenizer and self.tokenizer_fraction > 0:
             raise ValueError("a streamed SR run degrades by bicubic only: set task.tokenizer=\"\" or "
                              "task.tokenizer_fraction=0")
@@ -68,6 +77,49 @@ def degraded_pairs(images: ShardImages, scale: int, tokenizer: str) -> tuple[tor
 
         tok = tokenizer_round_trip(load(tokenizer), lr)
     return hr, lr, tok
+
+
+@torch.no_grad()
+def teacher_outputs(teacher: nn.Module, lr: torch.Tensor, batch: int = 8, progress: bool = True) -> torch.Tensor:
+    """uint8 LR [N,3,h,w] -> the teacher's uint8 outputs [N,3,s h,s w] (on the CPU, bf16 autocast where the
+    CPU has bf16: device.cpu_placement("auto"))."""
+    from tqdm import tqdm
+
+    from tessera.device import cpu_placement
+
+    out, place = [], cpu_placement("auto")
+    for i in tqdm(range(0, len(lr), batch), desc="teacher", disable=not progress):
+        with place.autocast():
+            y = teacher(lr[i:i + batch].float() / 255)
+        out.append((y.float().clamp(0, 1) * 255).round().to(torch.uint8))
+    return torch.cat(out)
+
+
+def cached_teacher_outputs(data_dir: str | Path, name: str, teacher: nn.Module, lr: torch.Tensor) -> torch.Tensor:
+    """teacher_outputs, cached as DATA/sr_teacher/<name>-x<scale>/targets.npy (checked against the LR count)."""
+    import numpy as np
+
+    folder = Path(data_dir) / "sr_teacher" / f"{Path(name).name}-x{teacher.scale}"
+    path = folder / "targets.npy"
+    if path.is_file():
+        y = torch.from_numpy(np.load(path, allow_pickle=False))
+        if len(y) == len(lr) and y.shape[-1] == lr.shape[-1] * teacher.scale:
+            return y
+    y = teacher_outputs(teacher, lr)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "targets.tmp.npy"
+    np.save(tmp, y.numpy())
+    tmp.replace(path)
+    return y
+
+
+def load_teacher(name: str, scale: int) -> nn.Module:
+    from tessera.superres.cascade import load_sr_models
+
+    models = load_sr_models(name)
+    if scale not in models:
+        raise ValueError(f"task.teacher={name}: a x{sorted(models)} model; the student is x{scale}")
+    return models[scale].eval().requires_grad_(False)
 
 
 class PairCrops(torch.utils.data.Dataset):
@@ -118,6 +170,7 @@ class SRTask:
     def __init__(self, model: nn.Module, data_dir: str | Path, cfg: SRTaskConfig):
         self.model, self.cfg = model, cfg
         s = model.scale
+        teacher = load_teacher(cfg.teacher, s) if cfg.teacher else None
         if cfg.stream:
             from tessera.data.stream import ImageStream
 
@@ -127,6 +180,8 @@ class SRTask:
             self.dataset = StreamPairs(crops, s)
         else:
             hr, lr, tok = degraded_pairs(ShardImages(data_dir, "train"), s, cfg.tokenizer)
+            if teacher is not None:  # the targets: the teacher's outputs, not the photos
+                hr = cached_teacher_outputs(data_dir, cfg.teacher, teacher, lr)
             self.dataset = PairCrops(hr, lr, tok, s, cfg)
         val = ShardImages(data_dir, "val")
         if len(val) == 0:
@@ -134,6 +189,7 @@ class SRTask:
         n = min(cfg.val_images, len(val))
         self.val_hr = torch.stack([to_uint8(val.image(i)) for i in range(n)])
         self.val_lr = torch.stack([to_uint8(bicubic_down(val.image(i), s)) for i in range(n)])
+        self.val_teacher = None if teacher is None else teacher_outputs(teacher, self.val_lr, progress=False)
         self.perceptual = PerceptualLoss.open_nsfw() if cfg.perceptual_weight > 0 else None
         self.discriminator = PatchDiscriminator(3, 64, 3) if cfg.gan_weight > 0 else None
 
@@ -175,8 +231,12 @@ class SRTask:
         sr = torch.cat([model(x.float()[None] / 255).clamp(0, 1) * 2 - 1 for x in self.val_lr])
         up = F.interpolate(self.val_lr.float() / 127.5 - 1, scale_factor=model.scale, mode="bicubic").clamp(-1, 1)
         crop = (slice(None), slice(None), slice(b, -b or None), slice(b, -b or None))
-        return {"psnr": float(psnr(sr[crop], hr[crop]).mean()), "ssim": float(ssim(sr[crop], hr[crop]).mean()),
-                "psnr_bicubic": float(psnr(up[crop], hr[crop]).mean())}
+        out = {"psnr": float(psnr(sr[crop], hr[crop]).mean()), "ssim": float(ssim(sr[crop], hr[crop]).mean()),
+               "psnr_bicubic": float(psnr(up[crop], hr[crop]).mean())}
+        if self.val_teacher is not None:  # how close the student is to what it imitates
+            t = self.val_teacher.float() / 127.5 - 1
+            out["psnr_teacher"] = float(psnr(sr[crop], t[crop]).mean())
+        return out
 
 
 # what `tessera train sr` runs (train/runs.py finds it by the task name)

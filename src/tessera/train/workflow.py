@@ -66,6 +66,7 @@ class TrainStep(Config):
 class OptimizeStep(Config):
     source: str = ""                   # the model to optimize ('' = no optimize step: the train step runs)
     distill_steps: int = 0             # a few-step student of a Tessera diffusion model
+    prune: float = 0.0                 # or: this fraction of a Transformer's MLP channels removed, then fine-tuned
     max_steps: int = 1000
     overrides: tuple[str, ...] = ()
 
@@ -82,6 +83,7 @@ class EvalStep(Config):
 class GateStep(Config):
     tolerances: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"nll_true": 0.02, "frac_true_better": 0.02})
+    bootstrap: int = 1000              # paired bootstrap replicates for the sample metrics (0: point estimates)
 
 
 @dataclasses.dataclass
@@ -125,11 +127,15 @@ def train_step(cfg: TrainStep, data_dir: str, run: Path) -> None:
 def optimize_step(cfg: OptimizeStep, data_dir: str, run: Path) -> Path:
     """The candidate made by `tessera optimize` from cfg.source (its run folder under RUN/candidate.run)."""
     from tessera.train.distill import distill
+    from tessera.train.prune import prune
 
-    if not cfg.distill_steps:
-        raise ValueError("optimize: give distill_steps (the workflow gates Tessera's own models; an int8 SD folder "
-                         "has no held-out quality to gate on here)")
-    distill(cfg.source, str(run / "candidate"), data_dir, cfg.distill_steps, cfg.max_steps, list(cfg.overrides))
+    if bool(cfg.distill_steps) == bool(cfg.prune):
+        raise ValueError("optimize: give one of distill_steps or prune (the workflow gates Tessera's own models; an "
+                         "int8 SD folder has no held-out quality to gate on here)")
+    if cfg.prune:
+        prune(cfg.source, str(run / "candidate"), cfg.prune, data_dir, cfg.max_steps, list(cfg.overrides))
+    else:
+        distill(cfg.source, str(run / "candidate"), data_dir, cfg.distill_steps, cfg.max_steps, list(cfg.overrides))
     return run / "candidate"
 
 
@@ -162,6 +168,21 @@ def evaluate(model_dir: str | Path, data_dir: str, cfg: EvalStep, text_encoder: 
         out = caption_margin(model, data_dir, limit=limit)
         return {k: out[k] for k in ("nll_true", "margin", "frac_true_better")}
     raise ValueError(f"{model_dir}: no gate metrics for a {kind!r} model")
+
+
+def _intervals(run: Path, cfg: WorkflowConfig) -> dict[str, list[float]] | None:
+    """Paired bootstrap intervals of the sample metrics (eval/bootstrap.py), when `gate.bootstrap` asks and both
+    models drew one image for every held-out caption (then the rows pair up); else None (point estimates)."""
+    from tessera.eval.bootstrap import SCORES_FILE, load_scores, paired_intervals
+    from tessera.eval.gate import DIRECTIONS
+
+    if cfg.evaluate.metrics != "samples" or not cfg.gate.bootstrap:
+        return None
+    scores = [load_scores(next((run / f"samples-{who}").glob(f"*/{SCORES_FILE}"))) for who in ("candidate", "deployed")]
+    if list(scores[0]["prompts"]) != list(scores[1]["prompts"]):
+        return None  # a prompt skipped or withheld for one model only: not paired
+    real = load_scores(run / "samples-candidate" / "real_features.npz")["feats"]
+    return paired_intervals(*scores, real, DIRECTIONS, replicates=cfg.gate.bootstrap)
 
 
 def sample_grid(model_dir: Path, train: TrainStep, prompts: tuple[str, ...], out: Path) -> str | None:
@@ -241,7 +262,8 @@ def run_workflow(cfg: WorkflowConfig, run_id: str | None = None) -> dict:
     metrics = {"candidate": evaluate(candidate, data_dir, cfg.evaluate, enc, run / "samples-candidate"),
                "deployed": evaluate(deployed, data_dir, cfg.evaluate, enc, run / "samples-deployed")
                if deployed.exists() else None}
-    decision = gate(metrics["candidate"], metrics["deployed"], cfg.gate.tolerances)
+    intervals = _intervals(run, cfg) if metrics["deployed"] is not None else None
+    decision = gate(metrics["candidate"], metrics["deployed"], cfg.gate.tolerances, intervals)
     grid_train = dataclasses.replace(cfg.train, tokenizer="") if cfg.optimize.source else cfg.train  # its own
     grid_file = sample_grid(candidate, grid_train, cfg.evaluate.prompts, run / "samples.png")
     if decision.promote:

@@ -1,6 +1,6 @@
-"""Structured pruning of a Tessera Transformer (`tessera optimize SRC --prune F [--data D --max-steps N] -o OUT`):
-the hidden channels of every block's MLP (the largest part of a block: 2 * dim * 4 dim of its weights),
-fraction F of them removed in every block alike, then a short recovery fine-tune on D.
+"""Structured pruning of a Transformer's MLPs (`tessera optimize SRC --prune F`; the driver with its recovery
+fine-tune is train/prune.py): fraction F of the hidden channels of every block's MLP (the largest part of a
+block: 2 * dim * 4 dim of its weights) removed, the same number in every block.
 
 A channel j of an MLP  y = fc2(gelu(fc1(x)))  is one row of fc1 and one column of fc2; removing it removes
 both. Its importance is the weight-magnitude product
@@ -15,13 +15,11 @@ any other (its meta.json records the pruning). Attention heads are not pruned (a
 heads in these configs: fewer heads would change every other head's width).
 
 Families: the ones whose config has `dim` and `mlp_ratio` and whose blocks use nn/attention.py's MLP (the
-AR and masked token Transformers, DiT, the masked super-resolver). The recovery run is `tessera train
-<task>` started from the pruned weights (train.init), in OUT.run (re-running the command resumes it).
+AR and masked token Transformers, DiT, the masked super-resolver).
 """
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -86,57 +84,3 @@ def prune_mlps(model: nn.Module, fraction: float) -> tuple[nn.Module, dict]:
 
 def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def prune(src: str, out: str, fraction: float, data_dir: str | None, max_steps: int, overrides: list[str]) -> dict:
-    """`tessera optimize SRC --prune F`: prune, then (with --data) fine-tune in OUT.run and export OUT."""
-    from tessera.checkpoint import export_model, load_model
-    from tessera.registry import family_of, resolve
-    from tessera.train import runs
-
-    if Path(out).exists() and any(Path(out).iterdir()):
-        raise InvalidInputError(f"-o {out}: not empty")
-    model = load_model(resolve(src))
-    pruned, report = prune_mlps(model, fraction)
-    meta = model.meta.to_dict() if model.meta else {}
-    record = {"source": str(src), **{k: report[k] for k in ("fraction", "mlp_hidden", "parameters", "criterion")}}
-    keep_meta = {k: meta[k] for k in ("preset", "task", "train") if meta.get(k) is not None}
-    if not data_dir:  # pruned only: the caller fine-tunes it (or serves it as it is)
-        export_model(pruned, out, {**keep_meta, "pruned": {**record, "recovery_steps": 0}}, dtype=torch.float16)
-        return {"out": str(out), **report, "recovery_steps": 0}
-    task_name = family_of(model).task
-    if not task_name:
-        raise InvalidInputError(f"--data: {src} is a {model.kind} model, which no training task fine-tunes")
-    run = Path(str(out) + ".run")
-    init = run / "pruned"
-    if not (init / "model.safetensors").is_file():
-        export_model(pruned, init, {**keep_meta, "pruned": record})
-    task = dict(meta.get("task") or {})
-    _, caches = runs.prepare_inputs(task_name, data_dir, _tokenizer_of(task, data_dir), task.get("text", "minilm"),
-                                    preset=meta.get("preset"))
-    train = ["train.warmup_steps=50", f'train.init="{init}"', *overrides]
-    logs = runs.run_training(task_name, data_dir, str(run), meta.get("preset"), max_steps,
-                             (run / "state.pt").is_file(), train, pruned.config.to_dict(), {**task, **caches})
-    path = runs.export_run(str(run), out, "float16")
-    _add_meta(path, {"pruned": {**record, "recovery_steps": int(max_steps)}})
-    return {"out": str(path), **report, "recovery_steps": int(max_steps), "run": str(run), "last": logs}
-
-
-def _tokenizer_of(task: dict, data_dir: str) -> str:
-    """The tokenizer the model trained with: the task's own field (diffusion), else the one that wrote its
-    token cache (DATA/tokens/<name>/index.json, AR / masked), else the bundled vq-f8."""
-    import json
-
-    if task.get("tokenizer"):
-        return task["tokenizer"]
-    index = Path(data_dir) / "tokens" / str(task.get("tokens")) / "index.json"
-    return json.loads(index.read_text())["model"] if task.get("tokens") and index.is_file() else "vq-f8"
-
-
-def _add_meta(folder: Path, extra: dict) -> None:
-    import json
-
-    from tessera.checkpoint import META, atomic_write_bytes
-
-    meta = json.loads((folder / META).read_text())
-    atomic_write_bytes(folder / META, (json.dumps({**meta, **extra}, indent=2) + "\n").encode())
