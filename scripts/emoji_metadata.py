@@ -1,6 +1,7 @@
 """Write metadata.jsonl captions for the npm package emoji-datasource-google (MIT; images Apache-2.0).
 
     python scripts/emoji_metadata.py PACKAGE_DIR     # PACKAGE_DIR/emoji.json + img/google/64/*.png
+    python scripts/emoji_metadata.py PACKAGE_DIR --bank OUT.txt   # every caption, one per line (emoji.json only)
 
 Each emoji with a Google image gets its Unicode name as the caption ("red apple emoji"); skin-tone
 variants get the tone appended ("thumbs up sign, medium skin tone, emoji").
@@ -15,18 +16,31 @@ TONES = {"1F3FB": "light skin tone", "1F3FC": "medium-light skin tone", "1F3FD":
          "1F3FE": "medium-dark skin tone", "1F3FF": "dark skin tone"}
 
 
-def rows(emoji: list[dict], img_dir: Path):
+def entries(emoji: list[dict]):
+    """(image file, caption) of every emoji and skin-tone variant that has a Google image."""
     for e in emoji:
         name = (e.get("name") or e["short_name"].replace("_", " ")).lower()
-        if e.get("has_img_google") and (img_dir / e["image"]).is_file():
-            yield {"file_name": e["image"], "caption": f"{name} emoji"}
+        if e.get("has_img_google"):
+            yield e["image"], f"{name} emoji"
         for key, var in (e.get("skin_variations") or {}).items():
             tones = ", ".join(TONES[t] for t in key.split("-") if t in TONES)
-            if var.get("has_img_google") and (img_dir / var["image"]).is_file():
-                yield {"file_name": var["image"], "caption": f"{name}, {tones}, emoji"}
+            if var.get("has_img_google"):
+                yield var["image"], f"{name}, {tones}, emoji"
+
+
+def rows(emoji: list[dict], img_dir: Path):
+    for image, caption in entries(emoji):
+        if (img_dir / image).is_file():
+            yield {"file_name": image, "caption": caption}
 
 
 def main(argv: list[str]) -> None:
+    if len(argv) == 3 and argv[1] == "--bank":  # the caption-xs captioner's bank: every caption, no images needed
+        emoji = json.loads((Path(argv[0]) / "emoji.json").read_text())
+        bank = sorted({caption for _, caption in entries(emoji)})
+        Path(argv[2]).write_text("\n".join(bank) + "\n")
+        print(f"{argv[2]}: {len(bank)} captions")
+        return
     if len(argv) != 1:
         sys.exit(__doc__)
     pkg = Path(argv[0])

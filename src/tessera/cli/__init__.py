@@ -72,6 +72,10 @@ data = group(main, "data", "Data curation.")
          opt("--phash-distance", default=6, help="near-duplicate Hamming threshold"),
          opt("--max-pixels", default=64_000_000, help="decompression-bomb cap"),
          opt("--scorer", "scorers", multiple=True, help="registered scorer, e.g. 'nsfw?max_score=0.8'"),
+         opt("--captioner", default="none", help="replaces missing / non-English / low-match captions: none | "
+             "caption-xs (offline, emoji names only) | 'retrieval?bank=DIR&model=clip-xs' | a BLIP / GIT folder"),
+         opt("--language/--no-language", default=True, help="detect each caption's language (lingua)"),
+         opt("--recaption-below", type=float, help="recaption when the caption_match scorer is below this"),
          opt("--engine", default="local", type=click.Choice(["local", "ray"]), help="ray: Ray Data stages (same output)"),
          opt("--crops-per-image", default=0, help="N > 0: N native-resolution crops per image"),
          opt("--crop-mode", default="random", type=click.Choice(["random", "grid"])), opt("--max-downscale", default=1.0))

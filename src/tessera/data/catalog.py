@@ -72,9 +72,9 @@ class Catalog:
     def done_chunks(self) -> set[int]:
         return {r[0] for r in self.db.execute("SELECT chunk FROM chunks")}
 
-    def kept_hashes(self) -> tuple[set[str], list[int]]:
-        rows = self.db.execute("SELECT sha256, phash FROM images WHERE status='kept'").fetchall()
-        return {r[0] for r in rows}, [int(r[1], 16) for r in rows]
+    def kept_hashes(self) -> list[tuple[str, str, str]]:
+        """(id, sha256, phash hex) of every kept row, in the order they were kept."""
+        return self.db.execute("SELECT id, sha256, phash FROM images WHERE status='kept' ORDER BY chunk, id").fetchall()
 
     def kept(self, split: str | None = None) -> list[tuple[str, str, str]]:
         """(id, shard, caption) of the kept images of `split` (all splits when None), in id order."""

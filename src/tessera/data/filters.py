@@ -25,22 +25,12 @@ class FilterConfig(Config):
     dedup: bool = True
 
 
-def _dct_matrix(n: int) -> np.ndarray:
-    k = np.arange(n)[:, None]
-    m = np.cos(np.pi * (2 * np.arange(n)[None, :] + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
-    m[0] /= np.sqrt(2.0)
-    return m
-
-
-_DCT32 = _dct_matrix(32)
-
-
 def phash(im: Image.Image) -> int:
-    """64-bit perceptual hash: 8x8 lowest frequencies of the 32x32 grayscale DCT vs. their median."""
-    g = np.asarray(im.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
-    low = (_DCT32 @ g @ _DCT32.T)[:8, :8].flatten()
-    bits = low > np.median(low[1:])
-    return int(sum(1 << i for i, b in enumerate(bits) if b))
+    """64-bit perceptual hash (the `imagehash` library's pHash: the 8x8 lowest frequencies of the 32x32
+    grayscale DCT against their median), as an integer whose hex digits are imagehash's string."""
+    import imagehash
+
+    return int(str(imagehash.phash(im)), 16)
 
 
 def hamming(a: np.ndarray | int, b: np.ndarray | int) -> np.ndarray:

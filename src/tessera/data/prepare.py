@@ -21,26 +21,27 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from tessera.checkpoint import atomic_write_bytes
 from tessera.config import Config
+from tessera.data.captioning import CaptionConfig, Captioner, load_captioner
 from tessera.data.catalog import Catalog
 from tessera.data.decode import DEFAULT_MAX_PIXELS, Rejected, decode_image, native_crops, resize_center_crop
+from tessera.data.dedup import HashIndex
 from tessera.data.filters import (
     FilterConfig,
     Scorer,
     check_scorer_spec,
-    hamming,
     image_stats,
     load_scorer,
     phash,
     quality_reason,
     score_reason,
 )
+from tessera.data.language import detect, detector
 from tessera.data.sources import Item, list_source, read_item
 from tessera.errors import InvalidInputError, TesseraError
 
+PHASH_VERSION = "imagehash.phash 8x8"  # hashes of another kind in a folder being resumed would not compare
 MAX_SIZE = 4096  # output side: a 100000 px side would grow one worker to tens of GB
 
 
@@ -55,6 +56,7 @@ class PrepareConfig(Config):
     workers: int = 2
     scorers: tuple[str, ...] = ()   # 'module:factory' specs of Scorer plug-ins
     filters: FilterConfig = dataclasses.field(default_factory=FilterConfig)
+    captions: CaptionConfig = dataclasses.field(default_factory=CaptionConfig)
     crops_per_image: int = 0        # > 0: that many size x size crops of the image at native resolution
     crop_mode: str = "random"       # random | grid positions of the crops
     max_downscale: float = 1.0      # crops: each reduced by its own factor in [1, this] (never enlarged)
@@ -71,13 +73,20 @@ class PrepareConfig(Config):
             raise ValueError(f"size must be between 8 and {MAX_SIZE}, got {self.size}")
         for spec in self.scorers:  # names only (loading a scorer's model waits for the workers)
             check_scorer_spec(spec)
+        if self.captions.recaption_below is not None and "caption_match" not in {s.partition("?")[0]
+                                                                                for s in self.scorers}:
+            raise ValueError("recaption_below needs the caption_match scorer (--scorer caption_match), whose "
+                             "score it compares")
         if self.workers < 1 or self.chunk_size < 1:
             raise ValueError(f"workers and chunk_size must be >= 1, got {self.workers} and {self.chunk_size}")
 
     @classmethod
-    def from_options(cls, min_size: int, phash_distance: int, scorers=(), **kw) -> "PrepareConfig":
-        """The flat options of `tessera data prepare` (the filter thresholds among them)."""
-        return cls(scorers=tuple(scorers), filters=FilterConfig(min_size=min_size, phash_distance=phash_distance), **kw)
+    def from_options(cls, min_size: int, phash_distance: int, scorers=(), captioner: str = "none",
+                     language: bool = True, recaption_below: float | None = None, **kw) -> "PrepareConfig":
+        """The flat options of `tessera data prepare` (the filter thresholds and caption checks among them)."""
+        return cls(scorers=tuple(scorers), filters=FilterConfig(min_size=min_size, phash_distance=phash_distance),
+                   captions=CaptionConfig(captioner=captioner, language=language, recaption_below=recaption_below),
+                   **kw)
 
 
 ENGINES = ("local", "ray")
@@ -89,11 +98,22 @@ def split_of(sha256: str, val_fraction: float) -> str:
 
 # ---- worker side: one item -> a result dict (never raises) ---------------------------------------
 _SCORERS: list[Scorer] = []
+_CAPTIONER: list[Captioner] = []  # none or one
 
 
-def _init_worker(scorer_specs: tuple[str, ...]) -> None:
-    global _SCORERS
-    _SCORERS = [load_scorer(s) for s in scorer_specs]
+def _init_worker(cfg: "PrepareConfig", forked: bool = False) -> None:
+    """The models of the scorers, the captioner and the language detector, loaded once per process. A forked
+    worker runs torch on one thread: one worker per core, and the OpenMP pool the parent may have started
+    does not survive fork (a parallel op in the child would wait for it forever)."""
+    global _SCORERS, _CAPTIONER
+    if forked:
+        import torch
+
+        torch.set_num_threads(1)
+    _SCORERS = [load_scorer(s) for s in cfg.scorers]
+    _CAPTIONER = [c for c in [load_captioner(cfg.captions.captioner)] if c is not None]
+    if cfg.captions.language:
+        detector(cfg.captions.languages)
 
 
 def _encode(im, cfg: PrepareConfig) -> bytes:
@@ -159,6 +179,42 @@ def score_stage(row: dict, cfg: "PrepareConfig", scorers: list[Scorer]) -> dict:
     return _reject(row, reason) if reason else row
 
 
+def caption_issue(row: dict, cfg: CaptionConfig) -> str | None:
+    """Why the caption should be replaced (missing | non_english | low_match), recording its language."""
+    caption = row["caption"].strip()
+    if not caption:
+        return "missing"
+    if cfg.language:
+        row["verdicts"].update(detect(caption, cfg.languages, cfg.language_margin))
+        if row["verdicts"]["language"] not in ("en", None):
+            return "non_english" if cfg.recaption_non_english else None
+    match = row["verdicts"].get("caption_match")
+    if cfg.recaption_below is not None and match is not None and match < cfg.recaption_below:
+        return "low_match"
+    return None
+
+
+def caption_stage(row: dict, cfg: "PrepareConfig", captioners: list[Captioner]) -> dict:
+    """Language of the caption; a missing, non-English or poorly matching caption replaced by the captioner's
+    (the original and the reason kept in the verdicts), or kept as it is, the issue recorded, without one."""
+    if row["status"] != "pending":
+        return row
+    issue = caption_issue(row, cfg.captions)
+    if issue is None:
+        return row
+    row["verdicts"]["caption_issue"] = issue
+    if not captioners:
+        return row
+    (new, score), = captioners[0].caption([_image(row, cfg)])
+    if not new.strip():  # the captioner said nothing: the caption stays, and the catalog says so
+        row["verdicts"]["recaption_failed"] = captioners[0].name
+        return row
+    row["verdicts"].update(original_caption=row["caption"], recaptioned=issue, captioner=captioners[0].name,
+                           **({"captioner_score": score} if score is not None else {}))
+    row["caption"] = new
+    return row
+
+
 def transform_stage(row: dict, cfg: "PrepareConfig") -> dict:
     """Standardize (resize the shorter side, center crop), perceptual hash, encode; with crops_per_image, the
     crops at native resolution instead (hashed as the whole image: a source is deduplicated once)."""
@@ -195,6 +251,7 @@ def guarded(stage, row_or_item, *args) -> dict:
 def process_item(item: Item, cfg: PrepareConfig) -> dict:
     row = guarded(decode_stage, item, cfg)
     row = guarded(score_stage, row, cfg, _SCORERS)
+    row = guarded(caption_stage, row, cfg, _CAPTIONER)
     return guarded(transform_stage, row, cfg)
 
 
@@ -205,23 +262,31 @@ def process_chunk(args: tuple[int, list[Item], PrepareConfig]) -> tuple[int, lis
 
 # ---- main side: dedup, shard, catalog --------------------------------------------------------------
 class _Dedup:
-    def __init__(self, cfg: FilterConfig, sha: set[str], phashes: list[int]):
-        self.cfg, self.sha = cfg, sha
-        self.ph = np.array(phashes, dtype=np.uint64)
+    """Exact (sha256) and near (pHash within the Hamming radius, data/dedup.HashIndex) duplicates of the kept
+    images so far; a verdict names the kept image it duplicates and the distance."""
+
+    def __init__(self, cfg: FilterConfig, kept: list[tuple[str, str, str]]):
+        self.cfg = cfg
+        self.sha = {sha: key for key, sha, _ in kept}
+        self.ids = [key for key, _, _ in kept]
+        self.index = HashIndex(cfg.phash_distance, [int(ph, 16) for _, _, ph in kept])
 
     def reason(self, row: dict) -> str | None:
         if not self.cfg.dedup:
             return None
         if row["sha256"] in self.sha:
+            row["verdicts"]["duplicate_of"] = self.sha[row["sha256"]]
             return "duplicate"
-        h = int(row["phash"], 16)
-        if self.ph.size and int(hamming(self.ph, h).min()) <= self.cfg.phash_distance:
+        hit = self.index.nearest(int(row["phash"], 16))
+        if hit is not None:
+            row["verdicts"].update(duplicate_of=self.ids[hit[0]], phash_distance=hit[1])
             return "near_duplicate"
         return None
 
-    def add(self, row: dict) -> None:
-        self.sha.add(row["sha256"])
-        self.ph = np.append(self.ph, np.uint64(int(row["phash"], 16)))
+    def add(self, row: dict, key: str) -> None:
+        self.sha.setdefault(row["sha256"], key)
+        self.ids.append(key)
+        self.index.add(int(row["phash"], 16))
 
 
 def _write_shard(path: Path, members: list[tuple[str, bytes]]) -> None:
@@ -250,11 +315,12 @@ def _finish_chunk(chunk: int, rows: list[dict], dedup: _Dedup, cfg: PrepareConfi
             row["id"], row["split"] = f"rej-{chunk:05d}-{i:04d}", None
             records.append({k: row[k] for k in RECORD})
             continue
-        dedup.add(row)
         row["split"] = split_of(row["sha256"], cfg.val_fraction)
-        for data, crop in row.get("crops") or [(row["data"], None)]:
+        for j, (data, crop) in enumerate(row.get("crops") or [(row["data"], None)]):
             key = f"{chunk:05d}{n_kept:06d}" if crop else f"{chunk:05d}{n_kept:04d}"
             n_kept += 1
+            if j == 0:
+                dedup.add(row, key)  # a source's near-duplicates name its first key
             meta = {"key": key, "source": row["source"], "sha256": row["sha256"], "split": row["split"],
                     "original_width": row["width"], "original_height": row["height"], **({"crop": crop} if crop else {})}
             if row["meta"]:
@@ -278,9 +344,11 @@ def _inputs_fingerprint(items: list[Item]) -> str:
 
 
 def _check_settings(cat: Catalog, cfg: PrepareConfig, sources: list[str], items: list[Item]) -> None:
-    want = {"config": cfg.to_json(), "sources": json.dumps(sources), "inputs": _inputs_fingerprint(items)}
+    want = {"config": cfg.to_json(), "sources": json.dumps(sources), "inputs": _inputs_fingerprint(items),
+            "phash": PHASH_VERSION}
     have = cat.settings()
-    if have and {k: have.get(k) for k in ("config", "sources")} != {k: want[k] for k in ("config", "sources")}:
+    same = ("config", "sources", "phash")
+    if have and {k: have.get(k) for k in same} != {k: want[k] for k in same}:
         raise ValueError(f"{cat.path} was prepared with other settings or sources; use a new --out folder "
                          f"(had {have.get('sources')}, now {want['sources']})")
     if have.get("inputs", want["inputs"]) != want["inputs"] and len(cat.done_chunks()):
@@ -298,14 +366,14 @@ class WorkerDied(TesseraError, RuntimeError):
 def _run_local(todo: list, cfg: PrepareConfig):
     """(chunk, rows) in chunk order from a process pool that notices a dead worker (multiprocessing.Pool
     would wait for the lost chunk forever)."""
-    _init_worker(cfg.scorers)
+    _init_worker(cfg)
     if cfg.workers == 1:
         yield from map(process_chunk, todo)
         return
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    with ProcessPoolExecutor(cfg.workers, mp.get_context("fork"), _init_worker, (cfg.scorers,)) as pool:
+    with ProcessPoolExecutor(cfg.workers, mp.get_context("fork"), _init_worker, (cfg, True)) as pool:
         futures = [pool.submit(process_chunk, c) for c in todo]
         try:
             for (chunk, items, _), fut in zip(todo, futures):
@@ -342,7 +410,7 @@ def prepare(sources: list[str | Path], out: str | Path, cfg: PrepareConfig | Non
         done = cat.done_chunks()
         chunks = [(c, items[i:i + cfg.chunk_size], cfg) for c, i in enumerate(range(0, len(items), cfg.chunk_size))]
         todo = [c for c in chunks if c[0] not in done]
-        dedup = _Dedup(cfg.filters, *cat.kept_hashes())
+        dedup = _Dedup(cfg.filters, cat.kept_hashes())
         bar = tqdm(total=len(items), initial=len(items) - sum(len(c[1]) for c in todo), unit="img",
                    disable=not progress, desc="prepare")
         t0, n_new = time.time(), 0

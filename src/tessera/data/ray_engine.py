@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator
 
+from tessera.data.captioning import load_captioner
 from tessera.data.filters import load_scorer
-from tessera.data.prepare import PrepareConfig, decode_stage, guarded, score_stage, transform_stage
+from tessera.data.prepare import PrepareConfig, caption_stage, decode_stage, guarded, score_stage, transform_stage
 from tessera.data.sources import Item
 
 
@@ -39,13 +40,15 @@ def _decode(batch, cfg: PrepareConfig):
 
 
 class _Score:
-    """A stateful stage: each actor loads the scorer models once."""
+    """A stateful stage: each actor loads the scorer models, the captioner and the language detector once."""
 
     def __init__(self, cfg: PrepareConfig):
         self.cfg, self.scorers = cfg, [load_scorer(s) for s in cfg.scorers]
+        self.captioners = [c for c in [load_captioner(cfg.captions.captioner)] if c is not None]
 
     def __call__(self, batch):
-        return _out(batch, [guarded(score_stage, r, self.cfg, self.scorers) for r in _rows(batch)])
+        rows = [guarded(score_stage, r, self.cfg, self.scorers) for r in _rows(batch)]
+        return _out(batch, [guarded(caption_stage, r, self.cfg, self.captioners) for r in rows])
 
 
 def _transform(batch, cfg: PrepareConfig):
@@ -74,7 +77,7 @@ def process_chunks(todo: list[tuple[int, list[Item], PrepareConfig]], cfg: Prepa
     sizes = {c: len(its) for c, its, _ in todo}
     ds = ray.data.from_items(items)
     ds = ds.map_batches(_decode, fn_kwargs={"cfg": cfg}, batch_size=batch_size)
-    if cfg.scorers:
+    if cfg.scorers or cfg.captions.captioner != "none" or cfg.captions.language:
         ds = ds.map_batches(_Score, fn_constructor_kwargs={"cfg": cfg}, batch_size=batch_size,
                             compute=ray.data.ActorPoolStrategy(size=max(1, cfg.workers)))
     ds = ds.map_batches(_transform, fn_kwargs={"cfg": cfg}, batch_size=batch_size)
