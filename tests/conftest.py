@@ -50,6 +50,25 @@ def photo_like(seed: int, size=(96, 80), mode="RGB") -> Image.Image:
     return im.convert(mode) if mode != "RGB" else im
 
 
+def tiny_hf_clip(folder: Path, projection_dim: int = 16):
+    """A random two-tower CLIP folder (model, MiniLM's tokenizer, image processor at 32 px) -> (folder, model,
+    tokenizer, processor)."""
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from tessera.text.encoders import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    cfg = CLIPConfig(text_config=dict(vocab_size=tok.vocab_size, max_position_embeddings=64, **small),
+                     vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=projection_dim)
+    model = CLIPModel(cfg).eval()
+    proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    for obj in (model, tok, proc):
+        obj.save_pretrained(folder)
+    return folder, model, tok, proc
+
+
 def png_bytes(im: Image.Image, fmt="PNG", **kw) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format=fmt, **kw)

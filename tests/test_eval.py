@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import photo_like
+from conftest import photo_like, tiny_hf_clip
 from tessera.checkpoint import export_model
 from tessera.cli import main
 from tessera.data.dataset import to_tensor
@@ -167,21 +167,9 @@ def test_contrastive_model_scores_and_round_trip(models):
 
 def test_hf_clip_folder_matches_transformers(tmp_path):
     """Our HF CLIP wrapper gives transformers' own features (its image processor, its tokenizer)."""
-    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
-
     from tessera.eval.clipscore import HFClip, load_image_text_model
-    from tessera.text.encoders import minilm_path
 
-    tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
-    torch.manual_seed(0)
-    cfg = CLIPConfig(text_config=dict(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64),
-                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
-    model = CLIPModel(cfg).eval()
-    proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    for obj in (model, tok, proc):
-        obj.save_pretrained(tmp_path)
+    _, model, tok, proc = tiny_hf_clip(tmp_path)
     ours = load_image_text_model(str(tmp_path))
     assert isinstance(ours, HFClip)
     ims = [photo_like(i, (32, 32)) for i in range(2)]

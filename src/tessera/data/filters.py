@@ -60,13 +60,14 @@ def quality_reason(im: Image.Image, cfg: FilterConfig, stats: dict[str, float]) 
 
 
 class Scorer(Protocol):
-    """Plug-in image scorer. `reject_above`/`reject_below` set which scores are rejected."""
+    """Plug-in image scorer. `reject_above`/`reject_below` set which scores are rejected. `score` returns the
+    score, or a dict with it under "score" and parts the catalog records as "<name>.<part>"."""
 
     name: str
     reject_above: float | None
     reject_below: float | None
 
-    def score(self, im: Image.Image, caption: str) -> float: ...
+    def score(self, im: Image.Image, caption: str) -> float | dict[str, float]: ...
 
 
 SCORER_GROUP = "tessera.scorers"  # entry-point group: name -> factory, declared by installed packages

@@ -173,7 +173,13 @@ def score_stage(row: dict, cfg: "PrepareConfig", scorers: list[Scorer]) -> dict:
     if row["status"] != "pending" or not scorers:
         return row
     im = _image(row, cfg)
-    scores = {s.name: float(s.score(im, row["caption"])) for s in scorers}
+    scores = {}
+    for s in scorers:  # a scorer returns its score, or {"score": it, part: value, ...} (recorded as name.part)
+        out = s.score(im, row["caption"])
+        if isinstance(out, dict):
+            row["verdicts"].update({f"{s.name}.{k}": v for k, v in out.items() if k != "score"})
+            out = out["score"]
+        scores[s.name] = float(out)
     row["verdicts"].update(scores)
     reason = score_reason(scores, scorers)
     return _reject(row, reason) if reason else row
