@@ -6,11 +6,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from conftest import photo_like
-from tessera.data.captioning import (EMOJI_BANK, HFCaptioner, RetrievalCaptioner, bank_features, load_captioner,
-                                     read_bank)
+from tessera.data.captioning import (
+    EMOJI_BANK,
+    HFCaptioner,
+    RetrievalCaptioner,
+    bank_features,
+    load_captioner,
+    read_bank,
+)
 from tessera.data.catalog import Catalog
 from tessera.data.language import check_languages, detect
 from tessera.data.prepare import PrepareConfig, prepare
@@ -58,8 +63,7 @@ def test_bundled_emoji_bank_features_are_current():
 
 def tiny_blip(folder: Path) -> Path:
     """A random BLIP captioner folder (model + processor) whose LM head favours the word 'dog'."""
-    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
-                              BlipProcessor)
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "red", "dog", "on", "the", "table"]
     tok = BertTokenizer(vocab={w: i for i, w in enumerate(words)})

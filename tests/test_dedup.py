@@ -87,3 +87,39 @@ def test_embedding_index_streams_the_same_answer_as_a_matrix_product():
     flagged = {i for i, v in enumerate(verdicts) if v is not None}
     assert flagged == set(dst)
     assert all(verdicts[d][0] == s for s, d in zip(src, dst))
+
+
+def test_prepare_rejects_semantic_duplicates_and_remembers_them_across_a_resume(tmp_path):
+    import json
+
+    from PIL import ImageEnhance
+
+    from conftest import photo_like
+    from tessera.data.catalog import Catalog
+    from tessera.data.prepare import PrepareConfig, prepare
+
+    src = tmp_path / "src"
+    src.mkdir()
+    ims = [photo_like(600 + i, (128, 112)) for i in range(5)]
+    for i, im in enumerate(ims):
+        im.save(src / f"a{i}.png")
+    # a tighter crop with stronger colour: 14 pHash bits away (not a near-duplicate), cosine 0.89 in clip-xs
+    ImageEnhance.Color(ims[0].crop((12, 10, 116, 102))).enhance(1.3).save(src / "z_variant.png")
+    cfg = PrepareConfig.from_options(min_size=32, phash_distance=4, semantic_dedup="clip-xs", semantic_threshold=0.85,
+                                     size=64, workers=1, chunk_size=3)
+
+    def stop(chunk):
+        if chunk == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare([src], tmp_path / "out", cfg, progress=False, on_chunk=stop)
+    assert (tmp_path / "out" / "embeddings" / "chunk-00000.npz").is_file()
+    report = prepare([src], tmp_path / "out", cfg, progress=False)  # a0 was kept by the first run
+    assert report["rejected_by_reason"] == {"semantic_duplicate": 1} and report["kept"] == 5
+    with Catalog.read(tmp_path / "out") as cat:
+        rows = {r["source"].split("/")[-1]: r for r in cat.rows()}
+    v = json.loads(rows["z_variant.png"]["verdicts"])
+    assert v["duplicate_of"] == rows["a0.png"]["id"] and 0.85 <= v["cosine"] < 1
+    with pytest.raises(ValueError, match="cosine"):
+        PrepareConfig.from_options(min_size=32, phash_distance=4, semantic_dedup="clip-xs", semantic_threshold=1.5)

@@ -70,6 +70,8 @@ data = group(main, "data", "Data curation.")
          opt("--format", "image_format", default="png", type=click.Choice(["png", "jpg"])),
          opt("--val-fraction", default=0.05), opt("--workers", default=2), opt("--min-size", default=64, help="shorter side"),
          opt("--phash-distance", default=6, help="near-duplicate Hamming threshold"),
+         opt("--semantic-dedup", help="image-text model (clip-xs or a CLIP folder): reject semantic duplicates"),
+         opt("--semantic-threshold", default=0.95, help="cosine of image embeddings at or above = duplicate"),
          opt("--max-pixels", default=64_000_000, help="decompression-bomb cap"),
          opt("--scorer", "scorers", multiple=True, help="registered scorer, e.g. 'nsfw?max_score=0.8'"),
          opt("--captioner", default="none", help="replaces missing / non-English / low-match captions: none | "

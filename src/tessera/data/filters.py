@@ -23,6 +23,14 @@ class FilterConfig(Config):
     min_sharpness: float = 5.0      # variance of the Laplacian at 128 px: below = extreme blur
     phash_distance: int = 6         # Hamming distance <= this = near-duplicate of a kept image
     dedup: bool = True
+    embedding_model: str = ""       # image-text model (clip-xs, a CLIP folder): semantic duplicates by cosine; "" = off
+    embedding_threshold: float = 0.95  # cosine >= this to a kept image's embedding = semantic duplicate
+
+    def __post_init__(self):
+        if not -1.0 <= self.embedding_threshold <= 1.0:
+            raise ValueError(f"embedding_threshold is a cosine: it must be in [-1, 1], got {self.embedding_threshold}")
+        if not 0 <= self.phash_distance < 64:
+            raise ValueError(f"phash_distance must be in [0, 64) bits, got {self.phash_distance}")
 
 
 def phash(im: Image.Image) -> int:

@@ -21,12 +21,15 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from tessera.checkpoint import atomic_write_bytes
 from tessera.config import Config
 from tessera.data.captioning import CaptionConfig, Captioner, load_captioner
 from tessera.data.catalog import Catalog
+from tessera.data.dataset import to_tensor
 from tessera.data.decode import DEFAULT_MAX_PIXELS, Rejected, decode_image, native_crops, resize_center_crop
-from tessera.data.dedup import HashIndex
+from tessera.data.dedup import EmbeddingIndex, HashIndex
 from tessera.data.filters import (
     FilterConfig,
     Scorer,
@@ -82,9 +85,12 @@ class PrepareConfig(Config):
 
     @classmethod
     def from_options(cls, min_size: int, phash_distance: int, scorers=(), captioner: str = "none",
-                     language: bool = True, recaption_below: float | None = None, **kw) -> "PrepareConfig":
+                     language: bool = True, recaption_below: float | None = None, semantic_dedup: str = "",
+                     semantic_threshold: float = 0.95, **kw) -> "PrepareConfig":
         """The flat options of `tessera data prepare` (the filter thresholds and caption checks among them)."""
-        return cls(scorers=tuple(scorers), filters=FilterConfig(min_size=min_size, phash_distance=phash_distance),
+        filters = FilterConfig(min_size=min_size, phash_distance=phash_distance, embedding_model=semantic_dedup or "",
+                               embedding_threshold=semantic_threshold)
+        return cls(scorers=tuple(scorers), filters=filters,
                    captions=CaptionConfig(captioner=captioner, language=language, recaption_below=recaption_below),
                    **kw)
 
@@ -99,19 +105,21 @@ def split_of(sha256: str, val_fraction: float) -> str:
 # ---- worker side: one item -> a result dict (never raises) ---------------------------------------
 _SCORERS: list[Scorer] = []
 _CAPTIONER: list[Captioner] = []  # none or one
+_EMBEDDER: list = []               # none or one image-text model (semantic dedup)
 
 
 def _init_worker(cfg: "PrepareConfig", forked: bool = False) -> None:
     """The models of the scorers, the captioner and the language detector, loaded once per process. A forked
     worker runs torch on one thread: one worker per core, and the OpenMP pool the parent may have started
     does not survive fork (a parallel op in the child would wait for it forever)."""
-    global _SCORERS, _CAPTIONER
+    global _SCORERS, _CAPTIONER, _EMBEDDER
     if forked:
         import torch
 
         torch.set_num_threads(1)
     _SCORERS = [load_scorer(s) for s in cfg.scorers]
     _CAPTIONER = [c for c in [load_captioner(cfg.captions.captioner)] if c is not None]
+    _EMBEDDER = [load_embedder(cfg.filters.embedding_model)] if cfg.filters.embedding_model else []
     if cfg.captions.language:
         detector(cfg.captions.languages)
 
@@ -221,6 +229,22 @@ def caption_stage(row: dict, cfg: "PrepareConfig", captioners: list[Captioner]) 
     return row
 
 
+def load_embedder(spec: str):
+    from tessera.eval.clipscore import load_image_text_model
+
+    return load_image_text_model(spec)
+
+
+def embed_stage(row: dict, cfg: "PrepareConfig", embedders: list) -> dict:
+    """The unit image embedding that the semantic duplicate check compares (the row carries it to the
+    main process; it is not stored)."""
+    if row["status"] != "pending" or not embedders:
+        return row
+    x = to_tensor(resize_center_crop(_image(row, cfg), 256))[None]  # each model resizes to its own input
+    row["embedding"] = embedders[0].image_features(x)[0].float().numpy()
+    return row
+
+
 def transform_stage(row: dict, cfg: "PrepareConfig") -> dict:
     """Standardize (resize the shorter side, center crop), perceptual hash, encode; with crops_per_image, the
     crops at native resolution instead (hashed as the whole image: a source is deduplicated once)."""
@@ -258,6 +282,7 @@ def process_item(item: Item, cfg: PrepareConfig) -> dict:
     row = guarded(decode_stage, item, cfg)
     row = guarded(score_stage, row, cfg, _SCORERS)
     row = guarded(caption_stage, row, cfg, _CAPTIONER)
+    row = guarded(embed_stage, row, cfg, _EMBEDDER)
     return guarded(transform_stage, row, cfg)
 
 
@@ -268,14 +293,28 @@ def process_chunk(args: tuple[int, list[Item], PrepareConfig]) -> tuple[int, lis
 
 # ---- main side: dedup, shard, catalog --------------------------------------------------------------
 class _Dedup:
-    """Exact (sha256) and near (pHash within the Hamming radius, data/dedup.HashIndex) duplicates of the kept
-    images so far; a verdict names the kept image it duplicates and the distance."""
+    """Exact (sha256), near (pHash within the Hamming radius, data/dedup.HashIndex) and, with an embedding
+    model, semantic (cosine of image embeddings, data/dedup.EmbeddingIndex) duplicates of the kept images so
+    far; a verdict names the kept image it duplicates and the distance. Kept embeddings are saved per chunk
+    (OUT/embeddings/chunk-CCCCC.npz), so that a resumed run compares with the images of earlier runs."""
 
-    def __init__(self, cfg: FilterConfig, kept: list[tuple[str, str, str]]):
-        self.cfg = cfg
+    def __init__(self, cfg: FilterConfig, kept: list[tuple[str, str, str]], out: Path):
+        self.cfg, self.emb_dir = cfg, out / "embeddings"
         self.sha = {sha: key for key, sha, _ in kept}
         self.ids = [key for key, _, _ in kept]
         self.index = HashIndex(cfg.phash_distance, [int(ph, 16) for _, _, ph in kept])
+        self.emb, self.emb_ids, self.pending = None, [], []
+        if cfg.embedding_model:
+            for f in sorted(self.emb_dir.glob("chunk-*.npz")):
+                with np.load(f) as z:
+                    for key, e in zip(z["ids"], z["embeddings"]):
+                        self._add_embedding(str(key), e)
+
+    def _add_embedding(self, key: str, e) -> None:
+        if self.emb is None:
+            self.emb = EmbeddingIndex(len(e), self.cfg.embedding_threshold)
+        self.emb.add(e)
+        self.emb_ids.append(key)
 
     def reason(self, row: dict) -> str | None:
         if not self.cfg.dedup:
@@ -287,12 +326,29 @@ class _Dedup:
         if hit is not None:
             row["verdicts"].update(duplicate_of=self.ids[hit[0]], phash_distance=hit[1])
             return "near_duplicate"
+        near = self.emb.nearest(row["embedding"]) if self.emb is not None and "embedding" in row else None
+        if near is not None:
+            row["verdicts"].update(duplicate_of=self.emb_ids[near[0]], cosine=round(near[1], 4))
+            return "semantic_duplicate"
         return None
 
     def add(self, row: dict, key: str) -> None:
         self.sha.setdefault(row["sha256"], key)
         self.ids.append(key)
         self.index.add(int(row["phash"], 16))
+        if "embedding" in row:
+            self._add_embedding(key, row["embedding"])
+            self.pending.append((key, row["embedding"]))
+
+    def save_chunk(self, chunk: int) -> None:
+        """The embeddings kept in this chunk, written before the chunk is committed."""
+        if not self.pending:
+            return
+        self.emb_dir.mkdir(exist_ok=True)
+        buf = io.BytesIO()
+        np.savez(buf, ids=np.array([k for k, _ in self.pending]), embeddings=np.stack([e for _, e in self.pending]))
+        atomic_write_bytes(self.emb_dir / f"chunk-{chunk:05d}.npz", buf.getvalue())
+        self.pending = []
 
 
 def _write_shard(path: Path, members: list[tuple[str, bytes]]) -> None:
@@ -339,6 +395,7 @@ def _finish_chunk(chunk: int, rows: list[dict], dedup: _Dedup, cfg: PrepareConfi
     shard = f"shard-{chunk:05d}.tar" if members else None
     if shard:
         _write_shard(out / "shards" / shard, members)
+    dedup.save_chunk(chunk)
     cat.commit_chunk(chunk, shard, records)
 
 
@@ -416,7 +473,7 @@ def prepare(sources: list[str | Path], out: str | Path, cfg: PrepareConfig | Non
         done = cat.done_chunks()
         chunks = [(c, items[i:i + cfg.chunk_size], cfg) for c, i in enumerate(range(0, len(items), cfg.chunk_size))]
         todo = [c for c in chunks if c[0] not in done]
-        dedup = _Dedup(cfg.filters, cat.kept_hashes())
+        dedup = _Dedup(cfg.filters, cat.kept_hashes(), out)
         bar = tqdm(total=len(items), initial=len(items) - sum(len(c[1]) for c in todo), unit="img",
                    disable=not progress, desc="prepare")
         t0, n_new = time.time(), 0

@@ -14,7 +14,16 @@ from typing import Iterator
 
 from tessera.data.captioning import load_captioner
 from tessera.data.filters import load_scorer
-from tessera.data.prepare import PrepareConfig, caption_stage, decode_stage, guarded, score_stage, transform_stage
+from tessera.data.prepare import (
+    PrepareConfig,
+    caption_stage,
+    decode_stage,
+    embed_stage,
+    guarded,
+    load_embedder,
+    score_stage,
+    transform_stage,
+)
 from tessera.data.sources import Item
 
 
@@ -45,10 +54,12 @@ class _Score:
     def __init__(self, cfg: PrepareConfig):
         self.cfg, self.scorers = cfg, [load_scorer(s) for s in cfg.scorers]
         self.captioners = [c for c in [load_captioner(cfg.captions.captioner)] if c is not None]
+        self.embedders = [load_embedder(cfg.filters.embedding_model)] if cfg.filters.embedding_model else []
 
     def __call__(self, batch):
         rows = [guarded(score_stage, r, self.cfg, self.scorers) for r in _rows(batch)]
-        return _out(batch, [guarded(caption_stage, r, self.cfg, self.captioners) for r in rows])
+        rows = [guarded(caption_stage, r, self.cfg, self.captioners) for r in rows]
+        return _out(batch, [guarded(embed_stage, r, self.cfg, self.embedders) for r in rows])
 
 
 def _transform(batch, cfg: PrepareConfig):
@@ -77,7 +88,7 @@ def process_chunks(todo: list[tuple[int, list[Item], PrepareConfig]], cfg: Prepa
     sizes = {c: len(its) for c, its, _ in todo}
     ds = ray.data.from_items(items)
     ds = ds.map_batches(_decode, fn_kwargs={"cfg": cfg}, batch_size=batch_size)
-    if cfg.scorers or cfg.captions.captioner != "none" or cfg.captions.language:
+    if cfg.scorers or cfg.captions.captioner != "none" or cfg.captions.language or cfg.filters.embedding_model:
         ds = ds.map_batches(_Score, fn_constructor_kwargs={"cfg": cfg}, batch_size=batch_size,
                             compute=ray.data.ActorPoolStrategy(size=max(1, cfg.workers)))
     ds = ds.map_batches(_transform, fn_kwargs={"cfg": cfg}, batch_size=batch_size)
