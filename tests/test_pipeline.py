@@ -123,5 +123,21 @@ def test_fairness_diversifies_evenly_over_many_requests():
             assert "doctor" in prompt
     per_tone = [counts[f"skin tone: {t}"] for t in SKIN_TONES]
     assert sum(per_tone) == 600 and max(per_tone) - min(per_tone) <= 0.1 * 120
-    assert diversify("a woman with light skin tone", 3, 0) == [("a woman with light skin tone", ())] * 3
+    assert diversify("an older woman with light skin tone", 3, 0) == [("an older woman with light skin tone", ())] * 3
+    assert [p for p, _ in diversify("a woman with light skin tone", 9, 0)[::3]] == [
+        "a young woman with light skin tone", "an adult woman with light skin tone", "an older woman with light skin tone"]
     assert diversify("a cat", 2, 0) == [("a cat", ()), ("a cat", ())]
+
+
+def test_fairness_covers_every_gender_and_age_together():
+    """Over len(GENDERS) * len(AGES) images of one request, each (gender, age) pair once; ages balanced over
+    many requests."""
+    from tessera.prompts.fairness import AGES, GENDERS
+
+    pairs = [tuple(c.split(": ")[1] for c in ch if c.startswith(("gender", "age")))
+             for _, ch in diversify("a teacher", len(GENDERS) * len(AGES), 0)]
+    assert len(set(pairs)) == len(GENDERS) * len(AGES)  # ("person" adds no gender word: a 1-tuple)
+    ages = collections.Counter(c for seed in range(90) for _, ch in diversify("a nurse", 3, seed) for c in ch
+                               if c.startswith("age"))
+    assert sorted(ages.values()) == [90, 90, 90]
+    assert diversify("An artist", 4, 0)[3][0].startswith("An adult man artist")

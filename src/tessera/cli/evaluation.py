@@ -62,13 +62,17 @@ def eval_sr(data_dir, models, scale, split, limit, degrade, tokenizer, device, d
 @eval_.command("sample")
 @SAMPLES
 @options(opt("--prompts", "prompt_file", type=PNG_OUT, help="TSV / CSV with a Prompt(s) column, or one per line"),
-         opt("--data", "data_dir", type=DIR, help="or: a prepared folder's captions"), SPLIT, LIMIT, *DEVICE_OPTS)
+         opt("--data", "data_dir", type=DIR, help="or: a prepared folder's captions"), SPLIT, LIMIT,
+         opt("--repeat", default=1, type=click.IntRange(1, 10_000), help="images per prompt"),
+         opt("--diversify", is_flag=True, help="vary age / gender / skin tone over a people prompt's images"),
+         *DEVICE_OPTS)
 def eval_sample(model, tokenizer, text_encoder, batch_size, no_safety, settings, out, prompt_file, data_dir, split,
-                limit, device, dtype) -> None:
-    """Write evaluation samples: one image per prompt + samples.json with every setting and the timing."""
+                limit, repeat, diversify, device, dtype) -> None:
+    """Write evaluation samples: one image per prompt (or --repeat N) + samples.json with every setting and the timing."""
     from tessera.eval.samples import generate_prompt_samples
     record = generate_prompt_samples(model, out, prompt_file, data_dir, split, limit, parse_settings(settings),
-                                     batch_size, tokenizer, text_encoder, device, dtype, not no_safety)
+                                     batch_size, tokenizer, text_encoder, device, dtype, not no_safety, repeat,
+                                     diversify)
     click.echo(f"{out}: {len(record['images'])} images, {len(record['skipped'])} prompts skipped")
 
 @eval_.command("clipscore")
@@ -78,6 +82,19 @@ def eval_clipscore(samples, clip_model) -> None:
     """CLIPScore of a samples folder's images with their prompts (per category and overall)."""
     from tessera.eval.prompts import clipscore_report
     echo_json({"samples": samples, **clipscore_report(samples, clip_model)})
+
+@eval_.command("fairness")
+@click.argument("samples", type=DIR)
+@options(CLIP, opt("--all-prompts", is_flag=True, help="every image, not only those of prompts that depict people"),
+         opt("--bootstrap", default=1000, type=click.IntRange(0, 100_000), help="replicates for the 95%% intervals"),
+         opt("-o", "--out", type=PNG_OUT, help="write the report here (.json) and beside it (.md)"))
+def eval_fairness(samples, clip_model, all_prompts, bootstrap, out) -> None:
+    """Perceived gender / age / skin-tone distribution of generated people images (zero-shot CLIP), vs uniform."""
+    from tessera.eval.fairness import fairness_report, report_markdown, write_report
+    report = fairness_report(samples, clip_model, people_only=not all_prompts, replicates=bootstrap)
+    if out:
+        write_report(report, out)
+    click.echo(report_markdown(report))
 
 @eval_.command("latency")
 @click.argument("samples", type=DIR)

@@ -33,6 +33,22 @@ SAMPLES_JSON = "samples.json"
 class Prompt:
     prompt: str
     category: str = ""
+    original: str = ""   # the prompt before fairness diversification ("" = not diversified)
+
+
+def expand_prompts(prompts: list[Prompt], repeat: int = 1, diversify: bool = False, seed: int = 0) -> list[Prompt]:
+    """Each prompt `repeat` times in a row; with `diversify`, the copies of a people prompt get the balanced
+    attributes of prompts.diversify (the request path of `tessera generate --diversify`), the prompt they came
+    from kept as `original`."""
+    from tessera.prompts import diversify as vary
+
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {repeat}")
+    out = []
+    for p in prompts:
+        texts = [t for t, _ in vary(p.prompt, repeat, seed)] if diversify else [p.prompt] * repeat
+        out += [Prompt(t, p.category, p.prompt if diversify else "") for t in texts]
+    return out
 
 
 def peak_rss_mb() -> float:
@@ -98,7 +114,7 @@ def write_samples(loaded, prompts: list[Prompt], out: str | Path, params, batch_
         rows = []
         for j, (im, c, v) in enumerate(zip(images, chunk, verdicts)):
             row = {"file": f"{b * batch_size + j:05d}.png", "prompt": c.prompt, "category": c.category,
-                   "batch": b, "seed": p.seed}
+                   "batch": b, "seed": p.seed, **({"original": c.original} if c.original else {})}
             if v is not None and v.flagged:
                 rows.append({**row, "file": None, "withheld": {"category": v.category, "score": round(v.score, 4)}})
                 continue
@@ -209,14 +225,16 @@ def generate_samples(model: str, prompts: list[Prompt], out: str | Path, setting
 def generate_prompt_samples(model: str, out: str, prompt_file: str | None = None, data_dir: str | None = None,
                             split: str = "val", limit: int | None = None, settings: dict | None = None,
                             batch_size: int = 16, tokenizer: str | None = None, text_encoder: str | None = None,
-                            device: str | None = None, dtype: str | None = None, safety: bool = True) -> dict:
+                            device: str | None = None, dtype: str | None = None, safety: bool = True,
+                            repeat: int = 1, diversify: bool = False) -> dict:
     """`tessera eval sample`: the prompts of a file (PartiPrompts TSV or one per line) or of a prepared
-    folder's split, sampled into OUT."""
+    folder's split, sampled into OUT; each `repeat` times (fairness measurement), diversified if asked."""
     from tessera.errors import InvalidInputError
     from tessera.eval.prompts import read_prompts
 
     if (prompt_file is None) == (data_dir is None):
         raise InvalidInputError("give exactly one of --prompts FILE or --data DIR")
     prompts = read_prompts(prompt_file)[:limit] if prompt_file else dataset_prompts(data_dir, split, limit)
+    prompts = expand_prompts(prompts, repeat, diversify, int((settings or {}).get("seed", 0)))
     return generate_samples(model, prompts, out, settings, batch_size, tokenizer, text_encoder, device=device,
                             dtype=dtype, safety=safety)
