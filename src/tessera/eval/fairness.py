@@ -128,9 +128,13 @@ def report_markdown(report: dict) -> str:
     for attr, a in report["attributes"].items():
         for name, s in [("(all)", a["overall"]), *a["per_prompt"].items()]:
             dist = ", ".join(f"{c} {q:.2f}" for c, q in s["distribution"].items())
-            ci = (lambda k: f" [{s[k][0]:.3f}, {s[k][1]:.3f}]" if k in s else "")
-            lines.append(f"| {attr} | {name} | {s['n']} | {dist} | {s['tv']:.3f}{ci('tv_95')} | {s['kl']:.3f}{ci('kl_95')} |")
+            lines.append(f"| {attr} | {name} | {s['n']} | {dist} | {_with_ci(s, 'tv')} | {_with_ci(s, 'kl')} |")
     return "\n".join(lines) + "\n"
+
+
+def _with_ci(s: dict, key: str) -> str:
+    ci = s.get(f"{key}_95")
+    return f"{s[key]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
 def write_report(report: dict, out: str | Path) -> Path:
