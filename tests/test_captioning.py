@@ -167,3 +167,23 @@ def test_without_a_captioner_issues_are_recorded_and_captions_kept(tmp_path):
     assert rows["img2.png"]["verdicts"]["caption_issue"] == "non_english"
     assert rows["img6.png"]["caption"] == "" and rows["img6.png"]["verdicts"]["caption_issue"] == "missing"
     assert "recaptioned" not in rows["img6.png"]["verdicts"]
+
+
+def test_data_catalog_lists_the_decisions(tmp_path):
+    from click.testing import CliRunner
+
+    from tessera.cli import main
+
+    src = mixed_folder(tmp_path / "src")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["data", "prepare", str(src), "--out", str(out), "--size", "64", "--min-size", "32",
+                                    "--phash-distance", "4", "--captioner", "caption-xs", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    rejected = [json.loads(line) for line in CliRunner().invoke(
+        main, ["data", "catalog", str(out), "--status", "rejected"]).output.splitlines()]
+    assert sorted(r["reason"] for r in rejected) == ["duplicate", "near_duplicate"]
+    assert all(r["verdicts"]["duplicate_of"] for r in rejected)
+    recaptioned = [json.loads(line) for line in CliRunner().invoke(
+        main, ["data", "catalog", str(out), "--recaptioned"]).output.splitlines()]
+    # 2 non-English + 4 missing kept, and the 2 duplicates (no caption of their own) captioned before rejection
+    assert len(recaptioned) == 8 and sum(r["status"] == "kept" for r in recaptioned) == 6 and all(r["verdicts"]["original_caption"] != r["caption"] for r in recaptioned)

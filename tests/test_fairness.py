@@ -90,3 +90,16 @@ def test_expand_prompts_repeats_and_diversifies():
     assert [p.prompt for p in expand_prompts([Prompt("a doctor")], repeat=2)] == ["a doctor", "a doctor"]
     with pytest.raises(ValueError, match="repeat"):
         expand_prompts([Prompt("a doctor")], repeat=0)
+
+
+def test_requested_attributes_are_read_from_diversified_prompts():
+    from tessera.eval.fairness import adherence, requested
+
+    tones = list(ATTRIBUTES["skin_tone"])
+    assert requested("an older woman doctor, medium-light skin tone", "skin_tone", tones) == "medium-light"
+    assert requested("a man, light skin tone", "skin_tone", tones) == "light"
+    assert requested("an older woman doctor", "gender", ["man", "woman"]) == "woman"
+    assert requested("an older woman doctor", "age", list(ATTRIBUTES["age"])) == "older"
+    assert requested("a doctor", "gender", ["man", "woman"]) is None
+    got = adherence(["a man", "a woman", "a man", "a doctor"], np.array([0, 0, 0, 1]), ["man", "woman"], "gender")
+    assert got == {"n": 3, "accuracy": round(2 / 3, 4), "chance": 0.5}

@@ -88,6 +88,27 @@ def data_prepare(sources, out, engine, **kw) -> None:
     echo_json({k: report[k] for k in ("kept", "kept_by_split", "kept_sources", "source_pixels", "rejected",
                                       "rejected_by_reason", "images_per_second")})
 
+@data.command("catalog")
+@click.argument("data_dir", type=DIR)
+@options(opt("--status", type=click.Choice(["kept", "rejected"])), opt("--reason", help="only this rejection reason"),
+         opt("--recaptioned", is_flag=True, help="only images whose caption was replaced"))
+def data_catalog(data_dir, status, reason, recaptioned) -> None:
+    """Every decision of `data prepare` in DATA_DIR, one JSON line per item (source, status, reason, caption, verdicts)."""
+    import json as _json
+
+    from tessera.data.catalog import Catalog
+    with Catalog.read(data_dir) as cat:
+        rows = cat.rows(status)
+    for r in rows:
+        verdicts = {k: (None if v != v else v) for k, v in _json.loads(r["verdicts"] or "{}").items()}  # NaN: no score
+        if (reason and r["reason"] != reason) or (recaptioned and "recaptioned" not in verdicts):
+            continue
+        try:
+            click.echo(_json.dumps({k: r[k] for k in ("id", "source", "status", "reason", "caption", "split")}
+                                   | {"verdicts": verdicts}, ensure_ascii=False))
+        except BrokenPipeError:  # `| head`: the reader has what it wanted
+            return
+
 @data.command("from-serving")
 @options(opt("--serve-dir", required=True, type=DIR, help="`tessera serve --data-dir`"), opt("--out", required=True, type=NEWDIR),
          opt("--min-rating", type=float, help="leave out images rated below this (mean of 1-5)"),

@@ -23,6 +23,7 @@ images only. Pass a real CLIP folder for photographs.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +35,32 @@ from tessera.prompts.fairness import SKIN_TONES, depicts_people
 
 ATTRIBUTES: dict[str, dict[str, tuple[str, ...]]] = {
     "gender": {"man": ("a photo of a man", "man emoji"), "woman": ("a photo of a woman", "woman emoji")},
-    "age": {"child": ("a photo of a child", "child emoji"), "adult": ("a photo of an adult", "adult emoji"),
+    "age": {"young": ("a photo of a young person", "a photo of a child", "child emoji"),
+            "adult": ("a photo of an adult", "adult emoji"),
             "older": ("a photo of an older person", "older person emoji")},
     "skin_tone": {tone.removesuffix(" skin tone"): (f"a photo of a person with {tone}", f"person, {tone}, emoji")
                   for tone in SKIN_TONES},
 }
+
+
+def requested(prompt: str, attr: str, classes) -> str | None:
+    """The class a prompt asks for ("an older woman doctor, dark skin tone" -> woman / older / dark), if one."""
+    text = prompt.lower()
+    if attr == "skin_tone":
+        hits = [c for c in classes if re.search(rf"(?<![\w-]){re.escape(c)} skin tone", text)]
+    else:
+        hits = [c for c in classes if re.search(rf"\b{re.escape(c)}\b", text)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def adherence(prompts: list[str], labels: np.ndarray, names: list[str], attr: str) -> dict | None:
+    """How often the classified class is the one the prompt asked for (diversified samples): whether the
+    generator follows the attribute words, as far as the classifier reads them."""
+    asked = [(names.index(c), lab) for p, lab in zip(prompts, labels) if (c := requested(p, attr, names))]
+    if not asked:
+        return None
+    want, got = np.array(asked).T
+    return {"n": len(asked), "accuracy": round(float((want == got).mean()), 4), "chance": round(1 / len(names), 4)}
 
 
 def class_embeddings(scorer, classes: dict[str, tuple[str, ...]]) -> torch.Tensor:
@@ -116,7 +138,8 @@ def fairness_report(samples: str | Path, clip: str = "clip-xs", attributes: dict
         report["attributes"][attr] = {
             "classes": names,
             "overall": summarize(lab, names, groups, replicates, rng),
-            "per_prompt": {p: summarize(lab[idx], names, [lab[idx]], replicates, rng) for p, idx in by_prompt.items()}}
+            "per_prompt": {p: summarize(lab[idx], names, [lab[idx]], replicates, rng) for p, idx in by_prompt.items()},
+            "adherence": adherence([record["images"][i]["prompt"] for i in keep], lab, names, attr)}
     return report
 
 
@@ -129,6 +152,10 @@ def report_markdown(report: dict) -> str:
         for name, s in [("(all)", a["overall"]), *a["per_prompt"].items()]:
             dist = ", ".join(f"{c} {q:.2f}" for c, q in s["distribution"].items())
             lines.append(f"| {attr} | {name} | {s['n']} | {dist} | {_with_ci(s, 'tv')} | {_with_ci(s, 'kl')} |")
+    asked = [(attr, a["adherence"]) for attr, a in report["attributes"].items() if a["adherence"]]
+    if asked:
+        lines += ["", "Requested attribute read back (the prompt names it; accuracy of the classifier's reading): "
+                  + "; ".join(f"{attr} {h['accuracy']:.2f} of {h['n']} (chance {h['chance']:.2f})" for attr, h in asked)]
     return "\n".join(lines) + "\n"
 
 
