@@ -1,5 +1,5 @@
 """No-reference technical quality (seed 000: "Remove low-quality images"), needing no weights: four measured
-defects, each mapped to [0, 1] (1 = no defect), and their geometric mean x 10 as the score.
+defects, each mapped to [0, 1] (1 = no defect), and their product x 10 as the score (0-10).
 
     sharpness   std of the Laplacian over std of the image (contrast-free), at <= 256 px: blur lowers it
     noise       sigma of the noise, MAD estimate on the 3x3 high-pass mask of Immerkaer ("Fast noise variance
@@ -10,8 +10,9 @@ defects, each mapped to [0, 1] (1 = no defect), and their geometric mean x 10 as
     exposure    fraction of clipped pixels (<= 3 or >= 252) and how far the mean luminance is from mid-grey
 
 The mappings were set on the MATE / GNOME photographs, blurred, noised, JPEG-compressed and darkened by known
-amounts (benchmarks/RESULTS.md, "Curation"); they are heuristics, not a learned perceptual model. Cut-outs
-on white read as over-exposed (their background is clipped)."""
+amounts, and measured on other photographs (benchmarks/bench_technical.py; RESULTS.md "Curation"); they are
+heuristics, not a learned perceptual model. Smooth images (gradients, flat abstract wallpapers) read as
+blurred, and cut-outs on white as over-exposed (their background is clipped)."""
 from __future__ import annotations
 
 import numpy as np
@@ -61,10 +62,10 @@ def component_scores(m: dict[str, float]) -> dict[str, float]:
 
 
 def technical_score(im: Image.Image) -> dict[str, float]:
-    """{"score": 0-10 (geometric mean of the components x 10), the components, the measurements}."""
+    """{"score": 0-10 (product of the components x 10), the components, the measurements}."""
     m = measure(im)
     parts = component_scores(m)
-    score = 10 * float(np.prod([max(v, 1e-6) for v in parts.values()]) ** (1 / len(parts)))
+    score = 10 * float(np.prod(list(parts.values())))  # a product: one severe defect sinks the score
     return {"score": round(score, 3), **{k: round(float(v), 4) for k, v in {**parts, **m}.items()}}
 
 
