@@ -177,7 +177,7 @@ def test_only_device_module_picks_the_device():
 
 def test_the_cli_is_thin():
     lines = sum(len(f.read_text().splitlines()) for f in (SRC / "cli").glob("*.py"))
-    assert lines <= 470, lines  # 450 until `tessera optimize` (issue 24)
+    assert lines <= 495, lines  # 450 until `tessera optimize` (issue 24); data catalog, eval fairness, caption options (25)
     assert not any(m.startswith("torch") for f in (SRC / "cli").glob("*.py") for m in _imports(f))
 
 

@@ -8,17 +8,11 @@ import pytest
 import torch
 
 from conftest import photo_like
-from tessera.data.captioning import (
-    EMOJI_BANK,
-    HFCaptioner,
-    RetrievalCaptioner,
-    bank_features,
-    load_captioner,
-    read_bank,
-)
+from tessera.data.captioning import EMOJI_BANK, load_captioner, read_bank
 from tessera.data.catalog import Catalog
 from tessera.data.language import check_languages, detect
 from tessera.data.prepare import PrepareConfig, prepare
+from tessera.eval.captioners import HFCaptioner, RetrievalCaptioner, bank_features
 
 
 @pytest.mark.parametrize("text,lang", [("a dog running on the beach at sunset", "en"), ("grinning face emoji", "en"),

@@ -10,11 +10,11 @@ from PIL import Image, ImageEnhance, ImageFilter
 from safetensors.torch import save_file
 
 from conftest import photo_like, tiny_hf_clip
-from tessera.data.aesthetic import AestheticHeadConfig, load_head
 from tessera.data.catalog import Catalog
 from tessera.data.prepare import PrepareConfig, prepare
 from tessera.data.quality import technical_score
 from tessera.errors import WrongModelError
+from tessera.eval.aesthetic import AestheticHeadConfig, load_head
 
 
 class PublishedMLP(torch.nn.Module):

@@ -94,20 +94,9 @@ def data_prepare(sources, out, engine, **kw) -> None:
          opt("--recaptioned", is_flag=True, help="only images whose caption was replaced"))
 def data_catalog(data_dir, status, reason, recaptioned) -> None:
     """Every decision of `data prepare` in DATA_DIR, one JSON line per item (source, status, reason, caption, verdicts)."""
-    import json as _json
-
     from tessera.data.catalog import Catalog
     with Catalog.read(data_dir) as cat:
-        rows = cat.rows(status)
-    for r in rows:
-        verdicts = {k: (None if v != v else v) for k, v in _json.loads(r["verdicts"] or "{}").items()}  # NaN: no score
-        if (reason and r["reason"] != reason) or (recaptioned and "recaptioned" not in verdicts):
-            continue
-        try:
-            click.echo(_json.dumps({k: r[k] for k in ("id", "source", "status", "reason", "caption", "split")}
-                                   | {"verdicts": verdicts}, ensure_ascii=False))
-        except BrokenPipeError:  # `| head`: the reader has what it wanted
-            return
+        click.echo("\n".join(json.dumps(d, ensure_ascii=False) for d in cat.decisions(status, reason, recaptioned)))
 
 @data.command("from-serving")
 @options(opt("--serve-dir", required=True, type=DIR, help="`tessera serve --data-dir`"), opt("--out", required=True, type=NEWDIR),

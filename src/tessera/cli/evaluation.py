@@ -92,9 +92,7 @@ def eval_fairness(samples, clip_model, all_prompts, bootstrap, out) -> None:
     """Perceived gender / age / skin-tone distribution of generated people images (zero-shot CLIP), vs uniform."""
     from tessera.eval.fairness import fairness_report, report_markdown, write_report
     report = fairness_report(samples, clip_model, people_only=not all_prompts, replicates=bootstrap)
-    if out:
-        write_report(report, out)
-    click.echo(report_markdown(report))
+    click.echo(report_markdown(write_report(report, out) if out else report))
 
 @eval_.command("latency")
 @click.argument("samples", type=DIR)

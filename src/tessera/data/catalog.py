@@ -116,3 +116,15 @@ class Catalog:
                               (status,) if status else ())
         names = [d[0] for d in cur.description]
         return [dict(zip(names, r)) for r in cur.fetchall()]
+
+    def decisions(self, status: str | None = None, reason: str | None = None, recaptioned: bool = False) -> list[dict]:
+        """Rows as plain JSON-able dicts (verdicts parsed; a NaN score, e.g. no caption to match, as None),
+        filtered by status, rejection reason, or a replaced caption."""
+        out = []
+        for r in self.rows(status):
+            verdicts = {k: (None if v != v else v) for k, v in json.loads(r["verdicts"] or "{}").items()}
+            if (reason and r["reason"] != reason) or (recaptioned and "recaptioned" not in verdicts):
+                continue
+            out.append({k: r[k] for k in ("id", "source", "status", "reason", "caption", "split")} | {"verdicts": verdicts})
+        return out
+

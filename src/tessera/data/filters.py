@@ -87,36 +87,58 @@ def register_scorer(name: str, factory: Callable[..., Scorer]) -> None:
     _REGISTERED[name] = factory
 
 
-def scorer_names() -> list[str]:
+def plugin_names(group: str) -> list[str]:
     from importlib.metadata import entry_points
 
-    return sorted({*_REGISTERED, *(ep.name for ep in entry_points(group=SCORER_GROUP))})
+    local = _REGISTERED if group == SCORER_GROUP else {}
+    return sorted({*local, *(ep.name for ep in entry_points(group=group))})
 
 
-def _factory(name: str) -> Callable[..., Scorer]:
+def plugin_factory(group: str, name: str) -> Callable:
+    """The factory an installed package registers under `name` in entry-point `group` (scorers, captioners,
+    embedders): data/ names its plug-ins and never imports the packages above it that implement them."""
     from importlib.metadata import entry_points
 
-    if name in _REGISTERED:
+    if group == SCORER_GROUP and name in _REGISTERED:
         return _REGISTERED[name]
-    return next(ep for ep in entry_points(group=SCORER_GROUP) if ep.name == name).load()
+    return next(ep for ep in entry_points(group=group) if ep.name == name).load()
 
 
-def check_scorer_spec(spec: str) -> tuple[str, dict[str, str]]:
-    """'name?key=value&...' -> (name, string arguments); the name must be registered."""
+def parse_spec(spec: str, group: str, kind: str, example: str) -> tuple[str, dict[str, str]]:
+    """'name?key=value&...' -> (name, string arguments); the name must be registered in `group`."""
     name, _, query = spec.partition("?")
+    known = plugin_names(group)
     if ":" in name or not name:
-        raise ValueError(f"scorer {spec!r}: give a registered scorer name, e.g. 'nsfw?max_score=0.8' "
-                         f"(known: {scorer_names()}), not a module path")
-    if name not in scorer_names():
-        raise ValueError(f"scorer {name!r} is not registered; known: {scorer_names()} (a plug-in package "
-                         f"registers one as a {SCORER_GROUP!r} entry point)")
+        raise ValueError(f"{kind} {spec!r}: give a registered {kind} name, e.g. {example!r} (known: {known}), "
+                         f"not a module path")
+    if name not in known:
+        raise ValueError(f"{kind} {name!r} is not registered; known: {known} (a plug-in package registers one "
+                         f"as a {group!r} entry point)")
     kwargs = {}
     for part in filter(None, query.split("&")):
         key, eq, value = part.partition("=")
         if not eq or not key:
-            raise ValueError(f"scorer {spec!r}: argument {part!r} must be key=value")
+            raise ValueError(f"{kind} {spec!r}: argument {part!r} must be key=value")
         kwargs[key] = value
     return name, kwargs
+
+
+def check_arguments(factory: Callable, kwargs: dict[str, str], spec: str, kind: str) -> None:
+    """The spec's key=value arguments must be parameters of the plug-in's factory."""
+    import inspect
+
+    params = inspect.signature(factory).parameters
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise ValueError(f"{kind} {spec!r}: unknown argument(s) {unknown}; it takes {sorted(params)}")
+
+
+def scorer_names() -> list[str]:
+    return plugin_names(SCORER_GROUP)
+
+
+def check_scorer_spec(spec: str) -> tuple[str, dict[str, str]]:
+    return parse_spec(spec, SCORER_GROUP, "scorer", "nsfw?max_score=0.8")
 
 
 def load_scorer(spec: str) -> Scorer:
@@ -124,7 +146,9 @@ def load_scorer(spec: str) -> Scorer:
     arguments, so that the spec alone rebuilds the scorer in every worker process). Only registered names:
     a config file is data, never a path to arbitrary code."""
     name, kwargs = check_scorer_spec(spec)
-    return _factory(name)(**kwargs)
+    factory = plugin_factory(SCORER_GROUP, name)
+    check_arguments(factory, kwargs, spec, "scorer")
+    return factory(**kwargs)
 
 
 def score_reason(scores: dict[str, float], scorers: list[Scorer]) -> str | None:

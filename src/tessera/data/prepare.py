@@ -37,6 +37,7 @@ from tessera.data.filters import (
     image_stats,
     load_scorer,
     phash,
+    plugin_factory,
     quality_reason,
     score_reason,
 )
@@ -229,10 +230,12 @@ def caption_stage(row: dict, cfg: "PrepareConfig", captioners: list[Captioner]) 
     return row
 
 
-def load_embedder(spec: str):
-    from tessera.eval.clipscore import load_image_text_model
+EMBEDDER_GROUP = "tessera.embedders"
 
-    return load_image_text_model(spec)
+
+def load_embedder(spec: str):
+    """An image-text model (clip-xs, a CLIP folder) with image_features(), through the `image_text` plug-in."""
+    return plugin_factory(EMBEDDER_GROUP, "image_text")(spec)
 
 
 def embed_stage(row: dict, cfg: "PrepareConfig", embedders: list) -> dict:

@@ -106,6 +106,11 @@ def load_image_text_model(spec: str = "clip-xs"):
     return OwnContrastive(model, spec)
 
 
+def image_embedder(model: str = "clip-xs"):
+    """Embedder factory `image_text` (data prepare --semantic-dedup MODEL): the model's unit image features."""
+    return load_image_text_model(model)
+
+
 @torch.no_grad()
 def clip_scores(scorer, images: list[Image.Image], prompts: list[str], batch_size: int = 64) -> torch.Tensor:
     """Per-image CLIPScore [N] = 100 * max(cos, 0)."""

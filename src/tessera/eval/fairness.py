@@ -164,10 +164,11 @@ def _with_ci(s: dict, key: str) -> str:
     return f"{s[key]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
-def write_report(report: dict, out: str | Path) -> Path:
+def write_report(report: dict, out: str | Path) -> dict:
+    """OUT (.json) and OUT.md beside it; returns the report."""
     from tessera.checkpoint import atomic_write_bytes
 
     out = Path(out)
     atomic_write_bytes(out, (json.dumps(report, indent=1) + "\n").encode())
     atomic_write_bytes(out.with_suffix(".md"), report_markdown(report).encode())
-    return out
+    return report
