@@ -212,7 +212,8 @@ def generate_samples(model: str, prompts: list[Prompt], out: str | Path, setting
         reasons = [r or (f"rejected by the usage policy: category {v.category!r}" if v.flagged else "")
                    for r, v in zip(reasons, verdicts)]
         image_safety = ImageSafety()
-    skipped = [{**dataclasses.asdict(p), "reason": r} for p, r in zip(prompts, reasons) if r]
+    skipped = [{"prompt": p.prompt, "category": p.category, **({"original": p.original} if p.original else {}),
+                "reason": r} for p, r in zip(prompts, reasons) if r]
     kept = [p for p, r in zip(prompts, reasons) if not r]
     if not kept:
         raise ValueError(f"every prompt was too long for {model}: {skipped[0]['reason']}")
