@@ -60,12 +60,17 @@ class HashIndex:
         if chunks is not None and chunks not in (1, 2, 4, 8):
             raise ValueError(f"chunks must be 1, 2, 4 or 8 (64-bit hashes cut evenly), got {chunks}")
         self.radius, self.fixed_chunks = radius, chunks
-        self.hashes = np.asarray(hashes, dtype=np.uint64).copy()
+        self._store = np.asarray(hashes, dtype=np.uint64).copy()  # capacity doubles as hashes are added
+        self._n = len(self._store)
         self._indexed = 0
         self._rebuild()
 
     def __len__(self) -> int:
-        return len(self.hashes)
+        return self._n
+
+    @property
+    def hashes(self) -> np.ndarray:
+        return self._store[:self._n]
 
     def _rebuild(self) -> None:
         """One sorted table of all substrings, each tagged with its substring number above its bits
@@ -89,8 +94,14 @@ class HashIndex:
         self._indexed = n
 
     def extend(self, hashes: np.ndarray | list[int]) -> None:
-        self.hashes = np.concatenate([self.hashes, np.asarray(hashes, dtype=np.uint64)])
-        if len(self.hashes) - self._indexed > max(1024, self._indexed // 8):
+        new = np.asarray(hashes, dtype=np.uint64)
+        if self._n + len(new) > len(self._store):
+            grown = np.zeros(max(2 * len(self._store), self._n + len(new), 1024), dtype=np.uint64)
+            grown[:self._n] = self.hashes
+            self._store = grown
+        self._store[self._n:self._n + len(new)] = new
+        self._n += len(new)
+        if self._n - self._indexed > max(1024, self._indexed // 8):
             self._rebuild()
 
     def add(self, h: int) -> None:
@@ -103,7 +114,7 @@ class HashIndex:
         probes = ((((q >> self.shifts) & self.sub_mask)[:, None] ^ self.flips) | self.tags).ravel()  # (m * P,)
         lo = np.searchsorted(self.keys, probes, "left")
         hi = np.searchsorted(self.keys, probes, "right")
-        return np.concatenate([self.rows[_ranges(lo, hi)], np.arange(self._indexed, len(self.hashes))])
+        return np.concatenate([self.rows[_ranges(lo, hi)], np.arange(self._indexed, self._n)])
 
     def nearest(self, h: int) -> tuple[int, int] | None:
         """(index, distance) of the closest hash within the radius (the earliest on ties), or None."""
