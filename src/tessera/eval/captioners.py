@@ -20,6 +20,7 @@ from PIL import Image
 from tessera.data.captioning import EMOJI_BANK, EMOJI_FEATURES, read_bank
 from tessera.data.dataset import to_tensor
 from tessera.errors import InvalidInputError
+from tessera.eval.clipscore import load_image_text_model
 
 HF_CAPTIONERS = {"blip": "BlipForConditionalGeneration", "blip-2": "Blip2ForConditionalGeneration",
                  "git": "GitForCausalLM"}
@@ -30,8 +31,6 @@ class RetrievalCaptioner:
     the CLIPScore of that caption (100 * cos)."""
 
     def __init__(self, bank: str | Path = EMOJI_BANK, model: str = "clip-xs", batch_size: int = 256):
-        from tessera.eval.clipscore import load_image_text_model
-
         self.scorer = load_image_text_model(model)
         self.bank = read_bank(bank)
         self.name = f"retrieval:{model}:{Path(bank).name}"
@@ -39,7 +38,6 @@ class RetrievalCaptioner:
         self.text = bundled_bank_features(key) if Path(bank) == EMOJI_BANK else None
         if self.text is None:
             self.text = bank_features(self.scorer, self.bank, batch_size)  # (K, D) unit rows
-
 
     @torch.no_grad()
     def caption(self, images: list[Image.Image]) -> list[tuple[str, float | None]]:
@@ -80,8 +78,6 @@ def bundled_bank_features(key: str) -> torch.Tensor | None:
 def write_bundled_bank_features() -> Path:
     """Regenerate data/emoji_captions.safetensors (after retraining clip-xs or changing the bank)."""
     from safetensors.torch import save_file
-
-    from tessera.eval.clipscore import load_image_text_model
 
     bank = read_bank(EMOJI_BANK)
     text = bank_features(load_image_text_model("clip-xs"), bank)
