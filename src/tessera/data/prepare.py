@@ -201,8 +201,8 @@ def caption_issue(row: dict, cfg: CaptionConfig) -> str | None:
         return "missing"
     if cfg.language:
         row["verdicts"].update(detect(caption, cfg.languages, cfg.language_margin))
-        if row["verdicts"]["language"] not in ("en", None):
-            return "non_english" if cfg.recaption_non_english else None
+        if row["verdicts"]["language"] not in ("en", None) and cfg.recaption_non_english:
+            return "non_english"
     match = row["verdicts"].get("caption_match")
     if cfg.recaption_below is not None and match is not None and match < cfg.recaption_below:
         return "low_match"
