@@ -172,6 +172,38 @@ def test_optimize_distill_trains_a_student_that_samples_its_own_steps(tiny_datas
     assert any(not torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), student.state_dict().values()))
     r = run("optimize", tmp_path / "s", "--distill-steps", "2", "--data", tiny_dataset, "-o", tmp_path / "s2")
     assert r.exit_code != 0 and "already a distilled student" in r.output
+    r = run("optimize", tmp_path / "teacher", "--distill-steps", "2", "--data", tiny_dataset, "-o", tmp_path / "g",
+            "--max-steps", "2", "--set", "train.batch_size=4", "--set", "train.val_every=0",
+            "--set", "task.teacher_steps=4", "--set", "task.student_cfg=3")
+    assert r.exit_code == 0, r.output  # a student that keeps guidance samples guided at its own scale
+    pipe = load_pipeline(str(tmp_path / "g"), text_encoder="tiny", dtype="float32")
+    assert pipe.sampler.steps == 2 and pipe.sampler.cfg_scale == 3.0
+    assert pipe.models["generator"]["distilled"].endswith("guidance 3")
+
+
+def test_a_guided_student_learns_through_both_of_its_branches(seeded):
+    from tessera.sampling.diffusion import DiffusionConfig, Schedule, guided_denoiser
+    from tessera.sampling.distill import distill_loss, segments
+
+    schedule = Schedule(DiffusionConfig(timestep_spacing="trailing"))
+    table = segments(schedule, 2, 4)
+    net_c, net_u = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)  # the conditional and the null branch
+
+    def model(x, t, cond, mask, drop):  # drop None: every sample conditional
+        return net_c(x) if drop is None else torch.where(drop[:, None, None, None], net_u(x), net_c(x))
+
+    cond, mask = torch.randn(3, 2, 4, generator=seeded), torch.ones(3, 2, dtype=torch.bool)
+    teacher = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    x0 = torch.randn(3, 1, 4, 4, generator=seeded)
+    for scale, null_learns in ((1.0, False), (3.0, True)):
+        net_c.zero_grad(), net_u.zero_grad()
+        student = guided_denoiser(model, cond, mask, scale)
+        distill_loss(student, teacher, schedule, table, x0, torch.Generator().manual_seed(0)).mean().backward()
+        assert net_c.weight.grad.abs().sum() > 0
+        assert (net_u.weight.grad is not None and net_u.weight.grad.abs().sum() > 0) == null_learns
+    x = torch.randn(3, 1, 4, 4, generator=seeded)  # the student's output is u + s (c - u)
+    with torch.no_grad():
+        torch.testing.assert_close(student(x, torch.zeros(3)), net_u(x) + 3.0 * (net_c(x) - net_u(x)))
 
 
 def test_pruning_removes_the_least_important_mlp_channels_and_keeps_the_rest_exact(seeded):

@@ -97,8 +97,11 @@ def assemble(generator, generator_name: str, tokenizer: str | None = None, text_
         kw.setdefault("space", task.get("space", "latent"))
         kw.setdefault("scheduler", DiffusionConfig.from_dict(task.get("diffusion", {})))
         kw.setdefault("latent_scale", float(task.get("latent_scale", 1.0)))
-        if task.get("sampler"):  # a distilled model's own step count and guidance
-            kw.setdefault("sampler", dict(task["sampler"]))
+        sampler = task.get("sampler") or (  # a distilled student samples as it was distilled
+            {"steps": task["student_steps"], "cfg_scale": float(task.get("student_cfg", 1.0)), "method": "ddim"}
+            if task.get("teacher") else None)
+        if sampler:
+            kw.setdefault("sampler", dict(sampler))
     needs_tokenizer = cls.paradigm != "diffusion" or kw.get("space") == "latent"
     tok_name = tokenizer or task.get("tokenizer") or default_model("tokenizer")
     tok = _load_model(tok_name, "tokenizer", device.device) if needs_tokenizer else None
@@ -106,7 +109,8 @@ def assemble(generator, generator_name: str, tokenizer: str | None = None, text_
     pipe = cls(generator, tok, enc, text_encoder_name=text_encoder or ("minilm" if enc else None), device=device, **kw)
     pipe.models = {"generator": _identity(generator_name, generator)}
     if task.get("teacher"):  # a few-step student (tessera optimize --distill-steps): the record says so
-        pipe.models["generator"]["distilled"] = f"{task['student_steps']}-step student of {task['teacher']}"
+        guided = f", guidance {task['student_cfg']:g}" if task.get("student_cfg", 1.0) != 1.0 else ""
+        pipe.models["generator"]["distilled"] = f"{task['student_steps']}-step student of {task['teacher']}{guided}"
     if tok is not None:
         pipe.models["tokenizer"] = _identity(str(tok_name), tok)
     if enc is not None:

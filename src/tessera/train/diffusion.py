@@ -4,7 +4,8 @@ prompts from the caption-embedding cache, dropped for `cond_drop` of the samples
 
 With `teacher` set, the run is few-step distillation instead (sampling/distill.py): the model, started from
 the teacher's weights (train.init), learns `student_steps` DDIM steps that each land where the teacher's
-guided `teacher_steps / student_steps` steps land; its pipeline then samples with that many steps, no CFG."""
+guided `teacher_steps / student_steps` steps land; its pipeline then samples with that many steps, unguided, or,
+with `student_cfg` > 1, guided at that scale (the guided student's output is what learns the teacher's jump)."""
 from __future__ import annotations
 
 import dataclasses
@@ -36,13 +37,16 @@ class DiffusionTaskConfig(Config):
     teacher_steps: int = 20        # the teacher's DDIM steps the student's steps replace
     teacher_cfg: float = 5.0       # the teacher's guidance scale, folded into the student
     student_steps: int = 4
-    sampler: dict[str, Any] = dataclasses.field(default_factory=dict)  # the pipeline's sampling defaults ({}: its own)
+    student_cfg: float = 1.0       # the student's own guidance scale (1: guidance folded in, one call per step)
+    sampler: dict[str, Any] = dataclasses.field(default_factory=dict)  # the pipeline's sampling defaults ({}: its own;
+    # a student's: its steps at student_cfg, pipelines/folder.py)
 
     def __post_init__(self):
         if self.space not in ("latent", "pixel"):
             raise ValueError(f"space={self.space!r}: expected 'latent' or 'pixel'")
-        if self.teacher and not self.sampler:  # a distilled student samples its own step count, unguided
-            self.sampler = {"steps": self.student_steps, "cfg_scale": 1.0, "method": "ddim"}
+        if self.student_cfg < 1.0:
+            raise ValueError(f"student_cfg={self.student_cfg}: must be >= 1 (1 = guidance folded into the student)")
+
 
 
 class DiffusionTask:
@@ -95,8 +99,8 @@ class DiffusionTask:
 
         self.teacher.to(x0.device)
         teacher = guided_denoiser(self.teacher, cond, mask, self.cfg.teacher_cfg)
-        loss = distill_loss(lambda x, t: self.model(x, t, cond, mask, None), teacher, self.schedule, self.table,
-                            x0).mean()
+        student = guided_denoiser(self.model, cond, mask, self.cfg.student_cfg)
+        loss = distill_loss(student, teacher, self.schedule, self.table, x0).mean()
         return {"model": loss}, {"loss": float(loss.detach())}
 
     def validate(self, model: nn.Module, out_dir: Path, step: int) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """Few-step distillation of a Tessera diffusion model (`tessera optimize unet-xs --distill-steps 4 --data D -o
 OUT`): a training run (`tessera train diffusion` with `task.teacher`, sampling/distill.py) whose student
 starts from the teacher's weights, samples on trailing timesteps (its first step at t = T - 1, where x_T is
-pure noise) and has guidance folded in. The run folder OUT.run resumes when the command is re-run."""
+pure noise) and has guidance folded in (or, with task.student_cfg > 1, samples guided
+at that scale). The run folder OUT.run resumes when the command is re-run."""
 from __future__ import annotations
 
 from pathlib import Path
