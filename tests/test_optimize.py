@@ -171,7 +171,7 @@ def test_optimize_distill_trains_a_student_that_samples_its_own_steps(tiny_datas
     teacher, student = tessera.load(str(tmp_path / "teacher")), tessera.load(str(tmp_path / "s"))
     assert any(not torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), student.state_dict().values()))
     r = run("optimize", tmp_path / "s", "--distill-steps", "2", "--data", tiny_dataset, "-o", tmp_path / "s2")
-    assert r.exit_code != 0 and "already a distilled student" in r.output
+    assert r.exit_code != 0 and "is a 2-step student; the next round needs fewer steps" in r.output
     r = run("optimize", tmp_path / "teacher", "--distill-steps", "2", "--data", tiny_dataset, "-o", tmp_path / "g",
             "--max-steps", "2", "--set", "train.batch_size=4", "--set", "train.val_every=0",
             "--set", "task.teacher_steps=4", "--set", "task.student_cfg=3")
@@ -179,6 +179,12 @@ def test_optimize_distill_trains_a_student_that_samples_its_own_steps(tiny_datas
     pipe = load_pipeline(str(tmp_path / "g"), text_encoder="tiny", dtype="float32")
     assert pipe.sampler.steps == 2 and pipe.sampler.cfg_scale == 3.0
     assert pipe.models["generator"]["distilled"].endswith("guidance 3")
+    r = run("optimize", tmp_path / "g", "--distill-steps", "1", "--data", tiny_dataset, "-o", tmp_path / "g1",
+            "--max-steps", "2", "--set", "train.batch_size=4", "--set", "train.val_every=0")
+    assert r.exit_code == 0, r.output  # the next round of progressive distillation: g teaches at 2 steps, guidance 3
+    task = json.loads((tmp_path / "g1" / "meta.json").read_text())["task"]
+    assert (task["teacher"], task["teacher_steps"], task["teacher_cfg"]) == (str(tmp_path / "g"), 2, 3.0)
+    assert load_pipeline(str(tmp_path / "g1"), text_encoder="tiny", dtype="float32").sampler.steps == 1
 
 
 def test_a_guided_student_learns_through_both_of_its_branches(seeded):
