@@ -349,6 +349,23 @@ def test_frechet_in_sample_space_equals_the_feature_space_formula():
     assert frechet_from_features(x, y) == pytest.approx(frechet_distance(*statistics(x), *statistics(y)), rel=1e-6)
 
 
+def test_bootstrap_kid_of_the_identity_draw_is_the_full_set_kid_and_its_interval_sees_a_shift():
+    from tessera.eval.bootstrap import _KID, paired_intervals
+    from tessera.eval.frechet import kernel_distance
+    from tessera.eval.gate import DIRECTIONS
+
+    rng = np.random.default_rng(2)
+    real, fake = rng.normal(size=(40, 32)), rng.normal(0.2, 1.0, size=(40, 32))
+    full_set, _ = kernel_distance(fake, real, subsets=1, subset_size=40)  # one subset: every image on both sides
+    assert _KID(fake, real)(np.arange(40)) == pytest.approx(full_set, rel=1e-9)
+    scores = {"clipscore": np.zeros(40), "hit": np.zeros(40)}
+    far = {"feats": rng.normal(1.0, 1.0, size=(40, 32)), **scores}
+    ci = paired_intervals(far, {"feats": fake, **scores}, real, DIRECTIONS, replicates=100)
+    assert 0 < ci["kid"][0] < ci["kid"][1]  # further from the real features: worse, beyond the noise
+    ci = paired_intervals({"feats": fake, **scores}, {"feats": fake, **scores}, real, DIRECTIONS, replicates=20)
+    assert ci["kid"] == [0.0, 0.0]
+
+
 def test_the_gate_with_bootstrap_intervals_passes_noise_and_rejects_a_real_loss():
     from tessera.eval.bootstrap import paired_intervals
     from tessera.eval.gate import DIRECTIONS, gate

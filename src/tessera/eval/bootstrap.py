@@ -14,6 +14,10 @@ S_a S_b are the squared singular values of A B^T / sqrt((n - 1)(m - 1)), so
     tr sqrt(S_a S_b) = ||A B^T||_* / sqrt((n - 1)(m - 1))       (nuclear norm: the sum of singular values)
 
 an n x m SVD per replicate instead of a d x d matrix square root (equal to eval/frechet.py's value).
+
+KID's kernel matrices (candidate-candidate, candidate-real) are computed once; a replicate's unbiased MMD^2
+averages the within-sample kernel over the pairs of DISTINCT captions of its draw (a caption drawn twice is
+not its own pair), so the identity draw gives eval/frechet.py's full-set KID.
 """
 from __future__ import annotations
 
@@ -44,18 +48,36 @@ def paired_intervals(candidate: dict, deployed: dict, real: np.ndarray, directio
             raise ValueError(f"paired bootstrap: {key} has {len(candidate[key])} candidate and {len(deployed[key])} "
                              f"deployed rows, expected {n} (the same captions)")
     rng = np.random.default_rng(seed)
-    diffs: dict[str, list[float]] = {"fd": [], "clipscore": [], "r_precision": []}
+    kernels = {"candidate": _KID(candidate["feats"], real), "deployed": _KID(deployed["feats"], real)}
+    diffs: dict[str, list[float]] = {"fd": [], "kid": [], "clipscore": [], "r_precision": []}
     for _ in range(replicates):
         idx = rng.integers(0, n, n)  # one draw of captions, shared by both models
         value = {}
         for name, s in (("candidate", candidate), ("deployed", deployed)):
-            value[name] = {"fd": frechet_from_features(s["feats"][idx], real),
+            value[name] = {"fd": frechet_from_features(s["feats"][idx], real), "kid": kernels[name](idx),
                            "clipscore": float(np.mean(s["clipscore"][idx])),
                            "r_precision": float(np.mean(s["hit"][idx]))}
         for metric in diffs:
             diffs[metric].append(directions[metric] * (value["deployed"][metric] - value["candidate"][metric]))
     tail = 100 * (1 - level) / 2
     return {k: [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))] for k, v in diffs.items()}
+
+
+class _KID:
+    """The unbiased polynomial-kernel MMD^2 between fake features [n, d] and the fixed real ones, per draw."""
+
+    def __init__(self, fake: np.ndarray, real: np.ndarray):
+        from tessera.eval.frechet import polynomial_kernel
+
+        fake, real = np.asarray(fake, np.float64), np.asarray(real, np.float64)
+        self.kff, self.kfr = polynomial_kernel(fake, fake), polynomial_kernel(fake, real)  # (n, n), (n, r)
+        krr, r = polynomial_kernel(real, real), len(real)
+        self.real_term = (krr.sum() - np.trace(krr)) / (r * (r - 1))
+
+    def __call__(self, idx: np.ndarray) -> float:
+        distinct = idx[:, None] != idx[None, :]  # (n, n) pairs of different captions
+        kff = self.kff[np.ix_(idx, idx)]
+        return float(kff[distinct].mean() + self.real_term - 2 * self.kfr[idx].mean())
 
 
 def save_scores(path, feats: np.ndarray, clipscore: np.ndarray, hit: np.ndarray, prompts: list[str]) -> None:

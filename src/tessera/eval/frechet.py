@@ -47,6 +47,11 @@ def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(0), np.cov(f, rowvar=False)
 
 
+def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """k(x, y) = (x.y / d + 1)^3, KID's kernel (Binkowski et al. 2018): [n, d], [m, d] -> [n, m]."""
+    return (x @ y.T / x.shape[1] + 1) ** 3
+
+
 def kernel_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
                     seed: int = 2020) -> tuple[float, float]:
     """KID: mean and std over `subsets` random subsets of the unbiased polynomial-kernel MMD^2. Subsets
@@ -56,11 +61,11 @@ def kernel_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_s
     m = min(subset_size, len(f1), len(f2))
     if m < 2:
         raise ValueError("KID needs at least 2 images on each side")
-    d, rng, vals = f1.shape[1], np.random.RandomState(seed), []
+    rng, vals = np.random.RandomState(seed), []
     for _ in range(subsets):
         x = f1[rng.choice(len(f1), m, replace=False)]
         y = f2[rng.choice(len(f2), m, replace=False)]
-        kxx, kyy, kxy = ((x @ x.T) / d + 1) ** 3, ((y @ y.T) / d + 1) ** 3, ((x @ y.T) / d + 1) ** 3
+        kxx, kyy, kxy = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
         off = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
         vals.append(off - 2 * kxy.mean())
     return float(np.mean(vals)), float(np.std(vals))

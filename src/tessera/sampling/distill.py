@@ -1,10 +1,12 @@
 """Few-step distillation targets (seed 004 "Model distillation"): a student that samples in S DDIM steps
 learns to land, in ONE step, where the guided teacher lands in m = teacher_steps / S steps.
 
-Progressive distillation (Salimans & Ho 2022) halves the steps per round; here the student jumps the m
-teacher steps of its segment at once (one round, m = 5 for 20 -> 4), with classifier-free guidance folded
+Progressive distillation (Salimans & Ho 2022) halves the steps per round (m = 2); the student jumps the m
+teacher steps of its segment at once (any m: 20 -> 4 in one round is m = 5), with classifier-free guidance folded
 into the targets (Meng et al. 2023, "On distillation of guided diffusion models", stage 1 + 2 together),
-so the student samples without guidance: one network call per step instead of a batch of two.
+so the student samples without guidance: one network call per step instead of a batch of two; or, with
+the student's own guidance scale > 1, the student's guided output is the one fitted (task.student_cfg).
+Rounds repeat with the last student as the teacher (train/distill.py).
 
 For a training image x_0, a segment k is drawn per sample; x_{t_k} = q(x_{t_k} | x_0) (DDPM eq. 4); the
 teacher's m DDIM steps (eta = 0, Song et al. 2021 eq. 12) from t_k give x'' at t_{k+1}; the student's x_0
