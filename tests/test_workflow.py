@@ -119,7 +119,7 @@ def test_an_optimize_step_whose_student_lost_quality_is_rejected(tiny_dataset, t
     from tessera.train.workflow import WorkflowConfig, _intervals
 
     ci = _intervals(tmp_path / "runs" / "opt", WorkflowConfig.from_dict({**cfg, "gate": {**cfg["gate"], "bootstrap": 50}}))
-    assert set(ci) == {"fd", "clipscore", "r_precision"} and all(lo <= hi for lo, hi in ci.values())
+    assert set(ci) == {"fd", "kid", "clipscore", "r_precision"} and all(lo <= hi for lo, hi in ci.values())
     assert ci["fd"][1] > 0  # the wrecked student: worse in FD at the upper end at least
 
 
