@@ -180,8 +180,11 @@ def test_optimize_distill_trains_a_student_that_samples_its_own_steps(tiny_datas
     assert pipe.sampler.steps == 2 and pipe.sampler.cfg_scale == 3.0
     assert pipe.models["generator"]["distilled"].endswith("guidance 3")
     r = run("optimize", tmp_path / "g", "--distill-steps", "1", "--data", tiny_dataset, "-o", tmp_path / "g1",
-            "--max-steps", "2", "--set", "train.batch_size=4", "--set", "train.val_every=0")
+            "--max-steps", "2", "--set", "train.batch_size=4", "--set", "train.val_every=2")
     assert r.exit_code == 0, r.output  # the next round of progressive distillation: g teaches at 2 steps, guidance 3
+    val = [json.loads(line) for line in (tmp_path / "g1.run" / "log.jsonl").read_text().splitlines()]
+    val = [row for row in val if "val/distill_error" in row]  # the student's objective, beside its start's
+    assert val and val[-1]["val/distill_error"] > 0 and val[-1]["val/distill_error_teacher"] > 0
     task = json.loads((tmp_path / "g1" / "meta.json").read_text())["task"]
     assert (task["teacher"], task["teacher_steps"], task["teacher_cfg"]) == (str(tmp_path / "g"), 2, 3.0)
     assert load_pipeline(str(tmp_path / "g1"), text_encoder="tiny", dtype="float32").sampler.steps == 1

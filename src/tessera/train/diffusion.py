@@ -58,7 +58,7 @@ class DiffusionTask:
                                   mc.conditional).check(mc)
         self.dataset = self.data.view("train")
         self.val_idx = self.data.indices("val")[: cfg.val_images]
-        self.teacher = self.table = None
+        self.teacher = self.table = self.teacher_error = None
         if cfg.teacher:
             self._load_teacher(cfg)
 
@@ -107,7 +107,26 @@ class DiffusionTask:
         if not model.config.conditional or len(self.val_idx) < 2:
             return {}
         m = diffusion_margin(model, self.data, self.val_idx, self.schedule, self.cfg.val_timesteps)
-        return {k: v for k, v in m.items() if k != "images"}
+        out = {k: v for k, v in m.items() if k != "images"}
+        if self.teacher is not None:  # the student's objective on held-out latents, beside its starting point's
+            if self.teacher_error is None:  # the teacher's weights sampled as the student is: where it started
+                self.teacher_error = self._distill_error(self.teacher)
+            out.update(distill_error=self._distill_error(model), distill_error_teacher=self.teacher_error)
+        return out
+
+    @torch.no_grad()
+    def _distill_error(self, model: nn.Module, n: int = 64) -> float:
+        """distill_loss on the first n held-out latents, the same segments and noise every time (seed 0)."""
+        from tessera.sampling.diffusion import guided_denoiser
+        from tessera.sampling.distill import distill_loss
+
+        dev = next(model.parameters()).device
+        x0, cond, mask = (torch.stack(v).to(dev) for v in zip(*(self.data.item(int(j)) for j in self.val_idx[:n])))
+        cond, mask = trim_padding(cond, mask)
+        teacher = guided_denoiser(self.teacher.to(dev), cond, mask, self.cfg.teacher_cfg)
+        student = guided_denoiser(model, cond, mask, self.cfg.student_cfg)
+        loss = distill_loss(student, teacher, self.schedule, self.table, x0, torch.Generator().manual_seed(0))
+        return float(loss.mean())
 
 
 # what `tessera train diffusion` runs (train/runs.py finds it by the task name)
