@@ -48,7 +48,6 @@ class DiffusionTaskConfig(Config):
             raise ValueError(f"student_cfg={self.student_cfg}: must be >= 1 (1 = guidance folded into the student)")
 
 
-
 class DiffusionTask:
     def __init__(self, model: nn.Module, data_dir: str | Path, cfg: DiffusionTaskConfig):
         self.model, self.cfg = model, cfg
