@@ -32,7 +32,8 @@ def distill(src: str, out: str, data_dir: str, student_steps: int, max_steps: in
     diffusion = {**task.get("diffusion", {}), "timestep_spacing": "trailing"}
     task_updates = {**{k: v for k, v in task.items() if k != "sampler"}, **caches, "latent_scale": task["latent_scale"],
                     "teacher": str(src), "student_steps": int(student_steps), "diffusion": diffusion}
-    train = ["train.lr=1e-4", "train.warmup_steps=50", "train.ema_decay=0.995", "train.batch_size=32",
+    # lr 1e-5: at 1e-4 a guided round (unet-xs, 16 -> 8) got WORSE at its own objective (benchmarks/RESULTS.md)
+    train = ["train.lr=1e-5", "train.warmup_steps=50", "train.ema_decay=0.995", "train.batch_size=32",
              f'train.init="{src}"', *overrides]
     logs = runs.run_training("diffusion", data_dir, str(run), teacher.meta.preset, max_steps, resume, train,
                              teacher.config.to_dict(), task_updates)
