@@ -93,14 +93,18 @@ class DiffusionTask:
         return {"model": loss}, {"loss": float(loss.detach())}
 
     def _distill(self, x0, cond, mask):
+        loss = self._distill_loss(self.model, x0, cond, mask).mean()
+        return {"model": loss}, {"loss": float(loss.detach())}
+
+    def _distill_loss(self, model: nn.Module, x0, cond, mask, generator: torch.Generator | None = None):
+        """Per-sample distill_loss [B] of `model` as the student (at student_cfg) against the guided teacher."""
         from tessera.sampling.diffusion import guided_denoiser
         from tessera.sampling.distill import distill_loss
 
         self.teacher.to(x0.device)
         teacher = guided_denoiser(self.teacher, cond, mask, self.cfg.teacher_cfg)
-        student = guided_denoiser(self.model, cond, mask, self.cfg.student_cfg)
-        loss = distill_loss(student, teacher, self.schedule, self.table, x0).mean()
-        return {"model": loss}, {"loss": float(loss.detach())}
+        student = guided_denoiser(model, cond, mask, self.cfg.student_cfg)
+        return distill_loss(student, teacher, self.schedule, self.table, x0, generator)
 
     def validate(self, model: nn.Module, out_dir: Path, step: int) -> dict[str, float]:
         if not model.config.conditional or len(self.val_idx) < 2:
@@ -115,17 +119,11 @@ class DiffusionTask:
 
     @torch.no_grad()
     def _distill_error(self, model: nn.Module, n: int = 64) -> float:
-        """distill_loss on the first n held-out latents, the same segments and noise every time (seed 0)."""
-        from tessera.sampling.diffusion import guided_denoiser
-        from tessera.sampling.distill import distill_loss
-
+        """The distillation loss on the first n held-out latents, the same segments and noise every time (seed 0)."""
         dev = next(model.parameters()).device
         x0, cond, mask = (torch.stack(v).to(dev) for v in zip(*(self.data.item(int(j)) for j in self.val_idx[:n])))
         cond, mask = trim_padding(cond, mask)
-        teacher = guided_denoiser(self.teacher.to(dev), cond, mask, self.cfg.teacher_cfg)
-        student = guided_denoiser(model, cond, mask, self.cfg.student_cfg)
-        loss = distill_loss(student, teacher, self.schedule, self.table, x0, torch.Generator().manual_seed(0))
-        return float(loss.mean())
+        return float(self._distill_loss(model, x0, cond, mask, torch.Generator().manual_seed(0)).mean())
 
 
 # what `tessera train diffusion` runs (train/runs.py finds it by the task name)
