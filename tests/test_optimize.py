@@ -215,6 +215,58 @@ def test_a_guided_student_learns_through_both_of_its_branches(seeded):
         torch.testing.assert_close(student(x, torch.zeros(3)), net_u(x) + 3.0 * (net_c(x) - net_u(x)))
 
 
+def test_trajectory_distillation_fits_the_students_whole_run_to_the_teachers(seeded):
+    from tessera.sampling.diffusion import DiffusionConfig, Schedule, sample
+    from tessera.sampling.distill import trajectory_loss
+
+    student_s, teacher_s = Schedule(DiffusionConfig(timestep_spacing="trailing")), Schedule(DiffusionConfig())
+    teacher = lambda x, t: torch.tanh(x) * 0.5 + 0.1  # noqa: E731  any deterministic eps-predictor
+    x_T = torch.randn(3, 1, 4, 4, generator=seeded)
+    same = trajectory_loss(teacher, teacher, teacher_s, teacher_s, (8, 8), ("ddim", "ddim"), x_T)
+    assert same.shape == (3,) and same.abs().max() < 1e-10  # a student that IS the teacher's run: zero error
+    net = torch.nn.Linear(4, 4)
+    student = lambda x, t: net(x)  # noqa: E731
+    loss = trajectory_loss(student, teacher, student_s, teacher_s, (2, 8), ("dpmpp_2m", "ddim"), x_T)
+    with torch.no_grad():
+        want = (sample(student, student_s, x_T, 2, "dpmpp_2m") - sample(teacher, teacher_s, x_T, 8, "ddim"))
+    torch.testing.assert_close(loss, want.pow(2).flatten(1).mean(1))
+    loss.mean().backward()
+    assert net.weight.grad.abs().sum() > 0  # gradients flow through the solver's steps
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    first = float(loss.mean())
+    for _ in range(100):
+        opt.zero_grad()
+        trajectory_loss(student, teacher, student_s, teacher_s, (2, 8), ("dpmpp_2m", "ddim"), x_T).mean().backward()
+        opt.step()
+    assert float(trajectory_loss(student, teacher, student_s, teacher_s, (2, 8), ("dpmpp_2m", "ddim"), x_T).mean()) \
+        < 0.5 * first  # the objective is one a student can lower
+
+
+def test_optimize_distill_trajectory_objective_samples_with_the_students_solver(tiny_dataset, tiny_model, tmp_path):
+    from conftest import tiny_preset
+    from tessera.pipelines.folder import load_pipeline
+
+    r = run("train", "diffusion", "--data", tiny_dataset, "--out", tmp_path / "t", "--preset", tiny_preset("unet-tiny"),
+            "--tokenizer", tiny_model, "--text-encoder", "tiny", "--max-steps", "2", "--set", "train.batch_size=4",
+            "--set", "train.val_every=0")
+    assert r.exit_code == 0, r.output
+    assert run("export", tmp_path / "t", "-o", tmp_path / "teacher").exit_code == 0
+    common = ["--distill-steps", "2", "--data", tiny_dataset, "--max-steps", "2", "--set", "train.batch_size=4",
+              "--set", "task.teacher_steps=6", "--set", "task.student_cfg=2", "--set", "task.objective=trajectory"]
+    r = run("optimize", tmp_path / "teacher", *common, "--set", "task.student_method=euler_a", "-o", tmp_path / "bad")
+    assert r.exit_code != 0 and "student_method='euler_a'" in r.output  # stochastic: no run to fit
+    r = run("optimize", tmp_path / "teacher", *common, "--set", "task.student_method=dpmpp_2m",
+            "--set", "train.val_every=2", "-o", tmp_path / "s")
+    assert r.exit_code == 0, r.output
+    pipe = load_pipeline(str(tmp_path / "s"), text_encoder="tiny", dtype="float32")
+    assert (pipe.sampler.steps, pipe.sampler.cfg_scale, pipe.sampler.method) == (2, 2.0, "dpmpp_2m")
+    val = [json.loads(line) for line in (tmp_path / "s.run" / "log.jsonl").read_text().splitlines()]
+    val = [row for row in val if "val/distill_error" in row]
+    assert val and val[-1]["val/distill_error"] > 0 and val[-1]["val/distill_error_teacher"] > 0
+    image = pipe("a red square", generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert torch.isfinite(image).all()
+
+
 def test_pruning_removes_the_least_important_mlp_channels_and_keeps_the_rest_exact(seeded):
     from conftest import tiny_preset
     from tessera.nn.prune import _pruned_mlps, prune_mlps

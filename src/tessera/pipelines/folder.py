@@ -98,7 +98,8 @@ def assemble(generator, generator_name: str, tokenizer: str | None = None, text_
         kw.setdefault("scheduler", DiffusionConfig.from_dict(task.get("diffusion", {})))
         kw.setdefault("latent_scale", float(task.get("latent_scale", 1.0)))
         sampler = task.get("sampler") or (  # a distilled student samples as it was distilled
-            {"steps": task["student_steps"], "cfg_scale": float(task.get("student_cfg", 1.0)), "method": "ddim"}
+            {"steps": task["student_steps"], "cfg_scale": float(task.get("student_cfg", 1.0)),
+             "method": task.get("student_method", "ddim")}
             if task.get("teacher") else None)
         if sampler:
             kw.setdefault("sampler", dict(sampler))

@@ -15,12 +15,19 @@ target is the one whose single DDIM step from x_{t_k} gives exactly x'' (Saliman
     x0~ = (x'' - (s'' / s) x_t) / (a'' - (s'' / s) a),   a = sqrt(abar), s = sqrt(1 - abar)
 
 (after the last segment abar'' = 1, so x0~ = x''). The loss is the x_0 error weighted by max(SNR, 1)
-("truncated SNR weighting", Salimans & Ho section 4)."""
+("truncated SNR weighting", Salimans & Ho section 4).
+
+The trajectory objective (`trajectory_loss`) distills the whole sampling run instead of one segment: from
+the same unit noise x_T, the student's S-step run of its own sampler (DDIM or DPM-Solver++, gradients through
+every step) learns to end where the teacher's full guided run ends (Luhman & Luhman 2021, "Knowledge
+distillation in iterative generative models", eq. 5, here through a multistep solver). Its target is
+deterministic given (x_T, prompt): there is no average of next states for the student to blur towards, and
+a student started at the teacher's weights starts where the undistilled few-step solver is."""
 from __future__ import annotations
 
 import torch
 
-from tessera.sampling.diffusion import Denoiser, Schedule
+from tessera.sampling.diffusion import Denoiser, Schedule, sample
 
 
 def segments(schedule: Schedule, student_steps: int, teacher_steps: int) -> torch.Tensor:
@@ -73,3 +80,13 @@ def distill_loss(student: Denoiser, teacher: Denoiser, schedule: Schedule, table
     a = schedule.abar(t, x_t).flatten()
     weight = (a / (1 - a)).clamp(min=1.0)  # max(SNR, 1)
     return weight * (pred - target).pow(2).flatten(1).mean(1)
+
+
+def trajectory_loss(student: Denoiser, teacher: Denoiser, schedule: Schedule, teacher_schedule: Schedule,
+                    steps: tuple[int, int], methods: tuple[str, str], x_T: torch.Tensor) -> torch.Tensor:
+    """Per-sample x_0 error [B] of the student's run (steps[0] steps of methods[0] on `schedule`) against
+    the teacher's (steps[1] of methods[1] on `teacher_schedule`), both from x_T (module docstring)."""
+    with torch.no_grad():
+        target = sample(teacher, teacher_schedule, x_T, steps[1], methods[1]).float()
+    pred = sample(student, schedule, x_T, steps[0], methods[0]).float()  # backprop through every step
+    return (pred - target).pow(2).flatten(1).mean(1)

@@ -38,6 +38,9 @@ class DiffusionTaskConfig(Config):
     teacher_cfg: float = 5.0       # the teacher's guidance scale, folded into the student
     student_steps: int = 4
     student_cfg: float = 1.0       # the student's own guidance scale (1: guidance folded in, one call per step)
+    objective: str = "segment"     # segment: each student step lands where the teacher's m steps land (progressive);
+    # trajectory: the student's whole run lands where the teacher's whole run lands (sampling/distill.py)
+    student_method: str = "ddim"   # the student's sampler (trajectory: any of sampling/solvers.py's deterministic ones)
     sampler: dict[str, Any] = dataclasses.field(default_factory=dict)  # the pipeline's sampling defaults ({}: its own;
     # a student's: its steps at student_cfg, pipelines/folder.py)
 
@@ -46,6 +49,11 @@ class DiffusionTaskConfig(Config):
             raise ValueError(f"space={self.space!r}: expected 'latent' or 'pixel'")
         if self.student_cfg < 1.0:
             raise ValueError(f"student_cfg={self.student_cfg}: must be >= 1 (1 = guidance folded into the student)")
+        if self.objective not in ("segment", "trajectory"):
+            raise ValueError(f"objective={self.objective!r}: expected 'segment' or 'trajectory'")
+        allowed = ("ddim",) if self.objective == "segment" else ("ddim", "euler", "dpmpp_2m")
+        if self.student_method not in allowed:
+            raise ValueError(f"student_method={self.student_method!r}: the {self.objective} objective takes {allowed}")
 
 
 class DiffusionTask:
@@ -57,7 +65,7 @@ class DiffusionTask:
                                   mc.conditional).check(mc)
         self.dataset = self.data.view("train")
         self.val_idx = self.data.indices("val")[: cfg.val_images]
-        self.teacher = self.table = self.teacher_error = None
+        self.teacher = self.table = self.teacher_error = self.teacher_schedule = None
         if cfg.teacher:
             self._load_teacher(cfg)
 
@@ -73,6 +81,10 @@ class DiffusionTask:
             raise ValueError(f"task.teacher={cfg.teacher}: its config differs from the student's (start the "
                              f"student from it: train.init={cfg.teacher})")
         self.table = segments(self.schedule, cfg.student_steps, cfg.teacher_steps)
+        task = (self.teacher.meta.task if self.teacher.meta else None) or {}
+        # the trajectory target is the teacher's own run: its schedule, and its sampler if it is a student itself
+        self.teacher_schedule = Schedule(DiffusionConfig.from_dict(task.get("diffusion", {})))
+        self.teacher_method = task.get("student_method", "ddim") if task.get("teacher") else "ddim"
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"model": self.model}
@@ -99,11 +111,16 @@ class DiffusionTask:
     def _distill_loss(self, model: nn.Module, x0, cond, mask, generator: torch.Generator | None = None):
         """Per-sample distill_loss [B] of `model` as the student (at student_cfg) against the guided teacher."""
         from tessera.sampling.diffusion import guided_denoiser
-        from tessera.sampling.distill import distill_loss
+        from tessera.sampling.distill import distill_loss, trajectory_loss
 
         self.teacher.to(x0.device)
         teacher = guided_denoiser(self.teacher, cond, mask, self.cfg.teacher_cfg)
         student = guided_denoiser(model, cond, mask, self.cfg.student_cfg)
+        if self.cfg.objective == "trajectory":
+            x_T = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+            return trajectory_loss(student, teacher, self.schedule, self.teacher_schedule,
+                                   (self.cfg.student_steps, self.cfg.teacher_steps),
+                                   (self.cfg.student_method, self.teacher_method), x_T)
         return distill_loss(student, teacher, self.schedule, self.table, x0, generator)
 
     def validate(self, model: nn.Module, out_dir: Path, step: int) -> dict[str, float]:
