@@ -9,11 +9,14 @@
     prune    the same generation stage of --model masked-xxs vs its `tessera optimize --prune F` copies.
     sr       the distilled SR student vs Real-ESRGAN x4plus: x4 of a 256 px input (bf16, alternating), and the
              student's PSNR against x4plus's output on held-out photos.
+    gate     the workflow's evaluation gate on two configs of ONE `tessera bench paradigms` run (the same held-out
+             captions): metrics, the paired bootstrap's 95% intervals of worse_by (eval/bootstrap.py), decision.
 
     .venv/bin/python benchmarks/bench_optimize.py int8 [--calls 3] [--dtype float32|bfloat16]
     .venv/bin/python benchmarks/bench_optimize.py distill [--calls 5]
     .venv/bin/python benchmarks/bench_optimize.py prune --models DIR... [--calls 5]   (pruned masked-xxs folders)
     .venv/bin/python benchmarks/bench_optimize.py sr [--student DIR --data data/photo256b --images 64]
+    .venv/bin/python benchmarks/bench_optimize.py gate --run BENCH_DIR --candidate NAME --deployed NAME
 """
 from __future__ import annotations
 
@@ -136,9 +139,28 @@ def bench_sr(student: str, teacher: str, data: str, calls: int, images: int) -> 
             "threads": torch.get_num_threads()}
 
 
+def bench_gate(run: Path, candidate: str, deployed: str, tolerances: dict[str, float], replicates: int) -> dict:
+    """The evaluation gate (eval/gate.py, with the paired bootstrap's 95% intervals of worse_by) on configs
+    `candidate` and `deployed` of the bench run `run` (each config's folder holds its scores.npz; the run's
+    real_features.npz is the reference set both are measured against)."""
+    from tessera.eval.bootstrap import SCORES_FILE, load_scores, paired_intervals, sample_metrics
+    from tessera.eval.gate import DIRECTIONS, gate
+
+    scores = {who: load_scores(run / name / SCORES_FILE) for who, name in (("candidate", candidate),
+                                                                           ("deployed", deployed))}
+    if list(scores["candidate"]["prompts"]) != list(scores["deployed"]["prompts"]):
+        raise SystemExit(f"{run}: {candidate} and {deployed} drew images for different captions (not paired)")
+    real = load_scores(run / "real_features.npz")["feats"]
+    metrics = {who: sample_metrics(s, real) for who, s in scores.items()}
+    intervals = paired_intervals(scores["candidate"], scores["deployed"], real, DIRECTIONS, replicates=replicates)
+    decision = gate(metrics["candidate"], metrics["deployed"], tolerances, intervals)
+    return {"captions": len(scores["candidate"]["prompts"]), "metrics": metrics, "intervals": intervals,
+            "promote": decision.promote, "reasons": decision.reasons}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("case", choices=["int8", "distill", "prune", "sr"])
+    ap.add_argument("case", choices=["int8", "distill", "prune", "sr", "gate"])
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "tessera-bench-sd-turbo")
@@ -147,8 +169,19 @@ def main() -> None:
     ap.add_argument("--student", default="models/sr-x4plus-student", help="sr: the distilled SR student")
     ap.add_argument("--data", default="data/photo256b", help="sr: a prepared photo folder (its val split)")
     ap.add_argument("--images", type=int, default=64, help="sr: held-out photos for the PSNR")
+    ap.add_argument("--run", type=Path, help="gate: a `tessera bench paradigms -o` folder")
+    ap.add_argument("--candidate", help="gate: the candidate's config name in that run")
+    ap.add_argument("--deployed", help="gate: the deployed (reference) model's config name in that run")
+    ap.add_argument("--replicates", type=int, default=1000, help="gate: paired bootstrap replicates")
+    ap.add_argument("--tolerance", nargs=2, action="append", metavar=("METRIC", "VALUE"),
+                    help="gate: how much worse a metric may be (default: fd 5, clipscore 0.5, r_precision 0.05, "
+                         "tessera workflow's sample-gate example)")
     args = ap.parse_args()
-    if args.case == "int8":
+    if args.case == "gate":
+        tolerances = ({m: float(v) for m, v in args.tolerance} if args.tolerance
+                      else {"fd": 5.0, "clipscore": 0.5, "r_precision": 0.05})
+        result = bench_gate(args.run, args.candidate, args.deployed, tolerances, args.replicates)
+    elif args.case == "int8":
         result = bench_int8(args.folder, args.out, args.calls, args.dtype)
     elif args.case == "sr":
         result = bench_sr(args.student, "x4plus", args.data, args.calls, args.images)

@@ -366,6 +366,18 @@ def test_bootstrap_kid_of_the_identity_draw_is_the_full_set_kid_and_its_interval
     assert ci["kid"] == [0.0, 0.0]
 
 
+def test_sample_metrics_are_the_full_set_values():
+    from tessera.eval.bootstrap import sample_metrics
+    from tessera.eval.frechet import frechet_distance, kernel_distance, statistics
+
+    rng = np.random.default_rng(3)
+    real, fake = rng.normal(size=(30, 16)), rng.normal(0.5, 1.2, size=(30, 16))
+    m = sample_metrics({"feats": fake, "clipscore": np.arange(30.0), "hit": np.r_[np.ones(6), np.zeros(24)]}, real)
+    assert m["fd"] == pytest.approx(frechet_distance(*statistics(fake), *statistics(real)), rel=1e-6)
+    assert m["kid"] == pytest.approx(kernel_distance(fake, real, subsets=1, subset_size=30)[0], rel=1e-9)
+    assert (m["clipscore"], m["r_precision"]) == (14.5, 0.2)
+
+
 def test_the_gate_with_bootstrap_intervals_passes_noise_and_rejects_a_real_loss():
     from tessera.eval.bootstrap import paired_intervals
     from tessera.eval.gate import DIRECTIONS, gate

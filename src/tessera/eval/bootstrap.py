@@ -63,6 +63,13 @@ def paired_intervals(candidate: dict, deployed: dict, real: np.ndarray, directio
     return {k: [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))] for k, v in diffs.items()}
 
 
+def sample_metrics(scores: dict, real: np.ndarray) -> dict[str, float]:
+    """The full-set FD, KID, CLIPScore and R-precision of one model's `scores` (the identity draw)."""
+    everyone = np.arange(len(scores["feats"]))
+    return {"fd": frechet_from_features(scores["feats"], real), "kid": _KID(scores["feats"], real)(everyone),
+            "clipscore": float(np.mean(scores["clipscore"])), "r_precision": float(np.mean(scores["hit"]))}
+
+
 class _KID:
     """The unbiased polynomial-kernel MMD^2 between fake features [n, d] and the fixed real ones, per draw."""
 
