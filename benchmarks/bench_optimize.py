@@ -5,7 +5,8 @@
              vs tessera.load(OUT), 512x512, 1 step, no guidance, in --dtype (default: auto, i.e. bf16 where the
              CPU has it, float32 elsewhere); whole call and U-Net call medians, and their ratios.
     distill  `tessera generate`'s generation stage (the PNG's seconds.generate) of --model unet-xs (20 DDIM steps,
-             guidance 5) vs --model unet-xs-4step (4 steps, no guidance), alternating processes.
+             guidance 5) vs --model unet-xs-4step (its own 4 steps), alternating processes (each call a fresh
+             process: a cold first call), then the same stage warm in one process (as a server runs it).
     prune    the same generation stage of --model masked-xxs vs its `tessera optimize --prune F` copies.
     sr       the distilled SR student vs Real-ESRGAN x4plus: x4 of a 256 px input (bf16, alternating), and the
              student's PSNR against x4plus's output on held-out photos.
@@ -106,6 +107,23 @@ def bench_generation_stage(models: list[str], calls: int) -> dict:
             "ratio": {m: med[models[0]] / med[m] for m in models[1:]}}
 
 
+def bench_warm_generation(models: list[str], calls: int) -> dict:
+    """The same generation stage (text encoding + sampling) warm, as a server runs it: every pipeline loaded
+    once in this process, after one warm-up call each, alternating; medians and ratios against the first."""
+    from tessera.pipelines.folder import load_pipeline
+
+    pipes = {m: load_pipeline(m) for m in models}
+    seconds: dict[str, list[float]] = {m: [] for m in models}
+    for i in range(calls + 1):
+        for model, pipe in pipes.items():
+            t0 = time.perf_counter()
+            pipe.generate(["grinning face emoji"], pipe.params(seed=i, n=1))
+            if i:  # call 0 is the warm-up
+                seconds[model].append(time.perf_counter() - t0)
+    med = {m: statistics.median(v) for m, v in seconds.items()}
+    return {"seconds_generate_warm": med, "ratio_warm": {m: med[models[0]] / med[m] for m in models[1:]}}
+
+
 def bench_sr(student: str, teacher: str, data: str, calls: int, images: int) -> dict:
     """The SR student vs its teacher: seconds per x4 upscale of a 256 px input (bf16 autocast where the CPU has it, alternating),
     and the student's PSNR against the teacher's output on `images` held-out photos of DATA (bicubic LR)."""
@@ -187,7 +205,7 @@ def main() -> None:
         result = bench_sr(args.student, "x4plus", args.data, args.calls, args.images)
     else:
         models = ["unet-xs", "unet-xs-4step"] if args.case == "distill" else ["masked-xxs", *args.models]
-        result = bench_generation_stage(models, args.calls)
+        result = {**bench_generation_stage(models, args.calls), **bench_warm_generation(models, args.calls)}
     print(json.dumps(result, indent=2))
 
 

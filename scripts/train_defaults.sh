@@ -64,10 +64,11 @@ if [ "$WHAT" = diffusion ] || [ "$WHAT" = all ]; then
 fi
 
 if [ "$WHAT" = distill ] || [ "$WHAT" = all ]; then
-  # issue 24: unet-xs distilled into a 4-step, guidance-free student (20 guided DDIM steps -> 4; resumes from
-  # models/unet-xs-4step.run); the bundled copy is stopped at DISTILL_STEPS
-  OMP_NUM_THREADS=1 $T optimize unet-xs --distill-steps 4 --data data/demo128 -o models/unet-xs-4step \
-    --max-steps ${DISTILL_STEPS:-1500} --set train.batch_size=16 --set train.ckpt_every=50 --set train.val_every=0
+  # issue 24: unet-xs distilled into 4 guided DPM-Solver++ steps (trajectory objective: the student's 4-step run
+  # fits the teacher's 20 guided DDIM steps from the same noise; resumes from models/unet-xs-4step.run)
+  OMP_NUM_THREADS=2 $T optimize unet-xs --distill-steps 4 --data data/demo128 -o models/unet-xs-4step \
+    --max-steps ${DISTILL_STEPS:-1200} --set train.batch_size=8 --set task.student_cfg=5 --set task.teacher_steps=20 \
+    --set task.objective=trajectory --set task.student_method=dpmpp_2m --set train.lr=2e-5 --set train.val_every=200
   $T export models/unet-xs-4step.run -o src/tessera/weights/unet-xs-4step --dtype float16
 fi
 

@@ -61,12 +61,13 @@ def test_bundled_unet_xs_samples_follow_the_prompt_colour():
 
 
 def test_bundled_4step_student_samples_its_own_defaults_and_follows_the_prompt_colour(tmp_path):
-    """unet-xs-4step (issue 24): 4 unguided steps from its record; the PNG says it is a distilled student."""
+    """unet-xs-4step (issue 24): 4 guided DPM-Solver++ steps from its record (the trajectory student); the PNG
+    says it is a distilled student."""
     from tessera.pipelines.folder import load_pipeline
     from tessera.records import read_record
 
     pipe = load_pipeline("unet-xs-4step", dtype="float32")
-    assert (pipe.sampler.steps, pipe.sampler.cfg_scale, pipe.scheduler.timestep_spacing) == (4, 1.0, "trailing")
+    assert (pipe.sampler.steps, pipe.sampler.cfg_scale, pipe.sampler.method) == (4, 5.0, "dpmpp_2m")
     params = pipe.params(seed=0, n=2)
     face, snow = pipe.run("grinning face emoji", params), pipe.run("snowman emoji", params)
     assert _colourfulness(face)[1] - _colourfulness(snow)[1] > 40, (_colourfulness(face), _colourfulness(snow))
@@ -78,7 +79,7 @@ def test_bundled_4step_student_samples_its_own_defaults_and_follows_the_prompt_c
                                   "--seed", "1", "-o", str(tmp_path / "s.png")])
     assert r.exit_code == 0, r.output
     record = read_record(tmp_path / "s.png")
-    assert record["steps"] == 4 and record["optimized"]["distilled"] == "4-step student of unet-xs"
+    assert record["steps"] == 4 and record["optimized"]["distilled"] == "4-step student of unet-xs, guidance 5"
     assert record["seconds"]["generate"] > 0
 
 
