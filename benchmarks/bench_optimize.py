@@ -196,6 +196,8 @@ def main() -> None:
                          "tessera workflow's sample-gate example)")
     args = ap.parse_args()
     if args.case == "gate":
+        if not (args.run and args.candidate and args.deployed):
+            ap.error("gate needs --run, --candidate and --deployed")
         tolerances = ({m: float(v) for m, v in args.tolerance} if args.tolerance
                       else {"fd": 5.0, "clipscore": 0.5, "r_precision": 0.05})
         result = bench_gate(args.run, args.candidate, args.deployed, tolerances, args.replicates)
