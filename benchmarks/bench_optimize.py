@@ -8,6 +8,8 @@
              guidance 5) vs --model unet-xs-4step (its own 4 steps), alternating processes (each call a fresh
              process: a cold first call), then the same stage warm in one process (as a server runs it).
     prune    the same generation stage of --model masked-xxs vs its `tessera optimize --prune F` copies.
+    int8-bundled  weight-only int8 of every linear layer of each bundled generator vs the model as loaded
+             (warm, alternating, one process).
     sr       the distilled SR student vs Real-ESRGAN x4plus: x4 of a 256 px input (bf16, alternating), and the
              student's PSNR against x4plus's output on held-out photos.
     gate     the workflow's evaluation gate on two configs of ONE `tessera bench paradigms` run (the same held-out
@@ -16,6 +18,7 @@
     .venv/bin/python benchmarks/bench_optimize.py int8 [--calls 3] [--dtype float32|bfloat16]
     .venv/bin/python benchmarks/bench_optimize.py distill [--calls 5]
     .venv/bin/python benchmarks/bench_optimize.py prune --models DIR... [--calls 5]   (pruned masked-xxs folders)
+    .venv/bin/python benchmarks/bench_optimize.py int8-bundled [--models ar-xs masked-xxs unet-xs] [--calls 5]
     .venv/bin/python benchmarks/bench_optimize.py sr [--student DIR --data data/photo256b --images 64]
     .venv/bin/python benchmarks/bench_optimize.py gate --run BENCH_DIR --candidate NAME --deployed NAME
 """
@@ -124,6 +127,33 @@ def bench_warm_generation(models: list[str], calls: int) -> dict:
     return {"seconds_generate_warm": med, "ratio_warm": {m: med[models[0]] / med[m] for m in models[1:]}}
 
 
+def bench_int8_bundled(models: list[str], calls: int) -> dict:
+    """Weight-only int8 (nn/quant.Int8Linear: every nn.Linear of the generator) vs the pipeline as loaded
+    (dtype auto), per bundled model: two copies in this process, warm, alternating; the generation stage's
+    medians, their ratio, and how far the int8 copy's output moves (tokens differing / mean abs latent diff)."""
+    from tessera.nn.quant import quantize_int8
+    from tessera.pipelines.folder import load_pipeline
+
+    out = {}
+    for model in models:
+        sides = {"float": load_pipeline(model), "int8": load_pipeline(model)}
+        layers = quantize_int8(sides["int8"].generator)
+        seconds: dict[str, list[float]] = {k: [] for k in sides}
+        result = {}
+        for i in range(calls + 1):
+            for name, pipe in sides.items():
+                t0 = time.perf_counter()
+                result[name] = pipe.generate(["grinning face emoji"], pipe.params(seed=i, n=1))
+                if i:  # call 0 is the warm-up
+                    seconds[name].append(time.perf_counter() - t0)
+        a, b = (result[k].float() for k in ("float", "int8"))
+        moved = float((a != b).float().mean()) if result["float"].dtype == torch.long else float((a - b).abs().mean())
+        med = {k: statistics.median(v) for k, v in seconds.items()}
+        out[model] = {"int8_layers": layers, "dtype": str(sides["float"].placement.dtype), **med,
+                      "ratio": med["float"] / med["int8"], "output_moved": moved}
+    return {"calls": calls, "threads": torch.get_num_threads(), "models": out}
+
+
 def bench_sr(student: str, teacher: str, data: str, calls: int, images: int) -> dict:
     """The SR student vs its teacher: seconds per x4 upscale of a 256 px input (bf16 autocast where the CPU has it, alternating),
     and the student's PSNR against the teacher's output on `images` held-out photos of DATA (bicubic LR)."""
@@ -178,12 +208,12 @@ def bench_gate(run: Path, candidate: str, deployed: str, tolerances: dict[str, f
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("case", choices=["int8", "distill", "prune", "sr", "gate"])
+    ap.add_argument("case", choices=["int8", "distill", "prune", "sr", "gate", "int8-bundled"])
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "tessera-bench-sd-turbo")
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "tessera-bench-sd-turbo-int8")
-    ap.add_argument("--models", nargs="+", default=[], help="prune: the pruned model folders (vs masked-xxs)")
+    ap.add_argument("--models", nargs="+", default=[], help="prune: the pruned model folders (vs masked-xxs); int8-bundled: the models")
     ap.add_argument("--student", default="models/sr-x4plus-student", help="sr: the distilled SR student")
     ap.add_argument("--data", default="data/photo256b", help="sr: a prepared photo folder (its val split)")
     ap.add_argument("--images", type=int, default=64, help="sr: held-out photos for the PSNR")
@@ -201,6 +231,8 @@ def main() -> None:
         tolerances = ({m: float(v) for m, v in args.tolerance} if args.tolerance
                       else {"fd": 5.0, "clipscore": 0.5, "r_precision": 0.05})
         result = bench_gate(args.run, args.candidate, args.deployed, tolerances, args.replicates)
+    elif args.case == "int8-bundled":
+        result = bench_int8_bundled(args.models or ["ar-xs", "masked-xxs", "unet-xs"], args.calls)
     elif args.case == "int8":
         result = bench_int8(args.folder, args.out, args.calls, args.dtype)
     elif args.case == "sr":
