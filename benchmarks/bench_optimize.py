@@ -203,7 +203,25 @@ def bench_gate(run: Path, candidate: str, deployed: str, tolerances: dict[str, f
     intervals = paired_intervals(scores["candidate"], scores["deployed"], real, DIRECTIONS, replicates=replicates)
     decision = gate(metrics["candidate"], metrics["deployed"], tolerances, intervals)
     return {"captions": len(scores["candidate"]["prompts"]), "metrics": metrics, "intervals": intervals,
-            "promote": decision.promote, "reasons": decision.reasons}
+            "promote": decision.promote, "reasons": decision.reasons,
+            "psnr_to_deployed": _paired_psnr(run / candidate, run / deployed)}
+
+
+def _paired_psnr(candidate: Path, deployed: Path) -> float | None:
+    """Mean per-image PSNR (dB) of the candidate's images against the deployed model's for the same caption
+    and the same noise seed (how faithfully a student reproduces its teacher); None when they do not pair."""
+    import numpy as np
+    from PIL import Image
+
+    rows = [json.loads((d / "samples.json").read_text())["images"] for d in (candidate, deployed)]
+    key = [[(r["file"], r["prompt"], r["seed"]) for r in side] for side in rows]
+    if key[0] != key[1]:
+        return None
+    psnr = []
+    for r in rows[0]:
+        a, b = (np.asarray(Image.open(d / r["file"]).convert("RGB"), np.float64) / 255 for d in (candidate, deployed))
+        psnr.append(-10 * np.log10(max(float(((a - b) ** 2).mean()), 1e-10)))
+    return float(np.mean(psnr))
 
 
 def main() -> None:
