@@ -144,6 +144,11 @@ if [ "$WHAT" = prune ]; then
       --max-steps ${PRUNE_STEPS:-150} --set train.lr=1e-4 --set train.ema_decay=0.995 --set train.val_every=0 \
       --set train.ckpt_every=50
   done
+  # the control: the unpruned model through the same recovery recipe (same spec but train.init / mlp_ratio)
+  $T train masked --data data/demo128 --out runs/masked-xxs-ctrl --preset masked-xxs --tokenizer vq-f8 \
+    --max-steps ${PRUNE_STEPS:-150} --set 'train.init="masked-xxs"' --set train.lr=1e-4 --set train.ema_decay=0.995 \
+    --set train.warmup_steps=50 --set train.val_every=0 --set train.ckpt_every=50
+  $T export runs/masked-xxs-ctrl -o models/masked-xxs-ctrl --dtype float16
 fi
 
 if [ "$WHAT" = clip ] || [ "$WHAT" = all ]; then
