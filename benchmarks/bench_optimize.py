@@ -110,20 +110,25 @@ def bench_generation_stage(models: list[str], calls: int) -> dict:
             "ratio": {m: med[models[0]] / med[m] for m in models[1:]}}
 
 
+def _alternate_warm(pipes: dict, calls: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """The generation stage (text encoding + sampling) of each pipeline, warm, alternating: one warm-up call
+    each, then `calls` rounds; -> (median seconds, each pipeline's last output)."""
+    seconds: dict[str, list[float]] = {k: [] for k in pipes}
+    out = {}
+    for i in range(calls + 1):
+        for name, pipe in pipes.items():
+            t0 = time.perf_counter()
+            out[name] = pipe.generate(["grinning face emoji"], pipe.params(seed=i, n=1))
+            if i:  # call 0 is the warm-up
+                seconds[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in seconds.items()}, out
+
+
 def bench_warm_generation(models: list[str], calls: int) -> dict:
-    """The same generation stage (text encoding + sampling) warm, as a server runs it: every pipeline loaded
-    once in this process, after one warm-up call each, alternating; medians and ratios against the first."""
+    """The same generation stage warm, as a server runs it: every pipeline loaded once in this process."""
     from tessera.pipelines.folder import load_pipeline
 
-    pipes = {m: load_pipeline(m) for m in models}
-    seconds: dict[str, list[float]] = {m: [] for m in models}
-    for i in range(calls + 1):
-        for model, pipe in pipes.items():
-            t0 = time.perf_counter()
-            pipe.generate(["grinning face emoji"], pipe.params(seed=i, n=1))
-            if i:  # call 0 is the warm-up
-                seconds[model].append(time.perf_counter() - t0)
-    med = {m: statistics.median(v) for m, v in seconds.items()}
+    med, _ = _alternate_warm({m: load_pipeline(m) for m in models}, calls)
     return {"seconds_generate_warm": med, "ratio_warm": {m: med[models[0]] / med[m] for m in models[1:]}}
 
 
@@ -138,17 +143,9 @@ def bench_int8_bundled(models: list[str], calls: int) -> dict:
     for model in models:
         sides = {"float": load_pipeline(model), "int8": load_pipeline(model)}
         layers = quantize_int8(sides["int8"].generator)
-        seconds: dict[str, list[float]] = {k: [] for k in sides}
-        result = {}
-        for i in range(calls + 1):
-            for name, pipe in sides.items():
-                t0 = time.perf_counter()
-                result[name] = pipe.generate(["grinning face emoji"], pipe.params(seed=i, n=1))
-                if i:  # call 0 is the warm-up
-                    seconds[name].append(time.perf_counter() - t0)
+        med, result = _alternate_warm(sides, calls)
         a, b = (result[k].float() for k in ("float", "int8"))
         moved = float((a != b).float().mean()) if result["float"].dtype == torch.long else float((a - b).abs().mean())
-        med = {k: statistics.median(v) for k, v in seconds.items()}
         out[model] = {"int8_layers": layers, "dtype": str(sides["float"].placement.dtype), **med,
                       "ratio": med["float"] / med["int8"], "output_moved": moved}
     return {"calls": calls, "threads": torch.get_num_threads(), "models": out}
@@ -208,20 +205,23 @@ def bench_gate(run: Path, candidate: str, deployed: str, tolerances: dict[str, f
 
 
 def _paired_psnr(candidate: Path, deployed: Path) -> float | None:
-    """Mean per-image PSNR (dB) of the candidate's images against the deployed model's for the same caption
-    and the same noise seed (how faithfully a student reproduces its teacher); None when they do not pair."""
+    """Mean per-image PSNR (dB, eval/metrics.psnr) of the candidate's images against the deployed model's for
+    the same caption and noise seed (how faithfully a student reproduces its teacher); None when they do not pair."""
     import numpy as np
     from PIL import Image
 
+    from tessera.eval.metrics import psnr
+
     rows = [json.loads((d / "samples.json").read_text())["images"] for d in (candidate, deployed)]
-    key = [[(r["file"], r["prompt"], r["seed"]) for r in side] for side in rows]
-    if key[0] != key[1]:
+    pairs = [[(r["file"], r["prompt"], r["seed"]) for r in side] for side in rows]
+    if pairs[0] != pairs[1]:
         return None
-    psnr = []
-    for r in rows[0]:
-        a, b = (np.asarray(Image.open(d / r["file"]).convert("RGB"), np.float64) / 255 for d in (candidate, deployed))
-        psnr.append(-10 * np.log10(max(float(((a - b) ** 2).mean()), 1e-10)))
-    return float(np.mean(psnr))
+
+    def images(d: Path) -> torch.Tensor:  # [n, 3, H, W] in [-1, 1]
+        x = np.stack([np.asarray(Image.open(d / r["file"]).convert("RGB")) for r in rows[0]])
+        return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    return float(psnr(images(candidate), images(deployed)).mean())
 
 
 def main() -> None:
