@@ -68,6 +68,7 @@ def test_bundled_4step_student_samples_its_own_defaults_and_follows_the_prompt_c
 
     pipe = load_pipeline("unet-xs-4step", dtype="float32")
     assert (pipe.sampler.steps, pipe.sampler.cfg_scale, pipe.sampler.method) == (4, 5.0, "dpmpp_2m")
+    assert pipe.scheduler.timestep_spacing == "trailing"
     params = pipe.params(seed=0, n=2)
     face, snow = pipe.run("grinning face emoji", params), pipe.run("snowman emoji", params)
     assert _colourfulness(face)[1] - _colourfulness(snow)[1] > 40, (_colourfulness(face), _colourfulness(snow))
