@@ -229,6 +229,8 @@ def main() -> None:
     ap.add_argument("case", choices=["int8", "distill", "prune", "sr", "gate", "int8-bundled"])
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--tuned-allocator", action="store_true",
+                    help="call device.tune_cpu_allocator() first, as the tessera command does (both sides)")
     ap.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "tessera-bench-sd-turbo")
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "tessera-bench-sd-turbo-int8")
     ap.add_argument("--models", nargs="+", default=[], help="prune: the pruned model folders (vs masked-xxs); int8-bundled: the models")
@@ -243,6 +245,10 @@ def main() -> None:
                     help="gate: how much worse a metric may be (default: fd 5, clipscore 0.5, r_precision 0.05, "
                          "tessera workflow's sample-gate example)")
     args = ap.parse_args()
+    if args.tuned_allocator:
+        from tessera.device import tune_cpu_allocator
+
+        print(f"tuned allocator: {tune_cpu_allocator()}", flush=True)
     if args.case == "gate":
         if not (args.run and args.candidate and args.deployed):
             ap.error("gate needs --run, --candidate and --deployed")

@@ -46,6 +46,31 @@ def cpu_has_vnni() -> bool:
     return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
+def tune_cpu_allocator(threshold: int = 1 << 30) -> bool:
+    """Process-wide, for an application to call at its start (the `tessera` command does; importing or
+    loading never does): glibc's malloc serves every block above its mmap threshold (adaptive, at most
+    32 MiB) with a fresh mmap, which the kernel zero-fills page by page at first touch and unmaps at free.
+    A 512² SD call allocates and frees dozens of 16-64 MiB activations (TAESD's 64-channel maps), so it
+    spends much of its decode in page faults. mallopt(M_MMAP_THRESHOLD, 1 GiB) keeps freed blocks in the
+    heap for the next tensor, and the trim / top-pad settings keep up to 1 GiB of freed heap mapped (what
+    PyTorch's CPU tuning guide gets from jemalloc / tcmalloc); measured in
+    benchmarks/RESULTS.md. TESSERA_CPU_ALLOCATOR=system leaves malloc as it is. -> whether it applied
+    (False off glibc)."""
+    import ctypes
+    import os
+
+    if os.environ.get("TESSERA_CPU_ALLOCATOR", "").strip().lower() == "system":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # malloc.h
+    # big blocks from the heap; up to `threshold` of freed heap top kept (not trimmed), grown in 64 MiB steps
+    return all([libc.mallopt(m_mmap_threshold, threshold), libc.mallopt(m_trim_threshold, threshold),
+                libc.mallopt(m_top_pad, 64 << 20)])
+
+
 def resolve_device(spec: str | torch.device | None = None) -> torch.device:
     """'auto' / None -> CUDA when present, else CPU; an absent device is a DeviceError naming it."""
     if isinstance(spec, torch.device):

@@ -126,7 +126,7 @@ class _StaticInt8(nn.Module):
         return self
 
     def _pack(self, x: torch.Tensor):
-        key = (x.dtype, x.device)
+        key = (x.dtype if x.is_floating_point() else self.weight_scale.dtype, x.device)  # u8 input: the float dtype
         if x.device.type != "cpu":
             from tessera.errors import InvalidInputError
 
@@ -137,7 +137,7 @@ class _StaticInt8(nn.Module):
             qmax = cpu_quant_max()
             scale, zp = _qparams(lo, hi, qmax)
             w_scale = self.weight_scale.float()
-            bias = None if self.bias is None else self.bias.to(x.dtype)
+            bias = None if self.bias is None else self.bias.to(key[0])
             self._packed = (key, scale, zp, qmax, self._prepack(w_scale, scale, zp, x), w_scale,
                             torch.zeros(len(w_scale), dtype=torch.int64), bias)
         return self._packed[1:]
@@ -148,25 +148,62 @@ class _StaticInt8(nn.Module):
 
 
 class StaticInt8Conv2d(_StaticInt8):
+    """A static int8 convolution; `fuse` chains it to its neighbours the way inductor's int8 fusions do: a
+    ReLU after it and a residual sum into it run as oneDNN post-ops, and its output can stay u8 on the grid
+    of the layer that reads it (no float tensor, no quantize pass, a quarter of fp32's bytes in memory)."""
+
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
         self.stride, self.padding, self.dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
         self.groups, self.in_channels, self.out_channels = conv.groups, conv.in_channels, conv.out_channels
         self._init_state(tuple(conv.weight.shape), conv.bias is not None)
+        self.unary = "none"
+        self.register_buffer("output_range", None)  # set: u8 output on this range's grid, else float output
+        self.register_buffer("accum_range", None)   # set: forward(x, accum) adds u8 `accum` on this grid
+
+    def fuse(self, relu: bool = False, output_range: tuple[float, float] | None = None,
+             accum_range: tuple[float, float] | None = None) -> "StaticInt8Conv2d":
+        """y = [ReLU](conv(x) [+ accum]), [u8 on output_range's grid]; the ranges are those the consumer's /
+        the accumulated tensor's calibration saw (placeholders when the structure is built before a load)."""
+        self.unary = "relu" if relu else "none"
+        self.output_range = None if output_range is None else torch.tensor(output_range, dtype=torch.float32)
+        self.accum_range = None if accum_range is None else torch.tensor(accum_range, dtype=torch.float32)
+        return self
 
     def _prepack(self, w_scale, scale, zp, x):
         return torch.ops.onednn.qconv_prepack(self.weight_int8.contiguous(), w_scale, scale, zp, self.stride, self.padding,
                                               self.dilation, self.groups, list(x.shape))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """x as u8 codes on this layer's input grid (a u8 x is taken to be on it already)."""
+        if x.dtype == torch.uint8:
+            return x
+        scale, zp, qmax = self._pack(x)[:3]
+        return quantize_u8(x.contiguous(memory_format=torch.channels_last), scale, zp, qmax)  # oneDNN's layout
+
+    def _grid(self, r: torch.Tensor | None) -> tuple[float, int]:
+        return (1.0, 0) if r is None else _qparams(*(float(v) for v in r.float()), cpu_quant_max())
+
+    def forward(self, x: torch.Tensor, accum: torch.Tensor | None = None) -> torch.Tensor:
+        """x float or u8 (on this layer's input grid); `accum` (u8 on accum_range's grid, overwritten with
+        the result) only for a layer fused with a sum."""
         scale, zp, qmax, w, w_scale, w_zp, bias = self._pack(x)
-        x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's layout (a no-op in the SD U-Net)
-        return torch.ops.onednn.qconv_pointwise(quantize_u8(x, scale, zp, qmax), scale, zp, w, w_scale, w_zp, bias,
-                                                self.stride, self.padding, self.dilation, self.groups, 1.0, 0,
-                                                x.dtype, "none", [], "")
+        qx = self.quantize(x)
+        out_scale, out_zp = self._grid(self.output_range)
+        out_dtype = None if self.output_range is not None else self._packed[0][0]  # None: u8 (oneDNN's rule)
+        args = (self.stride, self.padding, self.dilation, self.groups, out_scale, out_zp, out_dtype)
+        if (accum is None) != (self.accum_range is None):
+            raise ValueError("a static int8 conv fused with a sum takes its accumulated input (and only it does)")
+        if accum is None:
+            return torch.ops.onednn.qconv_pointwise(qx, scale, zp, w, w_scale, w_zp, bias, *args, self.unary, [], "")
+        acc_scale, acc_zp = self._grid(self.accum_range)
+        return torch.ops.onednn.qconv2d_pointwise.binary(qx, scale, zp, w, w_scale, w_zp, accum, bias, *args, acc_scale,
+                                                         acc_zp, "sum", 1.0, self.unary, [], "")
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}, padding={self.padding}, static int8"
+        fused = "".join(f", {k}" for k, on in (("+sum", self.accum_range is not None), ("relu", self.unary == "relu"),
+                                                ("u8 out", self.output_range is not None)) if on)
+        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}, padding={self.padding}, static int8{fused}"
 
 
 class StaticInt8Linear(_StaticInt8):
@@ -195,14 +232,15 @@ def _static_target(m: nn.Module) -> bool:
 
 def observe_inputs(model: nn.Module, run: Callable[[], None]) -> dict[str, dict]:
     """Run `run()` (the calibration: the model on held-out inputs) with every Conv2d / Linear input watched:
-    -> name -> {"lo", "hi": the range seen, "rows": the fewest GEMM rows (tokens / pixels) in one call}."""
+    -> name -> {"lo", "hi": the range seen, "rows": the fewest GEMM rows (tokens / pixels) in one call,
+    "shape": the first input's shape (what `time_layers` times)}."""
     seen: dict[str, dict] = {}
 
     def hook(name):
         def record(module, args):
             x = args[0].detach()
             rows = x.numel() // (x.shape[1] if x.dim() == 4 else x.shape[-1])
-            s = seen.setdefault(name, {"lo": float("inf"), "hi": float("-inf"), "rows": rows})
+            s = seen.setdefault(name, {"lo": float("inf"), "hi": float("-inf"), "rows": rows, "shape": list(x.shape)})
             s["lo"], s["hi"] = min(s["lo"], float(x.min())), max(s["hi"], float(x.max()))
             s["rows"] = min(s["rows"], rows)
         return record
@@ -217,8 +255,13 @@ def observe_inputs(model: nn.Module, run: Callable[[], None]) -> dict[str, dict]
     return seen
 
 
-def keep_reason(name: str, module: nn.Module, stats: dict | None, min_rows: int = 16, min_k: int = 64) -> str | None:
-    """Why a layer stays in float (None: it is quantized)."""
+MIN_GAIN = 1.05  # measured selection: int8 (its quantize included) must beat the float layer by 5%
+
+
+def keep_reason(name: str, module: nn.Module, stats: dict | None, min_rows: int = 16, min_k: int = 64,
+                timing: tuple[float, float] | None = None) -> str | None:
+    """Why a layer stays in float (None: it is quantized). `timing`: (float, int8) seconds of one call of the
+    layer at its calibration shape on this CPU (`time_layers`); int8 must be MIN_GAIN times faster."""
     if stats is None:
         return "not reached during calibration"
     k = module.in_channels * module.kernel_size[0] * module.kernel_size[1] if isinstance(module, nn.Conv2d) \
@@ -227,12 +270,52 @@ def keep_reason(name: str, module: nn.Module, stats: dict | None, min_rows: int 
         return f"reduction of {k} < {min_k}: too few input channels for int8 to pay (and the most sensitive layer)"
     if stats["rows"] < min_rows:
         return f"{stats['rows']} rows per call (< {min_rows}): memory-bound, int8 activations only add work"
+    if timing is not None and timing[1] * MIN_GAIN > timing[0]:
+        return (f"measured at {tuple(stats['shape'])}: int8 {timing[1] * 1e3:.2f} ms (with its quantize) vs float "
+                f"{timing[0] * 1e3:.2f} ms, not {MIN_GAIN}x faster")
     return None
 
 
-def quantize_static(model: nn.Module, stats: dict[str, dict], layers: list[str] | None = None) -> dict:
-    """Swap the observed Conv2d / Linear layers for static int8 ones (those `keep_reason` does not keep, or
-    exactly `layers` when given, e.g. from a stored report) -> {"quantized": [names], "kept": {name: why}}."""
+def time_layers(model: nn.Module, stats: dict[str, dict], calls: int = 7) -> dict[str, tuple[float, float]]:
+    """Per Conv2d / Linear layer `keep_reason` would quantize: the median seconds of one call at its calibration
+    shape (random input in its calibrated range, the model's dtype) of the layer as the pipeline runs it
+    (oneDNN-prepacked in bf16, nn/onednn.py) and of its static int8 twin, alternating -> name -> (float, int8).
+    Which one wins depends on the shape and the CPU (AMX bf16 beats int8 at many shapes): this is measured, not
+    assumed, on the CPU that runs `tessera optimize`."""
+    import copy
+    import statistics
+    import time
+
+    from tessera.nn import onednn
+
+    out = {}
+    for name, m in model.named_modules():
+        if not _static_target(m) or keep_reason(name, m, stats.get(name)) is not None:
+            continue
+        s = stats[name]
+        x = torch.empty(s["shape"], dtype=m.weight.dtype).uniform_(s["lo"], s["hi"])
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        q = (StaticInt8Conv2d if isinstance(m, nn.Conv2d) else StaticInt8Linear)(m).set_from(m, s["lo"], s["hi"])
+        f = nn.Sequential(copy.deepcopy(m))
+        onednn.pack(f)
+        seconds: tuple[list[float], list[float]] = ([], [])
+        with torch.no_grad():
+            for i in range(calls + 2):  # two warm-up rounds (oneDNN builds its primitives at the first call)
+                for side, layer in zip(seconds, (f, q)):
+                    t0 = time.perf_counter()
+                    layer(x)
+                    if i >= 2:
+                        side.append(time.perf_counter() - t0)
+        out[name] = (statistics.median(seconds[0]), statistics.median(seconds[1]))
+    return out
+
+
+def quantize_static(model: nn.Module, stats: dict[str, dict], layers: list[str] | None = None,
+                    timing: dict[str, tuple[float, float]] | None = None) -> dict:
+    """Swap the observed Conv2d / Linear layers for static int8 ones (those `keep_reason` does not keep, given
+    the measured `timing` when there is one; or exactly `layers` when given, e.g. from a stored report)
+    -> {"quantized": [names], "kept": {name: why}}."""
     quantized, kept = [], {}
     named = dict(model.named_modules())
     for name, m in list(named.items()):
@@ -240,7 +323,7 @@ def quantize_static(model: nn.Module, stats: dict[str, dict], layers: list[str] 
             continue
         why = None if layers is None else (None if name in layers else "kept as stored")
         if layers is None:
-            why = keep_reason(name, m, stats.get(name))
+            why = keep_reason(name, m, stats.get(name), timing=(timing or {}).get(name))
         if why:
             kept[name] = why
             continue
@@ -255,6 +338,7 @@ def quantize_static(model: nn.Module, stats: dict[str, dict], layers: list[str] 
 
 
 QUANT_FILE = "quantization.json"  # beside a component's weights: which layers are static int8
+CHAINED = "u8-chained"  # its "plan" when the network's `quantize_int8` made them (u8 from layer to layer)
 
 
 def apply_stored(model: nn.Module, folder) -> dict | None:
@@ -267,6 +351,13 @@ def apply_stored(model: nn.Module, folder) -> dict | None:
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
+    if record.get("plan") == CHAINED:  # the network's own int8 plan (e.g. TAESD's u8-chained decoder)
+        if not hasattr(model, "quantize_int8"):
+            raise ValueError(f"{path}: a {CHAINED!r} int8 plan, and {type(model).__name__} has none")
+        got = model.quantize_int8(None)
+        if got["quantized"] != record["quantized"]:
+            raise ValueError(f"{path}: its int8 layers are not the ones {type(model).__name__}'s plan makes")
+        return record
     got = quantize_static(model, {}, layers=record["quantized"])
     missing = sorted(set(record["quantized"]) - set(got["quantized"]))
     if missing:

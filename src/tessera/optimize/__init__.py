@@ -2,7 +2,7 @@
 pipeline folder and returns a report of what changed. A model reaches production only through the
 evaluation gate of `tessera workflow` (train/workflow.py, its `optimize` step).
 
-    int8.py     static int8 of a Stable Diffusion U-Net, calibrated on held-out prompts
+    int8.py     static int8 of a Stable Diffusion U-Net and TAESD decoder, calibrated on held-out prompts
     (train/distill.py: few-step distillation of a Tessera diffusion model, sampling/distill.py's targets;
      train/prune.py: structured pruning, nn/prune.py, with a recovery fine-tune)
 """
@@ -15,7 +15,7 @@ from tessera.errors import InvalidInputError
 
 def optimize(src: str, out: str, int8: bool = False, distill_steps: int | None = None, prune: float | None = None,
              data_dir: str | None = None, max_steps: int = 3000, calibration: str | None = None, size: int | None = None,
-             steps: int | None = None, overrides: tuple[str, ...] = ()) -> dict:
+             steps: int | None = None, overrides: tuple[str, ...] = (), int8_layers: str = "speed") -> dict:
     """One optimization of SRC into OUT (`tessera optimize`); -> its report."""
     if [bool(int8), bool(distill_steps), prune is not None].count(True) != 1:
         raise InvalidInputError("give one of --int8, --distill-steps N or --prune F")
@@ -31,7 +31,7 @@ def optimize(src: str, out: str, int8: bool = False, distill_steps: int | None =
             prompts = [line.strip() for line in Path(calibration).read_text().splitlines() if line.strip()]
             if not prompts:
                 raise InvalidInputError(f"--calibration {calibration}: no prompts (one per line)")
-        return quantize_sd_folder(src, out, prompts, size, steps)
+        return quantize_sd_folder(src, out, prompts, size, steps, select=int8_layers)
     if not data_dir:
         raise InvalidInputError("--distill-steps: give --data (a prepared folder: the student trains on its images)")
     from tessera.train.distill import distill

@@ -1,14 +1,22 @@
 """Static int8 for a Stable Diffusion pipeline folder (nn/quant.py's scheme: u8 activations per tensor, s8
 weights per channel, oneDNN's int8 kernels, float elsewhere).
 
-    tessera optimize DIR --int8 -o OUT
+    tessera optimize DIR --int8 [--int8-layers speed|all] -o OUT
 
 Calibration runs the float pipeline on held-out prompts (not the evaluation prompts) at the size and step
-count it will serve, watching every Conv2d / Linear input of the U-Net; the layers `quant.keep_reason` keeps
-stay float, with the reason in the report. OUT is the same diffusers folder layout with `unet/` holding the
-int8 state and `unet/quantization.json` (which layers, the calibration); the other components are copied
-unchanged (hard links where the file system allows). Tessera loads it (`tessera.load(OUT)`); diffusers
-cannot (its U-Net has no int8 layers), which model_index.json's `_tessera_optimized` says.
+count it will serve, watching every Conv2d / Linear input of the U-Net and of the autoencoder. U-Net layers
+`quant.keep_reason` keeps stay float, with the reason in the report; with `--int8-layers speed` (the default)
+so does every layer whose int8 form, quantize included, is not measured 5% faster than the prepacked float
+layer at its calibration shape on this CPU (AMX bf16 beats oneDNN's int8 at many of the U-Net's shapes, and
+its linear layers at 4096 tokens lose to the quantize pass). A TAESD autoencoder gets its decoder's own int8
+plan (tokenizer/taesd.py `quantize_int8`: u8 from conv to conv, ReLUs and residual sums fused), which is
+where int8 pays most: its 64-channel maps at 256² and 512² are memory-bound in bf16.
+
+OUT is the same diffusers folder layout with `unet/` (and `vae/`) holding the int8 state and a
+`quantization.json` (which layers, why the others stayed float, the calibration, the CPU they were timed on);
+the other components are copied unchanged (hard links where the file system allows). Tessera loads it
+(`tessera.load(OUT)`); diffusers cannot (its networks have no int8 layers), which model_index.json's
+`_tessera_optimized` says.
 """
 from __future__ import annotations
 
@@ -42,39 +50,60 @@ def _copy_tree(src: Path, out: Path, skip: set[Path]) -> None:
                 shutil.copy2(path, dest)
 
 
-def calibrate(pipe, prompts: list[str], size: int | None, steps: int | None) -> dict[str, dict]:
-    """The U-Net's layer input ranges over a pipeline call per prompt (its own defaults unless given)."""
+def calibrate(pipe, prompts: list[str], size: int | None, steps: int | None) -> dict[str, dict[str, dict]]:
+    """The layer input ranges of the U-Net and of the autoencoder (its decoder) over a pipeline call per
+    prompt (its own defaults unless given) -> {"unet": stats, "vae": stats} (nn/quant.observe_inputs)."""
     from tessera.nn import quant
 
     kw = {} if steps is None else {"num_inference_steps": steps}
     if size is not None:
         kw.update(height=size, width=size)
+    stats: dict[str, dict[str, dict]] = {}
 
     def run():
         for i, prompt in enumerate(prompts):
             pipe(prompt, generator=torch.Generator().manual_seed(i), output_type="pt", **kw)
 
+    def run_watching_vae():
+        stats["vae"] = quant.observe_inputs(pipe.tokenizer, run)
+
     with pipe.unpacked():  # the plain layers (prepacked ones bypass the hooks' modules' forward)
         pipe.prepack = False
-        return quant.observe_inputs(pipe.generator, run)
+        stats["unet"] = quant.observe_inputs(pipe.generator, run_watching_vae)
+    return stats
+
+
+SELECT = ("speed", "all")  # int8 where it is measured faster here / every layer the static rules admit
+
+
+def _quantize_unet(unet, stats: dict, select: str) -> dict:
+    from tessera.nn import quant
+
+    timing = quant.time_layers(unet, stats) if select == "speed" else None
+    report = quant.quantize_static(unet, stats, timing=timing)
+    if timing:
+        report["timing_ms"] = {k: [round(f * 1e3, 3), round(q * 1e3, 3)] for k, (f, q) in timing.items()}
+    return report
 
 
 def quantize_sd_folder(src: str | Path, out: str | Path, prompts: list[str] | None = None, size: int | None = None,
-                       steps: int | None = None, dtype: str | None = None) -> dict:
-    """DIR (a diffusers Stable Diffusion folder) -> OUT with a static int8 U-Net; -> the report."""
-    from safetensors.torch import save_file
-
+                       steps: int | None = None, dtype: str | None = None, select: str = "speed") -> dict:
+    """DIR (a diffusers Stable Diffusion folder) -> OUT with a static int8 U-Net (and TAESD decoder, when the
+    folder's autoencoder is TAESD); -> the report. `select`: "speed" keeps in float every U-Net layer whose
+    int8 form is not measured faster on this CPU (nn/quant.time_layers), "all" quantizes every one the static
+    rules admit."""
     from tessera.nn import onednn, quant
-    from tessera.nn.quant import QUANT_FILE
-    from tessera.pipelines.stable_diffusion import is_diffusers_folder, load_diffusers_folder, weights_file
+    from tessera.pipelines.stable_diffusion import is_diffusers_folder, load_diffusers_folder
 
     src, out = Path(src), Path(out)
     if not is_diffusers_folder(src):
         raise InvalidInputError(f"{src}: --int8 takes a diffusers Stable Diffusion folder (model_index.json)")
-    if (src / "unet" / QUANT_FILE).is_file():
+    if (src / "unet" / quant.QUANT_FILE).is_file():
         raise InvalidInputError(f"{src}: its U-Net is already int8")
     if out.exists() and any(out.iterdir()):
         raise InvalidInputError(f"-o {out}: not empty (an optimized folder is never written over another)")
+    if select not in SELECT:
+        raise InvalidInputError(f"--int8-layers {select!r}: one of {', '.join(SELECT)}")
     if not quant.static_available():
         raise InvalidInputError("this torch build has no oneDNN int8 kernels (torch.ops.onednn.qconv_pointwise)")
     from tessera.device import placement
@@ -83,32 +112,70 @@ def quantize_sd_folder(src: str | Path, out: str | Path, prompts: list[str] | No
     pipe = load_diffusers_folder(src, placement(None, dtype))
     prompts = list(prompts or CALIBRATION_PROMPTS)
     stats = calibrate(pipe, prompts, size, steps)
-    unet = pipe.generator
-    onednn.unpack(unet)
-    report = quant.quantize_static(unet, stats)
-    stored = weights_file(src / "unet", "diffusion_pytorch_model", None)
+    for net in (pipe.generator, pipe.tokenizer):
+        onednn.unpack(net)
+    reports = {"unet": _quantize_unet(pipe.generator, stats["unet"], select)}
+    if hasattr(pipe.tokenizer, "quantize_int8"):
+        reports["vae"] = pipe.tokenizer.quantize_int8(stats["vae"]) | {"plan": quant.CHAINED}
     tmp = out.with_name(out.name + ".incoming")
     shutil.rmtree(tmp, ignore_errors=True)
-    _copy_tree(src, tmp, skip={stored})
-    float_dtype = _stored_float_dtype(stored)
-    state = {k: (v.to(float_dtype) if v.is_floating_point() and not k.endswith(("weight_scale", "input_range"))
-                 else v).contiguous() for k, v in unet.state_dict().items()}
-    save_file(state, str(tmp / "unet" / stored.name))
-    record = {"scheme": "static int8: u8 activations per tensor (calibrated range), s8 weights per output "
-                        "channel, oneDNN kernels; float elsewhere", "quantized": report["quantized"],
-              "kept": report["kept"], "calibration": {"prompts": prompts, "size": size, "steps": steps,
-                                                      "ranges": {k: [v["lo"], v["hi"]] for k, v in stats.items()}},
-              "source": str(src), "seconds": round(time.time() - t0, 1)}
-    (tmp / "unet" / QUANT_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    stored = {comp: weights_file_of(src / comp) for comp in reports}
+    _copy_tree(src, tmp, skip=set(stored.values()))
+    calibration = {"prompts": prompts, "size": size, "steps": steps}
+    scheme = ("static int8: u8 activations per tensor (calibrated range), s8 weights per output channel, oneDNN "
+              "kernels; float elsewhere")
+    records = {}
+    for comp, report in reports.items():
+        net = pipe.generator if comp == "unet" else pipe.tokenizer
+        _save_state(net, stored[comp], tmp / comp / stored[comp].name)
+        records[comp] = {"scheme": scheme + ("; u8 from conv to conv, ReLU and residual sums fused" if comp == "vae" else ""),
+                         **report, "calibration": calibration | {"ranges": {k: [v["lo"], v["hi"]] for k, v in
+                                                                            stats[comp].items()}},
+                         "cpu": _cpu_name(), "source": str(src), "seconds": round(time.time() - t0, 1)}
+        (tmp / comp / quant.QUANT_FILE).write_text(json.dumps(records[comp], indent=1) + "\n")
     index = json.loads((src / "model_index.json").read_text())
-    index["_tessera_optimized"] = {"unet": "int8 static (unet/quantization.json); Tessera loads it, diffusers cannot"}
+    index["_tessera_optimized"] = {comp: f"int8 static ({comp}/{quant.QUANT_FILE}); Tessera loads it, diffusers cannot"
+                                   for comp in records}
     (tmp / "model_index.json").unlink()
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (tmp / "OPTIMIZED.md").write_text(_card(record))
+    (tmp / "OPTIMIZED.md").write_text(_card(records, str(src)))
     if out.exists():
         out.rmdir()
     tmp.rename(out)
-    return {k: record[k] for k in ("quantized", "kept", "seconds")} | {"out": str(out)}
+    unet = records["unet"]
+    return {"quantized": unet["quantized"], "kept": unet["kept"], "seconds": round(time.time() - t0, 1),
+            "out": str(out)} | ({"vae_quantized": records["vae"]["quantized"]} if "vae" in records else {})
+
+
+def weights_file_of(folder: Path) -> Path:
+    from tessera.pipelines.stable_diffusion import weights_file
+
+    return weights_file(folder, "diffusion_pytorch_model", None)
+
+
+def _save_state(net, source: Path, dest: Path) -> None:
+    """The network's state in the source file's float dtype (int8 weights as they are; scales and calibrated
+    ranges in float32, as computed)."""
+    from safetensors.torch import save_file
+
+    float_dtype = _stored_float_dtype(source)
+    exact = ("weight_scale", "input_range", "output_range", "accum_range")
+    state = {k: (v.to(float_dtype) if v.is_floating_point() and not k.endswith(exact) else v).contiguous()
+             for k, v in net.state_dict().items()}
+    save_file(state, str(dest))
+
+
+def _cpu_name() -> str:
+    """The CPU the layers were timed on ("speed" selection is for it)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _stored_float_dtype(path: Path) -> torch.dtype:
@@ -122,9 +189,13 @@ def _stored_float_dtype(path: Path) -> torch.dtype:
     return {"BF16": torch.bfloat16, "F16": torch.float16}.get(next(iter(names & {"BF16", "F16"}), ""), torch.float32)
 
 
-def _card(record: dict) -> str:
-    kept = "\n".join(f"- `{k}`: {v}" for k, v in sorted(record["kept"].items())) or "- none"
-    return (f"# Optimized: static int8 U-Net\n\nMade by `tessera optimize --int8` from `{record['source']}`.\n\n"
-            f"{record['scheme']}.\n\n{len(record['quantized'])} layers int8; these stayed float:\n\n{kept}\n\n"
-            f"Calibrated on {len(record['calibration']['prompts'])} held-out prompts. The speed ratio and quality change "
-            f"are measured by `benchmarks/bench_optimize.py` (benchmarks/RESULTS.md).\n")
+def _card(records: dict, source: str) -> str:
+    parts = [f"# Optimized: static int8\n\nMade by `tessera optimize --int8` from `{source}`.\n"]
+    for comp, record in records.items():
+        kept = "\n".join(f"- `{k}`: {v}" for k, v in sorted(record["kept"].items())) or "- none"
+        parts.append(f"## {comp}\n\n{record['scheme']}.\n\n{len(record['quantized'])} layers int8; these stayed "
+                     f"float:\n\n{kept}\n")
+    prompts = len(next(iter(records.values()))["calibration"]["prompts"])
+    parts.append(f"Calibrated on {prompts} held-out prompts; layers chosen by speed on {_cpu_name()}. The speed "
+                 f"ratio and quality change are measured by `benchmarks/bench_optimize.py` (benchmarks/RESULTS.md).\n")
+    return "\n".join(parts)

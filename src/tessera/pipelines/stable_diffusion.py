@@ -298,15 +298,19 @@ def load_vae(folder: str | Path, variant: str | None = None, dtype: torch.dtype 
                "AutoencoderTiny": (TinyAutoencoder, TinyAutoencoderConfig), "VQModel": (VQModel, VQModelConfig)}
     if config.get("_class_name") not in classes:
         raise WrongModelError(f"{folder}: a {config.get('_class_name')!r} autoencoder; Tessera reads {sorted(classes)}")
+    from tessera.nn.quant import apply_stored
+
     model_cls, config_cls = classes[config["_class_name"]]
     config = config_cls.from_diffusers(config)
     dtype = _vae_dtype(config, dtype or torch.float32)
-    return load_strict(on_meta(lambda: model_cls(config)), _weights(folder, variant, dtype), folder, dtype).eval()
+    vae = on_meta(lambda: model_cls(config))
+    vae.quantization = apply_stored(vae, folder)  # TAESD's int8 decoder (`tessera optimize --int8`), or None
+    return load_strict(vae, _weights(folder, variant, dtype), folder, dtype).eval()
 
 
-def _quant_note(unet) -> dict:
-    """What the PNG record says of an int8 U-Net (nothing for a float one)."""
-    q = getattr(unet, "quantization", None)
+def _quant_note(net) -> dict:
+    """What the PNG record says of an int8 U-Net / autoencoder (nothing for a float one)."""
+    q = getattr(net, "quantization", None)
     return {} if q is None else {"quantization": f"int8 static, {len(q['quantized'])} layers ({len(q['kept'])} kept float)"}
 
 
@@ -336,5 +340,6 @@ def load_diffusers_folder(folder: str | Path, device=None, variant: str | None =
                                    sampler={**defaults, "method": method or "dpmpp_2m"}, device=device)
     pipe.source = str(folder)
     pipe.models = {"generator": {"name": str(folder / "unet"), "kind": "sd-unet", **_quant_note(unet)},
-                   "tokenizer": {"name": str(vae or folder / "vae")}, "text_encoder": {"name": text.name}}
+                   "tokenizer": {"name": str(vae or folder / "vae"), **_quant_note(pipe.tokenizer)},
+                   "text_encoder": {"name": text.name}}
     return pipe

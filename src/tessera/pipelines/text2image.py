@@ -184,10 +184,12 @@ class LocalStages:
         extra = {"loras": self.loras[paradigm]} if paradigm in self.loras else {}
         if self.speed and hasattr(self.loaded(paradigm), "set_speed"):
             extra["speed"] = self.speed  # ToMe changes the image: the record says so
-        optimized = {k: v for k, v in (getattr(pipe, "models", None) or {}).get("generator", {}).items()
-                     if k in ("quantization", "distilled")}
+        models = getattr(pipe, "models", None) or {}
+        optimized = {k: v for k, v in models.get("generator", {}).items() if k in ("quantization", "distilled")}
+        if "quantization" in models.get("tokenizer", {}):
+            optimized["autoencoder_quantization"] = models["tokenizer"]["quantization"]
         if optimized:
-            extra["optimized"] = optimized  # an int8 / distilled generator: the record says so
+            extra["optimized"] = optimized  # an int8 / distilled generator or autoencoder: the record says so
         return out.cpu(), {"model": self.models[paradigm], **extra, **dataclasses.asdict(params)}
 
     def decode(self, paradigm: str, out: torch.Tensor) -> list[Image.Image]:

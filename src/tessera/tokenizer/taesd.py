@@ -70,6 +70,21 @@ class Block(nn.Module):
         return self.fuse(self.conv(x) + self.skip(x))
 
 
+class Int8Block(nn.Module):
+    """A decoder Block with static int8 convolutions (`TinyAutoencoder.quantize_int8`): u8 tensors from conv to
+    conv, the ReLUs and the residual sum inside oneDNN's kernels (its ReLU modules are gone)."""
+
+    def __init__(self, block: Block):
+        super().__init__()
+        self.conv = nn.Sequential(block.conv[0], nn.Identity(), block.conv[2], nn.Identity(), block.conv[4])
+        self.skip = block.skip  # nn.Identity: a projected skip stays a float Block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, mid, last = self.conv[0], self.conv[2], self.conv[4]
+        x = first.quantize(x)  # u8 on the grid of the block's input (read by `first` and summed by `last`)
+        return last(mid(first(x)), accum=x)  # ReLU(conv(ReLU(conv(ReLU(conv(x))))) + x), x overwritten
+
+
 class TinyEncoder(nn.Module):
     def __init__(self, cfg: TinyAutoencoderConfig):
         super().__init__()
@@ -125,6 +140,46 @@ class TinyAutoencoder(nn.Module):
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [B,4,h,w] -> images [B,3,8h,8w] in about [-1,1]."""
         return self.decoder(latents)
+
+    def quantize_int8(self, stats: dict[str, dict] | None = None) -> dict:
+        """The decoder's convolutions as static int8 ones chained in u8 (`tessera optimize --int8`): each conv
+        writes u8 codes on the input grid of the conv that reads its output (through the nearest upsamples,
+        which move u8 codes as they are), its ReLU and a Block's residual sum fused. `stats`: the calibration
+        (nn/quant.observe_inputs over this module: names as here); None builds the same structure, to be
+        loaded strictly. The first conv (4 input channels) stays float; -> {"quantized", "kept"}."""
+        from tessera.nn.quant import StaticInt8Conv2d
+
+        layers = self.decoder.layers
+        units = [(i, m) for i, m in enumerate(layers) if isinstance(m, (nn.Conv2d, Block))][1:]  # after conv 0
+        if any(isinstance(m, Block) and not isinstance(m.skip, nn.Identity) for _, m in units):
+            raise ValueError("a TAESD decoder with projected skips has no int8 plan (its channels change)")
+
+        def entry(i: int) -> str:  # the conv that reads unit i's input
+            return f"decoder.layers.{i}" + (".conv.0" if isinstance(layers[i], Block) else "")
+
+        def int8(name: str, conv: nn.Conv2d, **fused) -> StaticInt8Conv2d:
+            q = StaticInt8Conv2d(conv)
+            if stats is not None:
+                q.set_from(conv, stats[name]["lo"], stats[name]["hi"])
+            return q.fuse(**fused)
+
+        def grid(name: str) -> tuple[float, float]:
+            return (0.0, 1.0) if stats is None else (stats[name]["lo"], stats[name]["hi"])
+
+        quantized = []
+        for k, (i, m) in enumerate(units):
+            out = grid(entry(units[k + 1][0])) if k + 1 < len(units) else None  # the last conv's output is float
+            if isinstance(m, nn.Conv2d):
+                layers[i] = int8(f"decoder.layers.{i}", m, output_range=out)
+                quantized.append(f"decoder.layers.{i}")
+                continue
+            names = [f"decoder.layers.{i}.conv.{j}" for j in (0, 2, 4)]
+            for j, name in zip((0, 2), names):
+                m.conv[j] = int8(name, m.conv[j], relu=True, output_range=grid(names[j // 2 + 1]))
+            m.conv[4] = int8(names[2], m.conv[4], relu=True, output_range=out, accum_range=grid(names[0]))
+            layers[i] = Int8Block(m)
+            quantized += names
+        return {"quantized": quantized, "kept": {"decoder.layers.0": "4 input channels (a 36-long reduction)"}}
 
 
 def from_taesd_state_dict(encoder: dict[str, torch.Tensor] | None = None,
