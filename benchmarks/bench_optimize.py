@@ -1,7 +1,8 @@
 """The model optimization pipeline's speed (issue 24), side by side in one process (alternating calls):
 
     int8     `tessera optimize DIR --int8 -o OUT` on the SD-Turbo-shaped folder of bench_sd_pipeline.py (random
-             weights of the true shapes, 866 M U-Net, OpenCLIP-H-shaped text model, TAESD): tessera.load(DIR)
+             weights of the true shapes, 866 M U-Net, OpenCLIP-H-shaped text model, TAESD; OUT: int8 U-Net and
+             TAESD decoder): tessera.load(DIR)
              vs tessera.load(OUT), 512x512, 1 step, no guidance, in --dtype (default: auto, i.e. bf16 where the
              CPU has it, float32 elsewhere); whole call and U-Net call medians, and their ratios.
     distill  `tessera generate`'s generation stage (the PNG's seconds.generate) of --model unet-xs (20 DDIM steps,
@@ -15,7 +16,7 @@
     gate     the workflow's evaluation gate on two configs of ONE `tessera bench paradigms` run (the same held-out
              captions): metrics, the paired bootstrap's 95% intervals of worse_by (eval/bootstrap.py), decision.
 
-    .venv/bin/python benchmarks/bench_optimize.py int8 [--calls 3] [--dtype float32|bfloat16]
+    .venv/bin/python benchmarks/bench_optimize.py int8 [--calls 3] [--dtype float32|bfloat16] [--tuned-allocator]
     .venv/bin/python benchmarks/bench_optimize.py distill [--calls 5]
     .venv/bin/python benchmarks/bench_optimize.py prune --models DIR... [--calls 5]   (pruned masked-xxs folders)
     .venv/bin/python benchmarks/bench_optimize.py int8-bundled [--models ar-xs masked-xxs unet-xs] [--calls 5]
