@@ -171,10 +171,10 @@ _FAULTS = """
 import resource, sys, torch
 from tessera.device import tune_cpu_allocator
 applied = tune_cpu_allocator() if sys.argv[1] == "tune" else False
-for _ in range(6):  # a 64 MiB tensor, allocated, touched, freed: the heap settles in a few rounds
+for _ in range(12):  # a 64 MiB tensor, allocated, touched, freed: the heap settles in a few rounds
     torch.ones(1 << 24).sum()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+for _ in range(8):
     torch.ones(1 << 24).sum()
 print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -192,8 +192,8 @@ def test_the_tuned_allocator_reuses_freed_activations_instead_of_faulting_them_i
 
     applied, tuned = faults("tune")
     _, plain = faults("plain")
-    assert applied == "True" and plain > 5 * 16000 * 0.8  # a fresh mmap per tensor: every 4 KiB page faults
-    assert tuned <= plain / 4, (tuned, plain)  # (measured: 0 against 81920)
+    assert applied == "True" and plain > 8 * 16000 * 0.8  # a fresh mmap per tensor: every 4 KiB page faults
+    assert tuned <= plain / 3, (tuned, plain)  # (measured: 0 against 131072; two rounds of 8 may still fault)
     assert faults("tune", TESSERA_CPU_ALLOCATOR="system")[0] == "False"
 
 

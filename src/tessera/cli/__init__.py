@@ -62,7 +62,6 @@ def group(parent, name: str, doc: str):
 def main() -> None:
     """Tessera: curate data, train a tokenizer and generators, generate, upscale, evaluate, serve."""
     from tessera.device import tune_cpu_allocator
-
     tune_cpu_allocator()  # the application's choice (device.py); TESSERA_CPU_ALLOCATOR=system: off
 
 data = group(main, "data", "Data curation.")
@@ -269,8 +268,7 @@ def convert(src, out, **kw) -> None:
 @main.command("optimize")
 @click.argument("src")
 @options(opt("-o", "--out", required=True, type=NEWDIR), opt("--int8", is_flag=True, help="static int8 U-Net (and TAESD) of an SD folder"),
-         opt("--int8-layers", "int8_layers", type=click.Choice(["speed", "all"]), default="speed",
-             help="--int8: the U-Net layers measured faster in int8 on this CPU (default), or all it admits"),
+         opt("--int8-layers", type=click.Choice(["speed", "all"]), default="speed", help="--int8: the layers measured faster here, or all"),
          opt("--calibration", type=FILE, help="--int8: prompts, one per line"), opt("--size", type=int), opt("--steps", type=int),
          opt("--distill-steps", type=int, help="a few-step student of a Tessera diffusion model"),
          opt("--prune", type=float, help="remove this fraction of a Transformer's MLP channels"), opt("--data", "data_dir", type=DIR),
