@@ -119,7 +119,7 @@ def quantize_sd_folder(src: str | Path, out: str | Path, prompts: list[str] | No
         reports["vae"] = pipe.tokenizer.quantize_int8(stats["vae"]) | {"plan": quant.CHAINED}
     tmp = out.with_name(out.name + ".incoming")
     shutil.rmtree(tmp, ignore_errors=True)
-    stored = {comp: weights_file_of(src / comp) for comp in reports}
+    stored = {comp: _weights_file(src / comp) for comp in reports}
     _copy_tree(src, tmp, skip=set(stored.values()))
     calibration = {"prompts": prompts, "size": size, "steps": steps}
     scheme = ("static int8: u8 activations per tensor (calibrated range), s8 weights per output channel, oneDNN "
@@ -147,7 +147,7 @@ def quantize_sd_folder(src: str | Path, out: str | Path, prompts: list[str] | No
             "out": str(out)} | ({"vae_quantized": records["vae"]["quantized"]} if "vae" in records else {})
 
 
-def weights_file_of(folder: Path) -> Path:
+def _weights_file(folder: Path) -> Path:
     from tessera.pipelines.stable_diffusion import weights_file
 
     return weights_file(folder, "diffusion_pytorch_model", None)
