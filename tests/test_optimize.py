@@ -70,11 +70,14 @@ def test_measured_selection_keeps_a_layer_whose_int8_form_is_not_faster(seeded):
     xs = [torch.randn(1, 16, 8, 8, generator=seeded)]
     stats = quant.observe_inputs(net, lambda: [net(x) for x in xs])
     assert stats["conv"]["shape"] == [1, 16, 8, 8] and stats["proj"]["shape"] == [1, 64, 64]
-    timing = quant.time_layers(net, stats, calls=3)
+    conv = net.conv
+    timing = quant.time_in_network(net, stats, lambda: [net(x) for x in xs], rounds=3)
     assert set(timing) == {"conv", "proj"} and all(f > 0 and q > 0 for f, q in timing.values())  # not "time": 1 row
+    assert net.conv is conv and "weight" in dict(net.conv.named_parameters())  # the float layers back, unpacked
     report = quant.quantize_static(Net().eval(), stats, timing={"conv": (1e-3, 0.5e-3), "proj": (1e-3, 0.99e-3)})
     assert report["quantized"] == ["conv"]
     assert "int8 0.99 ms (with its quantize) vs float 1.00 ms, not 1.05x faster" in report["kept"]["proj"]
+    assert report["kept"]["proj"].startswith("measured in the network at (1, 64, 64)")
 
 
 def _tiny_taesd(channels: int = 16):

@@ -233,7 +233,7 @@ def _static_target(m: nn.Module) -> bool:
 def observe_inputs(model: nn.Module, run: Callable[[], None]) -> dict[str, dict]:
     """Run `run()` (the calibration: the model on held-out inputs) with every Conv2d / Linear input watched:
     -> name -> {"lo", "hi": the range seen, "rows": the fewest GEMM rows (tokens / pixels) in one call,
-    "shape": the first input's shape (what `time_layers` times)}."""
+    "shape": the first input's shape}."""
     seen: dict[str, dict] = {}
 
     def hook(name):
@@ -260,8 +260,8 @@ MIN_GAIN = 1.05  # measured selection: int8 (its quantize included) must beat th
 
 def keep_reason(name: str, module: nn.Module, stats: dict | None, min_rows: int = 16, min_k: int = 64,
                 timing: tuple[float, float] | None = None) -> str | None:
-    """Why a layer stays in float (None: it is quantized). `timing`: (float, int8) seconds of one call of the
-    layer at its calibration shape on this CPU (`time_layers`); int8 must be MIN_GAIN times faster."""
+    """Why a layer stays in float (None: it is quantized). `timing`: (float, int8) seconds of the layer's call
+    in the network on this CPU (`time_in_network`); int8 must be MIN_GAIN times faster."""
     if stats is None:
         return "not reached during calibration"
     k = module.in_channels * module.kernel_size[0] * module.kernel_size[1] if isinstance(module, nn.Conv2d) \
@@ -271,44 +271,62 @@ def keep_reason(name: str, module: nn.Module, stats: dict | None, min_rows: int 
     if stats["rows"] < min_rows:
         return f"{stats['rows']} rows per call (< {min_rows}): memory-bound, int8 activations only add work"
     if timing is not None and timing[1] * MIN_GAIN > timing[0]:
-        return (f"measured at {tuple(stats['shape'])}: int8 {timing[1] * 1e3:.2f} ms (with its quantize) vs float "
-                f"{timing[0] * 1e3:.2f} ms, not {MIN_GAIN}x faster")
+        return (f"measured in the network at {tuple(stats['shape'])}: int8 {timing[1] * 1e3:.2f} ms (with its quantize) "
+                f"vs float {timing[0] * 1e3:.2f} ms, not {MIN_GAIN}x faster")
     return None
 
 
-def time_layers(model: nn.Module, stats: dict[str, dict], calls: int = 7) -> dict[str, tuple[float, float]]:
-    """Per Conv2d / Linear layer `keep_reason` would quantize: the median seconds of one call at its calibration
-    shape (random input in its calibrated range, the model's dtype) of the layer as the pipeline runs it
-    (oneDNN-prepacked in bf16, nn/onednn.py) and of its static int8 twin, alternating -> name -> (float, int8).
-    Which one wins depends on the shape and the CPU (AMX bf16 beats int8 at many shapes): this is measured, not
-    assumed, on the CPU that runs `tessera optimize`."""
-    import copy
+def time_in_network(model: nn.Module, stats: dict[str, dict], run: Callable[[], None],
+                    rounds: int = 4) -> dict[str, tuple[float, float]]:
+    """Per Conv2d / Linear layer `keep_reason` would quantize: the median seconds of its calls inside `run()`
+    (the pipeline at its serving shape) as the pipeline runs it (oneDNN-prepacked in bf16, nn/onednn.py) and
+    as its static int8 twin (its quantize included), every candidate swapped at once, the two sides
+    alternating over `rounds` runs after a warm-up of each -> name -> (float, int8). In the network, not in
+    isolation: a layer's weights arrive cold from memory and its input from the op before, which decides
+    more than the kernel does (in isolation the choice came out 2.5x worse, RESULTS); which side wins depends
+    on the shape and the CPU (AMX bf16 beats int8 + its quantize pass at many shapes)."""
     import statistics
     import time
 
     from tessera.nn import onednn
 
-    out = {}
-    for name, m in model.named_modules():
-        if not _static_target(m) or keep_reason(name, m, stats.get(name)) is not None:
-            continue
-        s = stats[name]
-        x = torch.empty(s["shape"], dtype=m.weight.dtype).uniform_(s["lo"], s["hi"])
-        if x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        q = (StaticInt8Conv2d if isinstance(m, nn.Conv2d) else StaticInt8Linear)(m).set_from(m, s["lo"], s["hi"])
-        f = nn.Sequential(copy.deepcopy(m))
-        onednn.pack(f)
-        seconds: tuple[list[float], list[float]] = ([], [])
+    named = dict(model.named_modules())
+    names = [n for n, m in named.items() if _static_target(m) and keep_reason(n, m, stats.get(n)) is None]
+    sides = ({n: named[n] for n in names}, {})
+    for n in names:
+        s, m = stats[n], named[n]
+        sides[1][n] = (StaticInt8Conv2d if isinstance(m, nn.Conv2d) else StaticInt8Linear)(m).set_from(m, s["lo"], s["hi"])
+    seconds: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in names}
+    handles = []
+    for side, layers in enumerate(sides):
+        for n, m in layers.items():
+            handles.append(m.register_forward_pre_hook(lambda mod, args: setattr(mod, "_t0", time.perf_counter())))
+            handles.append(m.register_forward_hook(
+                lambda mod, args, out, n=n, side=side: seconds[n][side].append(time.perf_counter() - mod._t0)))
+
+    def swap(side: int) -> None:
+        for n in names:
+            parent, _, child = n.rpartition(".")
+            setattr(named[parent] if parent else model, child, sides[side][n])
+
+    onednn.pack(model)
+    try:
         with torch.no_grad():
-            for i in range(calls + 2):  # two warm-up rounds (oneDNN builds its primitives at the first call)
-                for side, layer in zip(seconds, (f, q)):
-                    t0 = time.perf_counter()
-                    layer(x)
-                    if i >= 2:
-                        side.append(time.perf_counter() - t0)
-        out[name] = (statistics.median(seconds[0]), statistics.median(seconds[1]))
-    return out
+            for r in range(rounds + 1):
+                for side in (0, 1):
+                    swap(side)
+                    if r == 0:  # the warm-up (oneDNN builds its primitives, int8 packs its weights)
+                        run()
+                        for n in names:
+                            seconds[n][side].clear()
+                    else:
+                        run()
+    finally:
+        swap(0)
+        onednn.unpack(model)
+        for h in handles:
+            h.remove()
+    return {n: (statistics.median(f), statistics.median(q)) for n, (f, q) in seconds.items() if f and q}
 
 
 def quantize_static(model: nn.Module, stats: dict[str, dict], layers: list[str] | None = None,

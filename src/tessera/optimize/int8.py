@@ -55,14 +55,8 @@ def calibrate(pipe, prompts: list[str], size: int | None, steps: int | None) -> 
     prompt (its own defaults unless given) -> {"unet": stats, "vae": stats} (nn/quant.observe_inputs)."""
     from tessera.nn import quant
 
-    kw = {} if steps is None else {"num_inference_steps": steps}
-    if size is not None:
-        kw.update(height=size, width=size)
     stats: dict[str, dict[str, dict]] = {}
-
-    def run():
-        for i, prompt in enumerate(prompts):
-            pipe(prompt, generator=torch.Generator().manual_seed(i), output_type="pt", **kw)
+    run = _calls(pipe, prompts, size, steps)
 
     def run_watching_vae():
         stats["vae"] = quant.observe_inputs(pipe.tokenizer, run)
@@ -73,13 +67,28 @@ def calibrate(pipe, prompts: list[str], size: int | None, steps: int | None) -> 
     return stats
 
 
+def _calls(pipe, prompts: list[str], size: int | None, steps: int | None):
+    """-> a function that runs the pipeline once per prompt at the serving size and step count."""
+    kw = {} if steps is None else {"num_inference_steps": steps}
+    if size is not None:
+        kw.update(height=size, width=size)
+
+    def run():
+        for i, prompt in enumerate(prompts):
+            pipe(prompt, generator=torch.Generator().manual_seed(i), output_type="pt", **kw)
+    return run
+
+
 SELECT = ("speed", "all")  # int8 where it is measured faster here / every layer the static rules admit
 
 
-def _quantize_unet(unet, stats: dict, select: str) -> dict:
+def _quantize_unet(pipe, stats: dict, select: str, prompts: list[str], size: int | None, steps: int | None) -> dict:
+    """The U-Net's int8 layers; under "speed" each candidate is timed in the network, float against int8, over
+    pipeline calls on the first calibration prompt (nn/quant.time_in_network)."""
     from tessera.nn import quant
 
-    timing = quant.time_layers(unet, stats) if select == "speed" else None
+    unet = pipe.generator
+    timing = quant.time_in_network(unet, stats, _calls(pipe, prompts[:1], size, steps)) if select == "speed" else None
     report = quant.quantize_static(unet, stats, timing=timing)
     if timing:
         report["timing_ms"] = {k: [round(f * 1e3, 3), round(q * 1e3, 3)] for k, (f, q) in timing.items()}
@@ -90,8 +99,8 @@ def quantize_sd_folder(src: str | Path, out: str | Path, prompts: list[str] | No
                        steps: int | None = None, dtype: str | None = None, select: str = "speed") -> dict:
     """DIR (a diffusers Stable Diffusion folder) -> OUT with a static int8 U-Net (and TAESD decoder, when the
     folder's autoencoder is TAESD); -> the report. `select`: "speed" keeps in float every U-Net layer whose
-    int8 form is not measured faster on this CPU (nn/quant.time_layers), "all" quantizes every one the static
-    rules admit."""
+    int8 form is not measured faster in the network on this CPU (nn/quant.time_in_network), "all" quantizes
+    every one the static rules admit."""
     from tessera.nn import onednn, quant
     from tessera.pipelines.stable_diffusion import is_diffusers_folder, load_diffusers_folder
 
@@ -114,7 +123,7 @@ def quantize_sd_folder(src: str | Path, out: str | Path, prompts: list[str] | No
     stats = calibrate(pipe, prompts, size, steps)
     for net in (pipe.generator, pipe.tokenizer):
         onednn.unpack(net)
-    reports = {"unet": _quantize_unet(pipe.generator, stats["unet"], select)}
+    reports = {"unet": _quantize_unet(pipe, stats["unet"], select, prompts, size, steps)}
     if hasattr(pipe.tokenizer, "quantize_int8"):
         reports["vae"] = pipe.tokenizer.quantize_int8(stats["vae"]) | {"plan": quant.CHAINED}
     tmp = out.with_name(out.name + ".incoming")
