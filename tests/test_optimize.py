@@ -206,6 +206,38 @@ def test_optimize_int8_refuses_what_it_cannot_do_and_a_tampered_folder_fails_lou
         tessera.load(str(broken), dtype="float32")
 
 
+def test_optimize_int8_of_a_tessera_generator_writes_weight_only_int8_that_loads_and_is_recorded(tmp_path):
+    from tessera.records import read_record
+
+    r = run("optimize", "ar-xs", "--int8", "--int8-layers", "all", "-o", tmp_path / "ar8")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output[r.output.index("{"):])
+    meta = json.loads((tmp_path / "ar8" / "meta.json").read_text())
+    assert meta["quantization"]["scheme"].startswith("int8 weight-only") and len(meta["quantization"]["layers"]) == 26
+    assert report["speed_ratio"] == meta["quantization"]["speed_ratio"] > 0 and meta["task"]["tokens"]
+    model = tessera.load(str(tmp_path / "ar8"))  # a model folder: the network
+    assert sum(isinstance(m, quant.Int8Linear) for m in model.modules()) == 26
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    r = run("generate", "a red bicycle", "--model", tmp_path / "ar8", "--size", "0", "--seed", "1", "-o", tmp_path / "a.png")
+    assert r.exit_code == 0, r.output
+    assert read_record(tmp_path / "a.png")["optimized"]["quantization"] == "int8 weight-only, 26 layers"
+    r = run("optimize", tmp_path / "ar8", "--int8", "--int8-layers", "all", "-o", tmp_path / "again")
+    assert r.exit_code != 0 and "already int8 weight-only" in r.output
+    meta["quantization"]["layers"][0] = "no.such.layer"  # a tampered record fails loudly
+    (tmp_path / "ar8" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(tessera.errors.WrongModelError, match="names 26 linear layers; the network has 25 of them"):
+        tessera.load(str(tmp_path / "ar8"))
+
+
+def test_optimize_int8_of_a_tessera_generator_writes_nothing_where_int8_is_slower(tmp_path, monkeypatch):
+    from tessera.optimize import int8_weights
+
+    monkeypatch.setattr(int8_weights, "_generation_seconds", lambda pipes, calls: {"float": 0.2, "int8": 0.4})
+    with pytest.raises(tessera.errors.InvalidInputError, match=r"0.50x its float generation stage .* nothing written"):
+        int8_weights.quantize_model("ar-xs", tmp_path / "slow")
+    assert not (tmp_path / "slow").exists()
+
+
 # ---- few-step distillation --------------------------------------------------------------------------------
 def test_distillation_target_is_where_one_ddim_step_lands_on_the_teacher_jump(seeded):
     from tessera.sampling.diffusion import DiffusionConfig, Schedule

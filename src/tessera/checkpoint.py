@@ -227,6 +227,16 @@ def read_meta(folder: str | Path) -> ModelMeta:
         raise CheckpointError(f"{Path(folder) / META}: not a readable model record ({e})") from None
 
 
+def _weight_only_layers(model: nn.Module, record: dict, folder: Path) -> None:
+    from tessera.nn.quant import quantize_int8
+
+    layers = set(record.get("layers") or [])
+    found = quantize_int8(model, keep=lambda name: name in layers)
+    if found != len(layers):
+        raise WrongModelError(f"{folder / META}: its quantization names {len(layers)} linear layers; the network "
+                              f"has {found} of them")
+
+
 def _build(fam, cfg) -> nn.Module:
     """The network without memory (on the meta device, its tensors then assigned from the checkpoint), unless
     its construction computes buffers that are not stored (DiT's positional table): then for real."""
@@ -274,6 +284,8 @@ def load_model(path: str | Path, verify: bool = True, dtype: torch.dtype = torch
         raise CheckpointError(f"{folder / WEIGHTS}: sha256 does not match meta.json (corrupt or replaced)")
     fam = family(meta.kind)
     model = _build(fam, fam.config.load(folder / CONFIG))
+    if meta.extra.get("quantization"):  # `tessera optimize MODEL --int8`: its int8 layers before the strict load
+        _weight_only_layers(model, meta.extra["quantization"], folder)
     state = read_safetensors(folder / WEIGHTS, dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.meta = meta

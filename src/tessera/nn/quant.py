@@ -36,9 +36,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight_int8, self.scale)
+        scale = self.scale.to(torch.bfloat16)  # a no-op unless a load / .to() made the buffers float32
+        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight_int8, scale)
         if self.bias is not None:
-            y = y + self.bias
+            y = y + self.bias.to(y.dtype)
         return y.view(*shape[:-1], self.out_features)  # (..., out)
 
     def extra_repr(self) -> str:

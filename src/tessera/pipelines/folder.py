@@ -109,6 +109,9 @@ def assemble(generator, generator_name: str, tokenizer: str | None = None, text_
     enc = _text_encoder(text_encoder, generator.config.conditional)
     pipe = cls(generator, tok, enc, text_encoder_name=text_encoder or ("minilm" if enc else None), device=device, **kw)
     pipe.models = {"generator": _identity(generator_name, generator)}
+    quant = generator.meta.extra.get("quantization") if generator.meta else None
+    if quant:  # an int8 generator (tessera optimize MODEL --int8): the record says so
+        pipe.models["generator"]["quantization"] = f"{quant['scheme'].split(':')[0]}, {len(quant['layers'])} layers"
     if task.get("teacher"):  # a few-step student (tessera optimize --distill-steps): the record says so
         guided = f", guidance {task['student_cfg']:g}" if task.get("student_cfg", 1.0) != 1.0 else ""
         pipe.models["generator"]["distilled"] = f"{task['student_steps']}-step student of {task['teacher']}{guided}"
