@@ -287,6 +287,7 @@ def load_unet(folder: str | Path, variant: str | None = None, dtype: torch.dtype
 
 def load_vae(folder: str | Path, variant: str | None = None, dtype: torch.dtype | None = None):
     """AutoencoderKL (the SD VAE), AutoencoderTiny (TAESD) or VQModel (aMUSEd's), by the folder's `_class_name`."""
+    from tessera.nn.quant import apply_stored
     from tessera.tokenizer.kl import KLAutoencoder, KLAutoencoderConfig
     from tessera.tokenizer.taesd import TinyAutoencoder, TinyAutoencoderConfig
 
@@ -298,8 +299,6 @@ def load_vae(folder: str | Path, variant: str | None = None, dtype: torch.dtype 
                "AutoencoderTiny": (TinyAutoencoder, TinyAutoencoderConfig), "VQModel": (VQModel, VQModelConfig)}
     if config.get("_class_name") not in classes:
         raise WrongModelError(f"{folder}: a {config.get('_class_name')!r} autoencoder; Tessera reads {sorted(classes)}")
-    from tessera.nn.quant import apply_stored
-
     model_cls, config_cls = classes[config["_class_name"]]
     config = config_cls.from_diffusers(config)
     dtype = _vae_dtype(config, dtype or torch.float32)
