@@ -16,9 +16,9 @@ The config (JSON, strict: an unknown key is an error):
      "gate": {"tolerances": {"nll_true": 0.02, "frac_true_better": 0.02}}}
 
 With an `optimize` step (seed 004's model optimization pipeline) the candidate is not trained from scratch
-but made from `optimize.source` by `tessera optimize` (a few-step student: `distill_steps`), and the gate
-compares it with the deployed model on samples (`evaluate.metrics: "samples"`: FD, KID, CLIPScore,
-R-precision on the held-out captions, each model with its own sampling defaults):
+but made from `optimize.source` by `tessera optimize` (a few-step student: `distill_steps`; `prune`; weight-only
+`int8`), and the gate compares it with the deployed model on samples (`evaluate.metrics: "samples"`: FD, KID,
+CLIPScore, R-precision on the held-out captions, each model with its own sampling defaults):
 
     {"optimize": {"source": "unet-xs", "distill_steps": 4, "max_steps": 900},
      "evaluate": {"metrics": "samples", "limit": 64},
@@ -67,6 +67,7 @@ class OptimizeStep(Config):
     source: str = ""                   # the model to optimize ('' = no optimize step: the train step runs)
     distill_steps: int = 0             # a few-step student of a Tessera diffusion model
     prune: float = 0.0                 # or: this fraction of a Transformer's MLP channels removed, then fine-tuned
+    int8: bool = False                 # or: weight-only int8 of a Tessera generator (made only where it is faster)
     max_steps: int = 1000
     overrides: tuple[str, ...] = ()
 
@@ -129,10 +130,14 @@ def optimize_step(cfg: OptimizeStep, data_dir: str, run: Path) -> Path:
     from tessera.train.distill import distill
     from tessera.train.prune import prune
 
-    if bool(cfg.distill_steps) == bool(cfg.prune):
-        raise ValueError("optimize: give one of distill_steps or prune (the workflow gates Tessera's own models; an "
-                         "int8 SD folder has no held-out quality to gate on here)")
-    if cfg.prune:
+    if [bool(cfg.distill_steps), bool(cfg.prune), bool(cfg.int8)].count(True) != 1:
+        raise ValueError("optimize: give one of distill_steps, prune or int8 (the workflow gates Tessera's own models; "
+                         "an int8 SD folder has no held-out quality to gate on here)")
+    if cfg.int8:
+        from tessera.optimize.int8_weights import quantize_model
+
+        quantize_model(cfg.source, run / "candidate")  # refuses (a clear error) where int8 is not faster
+    elif cfg.prune:
         prune(cfg.source, str(run / "candidate"), cfg.prune, data_dir, cfg.max_steps, list(cfg.overrides))
     else:
         distill(cfg.source, str(run / "candidate"), data_dir, cfg.distill_steps, cfg.max_steps, list(cfg.overrides))
