@@ -230,11 +230,11 @@ def test_optimize_int8_of_a_tessera_generator_writes_weight_only_int8_that_loads
 
 
 def test_optimize_int8_of_a_tessera_generator_writes_nothing_where_int8_is_slower(tmp_path, monkeypatch):
-    from tessera.optimize import int8_weights
+    from tessera.train import int8 as weight_only
 
-    monkeypatch.setattr(int8_weights, "_generation_seconds", lambda pipes, calls: {"float": 0.2, "int8": 0.4})
+    monkeypatch.setattr(weight_only, "_generation_seconds", lambda pipes, calls: {"float": 0.2, "int8": 0.4})
     with pytest.raises(tessera.errors.InvalidInputError, match=r"0.50x its float generation stage .* nothing written"):
-        int8_weights.quantize_model("ar-xs", tmp_path / "slow")
+        weight_only.quantize_model("ar-xs", tmp_path / "slow")
     assert not (tmp_path / "slow").exists()
 
 

@@ -124,12 +124,12 @@ def test_an_optimize_step_whose_student_lost_quality_is_rejected(tiny_dataset, t
 
 
 def test_an_optimize_step_takes_exactly_one_optimization(tmp_path, monkeypatch):
-    from tessera.optimize import int8_weights
+    from tessera.train import int8 as weight_only
     from tessera.train.workflow import OptimizeStep, optimize_step
 
     for step in (OptimizeStep(source="masked-xxs"), OptimizeStep(source="unet-xs", distill_steps=4, prune=0.5)):
         with pytest.raises(ValueError, match="give one of distill_steps, prune or int8"):
             optimize_step(step, str(tmp_path), tmp_path)
-    monkeypatch.setattr(int8_weights, "_generation_seconds", lambda pipes, calls: {"float": 0.3, "int8": 0.2})
+    monkeypatch.setattr(weight_only, "_generation_seconds", lambda pipes, calls: {"float": 0.3, "int8": 0.2})
     candidate = optimize_step(OptimizeStep(source="ar-xs", int8=True), str(tmp_path), tmp_path)  # weight-only int8
     assert json.loads((candidate / "meta.json").read_text())["quantization"]["scheme"].startswith("int8 weight-only")

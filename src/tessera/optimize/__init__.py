@@ -3,8 +3,8 @@ pipeline folder and returns a report of what changed. A model reaches production
 evaluation gate of `tessera workflow` (train/workflow.py, its `optimize` step).
 
     int8.py     static int8 of a Stable Diffusion U-Net and TAESD decoder, calibrated on held-out prompts
-    int8_weights.py  weight-only int8 of a Tessera generator's linear layers, written only where it is faster
-    (train/distill.py: few-step distillation of a Tessera diffusion model, sampling/distill.py's targets;
+    (train/int8.py: weight-only int8 of a Tessera generator's linear layers, written only where it is faster;
+     train/distill.py: few-step distillation of a Tessera diffusion model, sampling/distill.py's targets;
      train/prune.py: structured pruning, nn/prune.py, with a recovery fine-tune)
 """
 from __future__ import annotations
@@ -28,8 +28,8 @@ def optimize(src: str, out: str, int8: bool = False, distill_steps: int | None =
         from tessera.optimize.int8 import quantize_sd_folder
         from tessera.pipelines.stable_diffusion import is_diffusers_folder
 
-        if not is_diffusers_folder(src):  # a Tessera generator: weight-only int8 (optimize/int8_weights.py)
-            from tessera.optimize.int8_weights import quantize_model
+        if not is_diffusers_folder(src):  # a Tessera generator: weight-only int8 (train/int8.py)
+            from tessera.train.int8 import quantize_model
 
             return quantize_model(src, out, int8_layers)
 

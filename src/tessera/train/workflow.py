@@ -134,7 +134,7 @@ def optimize_step(cfg: OptimizeStep, data_dir: str, run: Path) -> Path:
         raise ValueError("optimize: give one of distill_steps, prune or int8 (the workflow gates Tessera's own models; "
                          "an int8 SD folder has no held-out quality to gate on here)")
     if cfg.int8:
-        from tessera.optimize.int8_weights import quantize_model
+        from tessera.train.int8 import quantize_model
 
         quantize_model(cfg.source, run / "candidate")  # refuses (a clear error) where int8 is not faster
     elif cfg.prune:
