@@ -204,7 +204,8 @@ class StaticInt8Conv2d(_StaticInt8):
     def extra_repr(self) -> str:
         fused = "".join(f", {k}" for k, on in (("+sum", self.accum_range is not None), ("relu", self.unary == "relu"),
                                                 ("u8 out", self.output_range is not None)) if on)
-        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}, padding={self.padding}, static int8{fused}"
+        return (f"{self.in_channels}, {self.out_channels}, stride={self.stride}, padding={self.padding}, "
+                f"static int8{fused}")
 
 
 class StaticInt8Linear(_StaticInt8):
@@ -272,8 +273,8 @@ def keep_reason(name: str, module: nn.Module, stats: dict | None, min_rows: int 
     if stats["rows"] < min_rows:
         return f"{stats['rows']} rows per call (< {min_rows}): memory-bound, int8 activations only add work"
     if timing is not None and timing[1] * MIN_GAIN > timing[0]:
-        return (f"measured in the network at {tuple(stats['shape'])}: int8 {timing[1] * 1e3:.2f} ms (with its quantize) "
-                f"vs float {timing[0] * 1e3:.2f} ms, not {MIN_GAIN}x faster")
+        return (f"measured in the network at {tuple(stats['shape'])}: int8 {timing[1] * 1e3:.2f} ms (with its "
+                f"quantize) vs float {timing[0] * 1e3:.2f} ms, not {MIN_GAIN}x faster")
     return None
 
 
@@ -284,8 +285,8 @@ def time_in_network(model: nn.Module, stats: dict[str, dict], run: Callable[[], 
     as its static int8 twin (its quantize included), every candidate swapped at once, the two sides
     alternating over `rounds` runs after a warm-up of each -> name -> (float, int8). In the network, not in
     isolation: a layer's weights arrive cold from memory and its input from the op before, which decides
-    more than the kernel does (in isolation the choice came out 2.5x worse, RESULTS); which side wins depends
-    on the shape and the CPU (AMX bf16 beats int8 + its quantize pass at many shapes)."""
+    more than the kernel does (timed alone, the choice was slower than quantizing every layer: RESULTS); which
+    side wins depends on the shape and the CPU (AMX bf16 beats int8 + its quantize pass at many shapes)."""
     import statistics
     import time
 
@@ -296,14 +297,17 @@ def time_in_network(model: nn.Module, stats: dict[str, dict], run: Callable[[], 
     sides = ({n: named[n] for n in names}, {})
     for n in names:
         s, m = stats[n], named[n]
-        sides[1][n] = (StaticInt8Conv2d if isinstance(m, nn.Conv2d) else StaticInt8Linear)(m).set_from(m, s["lo"], s["hi"])
+        cls = StaticInt8Conv2d if isinstance(m, nn.Conv2d) else StaticInt8Linear
+        sides[1][n] = cls(m).set_from(m, s["lo"], s["hi"])
     seconds: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in names}
+    started: dict[int, float] = {}
     handles = []
     for side, layers in enumerate(sides):
         for n, m in layers.items():
-            handles.append(m.register_forward_pre_hook(lambda mod, args: setattr(mod, "_t0", time.perf_counter())))
-            handles.append(m.register_forward_hook(
-                lambda mod, args, out, n=n, side=side: seconds[n][side].append(time.perf_counter() - mod._t0)))
+            handles.append(m.register_forward_pre_hook(
+                lambda mod, args: started.__setitem__(id(mod), time.perf_counter())))
+            handles.append(m.register_forward_hook(lambda mod, args, out, n=n, side=side: seconds[n][side].append(
+                time.perf_counter() - started[id(mod)])))
 
     def swap(side: int) -> None:
         for n in names:
@@ -316,12 +320,10 @@ def time_in_network(model: nn.Module, stats: dict[str, dict], run: Callable[[], 
             for r in range(rounds + 1):
                 for side in (0, 1):
                     swap(side)
+                    run()
                     if r == 0:  # the warm-up (oneDNN builds its primitives, int8 packs its weights)
-                        run()
                         for n in names:
                             seconds[n][side].clear()
-                    else:
-                        run()
     finally:
         swap(0)
         onednn.unpack(model)

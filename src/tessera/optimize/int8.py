@@ -137,7 +137,8 @@ def quantize_sd_folder(src: str | Path, out: str | Path, prompts: list[str] | No
     for comp, report in reports.items():
         net = pipe.generator if comp == "unet" else pipe.tokenizer
         _save_state(net, stored[comp], tmp / comp / stored[comp].name)
-        records[comp] = {"scheme": scheme + ("; u8 from conv to conv, ReLU and residual sums fused" if comp == "vae" else ""),
+        chained = "; u8 from conv to conv, ReLU and residual sums fused" if comp == "vae" else ""
+        records[comp] = {"scheme": scheme + chained,
                          **report, "calibration": calibration | {"ranges": {k: [v["lo"], v["hi"]] for k, v in
                                                                             stats[comp].items()}},
                          "cpu": _cpu_name(), "source": str(src), "seconds": round(time.time() - t0, 1)}
