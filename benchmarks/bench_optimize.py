@@ -1,8 +1,8 @@
 """The model optimization pipeline's speed (issue 24), side by side in one process (alternating calls):
 
     int8     `tessera optimize DIR --int8 -o OUT` on the SD-Turbo-shaped folder of bench_sd_pipeline.py (random
-             weights of the true shapes, 866 M U-Net, OpenCLIP-H-shaped text model, TAESD; OUT: int8 U-Net and
-             TAESD decoder): tessera.load(DIR)
+             weights of the true shapes, 866 M U-Net, OpenCLIP-H-shaped text model, TAESD or with --vae kl
+             sd-turbo's own AutoencoderKL; OUT: int8 U-Net and decoder): tessera.load(DIR)
              vs tessera.load(OUT), 512x512, 1 step, no guidance, in --dtype (default: auto, i.e. bf16 where the
              CPU has it, float32 elsewhere); whole call and U-Net call medians, and their ratios.
     distill  `tessera generate`'s generation stage (the PNG's seconds.generate) of --model unet-xs (20 DDIM steps,
@@ -17,6 +17,7 @@
              captions): metrics, the paired bootstrap's 95% intervals of worse_by (eval/bootstrap.py), decision.
 
     .venv/bin/python benchmarks/bench_optimize.py int8 [--calls 3] [--dtype float32|bfloat16] [--tuned-allocator]
+                                                       [--vae taesd|kl]
     .venv/bin/python benchmarks/bench_optimize.py distill [--calls 5]
     .venv/bin/python benchmarks/bench_optimize.py prune --models DIR... [--calls 5]   (pruned masked-xxs folders)
     .venv/bin/python benchmarks/bench_optimize.py int8-bundled [--models ar-xs masked-xxs unet-xs] [--calls 5]
@@ -51,7 +52,7 @@ def _timer(pipe, attr: str, bucket: list[float]) -> None:
     setattr(pipe, attr, timed)
 
 
-def bench_int8(folder: Path, out: Path, calls: int, dtype: str) -> dict:
+def bench_int8(folder: Path, out: Path, calls: int, dtype: str, vae: str) -> dict:
     import tessera
     from tessera.optimize.int8 import quantize_sd_folder
 
@@ -59,12 +60,12 @@ def bench_int8(folder: Path, out: Path, calls: int, dtype: str) -> dict:
     from bench_sd_pipeline import make_folder
 
     if not (folder / "model_index.json").is_file():
-        make_folder("turbo", folder)
+        make_folder("turbo", folder, vae)
     if not (out / "model_index.json").is_file():
         t0 = time.perf_counter()
         report = quantize_sd_folder(folder, out, size=512, steps=1, dtype=dtype)
-        print(f"optimize --int8: {len(report['quantized'])} layers int8, {len(report['kept'])} kept float, "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"optimize --int8: U-Net {len(report['quantized'])} layers int8, {len(report['kept'])} kept float; "
+              f"decoder {len(report.get('vae_quantized', []))} int8; {time.perf_counter() - t0:.0f} s", flush=True)
     sides = {name: tessera.load(str(path), dtype=dtype) for name, path in (("float", folder), ("int8", out))}
     times = {name: {"call": [], "unet": [], "decode": []} for name in sides}
     for name, pipe in sides.items():
@@ -85,7 +86,7 @@ def bench_int8(folder: Path, out: Path, calls: int, dtype: str) -> dict:
                     del times[name][k][n[k]:]
     med = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
     diff = (images["float"] - images["int8"]).abs()
-    return {"dtype": str(sides["float"].placement.dtype), "calls": calls, "float": med["float"], "int8": med["int8"],
+    return {"dtype": str(sides["float"].placement.dtype), "vae": vae, "calls": calls, "float": med["float"], "int8": med["int8"],
             "call_ratio": med["float"]["call"] / med["int8"]["call"],
             "unet_ratio": med["float"]["unet"] / med["int8"]["unet"],
             "decode_ratio": med["float"]["decode"] / med["int8"]["decode"],
@@ -232,8 +233,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--tuned-allocator", action="store_true",
                     help="call device.tune_cpu_allocator() first, as the tessera command does (both sides)")
-    ap.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "tessera-bench-sd-turbo")
-    ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "tessera-bench-sd-turbo-int8")
+    ap.add_argument("--vae", choices=["taesd", "kl"], default="taesd",
+                    help="int8: the folder's autoencoder (kl: SD 2.1's own VAE, as sd-turbo ships)")
+    ap.add_argument("--folder", type=Path, help="int8: the float folder (default: a temp folder per --vae)")
+    ap.add_argument("--out", type=Path, help="int8: its int8 copy (default: FOLDER-int8)")
     ap.add_argument("--models", nargs="+", default=[], help="prune: the pruned model folders (vs masked-xxs); int8-bundled: the models")
     ap.add_argument("--student", default="models/sr-x4plus-student", help="sr: the distilled SR student")
     ap.add_argument("--data", default="data/photo256b", help="sr: a prepared photo folder (its val split)")
@@ -259,7 +262,9 @@ def main() -> None:
     elif args.case == "int8-bundled":
         result = bench_int8_bundled(args.models or ["ar-xs", "masked-xxs", "unet-xs"], args.calls)
     elif args.case == "int8":
-        result = bench_int8(args.folder, args.out, args.calls, args.dtype)
+        folder = args.folder or Path(tempfile.gettempdir()) / ("tessera-bench-sd-turbo" + ("-kl" if args.vae == "kl" else ""))
+        out = args.out or folder.with_name(folder.name + "-int8")
+        result = bench_int8(folder, out, args.calls, args.dtype, args.vae)
     elif args.case == "sr":
         result = bench_sr(args.student, "x4plus", args.data, args.calls, args.images)
     else:

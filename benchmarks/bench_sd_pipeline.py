@@ -33,8 +33,18 @@ from tessera.config import parse_settings
 CASES = {"turbo": dict(steps=1, guidance=0.0), "sd15": dict(steps=20, guidance=7.5)}
 
 
-def make_folder(case: str, out: Path) -> None:
-    """A diffusers StableDiffusionPipeline folder of the true shapes, random weights, bf16 safetensors."""
+def sd_vae():
+    """SD 1.x / 2.x's AutoencoderKL (REFERENCE 2.2), random weights."""
+    import diffusers
+
+    return diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                   down_block_types=("DownEncoderBlock2D",) * 4,
+                                   up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, sample_size=512)
+
+
+def make_folder(case: str, out: Path, vae: str | None = None) -> None:
+    """A diffusers StableDiffusionPipeline folder of the true shapes, random weights, bf16 safetensors; `vae`
+    "kl" gives the turbo case SD 2.1's own VAE (AutoencoderKL, as sd-turbo ships) instead of TAESD."""
     import diffusers
     from tokenizers import pre_tokenizers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -50,14 +60,12 @@ def make_folder(case: str, out: Path) -> None:
     if case == "turbo":
         unet = diffusers.UNet2DConditionModel(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
                                               use_linear_projection=True, sample_size=64)
-        vae = diffusers.AutoencoderTiny()
+        vae = sd_vae() if vae == "kl" else diffusers.AutoencoderTiny()
         scheduler = diffusers.EulerAncestralDiscreteScheduler(
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing")
     else:
         unet = diffusers.UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
-        vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                                      down_block_types=("DownEncoderBlock2D",) * 4,
-                                      up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, sample_size=512)
+        vae = sd_vae()
         scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                             clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,

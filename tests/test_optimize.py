@@ -184,6 +184,26 @@ def test_optimize_int8_writes_a_folder_tessera_loads_with_int8_layers(int8_folde
     assert image.size == (16, 16)
 
 
+def test_optimize_int8_quantizes_an_sd_vae_decoder_layer_by_layer_and_leaves_its_encoder_float(int8_folder):
+    out = int8_folder / "int8"
+    record = json.loads((out / "vae" / "quantization.json").read_text())
+    assert "plan" not in record and record["quantized"] and all(k.startswith("decoder.") for k in record["quantized"])
+    assert record["kept"]["encoder.conv_in"] == "not reached during calibration"  # text-to-image never encodes
+    assert "decoder.conv_in" in record["kept"] and "post_quant_conv" in record["kept"]  # 4 input channels
+    assert set(json.loads((out / "model_index.json").read_text())["_tessera_optimized"]) == {"unet", "vae"}
+    f, q = tessera.load(str(int8_folder / "pipe"), dtype="float32"), tessera.load(str(out), dtype="float32")
+    layers = [n for n, m in q.tokenizer.named_modules() if isinstance(m, (quant.StaticInt8Conv2d, quant.StaticInt8Linear))]
+    assert layers == record["quantized"] and "int8 static" in q.models["tokenizer"]["quantization"]
+    torch.manual_seed(4)
+    images = torch.rand(1, 3, 16, 16) * 2 - 1
+    x0 = f("a red bicycle", num_inference_steps=2, generator=torch.Generator().manual_seed(5), output_type="latent").images
+    with torch.no_grad():
+        want, got = f.decode(x0), q.decode(x0)  # the float U-Net's latents, as calibrated (2 steps)
+        err = float((got - want).norm() / want.norm())
+        assert 0 < err < 0.1, err  # changed (int8), but close
+        assert torch.equal(q.tokenizer.encode_latents(images), f.tokenizer.encode_latents(images))  # img2img intact
+
+
 def test_optimize_int8_refuses_what_it_cannot_do_and_a_tampered_folder_fails_loudly(int8_folder, tmp_path):
     from safetensors.torch import load_file, save_file
 

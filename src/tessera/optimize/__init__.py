@@ -2,7 +2,8 @@
 pipeline folder and returns a report of what changed. A model reaches production only through the
 evaluation gate of `tessera workflow` (train/workflow.py, its `optimize` step).
 
-    int8.py     static int8 of a Stable Diffusion U-Net and TAESD decoder, calibrated on held-out prompts
+    int8.py     static int8 of a Stable Diffusion U-Net and its autoencoder's decoder (TAESD or the SD VAE),
+                calibrated on held-out prompts
     (train/int8.py: weight-only int8 of a Tessera generator's linear layers, written only where it is faster;
      train/distill.py: few-step distillation of a Tessera diffusion model, sampling/distill.py's targets;
      train/prune.py: structured pruning, nn/prune.py, with a recovery fine-tune)

@@ -10,7 +10,9 @@ so does every layer whose int8 form, quantize included, is not measured 5% faste
 layer at its calibration shape on this CPU (AMX bf16 beats oneDNN's int8 at many of the U-Net's shapes, and
 its linear layers at 4096 tokens lose to the quantize pass). A TAESD autoencoder gets its decoder's own int8
 plan (tokenizer/taesd.py `quantize_int8`: u8 from conv to conv, ReLUs and residual sums fused), which is
-where int8 pays most: its 64-channel maps at 256² and 512² are memory-bound in bf16.
+where int8 pays most: its 64-channel maps at 256² and 512² are memory-bound in bf16. The SD VAE's decoder
+(AutoencoderKL: ~1.2 TFLOPs at 512², more than a U-Net step) has a GroupNorm before nearly every convolution,
+so no u8 chain: its layers are chosen and quantized one by one like the U-Net's, timed on latent decodes.
 
 OUT is the same diffusers folder layout with `unet/` (and `vae/`) holding the int8 state and a
 `quantization.json` (which layers, why the others stayed float, the calibration, the CPU they were timed on);
@@ -67,40 +69,61 @@ def calibrate(pipe, prompts: list[str], size: int | None, steps: int | None) -> 
     return stats
 
 
-def _calls(pipe, prompts: list[str], size: int | None, steps: int | None):
-    """-> a function that runs the pipeline once per prompt at the serving size and step count."""
+def _call_kw(size: int | None, steps: int | None) -> dict:
     kw = {} if steps is None else {"num_inference_steps": steps}
-    if size is not None:
-        kw.update(height=size, width=size)
+    return kw if size is None else kw | {"height": size, "width": size}
 
+
+def _calls(pipe, prompts: list[str], size: int | None, steps: int | None, output_type: str = "pt"):
+    """-> a function that runs the pipeline once per prompt at the serving size and step count (with
+    output_type "latent": the text encoder and U-Net alone)."""
     def run():
         for i, prompt in enumerate(prompts):
-            pipe(prompt, generator=torch.Generator().manual_seed(i), output_type="pt", **kw)
+            pipe(prompt, generator=torch.Generator().manual_seed(i), output_type=output_type, **_call_kw(size, steps))
     return run
 
 
 SELECT = ("speed", "all")  # int8 where it is measured faster here / every layer the static rules admit
 
 
-def _quantize_unet(pipe, stats: dict, select: str, prompts: list[str], size: int | None, steps: int | None) -> dict:
-    """The U-Net's int8 layers; under "speed" each candidate is timed in the network, float against int8, over
-    pipeline calls on the first calibration prompt (nn/quant.time_in_network)."""
+def _latent_decodes(pipe, prompt: str, size: int | None, steps: int | None):
+    """-> a function that decodes the latents of one pipeline call on `prompt` (the autoencoder alone, at the
+    serving size)."""
+    x0 = pipe(prompt, generator=torch.Generator().manual_seed(0), output_type="latent", **_call_kw(size, steps)).images
+    return lambda: pipe.decode(x0)
+
+
+def _quantize(net, stats: dict, select: str, run) -> dict:
+    """A network's static int8 layers (nn/quant.quantize_static); under "speed" each candidate is timed in the
+    network, float against int8, over `run` (nn/quant.time_in_network: the pipeline at its serving shape)."""
     from tessera.nn import quant
 
-    unet = pipe.generator
-    timing = quant.time_in_network(unet, stats, _calls(pipe, prompts[:1], size, steps)) if select == "speed" else None
-    report = quant.quantize_static(unet, stats, timing=timing)
+    timing = quant.time_in_network(net, stats, run) if select == "speed" else None
+    report = quant.quantize_static(net, stats, timing=timing)
     if timing:
         report["timing_ms"] = {k: [round(f * 1e3, 3), round(q * 1e3, 3)] for k, (f, q) in timing.items()}
     return report
 
 
+def _quantize_vae(pipe, stats: dict, select: str, prompts: list[str], size: int | None, steps: int | None) -> dict | None:
+    """The autoencoder's int8 decoder: TAESD's own u8-chained plan, or (an SD VAE, AutoencoderKL) its decoder's
+    convolutions and attention projections one by one, each quantizing its float input, as the U-Net's are
+    (its encoder is not run by text-to-image: not reached, kept float). None when no layer is quantized."""
+    from tessera.nn import quant
+
+    vae = pipe.tokenizer
+    if hasattr(vae, "quantize_int8"):
+        return vae.quantize_int8(stats) | {"plan": quant.CHAINED}
+    report = _quantize(vae, stats, select, _latent_decodes(pipe, prompts[0], size, steps))
+    return report if report["quantized"] else None
+
+
 def quantize_sd_folder(src: str | Path, out: str | Path, prompts: list[str] | None = None, size: int | None = None,
                        steps: int | None = None, dtype: str | None = None, select: str = "speed") -> dict:
-    """DIR (a diffusers Stable Diffusion folder) -> OUT with a static int8 U-Net (and TAESD decoder, when the
-    folder's autoencoder is TAESD); -> the report. `select`: "speed" keeps in float every U-Net layer whose
-    int8 form is not measured faster in the network on this CPU (nn/quant.time_in_network), "all" quantizes
-    every one the static rules admit."""
+    """DIR (a diffusers Stable Diffusion folder) -> OUT with a static int8 U-Net and autoencoder decoder (TAESD's
+    u8-chained plan, or an SD VAE's layers one by one); -> the report. `select`: "speed" keeps in float every
+    U-Net / SD VAE layer whose int8 form is not measured faster in the network on this CPU
+    (nn/quant.time_in_network), "all" quantizes every one the static rules admit."""
     from tessera.nn import onednn, quant
     from tessera.pipelines.stable_diffusion import is_diffusers_folder, load_diffusers_folder
 
@@ -123,9 +146,10 @@ def quantize_sd_folder(src: str | Path, out: str | Path, prompts: list[str] | No
     stats = calibrate(pipe, prompts, size, steps)
     for net in (pipe.generator, pipe.tokenizer):
         onednn.unpack(net)
-    reports = {"unet": _quantize_unet(pipe, stats["unet"], select, prompts, size, steps)}
-    if hasattr(pipe.tokenizer, "quantize_int8"):
-        reports["vae"] = pipe.tokenizer.quantize_int8(stats["vae"]) | {"plan": quant.CHAINED}
+    reports = {"unet": _quantize(pipe.generator, stats["unet"], select, _calls(pipe, prompts[:1], size, steps, "latent"))}
+    vae = _quantize_vae(pipe, stats["vae"], select, prompts, size, steps)
+    if vae is not None:
+        reports["vae"] = vae
     tmp = out.with_name(out.name + ".incoming")
     shutil.rmtree(tmp, ignore_errors=True)
     stored = {comp: _weights_file(src / comp) for comp in reports}
@@ -137,7 +161,7 @@ def quantize_sd_folder(src: str | Path, out: str | Path, prompts: list[str] | No
     for comp, report in reports.items():
         net = pipe.generator if comp == "unet" else pipe.tokenizer
         _save_state(net, stored[comp], tmp / comp / stored[comp].name)
-        chained = "; u8 from conv to conv, ReLU and residual sums fused" if comp == "vae" else ""
+        chained = "; u8 from conv to conv, ReLU and residual sums fused" if report.get("plan") == quant.CHAINED else ""
         records[comp] = {"scheme": scheme + chained,
                          **report, "calibration": calibration | {"ranges": {k: [v["lo"], v["hi"]] for k, v in
                                                                             stats[comp].items()}},
