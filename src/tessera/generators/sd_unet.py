@@ -26,6 +26,7 @@ from torch import nn
 
 from tessera.config import Config, check_diffusers_config
 from tessera.nn.kernels import ATTENTION, attend
+from tessera.nn.quant import upsample_nearest
 from tessera.nn.tome import bipartite_soft_matching
 from tessera.registry import register_family
 
@@ -235,7 +236,7 @@ class Resample(nn.Module):
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         if self.up:
-            x = F.interpolate(x, size=size, mode="nearest") if size else F.interpolate(x, scale_factor=2.0, mode="nearest")
+            x = upsample_nearest(x, self.conv, **({"size": size} if size else {"scale_factor": 2.0}))
         return self.conv(x)
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.config import Config, check_diffusers_config
+from tessera.nn.quant import upsample_nearest
 from tessera.registry import register_family
 
 
@@ -122,7 +123,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
+        return self.conv(upsample_nearest(x, self.conv, scale_factor=2.0))  # (B, C, 2H, 2W)
 
 
 class Level(nn.Module):
