@@ -143,10 +143,12 @@ def test_optimize_int8_of_a_taesd_folder_quantizes_its_decoder_and_times_the_une
     from tessera.tokenizer.taesd import Int8Block
 
     _sd_folder(tmp_path / "pipe", taesd=True)
-    r = run("optimize", tmp_path / "pipe", "--int8", "-o", tmp_path / "int8", "--steps", "1", "--size", "64")
+    r = run("optimize", tmp_path / "pipe", "--int8", "-o", tmp_path / "int8", "--steps", "1", "--size", "64", "--cfg", "0")
     assert r.exit_code == 0, r.output
     unet = json.loads((tmp_path / "int8" / "unet" / "quantization.json").read_text())
     vae = json.loads((tmp_path / "int8" / "vae" / "quantization.json").read_text())
+    assert unet["calibration"]["guidance"] == 0 and unet["calibration"]["size"] == 64
+    assert unet["kept"]["time_embedding.linear_2"].startswith("1 rows per call")  # SD-Turbo's serving: no CFG batch
     assert set(unet["timing_ms"]) == {k for k in unet["quantized"]} | {k for k, v in unet["kept"].items()
                                                                        if v.startswith("measured")}
     assert unet["cpu"] and vae["plan"] == quant.CHAINED and len(vae["quantized"]) == 34

@@ -17,7 +17,8 @@ from tessera.errors import InvalidInputError
 
 def optimize(src: str, out: str, int8: bool = False, distill_steps: int | None = None, prune: float | None = None,
              data_dir: str | None = None, max_steps: int = 3000, calibration: str | None = None, size: int | None = None,
-             steps: int | None = None, overrides: tuple[str, ...] = (), int8_layers: str = "speed") -> dict:
+             steps: int | None = None, overrides: tuple[str, ...] = (), int8_layers: str = "speed",
+             cfg: float | None = None) -> dict:
     """One optimization of SRC into OUT (`tessera optimize`); -> its report."""
     if [bool(int8), bool(distill_steps), prune is not None].count(True) != 1:
         raise InvalidInputError("give one of --int8, --distill-steps N or --prune F")
@@ -39,7 +40,7 @@ def optimize(src: str, out: str, int8: bool = False, distill_steps: int | None =
             prompts = [line.strip() for line in Path(calibration).read_text().splitlines() if line.strip()]
             if not prompts:
                 raise InvalidInputError(f"--calibration {calibration}: no prompts (one per line)")
-        return quantize_sd_folder(src, out, prompts, size, steps, select=int8_layers)
+        return quantize_sd_folder(src, out, prompts, size, steps, select=int8_layers, cfg=cfg)
     if not data_dir:
         raise InvalidInputError("--distill-steps: give --data (a prepared folder: the student trains on its images)")
     from tessera.train.distill import distill

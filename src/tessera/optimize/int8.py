@@ -52,13 +52,13 @@ def _copy_tree(src: Path, out: Path, skip: set[Path]) -> None:
                 shutil.copy2(path, dest)
 
 
-def calibrate(pipe, prompts: list[str], size: int | None, steps: int | None) -> dict[str, dict[str, dict]]:
+def calibrate(pipe, prompts: list[str], serve: dict) -> dict[str, dict[str, dict]]:
     """The layer input ranges of the U-Net and of the autoencoder (its decoder) over a pipeline call per
-    prompt (its own defaults unless given) -> {"unet": stats, "vae": stats} (nn/quant.observe_inputs)."""
+    prompt at the `serve` settings (`_serving`) -> {"unet": stats, "vae": stats} (nn/quant.observe_inputs)."""
     from tessera.nn import quant
 
     stats: dict[str, dict[str, dict]] = {}
-    run = _calls(pipe, prompts, size, steps)
+    run = _calls(pipe, prompts, serve)
 
     def run_watching_vae():
         stats["vae"] = quant.observe_inputs(pipe.tokenizer, run)
@@ -69,27 +69,28 @@ def calibrate(pipe, prompts: list[str], size: int | None, steps: int | None) -> 
     return stats
 
 
-def _call_kw(size: int | None, steps: int | None) -> dict:
-    kw = {} if steps is None else {"num_inference_steps": steps}
-    return kw if size is None else kw | {"height": size, "width": size}
+def _serving(size: int | None, steps: int | None, cfg: float | None) -> dict:
+    """The pipeline-call keywords of the serving settings (None: the pipeline's own default)."""
+    kw = {"num_inference_steps": steps, "guidance_scale": cfg, "height": size, "width": size}
+    return {k: v for k, v in kw.items() if v is not None}
 
 
-def _calls(pipe, prompts: list[str], size: int | None, steps: int | None, output_type: str = "pt"):
-    """-> a function that runs the pipeline once per prompt at the serving size and step count (with
-    output_type "latent": the text encoder and U-Net alone)."""
+def _calls(pipe, prompts: list[str], serve: dict, output_type: str = "pt"):
+    """-> a function that runs the pipeline once per prompt at the serving settings (with output_type
+    "latent": the text encoder and U-Net alone)."""
     def run():
         for i, prompt in enumerate(prompts):
-            pipe(prompt, generator=torch.Generator().manual_seed(i), output_type=output_type, **_call_kw(size, steps))
+            pipe(prompt, generator=torch.Generator().manual_seed(i), output_type=output_type, **serve)
     return run
 
 
 SELECT = ("speed", "all")  # int8 where it is measured faster here / every layer the static rules admit
 
 
-def _latent_decodes(pipe, prompt: str, size: int | None, steps: int | None):
+def _latent_decodes(pipe, prompt: str, serve: dict):
     """-> a function that decodes the latents of one pipeline call on `prompt` (the autoencoder alone, at the
     serving size)."""
-    x0 = pipe(prompt, generator=torch.Generator().manual_seed(0), output_type="latent", **_call_kw(size, steps)).images
+    x0 = pipe(prompt, generator=torch.Generator().manual_seed(0), output_type="latent", **serve).images
     return lambda: pipe.decode(x0)
 
 
@@ -105,7 +106,7 @@ def _quantize(net, stats: dict, select: str, run) -> dict:
     return report
 
 
-def _quantize_vae(pipe, stats: dict, select: str, prompts: list[str], size: int | None, steps: int | None) -> dict | None:
+def _quantize_vae(pipe, stats: dict, select: str, prompts: list[str], serve: dict) -> dict | None:
     """The autoencoder's int8 decoder: TAESD's own u8-chained plan, or (an SD VAE, AutoencoderKL) its decoder's
     convolutions and attention projections one by one, each quantizing its float input, as the U-Net's are
     (its encoder is not run by text-to-image: not reached, kept float). None when no layer is quantized."""
@@ -114,12 +115,13 @@ def _quantize_vae(pipe, stats: dict, select: str, prompts: list[str], size: int 
     vae = pipe.tokenizer
     if hasattr(vae, "quantize_int8"):
         return vae.quantize_int8(stats) | {"plan": quant.CHAINED}
-    report = _quantize(vae, stats, select, _latent_decodes(pipe, prompts[0], size, steps))
+    report = _quantize(vae, stats, select, _latent_decodes(pipe, prompts[0], serve))
     return report if report["quantized"] else None
 
 
 def quantize_sd_folder(src: str | Path, out: str | Path, prompts: list[str] | None = None, size: int | None = None,
-                       steps: int | None = None, dtype: str | None = None, select: str = "speed") -> dict:
+                       steps: int | None = None, dtype: str | None = None, select: str = "speed",
+                       cfg: float | None = None) -> dict:
     """DIR (a diffusers Stable Diffusion folder) -> OUT with a static int8 U-Net and autoencoder decoder (TAESD's
     u8-chained plan, or an SD VAE's layers one by one); -> the report. `select`: "speed" keeps in float every
     U-Net / SD VAE layer whose int8 form is not measured faster in the network on this CPU
@@ -143,18 +145,19 @@ def quantize_sd_folder(src: str | Path, out: str | Path, prompts: list[str] | No
     t0 = time.time()
     pipe = load_diffusers_folder(src, placement(None, dtype))
     prompts = list(prompts or CALIBRATION_PROMPTS)
-    stats = calibrate(pipe, prompts, size, steps)
+    serve = _serving(size, steps, cfg)
+    stats = calibrate(pipe, prompts, serve)
     for net in (pipe.generator, pipe.tokenizer):
         onednn.unpack(net)
-    reports = {"unet": _quantize(pipe.generator, stats["unet"], select, _calls(pipe, prompts[:1], size, steps, "latent"))}
-    vae = _quantize_vae(pipe, stats["vae"], select, prompts, size, steps)
+    reports = {"unet": _quantize(pipe.generator, stats["unet"], select, _calls(pipe, prompts[:1], serve, "latent"))}
+    vae = _quantize_vae(pipe, stats["vae"], select, prompts, serve)
     if vae is not None:
         reports["vae"] = vae
     tmp = out.with_name(out.name + ".incoming")
     shutil.rmtree(tmp, ignore_errors=True)
     stored = {comp: _weights_file(src / comp) for comp in reports}
     _copy_tree(src, tmp, skip=set(stored.values()))
-    calibration = {"prompts": prompts, "size": size, "steps": steps}
+    calibration = {"prompts": prompts, "size": size, "steps": steps, "guidance": cfg}
     scheme = ("static int8: u8 activations per tensor (calibrated range), s8 weights per output channel, oneDNN "
               "kernels; float elsewhere")
     records = {}
