@@ -65,6 +65,24 @@ def test_static_int8_layers_equal_their_fake_quantized_float_layers(seeded):
         torch.testing.assert_close(fresh(x), net(x))
 
 
+def test_a_static_int8_conv_after_a_nearest_upsample_reads_upsampled_codes_in_the_pipeline_dtype(seeded):
+    conv = nn.Conv2d(16, 8, 3, padding=1).eval()
+    x = torch.randn(1, 16, 4, 4, generator=seeded)
+    q = quant.StaticInt8Conv2d(conv).set_from(conv, float(x.min()), float(x.max()))
+    assert quant.upsample_nearest(x, conv, scale_factor=2.0).dtype == torch.float32  # a float conv: a plain upsample
+    for dtype in (torch.float32, torch.bfloat16):  # bf16: the pipeline's dtype, its scales float32 (as calibrated)
+        q._packed = None
+        with torch.no_grad():
+            codes = quant.upsample_nearest(x.to(dtype), q, scale_factor=2.0)
+            assert codes.dtype == torch.uint8 and codes.shape == (1, 16, 8, 8)
+            got = q(codes)
+            assert got.dtype == dtype and q._packed[0][0] == dtype  # packed once, for the float dtype
+            want = q(torch.nn.functional.interpolate(x.to(dtype), scale_factor=2.0, mode="nearest"))
+            torch.testing.assert_close(got, want)  # the same codes as quantizing after the upsample
+            ref = conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+            assert float((got.float() - ref).norm() / ref.norm()) < 0.05
+
+
 def test_measured_selection_keeps_a_layer_whose_int8_form_is_not_faster(seeded):
     net = Net().eval()
     xs = [torch.randn(1, 16, 8, 8, generator=seeded)]

@@ -127,12 +127,14 @@ class _StaticInt8(nn.Module):
         return self
 
     def _pack(self, x: torch.Tensor):
-        key = (x.dtype if x.is_floating_point() else self.weight_scale.dtype, x.device)  # u8 input: the float dtype
         if x.device.type != "cpu":
             from tessera.errors import InvalidInputError
 
             raise InvalidInputError(f"a static int8 layer runs on the CPU (oneDNN's int8 kernels), not {x.device}; "
                                     f"load the float model for {x.device.type}")
+        if not x.is_floating_point() and self._packed is not None:  # u8 codes (`quantize` ran): packed already
+            return self._packed[1:]
+        key = (x.dtype if x.is_floating_point() else self.weight_scale.dtype, x.device)  # u8 input: the float dtype
         if self._packed is None or self._packed[0] != key:
             lo, hi = (float(v) for v in self.input_range.float())
             qmax = cpu_quant_max()
