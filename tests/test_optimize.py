@@ -83,6 +83,21 @@ def test_a_static_int8_conv_after_a_nearest_upsample_reads_upsampled_codes_in_th
             assert float((got.float() - ref).norm() / ref.norm()) < 0.05
 
 
+def test_a_layer_whose_int8_output_is_far_from_the_float_one_stays_float(seeded):
+    xs = [torch.randn(2, 16, 8, 8, generator=seeded) for _ in range(2)]
+    for outlier, far in ((None, set()), (3e3, {"conv", "proj"})):  # one huge input value (and its conv output)
+        net = Net().eval()
+        if outlier:
+            xs[1][0, 0, 0, 0] = outlier
+        stats = quant.observe_inputs(net, lambda: [net(x) for x in xs])
+        errors = quant.measure_errors(net, stats, lambda: [net(x) for x in xs])
+        assert set(errors) == {"conv", "proj"} and all(e > 0 for e in errors.values())  # "time": 2 rows, not a candidate
+        assert {n for n, e in errors.items() if e > quant.MAX_ERROR} == far, errors
+        report = quant.quantize_static(net, stats)
+        assert set(report["quantized"]) == {"conv", "proj"} - far
+        assert all("from the float layer's on the calibration prompt" in report["kept"][n] for n in far)
+
+
 def test_measured_selection_keeps_a_layer_whose_int8_form_is_not_faster(seeded):
     net = Net().eval()
     xs = [torch.randn(1, 16, 8, 8, generator=seeded)]

@@ -269,11 +269,13 @@ def observe_inputs(model: nn.Module, run: Callable[[], None]) -> dict[str, dict]
 
 
 MIN_GAIN = 1.05  # measured selection: int8 (its quantize included) must beat the float layer by 5%
+MAX_ERROR = 0.1  # a layer whose int8 output is further than 10% (relative L2) from the float one stays float
 
 
 def keep_reason(name: str, module: nn.Module, stats: dict | None, min_rows: int = 16, min_k: int = 64,
                 timing: tuple[float, float] | None = None) -> str | None:
-    """Why a layer stays in float (None: it is quantized). `timing`: (float, int8) seconds of the layer's call
+    """Why a layer stays in float (None: it is quantized). `stats["error"]` (`measure_errors`): its int8
+    output's distance from the float one, at most MAX_ERROR. `timing`: (float, int8) seconds of the layer's call
     in the network on this CPU (`time_in_network`); int8 must be MIN_GAIN times faster."""
     if stats is None:
         return "not reached during calibration"
@@ -283,10 +285,51 @@ def keep_reason(name: str, module: nn.Module, stats: dict | None, min_rows: int 
         return f"reduction of {k} < {min_k}: too few input channels for int8 to pay (and the most sensitive layer)"
     if stats["rows"] < min_rows:
         return f"{stats['rows']} rows per call (< {min_rows}): memory-bound, int8 activations only add work"
+    if stats.get("error", 0.0) > MAX_ERROR:
+        return (f"int8 output {stats['error']:.1%} from the float layer's on the calibration prompt (relative L2, "
+                f"> {MAX_ERROR:.0%}): its input range {stats['lo']:.4g} .. {stats['hi']:.4g} is too wide for one u8 scale")
     if timing is not None and timing[1] * MIN_GAIN > timing[0]:
         return (f"measured in the network at {tuple(stats['shape'])}: int8 {timing[1] * 1e3:.2f} ms (with its "
                 f"quantize) vs float {timing[0] * 1e3:.2f} ms, not {MIN_GAIN}x faster")
     return None
+
+
+def _int8_twin(m: nn.Module, s: dict) -> _StaticInt8:
+    cls = StaticInt8Conv2d if isinstance(m, nn.Conv2d) else StaticInt8Linear
+    return cls(m).set_from(m, s["lo"], s["hi"])
+
+
+def _candidates(model: nn.Module, stats: dict[str, dict]) -> dict[str, nn.Module]:
+    """The Conv2d / Linear layers `keep_reason` would quantize (given what `stats` holds so far)."""
+    return {n: m for n, m in model.named_modules() if _static_target(m) and keep_reason(n, m, stats.get(n)) is None}
+
+
+def measure_errors(model: nn.Module, stats: dict[str, dict], run: Callable[[], None]) -> dict[str, float]:
+    """Run `run()` (the float network on a calibration prompt) with each candidate layer's int8 twin computed
+    on the same input beside it: `stats[name]["error"]` = the largest relative L2 distance of the twin's output
+    from the layer's over the calls, which `keep_reason` holds to MAX_ERROR (a layer whose input has rare
+    large values, such as an unnormalized residual stream, loses its small values to one u8 scale) -> the
+    errors."""
+    layers = _candidates(model, stats)
+    twins = {n: _int8_twin(m, stats[n]) for n, m in layers.items()}
+    errors = dict.fromkeys(layers, 0.0)
+
+    def hook(name):
+        def check(module, args, out):
+            got, want = twins[name](args[0]).float(), out.float()
+            errors[name] = max(errors[name], float((got - want).norm() / want.norm().clamp(min=1e-12)))
+        return check
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    for n, e in errors.items():
+        stats[n]["error"] = e
+    return errors
 
 
 def time_in_network(model: nn.Module, stats: dict[str, dict], run: Callable[[], None],
@@ -304,12 +347,8 @@ def time_in_network(model: nn.Module, stats: dict[str, dict], run: Callable[[], 
     from tessera.nn import onednn
 
     named = dict(model.named_modules())
-    names = [n for n, m in named.items() if _static_target(m) and keep_reason(n, m, stats.get(n)) is None]
-    sides = ({n: named[n] for n in names}, {})
-    for n in names:
-        s, m = stats[n], named[n]
-        cls = StaticInt8Conv2d if isinstance(m, nn.Conv2d) else StaticInt8Linear
-        sides[1][n] = cls(m).set_from(m, s["lo"], s["hi"])
+    names = list(_candidates(model, stats))
+    sides = ({n: named[n] for n in names}, {n: _int8_twin(named[n], stats[n]) for n in names})
     seconds: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in names}
     started: dict[int, float] = {}
     handles = []

@@ -95,12 +95,15 @@ def _latent_decodes(pipe, prompt: str, serve: dict):
 
 
 def _quantize(net, stats: dict, select: str, run) -> dict:
-    """A network's static int8 layers (nn/quant.quantize_static); under "speed" each candidate is timed in the
-    network, float against int8, over `run` (nn/quant.time_in_network: the pipeline at its serving shape)."""
+    """A network's static int8 layers (nn/quant.quantize_static): each candidate's int8 output is compared with
+    its float output over `run` (nn/quant.measure_errors: the pipeline at its serving shape); under "speed" each
+    is then timed in the network, float against int8 (nn/quant.time_in_network)."""
     from tessera.nn import quant
 
+    errors = quant.measure_errors(net, stats, run)
     timing = quant.time_in_network(net, stats, run) if select == "speed" else None
     report = quant.quantize_static(net, stats, timing=timing)
+    report["error"] = {k: round(v, 4) for k, v in errors.items()}
     if timing:
         report["timing_ms"] = {k: [round(f * 1e3, 3), round(q * 1e3, 3)] for k, (f, q) in timing.items()}
     return report
