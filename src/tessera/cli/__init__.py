@@ -270,7 +270,7 @@ def convert(src, out, **kw) -> None:
 @options(opt("-o", "--out", required=True, type=NEWDIR), opt("--int8", is_flag=True, help="static int8 U-Net and VAE decoder of an SD folder"),
          opt("--int8-layers", type=click.Choice(["speed", "all"]), default="speed", help="--int8: the layers measured faster here, or all"),
          opt("--calibration", type=FILE, help="--int8: prompts, one per line"), opt("--size", type=int), opt("--steps", type=int),
-         opt("--cfg", type=float, help="--int8: the guidance it serves at"), opt("--distill-steps", type=int, help="a diffusion model's few-step student"),
+         opt("--cfg", type=float, help="--int8: the guidance it serves at"), opt("--distill-steps", type=int, help="a few-step student"),
          opt("--prune", type=float, help="remove this fraction of a Transformer's MLP channels"), opt("--data", "data_dir", type=DIR),
          opt("--max-steps", default=3000), opt("--set", "overrides", multiple=True))
 def optimize(src, out, **kw) -> None:
