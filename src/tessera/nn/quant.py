@@ -258,14 +258,18 @@ def observe_inputs(model: nn.Module, run: Callable[[], None]) -> dict[str, dict]
             s["rows"] = min(s["rows"], rows)
         return record
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if _static_target(m)]
+    _run_hooked([m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if _static_target(m)], run)
+    return seen
+
+
+def _run_hooked(handles: list, run: Callable[[], None]) -> None:
+    """run() without gradients, then the hooks removed (also when it fails)."""
     try:
         with torch.no_grad():
             run()
     finally:
         for h in handles:
             h.remove()
-    return seen
 
 
 MIN_GAIN = 1.05  # measured selection: int8 (its quantize included) must beat the float layer by 5%
@@ -320,13 +324,7 @@ def measure_errors(model: nn.Module, stats: dict[str, dict], run: Callable[[], N
             errors[name] = max(errors[name], float((got - want).norm() / want.norm().clamp(min=1e-12)))
         return check
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked([m.register_forward_hook(hook(n)) for n, m in layers.items()], run)
     for n, e in errors.items():
         stats[n]["error"] = e
     return errors
