@@ -86,7 +86,8 @@ def bench_int8(folder: Path, out: Path, calls: int, dtype: str, vae: str) -> dic
                     del times[name][k][n[k]:]
     med = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
     diff = (images["float"] - images["int8"]).abs()
-    return {"dtype": str(sides["float"].placement.dtype), "vae": vae, "calls": calls, "float": med["float"], "int8": med["int8"],
+    return {"dtype": str(sides["float"].placement.dtype), "vae": vae, "calls": calls,
+            "float": med["float"], "int8": med["int8"],
             "call_ratio": med["float"]["call"] / med["int8"]["call"],
             "unet_ratio": med["float"]["unet"] / med["int8"]["unet"],
             "decode_ratio": med["float"]["decode"] / med["int8"]["decode"],
@@ -262,7 +263,8 @@ def main() -> None:
     elif args.case == "int8-bundled":
         result = bench_int8_bundled(args.models or ["ar-xs", "masked-xxs", "unet-xs"], args.calls)
     elif args.case == "int8":
-        folder = args.folder or Path(tempfile.gettempdir()) / ("tessera-bench-sd-turbo" + ("-kl" if args.vae == "kl" else ""))
+        name = "tessera-bench-sd-turbo" + ("-kl" if args.vae == "kl" else "")
+        folder = args.folder or Path(tempfile.gettempdir()) / name
         out = args.out or folder.with_name(folder.name + "-int8")
         result = bench_int8(folder, out, args.calls, args.dtype, args.vae)
     elif args.case == "sr":

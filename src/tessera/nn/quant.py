@@ -291,7 +291,8 @@ def keep_reason(name: str, module: nn.Module, stats: dict | None, min_rows: int 
         return f"{stats['rows']} rows per call (< {min_rows}): memory-bound, int8 activations only add work"
     if stats.get("error", 0.0) > MAX_ERROR:
         return (f"int8 output {stats['error']:.1%} from the float layer's on the calibration prompt (relative L2, "
-                f"> {MAX_ERROR:.0%}): its input range {stats['lo']:.4g} .. {stats['hi']:.4g} is too wide for one u8 scale")
+                f"> {MAX_ERROR:.0%}): its input range {stats['lo']:.4g} .. {stats['hi']:.4g} is too wide for one "
+                f"u8 scale")
     if timing is not None and timing[1] * MIN_GAIN > timing[0]:
         return (f"measured in the network at {tuple(stats['shape'])}: int8 {timing[1] * 1e3:.2f} ms (with its "
                 f"quantize) vs float {timing[0] * 1e3:.2f} ms, not {MIN_GAIN}x faster")

@@ -6,9 +6,9 @@ weights per channel, oneDNN's int8 kernels, float elsewhere).
 Calibration runs the float pipeline on held-out prompts (not the evaluation prompts) at the size and step
 count it will serve, watching every Conv2d / Linear input of the U-Net and of the autoencoder. U-Net layers
 `quant.keep_reason` keeps stay float, with the reason in the report (among them those whose int8 output is
-more than 10% from the float one on a calibration prompt: `quant.measure_errors`); with `--int8-layers speed` (the default)
-so does every layer whose int8 form, quantize included, is not measured 5% faster than the prepacked float
-layer at its calibration shape on this CPU (AMX bf16 beats oneDNN's int8 at many of the U-Net's shapes, and
+more than 10% from the float one on a calibration prompt: `quant.measure_errors`); with `--int8-layers speed`
+(the default) so does every layer whose int8 form, quantize included, is not measured 5% faster than the
+prepacked float layer at its calibration shape on this CPU (AMX bf16 beats oneDNN's int8 at many of the U-Net's shapes, and
 its linear layers at 4096 tokens lose to the quantize pass). A TAESD autoencoder gets its decoder's own int8
 plan (tokenizer/taesd.py `quantize_int8`: u8 from conv to conv, ReLUs and residual sums fused), which is
 where int8 pays most: its 64-channel maps at 256² and 512² are memory-bound in bf16. The SD VAE's decoder
