@@ -1,8 +1,10 @@
+import dataclasses
 import io
 import json
 import sqlite3
 import struct
 import tarfile
+import threading
 import zlib
 from pathlib import Path
 
@@ -15,10 +17,12 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import photo_like, png_bytes
+from tessera.data.captioning import CaptionConfig
 from tessera.data.dataset import ShardImages
 from tessera.data.decode import Rejected, decode_image
 from tessera.data.filters import hamming, phash, register_scorer
 from tessera.data.prepare import PrepareConfig, prepare
+from tessera.data.prepare import process_chunk as _real_process_chunk
 
 
 def huge_png_header(w=100_000, h=100_000) -> bytes:
@@ -213,13 +217,70 @@ def test_scorer_plugin_rejects_and_records(tmp_path, monkeypatch):
     red = np.asarray(photo_like(2, (80, 80))).copy()
     red[..., 0] = 250
     Image.fromarray(red).save(src / "red.png")
-    register_scorer("redness", red_scorer)
-    cfg = PrepareConfig(size=32, workers=1, scorers=("redness",))
+    register_scorer("redness", red_scorer)  # the worker processes get it by reference
+    cfg = PrepareConfig(size=32, workers=2, scorers=("redness",), captions=CaptionConfig(language=False))
     report = prepare([src], tmp_path / "out", cfg, progress=False)
     assert report["kept"] == 1 and report["rejected_by_reason"] == {"scorer:redness": 1}
     db = sqlite3.connect(tmp_path / "out" / "catalog.sqlite")
     verdicts = [json.loads(v) for (v,) in db.execute("SELECT verdicts FROM images ORDER BY source")]
     assert all("redness" in v for v in verdicts)
+
+
+_HELD = threading.Lock()  # held by another thread of the test process while prepare starts its workers
+
+
+class LockScorer:
+    """Takes _HELD in a prepare worker: free in a fresh process, held forever in one forked from a process in
+    which another thread held it (as OpenMP, Rust thread pools or tqdm's monitor hold theirs now and then)."""
+
+    name, reject_above, reject_below = "lock", None, None
+
+    def score(self, im, caption):
+        if not _HELD.acquire(timeout=5):
+            raise TimeoutError("_HELD was copied into this worker held")
+        _HELD.release()
+        return 0.0
+
+
+def lock_scorer():
+    return LockScorer()
+
+
+def test_prepare_workers_inherit_no_lock_held_by_another_thread(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        photo_like(10 + i, (80, 80)).save(src / f"p{i}.png")
+    register_scorer("lock", lock_scorer)
+    cfg = PrepareConfig(size=32, workers=2, chunk_size=2, scorers=("lock",), captions=CaptionConfig(language=False))
+    release = threading.Event()
+    holder = threading.Thread(target=lambda: (_HELD.acquire(), release.wait(), _HELD.release()))
+    holder.start()
+    try:
+        report = prepare([src], tmp_path / "out", cfg, progress=False)
+    finally:
+        release.set()
+        holder.join()
+    assert report["kept"] == 4 and report["rejected_by_reason"] == {}
+
+
+def unpicklable_factory():
+    return lambda: RedScorer()
+
+
+def test_a_scorer_the_workers_cannot_import_is_a_clear_error(tmp_path):
+    from tessera.errors import InvalidInputError
+
+    (tmp_path / "src").mkdir()
+    photo_like(1, (80, 80)).save(tmp_path / "src" / "a.png")
+    register_scorer("local-red", unpicklable_factory())
+    cfg = PrepareConfig(size=32, workers=2, scorers=("local-red",), captions=CaptionConfig(language=False))
+    with pytest.raises(InvalidInputError, match="'local-red'.*module-level function"):
+        prepare([tmp_path / "src"], tmp_path / "out", cfg, progress=False)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    one = prepare([tmp_path / "src"], tmp_path / "out", dataclasses.replace(cfg, workers=1), progress=False)
+    assert one["kept"] == 1
 
 
 @settings(max_examples=150, deadline=None)
@@ -245,31 +306,34 @@ def test_translation_lines_are_dropped_from_captions(tmp_path):
 
 
 # ---- reliability (issue 19) --------------------------------------------------------------------------------
-def test_a_killed_worker_ends_the_run_with_a_clear_error_and_a_rerun_resumes(tmp_path, monkeypatch):
+def _chunk_that_kills_its_worker_once(args):
+    """Run in a prepare worker process (imported there by name): the OOM killer / a decoder segfault, once."""
     import os
     import signal
+
+    photo3 = [Path(it.path) for it in args[1] if it.path.endswith("photo3.png")]
+    if photo3 and not (photo3[0].parents[1] / "killed-once").exists():  # the messy folder is TMP/src
+        (photo3[0].parents[1] / "killed-once").touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _real_process_chunk(args)
+
+
+def test_a_killed_worker_ends_the_run_with_a_clear_error_and_a_rerun_resumes(tmp_path, monkeypatch):
     import time
 
     import tessera.data.prepare as prep
     from tessera.data.catalog import Catalog
 
     src, _, _ = build_messy_folder(tmp_path / "src")
-    cfg = PrepareConfig(size=64, workers=2, chunk_size=4)
-    flag, real = tmp_path / "killed-once", prep.process_item
-
-    def dies_once(item, cfg):  # forked workers inherit this: the OOM killer / a decoder segfault, once
-        if item.source.endswith("photo3.png") and not flag.exists():
-            flag.touch()
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(item, cfg)
-
-    monkeypatch.setattr(prep, "process_item", dies_once)
+    cfg = PrepareConfig(size=64, workers=2, chunk_size=4, captions=CaptionConfig(language=False))
+    flag = tmp_path / "killed-once"
+    monkeypatch.setattr(prep, "process_chunk", _chunk_that_kills_its_worker_once)
     t0 = time.time()
     with pytest.raises(prep.WorkerDied, match=r"chunk \d+ .*rerun"):
         prepare([src], tmp_path / "out", cfg, progress=False)
     assert time.time() - t0 < 60 and flag.exists()
     report = prepare([src], tmp_path / "out", cfg, progress=False)
-    fresh = prepare([src], tmp_path / "fresh", PrepareConfig(size=64, workers=1, chunk_size=4), progress=False)
+    fresh = prepare([src], tmp_path / "fresh", dataclasses.replace(cfg, workers=1), progress=False)
     assert {k: report[k] for k in ("kept", "rejected_by_reason")} == {k: fresh[k] for k in ("kept", "rejected_by_reason")}
     with Catalog.read(tmp_path / "out") as cat:
         sources = [r["source"] for r in cat.rows()]

@@ -83,8 +83,14 @@ _REGISTERED: dict[str, Callable[..., Scorer]] = {}
 
 
 def register_scorer(name: str, factory: Callable[..., Scorer]) -> None:
-    """Register a scorer factory in this process (packages declare theirs as `tessera.scorers` entry points)."""
+    """Register a scorer factory in this process; prepare hands it to its worker processes by reference, so it is
+    a module-level function (packages declare theirs as `tessera.scorers` entry points)."""
     _REGISTERED[name] = factory
+
+
+def registered_scorers() -> dict[str, Callable[..., Scorer]]:
+    """The scorers registered in this process (handed to prepare's worker processes)."""
+    return dict(_REGISTERED)
 
 
 def plugin_names(group: str) -> list[str]:

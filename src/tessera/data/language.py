@@ -4,7 +4,7 @@ Detected with `lingua` (lingua-language-detector): it ships its language models 
 is deterministic, and is accurate on SHORT text, the form captions take; langdetect is random unless seeded
 through global state, and py3langid read 47% of Tux Paint's short English descriptions as another language
 (benchmarks/bench_language.py). Its cost: a 96 MB wheel, and ~5-10 s / ~570 MB to load the models of the 28
-default languages (once per process; forked prepare workers share them).
+default languages (once per process: each prepare worker loads its own).
 
 A caption counts as non-English only when the best language beats English by `margin` in lingua's
 confidence (default 3x): short captions and proper nouns are ambiguous ("A quetzal."), and a wrong

@@ -39,6 +39,8 @@ from tessera.data.filters import (
     phash,
     plugin_factory,
     quality_reason,
+    register_scorer,
+    registered_scorers,
     score_reason,
 )
 from tessera.data.language import detect, detector
@@ -58,7 +60,7 @@ class PrepareConfig(Config):
     chunk_size: int = 256
     max_pixels: int = DEFAULT_MAX_PIXELS
     workers: int = 2
-    scorers: tuple[str, ...] = ()   # 'module:factory' specs of Scorer plug-ins
+    scorers: tuple[str, ...] = ()   # registered scorer names ('name?key=value' specs)
     filters: FilterConfig = dataclasses.field(default_factory=FilterConfig)
     captions: CaptionConfig = dataclasses.field(default_factory=CaptionConfig)
     crops_per_image: int = 0        # > 0: that many size x size crops of the image at native resolution
@@ -107,22 +109,31 @@ def split_of(sha256: str, val_fraction: float) -> str:
 _SCORERS: list[Scorer] = []
 _CAPTIONER: list[Captioner] = []  # none or one
 _EMBEDDER: list = []               # none or one image-text model (semantic dedup)
+_LOAD_ERROR: list[Exception] = []  # a pool worker's failed load, raised by its first chunk
 
 
-def _init_worker(cfg: "PrepareConfig", forked: bool = False) -> None:
-    """The models of the scorers, the captioner and the language detector, loaded once per process. A forked
-    worker runs torch on one thread: one worker per core, and the OpenMP pool the parent may have started
-    does not survive fork (a parallel op in the child would wait for it forever)."""
+def _init_worker(cfg: "PrepareConfig", pool_worker: bool = False, registered: dict | None = None) -> None:
+    """The models of the scorers, the captioner and the language detector, loaded once per process. A pool
+    worker registers the scorers its caller registered, runs torch on one thread (one worker per core) and
+    keeps a load error for its first chunk to raise: an initializer that raises only leaves the pool saying
+    that a worker died."""
     global _SCORERS, _CAPTIONER, _EMBEDDER
-    if forked:
+    if pool_worker:
         import torch
 
         torch.set_num_threads(1)
-    _SCORERS = [load_scorer(s) for s in cfg.scorers]
-    _CAPTIONER = [c for c in [load_captioner(cfg.captions.captioner)] if c is not None]
-    _EMBEDDER = [load_embedder(cfg.filters.embedding_model)] if cfg.filters.embedding_model else []
-    if cfg.captions.language:
-        detector(cfg.captions.languages)
+        for name, factory in (registered or {}).items():
+            register_scorer(name, factory)
+    try:
+        _SCORERS = [load_scorer(s) for s in cfg.scorers]
+        _CAPTIONER = [c for c in [load_captioner(cfg.captions.captioner)] if c is not None]
+        _EMBEDDER = [load_embedder(cfg.filters.embedding_model)] if cfg.filters.embedding_model else []
+        if cfg.captions.language:
+            detector(cfg.captions.languages)
+    except Exception as e:  # noqa: BLE001 - re-raised with its own type by process_chunk
+        if not pool_worker:
+            raise
+        _LOAD_ERROR[:] = [e]
 
 
 def _encode(im, cfg: PrepareConfig) -> bytes:
@@ -291,6 +302,8 @@ def process_item(item: Item, cfg: PrepareConfig) -> dict:
 
 def process_chunk(args: tuple[int, list[Item], PrepareConfig]) -> tuple[int, list[dict]]:
     chunk, items, cfg = args
+    if _LOAD_ERROR:
+        raise _LOAD_ERROR[0]
     return chunk, [process_item(it, cfg) for it in items]
 
 
@@ -429,17 +442,37 @@ class WorkerDied(TesseraError, RuntimeError):
     """A prepare worker process ended without a result (killed, out of memory, a crash in a decoder)."""
 
 
-def _run_local(todo: list, cfg: PrepareConfig):
+def _scorers_for_workers(cfg: PrepareConfig) -> dict:
+    """The scorers of cfg registered in this process by register_scorer, which worker processes import by name."""
+    import pickle
+
+    used = {check_scorer_spec(s)[0] for s in cfg.scorers}
+    registered = {n: f for n, f in registered_scorers().items() if n in used}
+    for name, factory in registered.items():
+        try:
+            pickle.dumps(factory)
+        except (pickle.PicklingError, AttributeError, TypeError) as e:
+            raise InvalidInputError(f"scorer {name!r}: its factory {factory!r} cannot reach the worker processes "
+                                    f"({e}); register a module-level function, or use workers=1") from None
+    return registered
+
+
+def _run_local(todo: list, cfg: PrepareConfig, registered: dict):
     """(chunk, rows) in chunk order from a process pool that notices a dead worker (multiprocessing.Pool
-    would wait for the lost chunk forever)."""
-    _init_worker(cfg)
+    would wait for the lost chunk forever). Its workers are forked by a forkserver (a fresh process that only
+    imported this module), never from this one: a fork copies the locks that this process's other threads (OpenMP, Rust
+    thread pools, tqdm's monitor) may hold at that moment, and a child that takes one waits forever (a CI
+    run once hung in a forked pool here). Each worker loads its own models (language detector ~5-10 s, ~570 MB)."""
     if cfg.workers == 1:
+        _init_worker(cfg)
         yield from map(process_chunk, todo)
         return
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    with ProcessPoolExecutor(cfg.workers, mp.get_context("fork"), _init_worker, (cfg, True)) as pool:
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["tessera.data.prepare"])  # imported once by the server, not by every worker
+    with ProcessPoolExecutor(cfg.workers, ctx, _init_worker, (cfg, True, registered)) as pool:
         futures = [pool.submit(process_chunk, c) for c in todo]
         try:
             for (chunk, items, _), fut in zip(todo, futures):
@@ -464,6 +497,7 @@ def prepare(sources: list[str | Path], out: str | Path, cfg: PrepareConfig | Non
     from tqdm import tqdm
 
     cfg = cfg or PrepareConfig()
+    registered = _scorers_for_workers(cfg) if engine == "local" and cfg.workers > 1 else {}
     out = Path(out)
     for d in (out, out / "shards"):
         if d.exists() and not d.is_dir():
@@ -485,7 +519,7 @@ def prepare(sources: list[str | Path], out: str | Path, cfg: PrepareConfig | Non
 
             results = process_chunks(todo, cfg)
         else:
-            results = _run_local(todo, cfg)
+            results = _run_local(todo, cfg, registered)
         try:
             for chunk, rows in results:
                 _finish_chunk(chunk, rows, dedup, cfg, out, cat)
