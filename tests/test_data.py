@@ -283,6 +283,23 @@ def test_a_scorer_the_workers_cannot_import_is_a_clear_error(tmp_path):
     assert one["kept"] == 1
 
 
+def missing_model_scorer():
+    from tessera.errors import InvalidInputError
+
+    raise InvalidInputError("scorer 'broken': its model file is missing")
+
+
+def test_a_worker_that_cannot_load_its_models_says_why(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    from tessera.errors import InvalidInputError
+
+    photo_like(1, (80, 80)).save((tmp_path / "src").mkdir() or tmp_path / "src" / "a.png")
+    register_scorer("broken", missing_model_scorer)
+    cfg = PrepareConfig(size=32, workers=2, scorers=("broken",), captions=CaptionConfig(language=False))
+    with pytest.raises(InvalidInputError, match="model file is missing"):  # not "a worker process died"
+        prepare([tmp_path / "src"], tmp_path / "out", cfg, progress=False)
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.binary(max_size=2048), st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"BM"]))
 def test_decode_never_crashes_on_arbitrary_bytes(data, magic):
