@@ -320,6 +320,11 @@ def test_sr_distillation_learns_the_teachers_outputs_cached_once(tiny_dataset, t
     assert val and val[-1]["val/psnr_teacher"] > val[-1]["val/psnr"]  # closer to its teacher than to the photos
     res = r.invoke(main, ["train", "sr", "--out", str(tmp_path / "run2"), "--max-steps", "1", *common])
     assert res.exit_code == 0 and cache.stat().st_mtime_ns == stamp  # the cached outputs were reused
+    torch.manual_seed(1)  # another teacher of the same name: its own outputs, not the cached ones
+    export_model(build("sr-tiny"), tmp_path / "other" / "teacher")
+    other = [a.replace(str(tmp_path / "teacher"), str(tmp_path / "other" / "teacher")) for a in common]
+    res = r.invoke(main, ["train", "sr", "--out", str(tmp_path / "run3"), "--max-steps", "1", *other])
+    assert res.exit_code == 0 and cache.stat().st_mtime_ns != stamp, res.output
     res = r.invoke(main, ["train", "sr", "--out", str(tmp_path / "bad"), "--max-steps", "1", *common,
                           "--set", "task.degradation=realesrgan"])
     assert res.exit_code != 0 and "task.teacher" in res.output and "Traceback" not in res.output

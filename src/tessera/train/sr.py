@@ -7,8 +7,9 @@
 - distilled (teacher set, e.g. "x4plus"): the target is the TEACHER's output on the bicubic low-resolution
   crop instead of the photo (seed 004 "Model distillation": a compact student of Real-ESRGAN x4plus). The
   teacher runs once over the train images at start-up (bf16 where the CPU has it), its outputs cached in
-  DATA/sr_teacher/<teacher>-x<scale>/ (reused by later runs and by --resume); validation adds the student's
-  PSNR against the teacher's output on the held-out images.
+  DATA/sr_teacher/<teacher>-x<scale>/ (reused by later runs and by --resume while the teacher's weights and the
+  LR images are the same); validation adds the student's PSNR against the teacher's output on the held-out
+  images.
 A fraction `tokenizer_fraction` of the pairs instead use the bicubic downscale after the tokenizer's round
 trip (what a generator's decoded output looks like). Bicubic and tokenizer images are computed once, at
 start-up; crops, flips and Real-ESRGAN draws per sample from the seed."""
@@ -95,21 +96,38 @@ def teacher_outputs(teacher: nn.Module, lr: torch.Tensor, batch: int = 8, progre
     return torch.cat(out)
 
 
+def _teacher_key(teacher: nn.Module, lr: torch.Tensor) -> str:
+    """sha256 over the teacher's weights and the LR images: what the cached targets were computed from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in teacher.state_dict().items():  # names, shapes and values (float32 bytes, any stored dtype)
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(t.detach().float().contiguous().numpy().tobytes())
+    h.update(f"{tuple(lr.shape)}".encode())
+    h.update(lr.contiguous().numpy().tobytes())  # uint8 [N,3,h,w]
+    return h.hexdigest()
+
+
 def cached_teacher_outputs(data_dir: str | Path, name: str, teacher: nn.Module, lr: torch.Tensor) -> torch.Tensor:
-    """teacher_outputs, cached as DATA/sr_teacher/<name>-x<scale>/targets.npy (checked against the LR count)."""
+    """teacher_outputs, cached as DATA/sr_teacher/<name>-x<scale>/targets.npy beside key.txt, the sha256 of the
+    teacher's weights and the LR images: another teacher of the same name, changed data or another degradation
+    recomputes them."""
     import numpy as np
 
     folder = Path(data_dir) / "sr_teacher" / f"{Path(name).name}-x{teacher.scale}"
-    path = folder / "targets.npy"
-    if path.is_file():
+    path, key_file, key = folder / "targets.npy", folder / "key.txt", _teacher_key(teacher, lr)
+    if path.is_file() and key_file.is_file() and key_file.read_text().strip() == key:
         y = torch.from_numpy(np.load(path, allow_pickle=False))
         if len(y) == len(lr) and y.shape[-1] == lr.shape[-1] * teacher.scale:
             return y
     y = teacher_outputs(teacher, lr)
     folder.mkdir(parents=True, exist_ok=True)
+    key_file.unlink(missing_ok=True)  # no key names half-written targets
     tmp = folder / "targets.tmp.npy"
     np.save(tmp, y.numpy())
     tmp.replace(path)
+    key_file.write_text(key + "\n")
     return y
 
 
