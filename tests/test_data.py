@@ -141,9 +141,13 @@ def test_resume_after_interruption_redoes_nothing(tmp_path):
 
 def test_changed_settings_refuse_to_mix(tmp_path):
     src, _, _ = build_messy_folder(tmp_path / "src")
-    prepare([src], tmp_path / "out", PrepareConfig(size=64, workers=1), progress=False)
-    with pytest.raises(ValueError, match="other settings"):
-        prepare([src], tmp_path / "out", PrepareConfig(size=32, workers=1), progress=False)
+    cfg = PrepareConfig(size=64, workers=1, captions=CaptionConfig(language=False))
+    first = prepare([src], tmp_path / "out", cfg, progress=False)
+    with pytest.raises(ValueError, match=r"other settings or sources \(size differ\)"):
+        prepare([src], tmp_path / "out", dataclasses.replace(cfg, size=32), progress=False)
+    # the number of workers does not change the output: a resume may use another
+    again = prepare([src], tmp_path / "out", dataclasses.replace(cfg, workers=2), progress=False)
+    assert again["processed_this_run"] == 0 and again["kept"] == first["kept"]
 
 
 def test_tar_and_parquet_sources(tmp_path):

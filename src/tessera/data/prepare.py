@@ -422,14 +422,25 @@ def _inputs_fingerprint(items: list[Item]) -> str:
     return json.dumps({"count": len(items), "sha256": h.hexdigest()})
 
 
+def _output_settings(config_json: str | None) -> dict:
+    """A stored config without the settings that do not change the output (the number of workers): a resume
+    may change those."""
+    config = json.loads(config_json) if config_json else {}
+    config.pop("workers", None)
+    return config
+
+
 def _check_settings(cat: Catalog, cfg: PrepareConfig, sources: list[str], items: list[Item]) -> None:
     want = {"config": cfg.to_json(), "sources": json.dumps(sources), "inputs": _inputs_fingerprint(items),
             "phash": PHASH_VERSION}
     have = cat.settings()
-    same = ("config", "sources", "phash")
-    if have and {k: have.get(k) for k in same} != {k: want[k] for k in same}:
-        raise ValueError(f"{cat.path} was prepared with other settings or sources; use a new --out folder "
-                         f"(had {have.get('sources')}, now {want['sources']})")
+    if have:
+        then, now = _output_settings(have.get("config")), _output_settings(want["config"])
+        changed = sorted(k for k in {*then, *now} if then.get(k) != now.get(k))
+        changed += [k for k in ("sources", "phash") if have.get(k) != want[k]]
+        if changed:
+            raise ValueError(f"{cat.path} was prepared with other settings or sources ({', '.join(changed)} "
+                             f"differ); use a new --out folder (had {have.get('sources')}, now {want['sources']})")
     if have.get("inputs", want["inputs"]) != want["inputs"] and len(cat.done_chunks()):
         then = json.loads(have["inputs"])["count"]
         raise ValueError(f"{cat.path.parent}: the source files changed since this folder was started ({then} "
