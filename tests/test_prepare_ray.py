@@ -1,6 +1,7 @@
 """`data prepare --engine ray` (Ray Data map_batches stages on ray.init(num_cpus=2)) writes the same shards and
 catalog as the local engine on the same input: kept, duplicates, corrupt and too-small files, scorer verdicts."""
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from PIL import Image
 from conftest import photo_like
 from tessera.data.captioning import CaptionConfig
 from tessera.data.dedup import semdedup
-from tessera.data.filters import FilterConfig
+from tessera.data.filters import FilterConfig, register_scorer
 from tessera.data.prepare import PrepareConfig, prepare
 
 ray = pytest.importorskip("ray")
@@ -35,12 +36,27 @@ def catalog(out):
     return rows
 
 
+class GreenScorer:
+    """A plug-in registered in the test process only (register_scorer): both engines' workers must get it."""
+
+    name, reject_above, reject_below = "greenness", None, None
+
+    def score(self, im, caption):
+        return float(np.asarray(im)[..., 1].mean())
+
+
+def green_scorer():
+    return GreenScorer()
+
+
 def test_ray_engine_writes_the_same_shards_and_catalog(sources, tmp_path):
+    register_scorer("greenness", green_scorer)
     cfg = PrepareConfig(size=32, chunk_size=5, workers=2, val_fraction=0.3,
-                        scorers=("nsfw?max_score=0.8", "technical"), captions=CaptionConfig(captioner="caption-xs"),
+                        scorers=("nsfw?max_score=0.8", "technical", "greenness"), captions=CaptionConfig(captioner="caption-xs"),
                         filters=FilterConfig(min_size=32, phash_distance=4, embedding_model="clip-xs"))
     local = prepare([sources], tmp_path / "local", cfg, progress=False)
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    tests = {"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}}  # where Ray's workers import green_scorer
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False, runtime_env=tests)
     try:
         distributed = prepare([sources], tmp_path / "ray", cfg, progress=False, engine="ray")
     finally:
@@ -50,6 +66,7 @@ def test_ray_engine_writes_the_same_shards_and_catalog(sources, tmp_path):
         assert local[k] == distributed[k], k
     a, b = catalog(tmp_path / "local"), catalog(tmp_path / "ray")
     assert a == b and len(a) == 18
+    assert sum('"greenness": ' in r[7] for r in a) == 16  # all but the corrupt and the tiny file: scored
     # img12, img13 and the two uncaptioned duplicates (captioned before the main process rejects them)
     assert sum('"recaptioned": "missing"' in r[7] for r in a) == 4 and sum('"non_english"' in r[7] for r in a) == 1
     shards = sorted(p.name for p in (tmp_path / "local" / "shards").iterdir())

@@ -464,7 +464,8 @@ def _scorers_for_workers(cfg: PrepareConfig) -> dict:
             pickle.dumps(factory)
         except (pickle.PicklingError, AttributeError, TypeError) as e:
             raise InvalidInputError(f"scorer {name!r}: its factory {factory!r} cannot reach the worker processes "
-                                    f"({e}); register a module-level function, or use workers=1") from None
+                                    f"({e}); register a module-level function (or run the local engine with workers=1, "
+                                    f"in this process)") from None
     return registered
 
 
@@ -508,7 +509,7 @@ def prepare(sources: list[str | Path], out: str | Path, cfg: PrepareConfig | Non
     from tqdm import tqdm
 
     cfg = cfg or PrepareConfig()
-    registered = _scorers_for_workers(cfg) if engine == "local" and cfg.workers > 1 else {}
+    registered = _scorers_for_workers(cfg) if engine == "ray" or cfg.workers > 1 else {}
     out = Path(out)
     for d in (out, out / "shards"):
         if d.exists() and not d.is_dir():
@@ -528,7 +529,7 @@ def prepare(sources: list[str | Path], out: str | Path, cfg: PrepareConfig | Non
         if engine == "ray":
             from tessera.data.ray_engine import process_chunks
 
-            results = process_chunks(todo, cfg)
+            results = process_chunks(todo, cfg, registered)
         else:
             results = _run_local(todo, cfg, registered)
         try:

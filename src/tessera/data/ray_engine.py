@@ -13,7 +13,7 @@ import dataclasses
 from typing import Iterator
 
 from tessera.data.captioning import load_captioner
-from tessera.data.filters import load_scorer
+from tessera.data.filters import load_scorer, register_scorer
 from tessera.data.prepare import (
     PrepareConfig,
     caption_stage,
@@ -51,7 +51,9 @@ def _decode(batch, cfg: PrepareConfig):
 class _Score:
     """A stateful stage: each actor loads the scorer models, the captioner and the language detector once."""
 
-    def __init__(self, cfg: PrepareConfig):
+    def __init__(self, cfg: PrepareConfig, registered: dict):
+        for name, factory in registered.items():  # the scorers the caller registered in its own process
+            register_scorer(name, factory)
         self.cfg, self.scorers = cfg, [load_scorer(s) for s in cfg.scorers]
         self.captioners = [c for c in [load_captioner(cfg.captions.captioner)] if c is not None]
         self.embedders = [load_embedder(cfg.filters.embedding_model)] if cfg.filters.embedding_model else []
@@ -73,8 +75,9 @@ def _portable(row: dict) -> dict:
 
 
 def process_chunks(todo: list[tuple[int, list[Item], PrepareConfig]], cfg: PrepareConfig,
-                   batch_size: int = 32) -> Iterator[tuple[int, list[dict]]]:
-    """(chunk, rows) in chunk order, like the local engine's pool.imap(process_chunk, todo)."""
+                   registered: dict | None = None, batch_size: int = 32) -> Iterator[tuple[int, list[dict]]]:
+    """(chunk, rows) in chunk order, like the local engine's pool.imap(process_chunk, todo). `registered`: the
+    scorers of cfg registered in the caller's process (prepare's `_scorers_for_workers`)."""
     import ray
 
     if not todo:
@@ -89,7 +92,8 @@ def process_chunks(todo: list[tuple[int, list[Item], PrepareConfig]], cfg: Prepa
     ds = ray.data.from_items(items)
     ds = ds.map_batches(_decode, fn_kwargs={"cfg": cfg}, batch_size=batch_size)
     if cfg.scorers or cfg.captions.captioner != "none" or cfg.captions.language or cfg.filters.embedding_model:
-        ds = ds.map_batches(_Score, fn_constructor_kwargs={"cfg": cfg}, batch_size=batch_size,
+        ds = ds.map_batches(_Score, fn_constructor_kwargs={"cfg": cfg, "registered": registered or {}},
+                            batch_size=batch_size,
                             compute=ray.data.ActorPoolStrategy(size=max(1, cfg.workers)))
     ds = ds.map_batches(_transform, fn_kwargs={"cfg": cfg}, batch_size=batch_size)
     current, rows = None, []
