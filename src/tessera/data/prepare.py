@@ -112,24 +112,30 @@ _EMBEDDER: list = []               # none or one image-text model (semantic dedu
 _LOAD_ERROR: list[Exception] = []  # a pool worker's failed load, raised by its first chunk
 
 
+def load_stage_models(cfg: "PrepareConfig", registered: dict | None = None) -> tuple[list, list, list]:
+    """(scorers, captioners, embedders) of cfg's model-backed stages, and the language detector, loaded in this
+    process (a local worker or a Ray actor); `registered`: the scorers its caller registered in its own process."""
+    for name, factory in (registered or {}).items():
+        register_scorer(name, factory)
+    scorers = [load_scorer(s) for s in cfg.scorers]
+    captioners = [c for c in [load_captioner(cfg.captions.captioner)] if c is not None]
+    embedders = [load_embedder(cfg.filters.embedding_model)] if cfg.filters.embedding_model else []
+    if cfg.captions.language:
+        detector(cfg.captions.languages)
+    return scorers, captioners, embedders
+
+
 def _init_worker(cfg: "PrepareConfig", pool_worker: bool = False, registered: dict | None = None) -> None:
-    """The models of the scorers, the captioner and the language detector, loaded once per process. A pool
-    worker registers the scorers its caller registered, runs torch on one thread (one worker per core) and
-    keeps a load error for its first chunk to raise: an initializer that raises only leaves the pool saying
+    """The stages' models, loaded once per process. A pool worker runs torch on one thread (one worker per core)
+    and keeps a load error for its first chunk to raise: an initializer that raises only leaves the pool saying
     that a worker died."""
     global _SCORERS, _CAPTIONER, _EMBEDDER
     if pool_worker:
         import torch
 
         torch.set_num_threads(1)
-        for name, factory in (registered or {}).items():
-            register_scorer(name, factory)
     try:
-        _SCORERS = [load_scorer(s) for s in cfg.scorers]
-        _CAPTIONER = [c for c in [load_captioner(cfg.captions.captioner)] if c is not None]
-        _EMBEDDER = [load_embedder(cfg.filters.embedding_model)] if cfg.filters.embedding_model else []
-        if cfg.captions.language:
-            detector(cfg.captions.languages)
+        _SCORERS, _CAPTIONER, _EMBEDDER = load_stage_models(cfg, registered)
     except Exception as e:  # noqa: BLE001 - re-raised with its own type by process_chunk
         if not pool_worker:
             raise

@@ -12,15 +12,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator
 
-from tessera.data.captioning import load_captioner
-from tessera.data.filters import load_scorer, register_scorer
 from tessera.data.prepare import (
     PrepareConfig,
     caption_stage,
     decode_stage,
     embed_stage,
     guarded,
-    load_embedder,
+    load_stage_models,
     score_stage,
     transform_stage,
 )
@@ -52,11 +50,8 @@ class _Score:
     """A stateful stage: each actor loads the scorer models, the captioner and the language detector once."""
 
     def __init__(self, cfg: PrepareConfig, registered: dict):
-        for name, factory in registered.items():  # the scorers the caller registered in its own process
-            register_scorer(name, factory)
-        self.cfg, self.scorers = cfg, [load_scorer(s) for s in cfg.scorers]
-        self.captioners = [c for c in [load_captioner(cfg.captions.captioner)] if c is not None]
-        self.embedders = [load_embedder(cfg.filters.embedding_model)] if cfg.filters.embedding_model else []
+        self.cfg = cfg
+        self.scorers, self.captioners, self.embedders = load_stage_models(cfg, registered)
 
     def __call__(self, batch):
         rows = [guarded(score_stage, r, self.cfg, self.scorers) for r in _rows(batch)]
